@@ -1,0 +1,445 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 families) in Flax NNX.
+
+Shape letters: B batch, T query tokens, S key/cache slots, D model dim,
+N query heads, K key/value heads, G = N // K query heads per KV head,
+H head dim, F MLP hidden dim, V vocab, L layers.
+
+Layer parameters are stacked on a leading ``L`` axis and the decoder runs as
+one ``jax.lax.scan``: compile time does not grow with depth (SmolLM2's 30
+layers compile as fast as 2). The KV cache is a scan carry updated in place.
+
+One forward serves training (no cache), prefill and decode (cache): tokens
+come with explicit ``positions`` (RoPE) and a ``mask`` of real tokens, so
+left padding never relies on a pad id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from multians_jax import sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FAMILIES = ("llama", "qwen2", "qwen3")
+REMAT = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a decoder. Hashable (static under jit)."""
+
+  family: str  # llama | qwen2 | qwen3
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # default | llama3
+  rope_factor: float = 1.0  # llama3 scaling fields
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_pos: int = 8192
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3
+  max_seq_len: int = 4096
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype
+  remat: str = "none"  # none | full | dots (save matmul outputs)
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"model.family must be one of {FAMILIES}: {self.family}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"model.num_heads ({self.num_heads}) must be a multiple of "
+        f"model.num_kv_heads ({self.num_kv_heads})"
+      )
+    if self.rope_type not in ("default", "llama3"):
+      raise ValueError(f"model.rope_type unsupported: {self.rope_type}")
+    for f in ("param_dtype", "dtype"):
+      if getattr(self, f) not in DTYPES:
+        raise ValueError(f"model.{f} must be one of {tuple(DTYPES)}")
+    if self.remat not in REMAT:
+      raise ValueError(f"model.remat must be one of {REMAT}: {self.remat}")
+
+  def replace(self, **kw) -> ModelConfig:
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    e = self.eos_token_id
+    return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2_135m": ModelConfig(
+        "llama", 49152, 576, 30, 9, 3, 64, 1536, rope_theta=1e5,
+        norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "qwen3_0_6b": ModelConfig(
+        "qwen3", 151936, 1024, 28, 16, 8, 128, 3072, rope_theta=1e6,
+        tie_embeddings=True, qk_norm=True, max_seq_len=40960,
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    "qwen3_1_7b": ModelConfig(
+        "qwen3", 151936, 2048, 28, 16, 8, 128, 6144, rope_theta=1e6,
+        tie_embeddings=True, qk_norm=True, max_seq_len=40960,
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    "qwen3_8b": ModelConfig(
+        "qwen3", 151936, 4096, 36, 32, 8, 128, 12288, rope_theta=1e6,
+        qk_norm=True, max_seq_len=40960,
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    "qwen2_5_7b": ModelConfig(
+        "qwen2", 152064, 3584, 28, 28, 4, 128, 18944, rope_theta=1e6,
+        qkv_bias=True, max_seq_len=32768,
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    "llama3_8b": ModelConfig(
+        "llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5,
+        norm_eps=1e-5, max_seq_len=8192,
+        bos_token_id=128000, eos_token_id=128001),
+    "llama3_1_8b": ModelConfig(
+        "llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5,
+        rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_max_pos=8192,
+        norm_eps=1e-5, max_seq_len=131072,
+        bos_token_id=128000, eos_token_id=(128001, 128008, 128009)),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+
+
+@struct.dataclass
+class KVCache:
+  """Per-layer keys/values [L, B, S, K, H], valid slots [B, S], next slot."""
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array  # bool [B, S]: slot holds a real token
+  index: jax.Array  # int32 scalar: next slot to write
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None):
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return cls(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      mask=jnp.zeros((batch, slots), bool),
+      index=jnp.zeros((), jnp.int32),
+    )
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+
+# ---------------------------------------------------------------------------
+# Building blocks (pure functions of arrays)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2], with ``llama3`` scaling as in transformers."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if cfg.rope_type == "llama3":
+    low_wl = cfg.rope_original_max_pos / cfg.rope_low_freq_factor
+    high_wl = cfg.rope_original_max_pos / cfg.rope_high_freq_factor
+    wl = 2 * math.pi / inv
+    scaled = jnp.where(wl > low_wl, inv / cfg.rope_factor, inv)
+    smooth = (cfg.rope_original_max_pos / wl - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    mid = (wl >= high_wl) & (wl <= low_wl)
+    inv = jnp.where(mid, smoothed, scaled)
+  return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv: jax.Array):
+  """Rotate-half RoPE (HF layout). x [B, T, n, H], positions [B, T]."""
+  freqs = positions[..., None].astype(jnp.float32) * inv  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  return (x.astype(jnp.float32) * cos + rot * sin).astype(x.dtype)
+
+
+def attention(q, k, v, allowed, dtype):
+  """q [B,T,N,H], k/v [B,S,K,H], allowed [B,T,S] → [B,T,N,H]."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)
+  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  s = s * (h**-0.5)
+  s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(dtype)
+  o = jnp.einsum("bkgts,bskh->btkgh", p, v)
+  return o.reshape(b, t, n, h)
+
+
+def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx):
+  """One decoder layer. x [B,T,D]; k/v_cache [B,S,K,H] or None.
+
+  ``ctx`` holds positions [B,T], allowed [B,T,S], write index, inv_freq.
+  Returns (x, k_cache, v_cache).
+  """
+  dt = DTYPES[cfg.dtype]
+  c = lambda w: w.astype(dt)
+  h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dnh->btnh", h, c(p["wq"]))
+  k = jnp.einsum("btd,dkh->btkh", h, c(p["wk"]))
+  v = jnp.einsum("btd,dkh->btkh", h, c(p["wv"]))
+  if cfg.qkv_bias:
+    q, k, v = q + c(p["bq"]), k + c(p["bk"]), v + c(p["bv"])
+  if cfg.qk_norm:
+    q = rms_norm(q, p["q_norm"], cfg.norm_eps)
+    k = rms_norm(k, p["k_norm"], cfg.norm_eps)
+  q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
+  k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
+  q = sharding.constrain(q, ("batch", None, "act_heads", None))
+  if k_cache is not None:
+    idx = (0, ctx["index"], 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(
+      k_cache, k.astype(k_cache.dtype), idx
+    )
+    v_cache = jax.lax.dynamic_update_slice(
+      v_cache, v.astype(v_cache.dtype), idx
+    )
+    k, v = k_cache.astype(dt), v_cache.astype(dt)
+  o = attention(q, k, v, ctx["allowed"], dt)
+  x = x + jnp.einsum("btnh,nhd->btd", o, c(p["wo"]))
+  x = sharding.constrain(x, ("batch", None, "act_embed"))
+  h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+  g = jnp.einsum("btd,df->btf", h, c(p["w_gate"]))
+  u = jnp.einsum("btd,df->btf", h, c(p["w_up"]))
+  a = sharding.constrain(jax.nn.silu(g) * u, ("batch", None, "act_mlp"))
+  x = x + jnp.einsum("btf,fd->btd", a, c(p["w_down"]))
+  return sharding.constrain(x, ("batch", None, "act_embed")), k_cache, v_cache
+
+
+# ---------------------------------------------------------------------------
+# Modules
+
+
+def _param(rngs, shape, axes, dtype, init="normal"):
+  if init == "normal":
+    value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = jnp.zeros(shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
+  """name → (shape without L, logical axes without 'layers', init)."""
+  d, n, k, h, f = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                   cfg.head_dim, cfg.d_ff)  # fmt: skip
+  specs = {
+    "attn_norm": ((d,), ("norm",), "ones"),
+    "wq": ((d, n, h), ("embed", "q_heads", "head_dim"), "normal"),
+    "wk": ((d, k, h), ("embed", "kv_heads", "head_dim"), "normal"),
+    "wv": ((d, k, h), ("embed", "kv_heads", "head_dim"), "normal"),
+    "wo": ((n, h, d), ("q_heads", "head_dim", "embed"), "normal"),
+    "mlp_norm": ((d,), ("norm",), "ones"),
+    "w_gate": ((d, f), ("embed", "mlp"), "normal"),
+    "w_up": ((d, f), ("embed", "mlp"), "normal"),
+    "w_down": ((f, d), ("mlp", "embed"), "normal"),
+  }
+  if cfg.qkv_bias:
+    specs["bq"] = ((n, h), ("q_heads", "head_dim"), "zeros")
+    specs["bk"] = ((k, h), ("kv_heads", "head_dim"), "zeros")
+    specs["bv"] = ((k, h), ("kv_heads", "head_dim"), "zeros")
+  if cfg.qk_norm:
+    specs["q_norm"] = ((h,), ("head_dim",), "ones")
+    specs["k_norm"] = ((h,), ("head_dim",), "ones")
+  return specs
+
+
+class Layers(nnx.Module):
+  """All decoder layers, each parameter stacked on a leading L axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt = DTYPES[cfg.param_dtype]
+    for name, (shape, axes, init) in layer_param_specs(cfg).items():
+      full = (cfg.num_layers, *shape)
+      setattr(self, name, _param(rngs, full, ("layers", *axes), pdt, init))
+
+  def arrays(self) -> dict[str, jax.Array]:
+    return {
+      k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)
+    }
+
+
+class Transformer(nnx.Module):
+  """The decoder LM. ``__call__`` = ``logits(hidden(...))``."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = DTYPES[cfg.param_dtype]
+    v, d = cfg.vocab_size, cfg.d_model
+    self.embed = _param(rngs, (v, d), ("vocab", "embed"), pdt)
+    self.layers = Layers(cfg, rngs=rngs)
+    self.final_norm = _param(rngs, (d,), ("norm",), pdt, "ones")
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pdt)
+
+  def head_weight(self) -> jax.Array:
+    """LM head as [D, V] (the transposed embedding when tied)."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+  def hidden(self, tokens, positions, mask, cache: KVCache | None = None):
+    """Final-normed hidden states [B, T, D] and the updated cache.
+
+    Args:
+      tokens: int [B, T]. positions: int [B, T] (RoPE positions).
+      mask: bool [B, T], True for real tokens (padding is never attended).
+      cache: optional KV cache; the T tokens go to slots index..index+T-1 and
+        attend to every earlier valid slot.
+    """
+    cfg = self.cfg
+    dt = DTYPES[cfg.dtype]
+    t = tokens.shape[1]
+    x = self.embed[...].astype(dt)[tokens]
+    x = sharding.constrain(x, ("batch", None, "act_embed"))
+    if cache is None:
+      key_mask, offset = mask, 0
+    else:
+      key_mask = jax.lax.dynamic_update_slice(
+        cache.mask, mask, (0, cache.index)
+      )
+      offset = cache.index
+    q_slot = offset + jnp.arange(t)
+    k_slot = jnp.arange(key_mask.shape[1])
+    allowed = key_mask[:, None, :] & (k_slot[None, :] <= q_slot[:, None])[None]
+    ctx = {
+      "positions": positions,
+      "allowed": allowed,
+      "index": offset,
+      "inv_freq": rope_inv_freq(cfg),
+    }
+    x, new_kv = _run_layers(cfg, x, self.layers.arrays(), cache, ctx)
+    x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+    if cache is not None:
+      cache = KVCache(k=new_kv[0], v=new_kv[1], mask=key_mask,
+                      index=cache.index + t)  # fmt: skip
+    return x, cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """[..., D] → float32 logits [..., V]."""
+    w = self.head_weight().astype(DTYPES[self.cfg.dtype])
+    out = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    return sharding.constrain(
+      out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",)
+    )
+
+  def __call__(self, tokens, positions, mask, cache: KVCache | None = None):
+    h, cache = self.hidden(tokens, positions, mask, cache)
+    return self.logits(h), cache
+
+
+def _run_layers(cfg, x, params, cache, ctx):
+  """Scans ``layer_fn`` over the stacked layers; the cache is a carry."""
+  body = lambda x, p, kc, vc: layer_fn(cfg, x, p, kc, vc, ctx)
+  if cfg.remat != "none":
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if cfg.remat == "dots" else None)  # fmt: skip
+    body = jax.checkpoint(body, policy=policy)
+
+  if cache is None:
+
+    def step(x, p):
+      x, _, _ = body(x, p, None, None)
+      return x, None
+
+    x, _ = jax.lax.scan(step, x, params)
+    return x, None
+
+  def step_cached(carry, inp):
+    x, k_all, v_all = carry
+    i, p = inp
+    kc = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+    vc = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
+    x, kc, vc = body(x, p, kc, vc)
+    k_all = jax.lax.dynamic_update_index_in_dim(k_all, kc, i, 0)
+    v_all = jax.lax.dynamic_update_index_in_dim(v_all, vc, i, 0)
+    return (x, k_all, v_all), None
+
+  idx = jnp.arange(cfg.num_layers)
+  (x, k_all, v_all), _ = jax.lax.scan(
+    step_cached, (x, cache.k, cache.v), (idx, params)
+  )
+  return x, (k_all, v_all)
+
+
+# ---------------------------------------------------------------------------
+# Construction with shardings
+
+
+def logical_axes(state: nnx.State) -> Any:
+  """The logical axes of every parameter in ``state`` (same tree)."""
+  return jax.tree.map(
+    lambda v: v.get_metadata("logical_axes"),
+    state,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
+
+
+def state_shardings(state: nnx.State, mesh, rules) -> Any:
+  """NamedShardings for an (abstract) model state, by logical axes."""
+
+  def one(v):
+    spec = sharding.spec_for(
+      v.get_metadata("logical_axes"), v.shape, mesh, rules
+    )
+    return jax.sharding.NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """A model of ShapeDtypeStructs: shapes and counts without allocation."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(cfg: ModelConfig) -> int:
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def init_model(cfg: ModelConfig, mesh, rules, seed: int = 0) -> Transformer:
+  """Random init, every parameter created directly in its sharding."""
+  graphdef, abs_state = nnx.split(abstract_model(cfg))
+  shardings = state_shardings(abs_state, mesh, rules)
+
+  def make():
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1]
+
+  state = jax.jit(make, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

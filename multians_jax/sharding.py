@@ -1,0 +1,190 @@
+"""Device mesh and logical-axis sharding rules.
+
+Every parameter and constrained activation carries *logical* axis names
+(``'embed'``, ``'mlp'``, ``'batch'`` …). One table per use (training,
+sampling) maps them to the mesh axes ``('data', 'fsdp', 'tensor')``. This
+module holds the only ``PartitionSpec`` literals of the project.
+
+A logical axis whose mesh axes do not divide the dimension (e.g. 3 KV heads
+on a 2-way ``tensor`` axis) falls back to fewer mesh axes, down to
+replication, instead of failing: the same rules then serve every model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """A logical → mesh axis table. Unlisted logical names are replicated."""
+
+  name: str
+  table: tuple[tuple[str, MeshAxes], ...]
+
+  def lookup(self, logical: str | None) -> tuple[str, ...]:
+    if logical is None:
+      return ()
+    for key, value in self.table:
+      if key == logical:
+        if value is None:
+          return ()
+        return (value,) if isinstance(value, str) else tuple(value)
+    return ()
+
+
+# Training: parameters sharded over 'fsdp' on the model dim (ZeRO-3 style)
+# and over 'tensor' on heads / mlp / vocab; the batch over data and fsdp.
+TRAIN_RULES = Rules(
+  "train",
+  (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+  ),
+)
+
+# Sampling: weights replicated over the batch axes (no per-token all-gather
+# of FSDP shards during decode), heads over 'tensor'.
+SAMPLE_RULES = Rules(
+  "sample",
+  (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+  ),
+)
+
+RULE_SETS = {"train": TRAIN_RULES, "sample": SAMPLE_RULES}
+
+
+def make_mesh(
+  data: int = 1,
+  fsdp: int = -1,
+  tensor: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+  """Builds a ``(data, fsdp, tensor)`` mesh; one size may be -1 (= fill)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  for name, size in zip(MESH_AXES, sizes, strict=True):
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(
+        f"{len(devices)} devices cannot be split into mesh {sizes}"
+      )
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "
+      f"{math.prod(sizes)} devices, {len(devices)} available"
+    )
+  return jax.make_mesh(
+    tuple(sizes),
+    MESH_AXES,
+    axis_types=(AxisType.Auto,) * 3,
+    devices=devices,
+  )
+
+
+def spec_for(
+  axes: Sequence[str | None],
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Rules,
+) -> PartitionSpec:
+  """Logical axis names + shape → ``PartitionSpec`` for ``mesh``.
+
+  A mesh axis is used at most once; mesh axes that do not divide the
+  dimension are dropped from the right until they do.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  out = []
+  for logical, dim in zip(axes, shape, strict=True):
+    cand = [a for a in rules.lookup(logical) if a not in used]
+    while cand and dim % math.prod(mesh.shape[a] for a in cand):
+      cand.pop()
+    cand = [a for a in cand if mesh.shape[a] > 1]
+    used.update(cand)
+    out.append(None if not cand else cand[0] if len(cand) == 1 else tuple(cand))
+  return PartitionSpec(*out)
+
+
+def named(
+  axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+
+
+# ---------------------------------------------------------------------------
+# Activation constraints: active (mesh, rules) while tracing.
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Makes ``constrain`` use ``mesh`` and ``rules`` (also sets jax's mesh)."""
+  prev = getattr(_ACTIVE, "value", None)
+  _ACTIVE.value = (mesh, rules)
+  try:
+    with jax.set_mesh(mesh):
+      yield
+  finally:
+    _ACTIVE.value = prev
+
+
+def active() -> tuple[Mesh, Rules] | None:
+  return getattr(_ACTIVE, "value", None)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names; identity when inactive."""
+  state = active()
+  if state is None:
+    return x
+  mesh, rules = state
+  if mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, named(axes, x.shape, mesh, rules))
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """Gathers a (possibly sharded, multi-process) array to host numpy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
