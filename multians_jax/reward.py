@@ -100,7 +100,7 @@ class RewardConfig:
     return prompts.slots(self.mode, self.num_answers)
 
   def kernel_kwargs(self) -> dict:
-    """Static keyword arguments of ``set_reward_kernel``."""
+    """Keyword arguments of ``set_reward_kernel`` for this config."""
     return dict(
       mode=self.mode,
       correctness=self.correctness,
@@ -381,18 +381,7 @@ register_matcher("numeric", numeric_match, key=numeric_key)
 # ------------------------------------------------------------------ kernel
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    "mode",
-    "correctness",
-    "preset",
-    "require_distinct",
-    "confidence_sum_le_one",
-    "format_penalty",
-    "weights",
-  ),
-)
+@functools.partial(jax.jit, static_argnames=("mode", "correctness", "preset"))
 def set_reward_kernel(
   entry_ids,
   answer_keys,
@@ -402,12 +391,16 @@ def set_reward_kernel(
   mode: str,
   correctness: str = "count",
   preset: str = "paper",
-  require_distinct: bool = True,
-  confidence_sum_le_one: bool = True,
-  format_penalty: float = 0.0,
-  weights: tuple = (0.5, 0.5, 0.5),
+  require_distinct=True,
+  confidence_sum_le_one=True,
+  format_penalty=0.0,
+  weights=(0.5, 0.5, 0.5),
 ) -> dict:
   """Every SPEC §3 reward component for a batch, vectorised.
+
+  ``mode``, ``correctness`` and ``preset`` are static (they change the
+  computation); the gates, penalty and weights are traced, so changing them
+  does not recompile.
 
   Args:
     entry_ids: int [B, A], matched gold entry e_i (-1 none).
@@ -415,8 +408,13 @@ def set_reward_kernel(
       answer) for the distinctness flag u.
     confidences: float [B, A], q_i; NaN where missing (read as 0).
     format_ok: bool [B], f.
-    mode, correctness, preset, require_distinct, confidence_sum_le_one,
-      format_penalty, weights: see ``RewardConfig``.
+    mode: one of ``prompts.MODES``.
+    correctness: ``count``, ``count_over_k`` or ``any``.
+    preset: ``paper`` or ``reference``.
+    require_distinct: bool scalar, see ``RewardConfig``.
+    confidence_sum_le_one: bool scalar, see ``RewardConfig``.
+    format_penalty: paper-preset total of a format failure.
+    weights: (w_f, w_a, w_b) of the reference preset.
 
   Returns:
     Dict of [B] arrays: ``total``, ``format_ok``, ``distinct`` (u),
@@ -439,16 +437,19 @@ def set_reward_kernel(
   brier = jnp.mean((q - c.astype(jnp.float32)) ** 2, axis=-1)
 
   r_acc = {"count": d, "count_over_k": d / a, "any": (d >= 1) * 1.0}
+  require_distinct = jnp.asarray(require_distinct, bool)
   acc_gated = ~f
-  if mode == "multi_rlcr" and require_distinct:
-    acc_gated = acc_gated | ~u
+  if mode == "multi_rlcr":
+    acc_gated = acc_gated | (require_distinct & ~u)
   acc = jnp.where(acc_gated, 0.0, r_acc[correctness])
 
   calibrated = prompts.has_confidence(mode)
   sum_exceeded = conf_sum > 1.0 + SUM_TOL
-  brier_gated = ~f | (require_distinct & ~u)
-  if confidence_sum_le_one:
-    brier_gated = brier_gated | sum_exceeded
+  brier_gated = (
+    ~f
+    | (require_distinct & ~u)
+    | (jnp.asarray(confidence_sum_le_one, bool) & sum_exceeded)
+  )
   if not calibrated:
     brier_gated = jnp.ones_like(f)
     brier = jnp.full_like(brier, jnp.nan)
