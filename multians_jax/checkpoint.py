@@ -1,0 +1,192 @@
+"""The one on-disk checkpoint layout, and the one model loader.
+
+Layout of a checkpoint directory (local path or ``gs://``)::
+
+    DIR/model_config.json     ModelConfig fields (architecture, dtypes)
+    DIR/tokenizer/            tokenizer files (``save_pretrained``), optional
+    DIR/<step>/params/        Orbax PyTree of the model's parameters
+    DIR/<step>/<item>/        further PyTree items (optimizer state, …)
+    DIR/<step>/meta/          JSON: step, PRNG key, data-iterator state, …
+
+Steps are written by an Orbax ``CheckpointManager`` (atomic: a step directory
+appears only when complete). ``load_model`` opens any model path a tool takes:
+a checkpoint directory, a Hugging Face directory or a ``.gguf`` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from multians_jax import hf
+from multians_jax import model as model_lib
+
+CONFIG_FILE = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_checkpoint(path: str) -> bool:
+  return (epath.Path(path) / CONFIG_FILE).exists()
+
+
+def write_model_config(path: str, cfg: model_lib.ModelConfig) -> None:
+  p = epath.Path(path)
+  p.mkdir(parents=True, exist_ok=True)
+  (p / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def read_model_config(path: str, **overrides) -> model_lib.ModelConfig:
+  p = epath.Path(path) / CONFIG_FILE
+  try:
+    raw = json.loads(p.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"unreadable model config {p}: {e}") from None
+  if isinstance(raw.get("eos_token_id"), list):
+    raw["eos_token_id"] = tuple(raw["eos_token_id"])
+  fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  unknown = sorted(set(raw) - fields)
+  if unknown:
+    raise ValueError(f"{p}: unknown ModelConfig field(s) {unknown}")
+  return model_lib.ModelConfig(**{**raw, **overrides})
+
+
+def abstract_params(cfg, mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract state, pure dict of sharded ShapeDtypeStructs)."""
+  graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
+  shardings = model_lib.state_shardings(abs_state, mesh, rules)
+  target = jax.tree.map(
+    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+    abs_state.to_pure_dict(),
+    shardings.to_pure_dict(),
+  )
+  return graphdef, abs_state, target
+
+
+class Checkpointer:
+  """Saves and restores steps of ``params`` (+ extra items) and ``meta``."""
+
+  def __init__(self, path: str, max_to_keep: int | None = 3, async_save=True):
+    self.path = str(path)
+    opts = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+    )
+    self.manager = ocp.CheckpointManager(self.path, options=opts)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(
+    self,
+    step: int,
+    model: model_lib.Transformer,
+    meta: dict | None = None,
+    items: dict[str, Any] | None = None,
+    tokenizer=None,
+    force: bool = True,
+  ) -> None:
+    if jax.process_index() == 0 and not is_checkpoint(self.path):
+      write_model_config(self.path, model.cfg)
+      if tokenizer is not None:
+        tokenizer.save_pretrained(str(epath.Path(self.path) / TOKENIZER_DIR))
+    state = nnx.state(model, nnx.Param).to_pure_dict()
+    args = {"params": ocp.args.StandardSave(state)}
+    for name, tree in (items or {}).items():
+      args[name] = ocp.args.StandardSave(tree)
+    args["meta"] = ocp.args.JsonSave({"step": step, **(meta or {})})
+    self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def restore(
+    self,
+    mesh,
+    rules,
+    step: int | None = None,
+    items: dict[str, Any] | None = None,
+    **overrides,
+  ) -> tuple[model_lib.Transformer, dict, dict]:
+    """Restores (model, meta, items) from ``step`` (default: the latest).
+
+    ``items`` maps names to abstract targets (with shardings) to restore.
+    """
+    cfg = read_model_config(self.path, **overrides)
+    if step is None:
+      step = self.manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint steps in {self.path}")
+    graphdef, abs_state, target = abstract_params(cfg, mesh, rules)
+    args = {"params": ocp.args.StandardRestore(target)}
+    for name, tree in (items or {}).items():
+      args[name] = ocp.args.StandardRestore(tree)
+    args["meta"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    params = out["params"]
+    _check_restored(params, target, self.path, step)
+    nnx.replace_by_pure_dict(abs_state, params)
+    model = nnx.merge(graphdef, abs_state)
+    rest = {k: out[k] for k in (items or {})}
+    return model, dict(out["meta"]), rest
+
+
+def _check_restored(params, target, path, step) -> None:
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), target)
+  if got != want:
+    raise ValueError(
+      f"checkpoint {path} step {step} does not match its model config"
+    )
+
+
+def load_tokenizer(path: str):
+  tok_dir = epath.Path(path) / TOKENIZER_DIR
+  return hf.load_tokenizer(str(tok_dir)) if tok_dir.exists() else None
+
+
+def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
+  """Any model path → (model, ModelConfig, tokenizer or None).
+
+  ``path``: a checkpoint directory (``model_config.json`` inside), a Hugging
+  Face directory (``config.json``) or a ``.gguf`` file.
+  """
+  if is_checkpoint(path):
+    ckpt = Checkpointer(path, async_save=False)
+    try:
+      model, _, _ = ckpt.restore(mesh, rules, step=step, **overrides)
+    finally:
+      ckpt.close()
+    return model, model.cfg, load_tokenizer(path)
+  if step is not None:
+    raise ValueError(f"--step applies to checkpoint directories, not {path}")
+  if path.endswith(".gguf") or os.path.isdir(path):
+    return hf.load(path, mesh, rules, **overrides)
+  raise FileNotFoundError(
+    f"{path}: not a checkpoint dir, HF model dir or .gguf file"
+  )
+
+
+def import_model(src: str, out: str, mesh, rules, **overrides) -> int:
+  """HF dir / GGUF → a new checkpoint directory at step 0. Returns params."""
+  model, cfg, tok = load_model(src, mesh, rules, **overrides)
+  ckpt = Checkpointer(out, max_to_keep=None, async_save=False)
+  if ckpt.steps():
+    ckpt.close()
+    raise FileExistsError(f"{out} already holds checkpoint steps")
+  ckpt.save(0, model, tokenizer=tok, meta={"source": src})
+  ckpt.wait()
+  ckpt.close()
+  logging.info("imported %s → %s", src, out)
+  return model_lib.param_count(cfg)

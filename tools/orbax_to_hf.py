@@ -1,0 +1,43 @@
+r"""Exports a checkpoint step to a Hugging Face ``transformers`` directory.
+
+Usage:
+  python tools/orbax_to_hf.py --ckpt=DIR [--step=N] --out=DIR [--dtype=bfloat16]
+
+Writes config.json, generation_config.json, model.safetensors (sharded with an
+index above --max_shard_gb) and the tokenizer files, loadable with
+``AutoModelForCausalLM.from_pretrained(DIR)`` / ``AutoTokenizer``. Works on
+imported checkpoints and on training checkpoints (default: latest step).
+"""
+
+from absl import app, flags
+
+from multians_jax import checkpoint, hf, sharding
+
+_CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory.")
+_STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest).")
+_OUT = flags.DEFINE_string("out", None, "Output HF directory.")
+_DTYPE = flags.DEFINE_enum(
+  "dtype", None, ["float32", "bfloat16"], "Export dtype (default: as stored)."
+)
+_SHARD = flags.DEFINE_float("max_shard_gb", 2.0, "Max size of one file (GB).")
+flags.mark_flags_as_required(["ckpt", "out"])
+
+
+def main(argv):
+  del argv
+  mesh = sharding.make_mesh()
+  model, cfg, tok = checkpoint.load_model(
+    _CKPT.value, mesh, sharding.TRAIN_RULES, step=_STEP.value
+  )
+  hf.save(
+    model,
+    _OUT.value,
+    tokenizer=tok,
+    max_shard_bytes=int(_SHARD.value * 2**30),
+    dtype=_DTYPE.value,
+  )
+  print(f"wrote {_OUT.value} ({cfg.family}, {cfg.num_layers} layers)")
+
+
+if __name__ == "__main__":
+  app.run(main)
