@@ -132,6 +132,11 @@ class GGUFSource:
     self.architecture = self._architecture()
     self._tensors = {}
     for t in self._reader.tensors:
+      if t.name == "rope_freqs.weight":
+        raise ValueError(
+          f"{self.path}: has a rope_freqs tensor (llama3-style RoPE "
+          "scaling), which is not supported."
+        )
       name = hf_name(t.name)
       if name is None:
         raise ValueError(
@@ -285,8 +290,6 @@ class GGUFSource:
     a = self.architecture
     theta = float(self.metadata(f"{a}.rope.freq_base", 10000.0))
     kind = self.metadata(f"{a}.rope.scaling.type", "none")
-    if "rope_freqs.weight" in {t.name for t in self._reader.tensors}:
-      kind = "llama3 (rope_freqs tensor)"
     if kind == "none":
       return {"rope_type": "default", "rope_theta": theta}
     factor = self.metadata(f"{a}.rope.scaling.factor")

@@ -42,10 +42,10 @@ def _gguf_name(name):
   return f"blk.{layer}.{_PARTS[part]}.{suffix}"
 
 
-def _tiny_model(arch, tied, theta):
+def _tiny_model(arch, tied, theta, **overrides):
   cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
   cfg = cls[arch](
-    **_TINY,
+    **(_TINY | overrides),
     tie_word_embeddings=tied,
     rope_parameters={"rope_type": "default", "rope_theta": theta},
     bos_token_id=1,
@@ -83,8 +83,14 @@ def _bytes_to_unicode():
   return [b + 0 if b in keep else next(extra) for b in range(256)]
 
 
-def _write_gguf(path, model, arch, qtype, pre="gpt2", skip=()):
-  """Writes `model` like llama.cpp's converter; 2-D tensors as `qtype`."""
+def _write_gguf(
+  path, model, arch, qtype, pre="gpt2", skip=(), raw=None, extra=None, kv=None
+):
+  """Writes `model` like llama.cpp's converter; 2-D tensors as `qtype`.
+
+  `raw` maps GGUF names to (data, type) written instead; `extra` holds such
+  tensors to add; `kv` extra `{arch}.*` metadata (str or float values).
+  """
   cfg = model.config
   heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
   w = gguf.GGUFWriter(str(path), arch)
@@ -109,11 +115,18 @@ def _write_gguf(path, model, arch, qtype, pre="gpt2", skip=()):
   w.add_eos_token_id(2)
   w.add_pad_token_id(2)
   w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-  for name, x in _gguf_arrays(model, arch).items():
+  for key, value in (kv or {}).items():
+    add = w.add_string if isinstance(value, str) else w.add_float32
+    add(f"{arch}.{key}", value)
+  arrays = _gguf_arrays(model, arch) | dict.fromkeys(extra or {})
+  for name, x in arrays.items():
     if name in skip:
       continue
-    t = qtype if x.ndim == 2 else QType.F32
-    data = gguf.quants.quantize(x, t)
+    if raw and name in raw:
+      data, t = raw[name]
+    else:
+      t = qtype if x.ndim == 2 else QType.F32
+      data = gguf.quants.quantize(x, t)
     w.add_tensor(name, data, raw_dtype=t if data.dtype == np.uint8 else None)
   w.write_header_to_file()
   w.write_kv_data_to_file()
@@ -145,7 +158,16 @@ def _roundtrip(x, qtype):
 
 # Synthetic round trip.
 
-_QTYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1]
+_QTYPES = [
+  QType.F32,
+  QType.F16,
+  QType.BF16,
+  QType.Q8_0,
+  QType.Q4_0,
+  QType.Q4_1,
+  QType.Q5_0,
+  QType.Q5_1,
+]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -219,6 +241,57 @@ def test_synthetic_llama_logits_match(tmp_path):
   with torch.no_grad():
     want, got = model(ids).logits, other(ids).logits
   torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# K-quants: gguf-py has no quantiser for them, so random blocks (with sane
+# f16 scales at these byte offsets) are checked against transformers' own
+# torch dequantiser, an independent implementation.
+_K_SCALE_OFFSETS = {
+  QType.Q2_K: (80, 82),
+  QType.Q3_K: (108,),
+  QType.Q4_K: (0, 2),
+  QType.Q5_K: (0, 2),
+  QType.Q6_K: (208,),
+}
+
+
+def _k_blocks(rng, rows, cols, qtype):
+  per_block = gguf.GGML_QUANT_SIZES[qtype][1]
+  b = rng.integers(0, 256, (rows, cols // 256, per_block), dtype=np.uint8)
+  for off in _K_SCALE_OFFSETS[qtype]:
+    scale = rng.uniform(-0.01, 0.01, (rows, cols // 256)).astype(np.float16)
+    b[..., off : off + 2] = scale[..., None].view(np.uint8)
+  return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", list(_K_SCALE_OFFSETS))
+def test_k_quants_against_torch_dequantiser(tmp_path, qtype):
+  from transformers.integrations.gguf import dequant
+
+  model = _tiny_model(
+    "llama", False, 1e4, hidden_size=256, intermediate_size=256
+  )
+  rng = np.random.default_rng(int(qtype))
+  arrays = _gguf_arrays(model, "llama")
+  raw = {
+    n: (_k_blocks(rng, *x.shape, qtype), qtype)
+    for n, x in arrays.items()
+    if x.ndim == 2
+  }
+  path = tmp_path / "k.gguf"
+  _write_gguf(path, model, "llama", QType.F32, raw=raw)
+  with mgguf.GGUFSource(path) as src:
+    for name in src.keys():
+      if name.endswith("norm.weight"):
+        continue
+      blocks = raw[_gguf_name(name)][0]
+      flat = dequant.dequantize(torch.from_numpy(blocks.reshape(-1)), qtype)
+      want = flat.numpy().reshape(src.shape(name))
+      if ".q_proj." in name:
+        want = mgguf.unpermute_qk(want, 4)
+      if ".k_proj." in name:
+        want = mgguf.unpermute_qk(want, 2)
+      np.testing.assert_allclose(src.get(name), want, rtol=1e-6, atol=1e-7)
 
 
 # Synthetic tokenizers against transformers' GGUF loader.
@@ -304,6 +377,38 @@ def test_unsupported_quant_type(tmp_path):
   w.write_tensors_to_file()
   w.close()
   with pytest.raises(ValueError, match=r"token_embd\.weight.*IQ4_NL"):
+    mgguf.GGUFSource(path)
+
+
+@pytest.mark.parametrize(
+  ("extra", "match"),
+  [
+    ("rope_freqs.weight", "rope_freqs.*llama3"),
+    ("blk.0.attn_q_norm.weight", "attn_q_norm.*no HF counterpart"),
+  ],
+)
+def test_unsupported_tensor(tmp_path, extra, match):
+  path = tmp_path / "m.gguf"
+  model = _tiny_model("llama", True, 1e4)
+  ones = {extra: (np.ones(16, np.float32), QType.F32)}
+  _write_gguf(path, model, "llama", QType.F32, raw=ones, extra=ones)
+  with pytest.raises(ValueError, match=match):
+    mgguf.GGUFSource(path)
+
+
+def test_rope_scaling_metadata(tmp_path):
+  path = tmp_path / "m.gguf"
+  model = _tiny_model("llama", True, 1e4)
+  kv = {"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}
+  _write_gguf(path, model, "llama", QType.F32, kv=kv)
+  with mgguf.GGUFSource(path) as src:
+    assert src.hf_config["rope_parameters"] == {
+      "rope_type": "linear",
+      "rope_theta": 1e4,
+      "factor": 4.0,
+    }
+  _write_gguf(path, model, "llama", QType.F32, kv={"rope.scaling.type": "su"})
+  with pytest.raises(ValueError, match="RoPE scaling 'su'"):
     mgguf.GGUFSource(path)
 
 
