@@ -49,8 +49,15 @@ def test_parity_llama3_rope_scaling(tmp_path, one_device_mesh):
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
   }
-  ref = tiny_hf("llama", head_dim=32, heads=2, kv=1, hidden=64,
-                theta=5e5, rope_scaling=scaling)  # fmt: skip
+  ref = tiny_hf(
+    "llama",
+    head_dim=32,
+    heads=2,
+    kv=1,
+    hidden=64,
+    theta=5e5,
+    rope_scaling=scaling,
+  )
   ours, cfg = _ours(ref, tmp_path, one_device_mesh)
   assert cfg.rope_type == "llama3"
   ids, mask, _ = ragged_batch(101, [6, 3], 6)
@@ -68,13 +75,19 @@ def test_cached_decode_equals_full_forward(tmp_path, one_device_mesh):
   # Prefill the first 5 columns, then decode one column at a time.
   cache = model.KVCache.zeros(cfg, 3, 16)
   out, cache = ours(
-      jnp.asarray(ids[:, :5]), jnp.asarray(pos[:, :5]),
-      jnp.asarray(mask[:, :5]), cache)  # fmt: skip
+    jnp.asarray(ids[:, :5]),
+    jnp.asarray(pos[:, :5]),
+    jnp.asarray(mask[:, :5]),
+    cache,
+  )
   steps = [out]
   for t in range(5, 8):
     o, cache = ours(
-        jnp.asarray(ids[:, t : t + 1]), jnp.asarray(pos[:, t : t + 1]),
-        jnp.asarray(mask[:, t : t + 1]), cache)  # fmt: skip
+      jnp.asarray(ids[:, t : t + 1]),
+      jnp.asarray(pos[:, t : t + 1]),
+      jnp.asarray(mask[:, t : t + 1]),
+      cache,
+    )
     steps.append(o)
   cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
   assert int(cache.index) == 8
@@ -85,8 +98,13 @@ def test_bf16_compute_close_to_fp32(tmp_path, one_device_mesh):
   ref = tiny_hf("llama")
   ref.save_pretrained(tmp_path)
   m32, _, _ = hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES)
-  m16, cfg, _ = hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES,
-                        param_dtype="bfloat16", dtype="bfloat16")  # fmt: skip
+  m16, cfg, _ = hf.load(
+    str(tmp_path),
+    one_device_mesh,
+    sharding.TRAIN_RULES,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+  )
   assert m16.embed[...].dtype == jnp.bfloat16
   ids, mask, pos = ragged_batch(101, [6, 6], 6)
   a, _ = m32(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))

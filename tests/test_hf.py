@@ -1,0 +1,169 @@
+"""HF import/export: round trip through transformers, strictness, bad files."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tr
+from hf_models import hf_logits, ragged_batch, tiny_hf
+
+from multians_jax import checkpoint, hf, sharding
+
+
+@pytest.mark.parametrize(
+  "family,tied", [("llama", True), ("qwen2", False), ("qwen3", False)]
+)
+def test_export_round_trip(family, tied, tmp_path, one_device_mesh):
+  ref = tiny_hf(family, tied=tied, heads=4, kv=2, theta=1e5)
+  ref.save_pretrained(tmp_path / "src")
+  ours, cfg, _ = hf.load(
+    str(tmp_path / "src"), one_device_mesh, sharding.TRAIN_RULES
+  )
+  # Tiny shard limit: forces the sharded layout with an index file.
+  hf.save(ours, str(tmp_path / "out"), max_shard_bytes=20_000)
+  files = os.listdir(tmp_path / "out")
+  assert "model.safetensors.index.json" in files
+  assert sum(f.endswith(".safetensors") for f in files) > 1
+  info = tr.utils.logging.get_verbosity()
+  with _no_weight_warnings():
+    back = tr.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", dtype=torch.float32
+    ).eval()
+  tr.utils.logging.set_verbosity(info)
+  ids, mask, pos = ragged_batch(101, [7, 3], 7)
+  np.testing.assert_allclose(
+    hf_logits(back, ids, mask, pos)[mask],
+    hf_logits(ref, ids, mask, pos)[mask],
+    atol=1e-5,
+  )
+  # And back into ours from the exported (sharded) directory.
+  again, cfg2, _ = hf.load(
+    str(tmp_path / "out"), one_device_mesh, sharding.TRAIN_RULES
+  )
+  assert cfg2 == cfg
+  a, _ = ours(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  b, _ = again(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _no_weight_warnings:
+  """Fails if transformers logs missing/unexpected/newly initialised weights."""
+
+  def __enter__(self):
+    self.records = []
+    import logging
+
+    self.handler = logging.Handler()
+    self.handler.emit = self.records.append
+    self.logger = logging.getLogger("transformers")
+    self.logger.addHandler(self.handler)
+    tr.utils.logging.set_verbosity_info()
+
+  def __exit__(self, *exc):
+    self.logger.removeHandler(self.handler)
+    bad = [
+      r.getMessage()
+      for r in self.records
+      if any(
+        w in r.getMessage().lower()
+        for w in (
+          "missing",
+          "unexpected",
+          "newly initialized",
+          "not initialized",
+          "not used",
+        )
+      )
+    ]
+    assert not bad, bad
+
+
+def test_from_hf_config_rejects_unhandled_fields():
+  base = tr.LlamaConfig(num_hidden_layers=1).to_dict()
+  cfg = hf.from_hf_config(base)
+  assert cfg.family == "llama"
+  with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
+    hf.from_hf_config(
+      {
+        **base,
+        "rope_parameters": {
+          "rope_type": "yarn",
+          "rope_theta": 1e4,
+          "factor": 4.0,
+        },
+      }
+    )
+  with pytest.raises(ValueError, match="sliding"):
+    hf.from_hf_config(
+      {**tr.Qwen2Config().to_dict(), "use_sliding_window": True}
+    )
+  with pytest.raises(ValueError, match="attention_bias"):
+    hf.from_hf_config({**base, "attention_bias": True})
+  with pytest.raises(ValueError, match="mlp_bias"):
+    hf.from_hf_config({**base, "mlp_bias": True})
+  with pytest.raises(ValueError, match="some_new_field"):
+    hf.from_hf_config({**base, "some_new_field": 3})
+  with pytest.raises(ValueError, match="model_type 'gpt2'"):
+    hf.from_hf_config(tr.GPT2Config().to_dict())
+
+
+def test_truncated_safetensors_is_named(tmp_path, one_device_mesh):
+  tiny_hf("llama").save_pretrained(tmp_path)
+  f = tmp_path / "model.safetensors"
+  data = f.read_bytes()
+  f.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="truncated safetensors"):
+    hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES)
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path, one_device_mesh):
+  tiny_hf("llama").save_pretrained(tmp_path)
+  src = hf.SafetensorsSource(str(tmp_path))
+  tensors = {k: np.array(src.get(k)) for k in src.keys()}
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  hf.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
+  with pytest.raises(ValueError, match="layers.1.mlp.up_proj"):
+    hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  cfg["intermediate_size"] += 1
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="shape"):
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors[
+      "model.layers.0.mlp.up_proj.weight"
+    ]
+    hf.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES)
+
+
+def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
+  ref = tiny_hf("qwen3", heads=4, kv=2)
+  ref.save_pretrained(tmp_path / "src")
+  n = checkpoint.import_model(
+    str(tmp_path / "src"),
+    str(tmp_path / "ck"),
+    one_device_mesh,
+    sharding.TRAIN_RULES,
+  )
+  assert n == sum(p.numel() for p in ref.parameters())
+  with pytest.raises(FileExistsError):
+    checkpoint.import_model(
+      str(tmp_path / "src"),
+      str(tmp_path / "ck"),
+      one_device_mesh,
+      sharding.TRAIN_RULES,
+    )
+  m, cfg, _ = checkpoint.load_model(
+    str(tmp_path / "ck"), one_device_mesh, sharding.TRAIN_RULES
+  )
+  ids, mask, pos = ragged_batch(101, [5, 2], 5)
+  got, _ = m(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  np.testing.assert_allclose(
+    np.asarray(got)[mask], hf_logits(ref, ids, mask, pos)[mask], atol=1e-4
+  )
+  with pytest.raises(FileNotFoundError):
+    checkpoint.load_model(
+      str(tmp_path / "nothing"), one_device_mesh, sharding.TRAIN_RULES
+    )
