@@ -1,0 +1,276 @@
+"""Evaluation and telemetry metrics of SPEC §6 as pure numpy functions.
+
+Shape letters: P prompts, G generations per prompt, A answer slots per
+generation (the paper's K; 1 for single-answer models), N (q, c) pairs.
+A budget of k answers pools the first k / A generations of each prompt.
+
+Inputs follow ``reward.score_texts``: ``entry_id`` (matched gold entry,
+-1 none), ``answer_key`` (batch-global id of the normalised answer, -1
+missing), ``correct``, ``confidence`` (missing read as 0) and ``format_ok``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _pool(x: np.ndarray, k: int) -> np.ndarray:
+  """[P, G, A] → [P, n·A] with the first n = k / A generations."""
+  x = np.asarray(x)
+  a = x.shape[-1]
+  if k % a or not 0 < k // a <= x.shape[1]:
+    raise ValueError(
+      f"k={k} must be a multiple of A={a} with k/A <= G={x.shape[1]}"
+    )
+  return x[:, : k // a].reshape(x.shape[0], -1)
+
+
+def _distinct_nonneg(rows: np.ndarray) -> np.ndarray:
+  """Number of distinct values >= 0 per row of a 2-D int array."""
+  return np.array([len({v for v in r.tolist() if v >= 0}) for r in rows])
+
+
+def coverage_at_k(entry_id, k: int) -> np.ndarray:
+  """Distinct gold entries hit among k pooled answers. [P, G, A] → [P]."""
+  return _distinct_nonneg(_pool(entry_id, k))
+
+
+def recall_at_k(entry_id, k: int, num_gold) -> np.ndarray:
+  """Fraction of each prompt's gold entries hit among k answers. → [P]."""
+  return coverage_at_k(entry_id, k) / np.maximum(np.asarray(num_gold), 1)
+
+
+def pass_at_k(entry_id, k: int) -> np.ndarray:
+  """1 if any of the k pooled answers is correct. [P, G, A] → [P]."""
+  return (_pool(entry_id, k) >= 0).any(-1).astype(np.float64)
+
+
+def pass_at_k_unbiased(n, c, k: int) -> np.ndarray:
+  """1 - C(n-c, k) / C(n, k): n samples, c correct (HumanEval estimator)."""
+  n, c = np.broadcast_arrays(np.asarray(n), np.asarray(c))
+  out = np.empty(n.shape, np.float64)
+  for idx in np.ndindex(n.shape):
+    ni, ci = int(n[idx]), int(c[idx])
+    if k > ni:
+      raise ValueError(f"k={k} exceeds the number of samples n={ni}")
+    if ni - ci < k:
+      out[idx] = 1.0
+    else:
+      out[idx] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1))
+  return out
+
+
+def top1_accuracy(correct, confidence=None) -> np.ndarray:
+  """Correctness of the answer with the highest stated confidence (first on
+  ties), or of the first answer when ``confidence`` is None. [..., A] →
+  [...]."""
+  correct = np.asarray(correct)
+  if confidence is None:
+    return correct[..., 0].astype(np.float64)
+  pick = np.argmax(np.nan_to_num(np.asarray(confidence), nan=-1.0), axis=-1)
+  return np.take_along_axis(correct, pick[..., None], -1)[..., 0] * 1.0
+
+
+def unique_answers(answer_key, k: int) -> np.ndarray:
+  """Unique normalised answers among k pooled answers. [P, G, A] → [P]."""
+  return _distinct_nonneg(_pool(answer_key, k))
+
+
+def duplicate_rate(answer_key) -> np.ndarray:
+  """Fraction of a generation's answers that repeat an earlier one in the
+  same generation (missing answers ignored). [..., A] → [...]."""
+  keys = np.asarray(answer_key)
+  flat = keys.reshape(-1, keys.shape[-1])
+  dup = [
+    sum(1 for i, v in enumerate(r) if v >= 0 and v in r[:i]) / len(r)
+    for r in flat.tolist()
+  ]
+  return np.array(dup).reshape(keys.shape[:-1])
+
+
+def set_brier(confidence, correct) -> np.ndarray:
+  """Σ_i (q_i - c_i)² per generation (sum over A). [..., A] → [...]."""
+  q = np.nan_to_num(np.asarray(confidence, np.float64))
+  return ((q - np.asarray(correct)) ** 2).sum(-1)
+
+
+def per_answer_brier(confidence, correct) -> float:
+  """Mean (q - c)² over all answers."""
+  q = np.nan_to_num(np.asarray(confidence, np.float64))
+  return float(((q - np.asarray(correct)) ** 2).mean())
+
+
+def ece(confidence, correct, bins: int = 10) -> float:
+  """Expected calibration error, ``bins`` equal-width bins on [0, 1]."""
+  q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
+  c = np.asarray(correct, np.float64).ravel()
+  if q.size == 0:
+    return math.nan
+  idx = np.minimum((q * bins).astype(int), bins - 1)
+  total = 0.0
+  for b in range(bins):
+    m = idx == b
+    if m.any():
+      total += m.sum() / q.size * abs(c[m].mean() - q[m].mean())
+  return float(total)
+
+
+def auroc(confidence, correct) -> float:
+  """Area under the ROC of q as a score for c (ties count one half); NaN
+  when only one class is present."""
+  q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
+  c = np.asarray(correct).ravel().astype(bool)
+  n_pos, n_neg = int(c.sum()), int((~c).sum())
+  if n_pos == 0 or n_neg == 0:
+    return math.nan
+  order = np.argsort(q, kind="mergesort")
+  ranks = np.empty(q.size)
+  sorted_q = q[order]
+  _, first, counts = np.unique(sorted_q, return_index=True, return_counts=True)
+  avg = first + (counts + 1) / 2.0  # 1-based average rank of each tie block
+  ranks[order] = np.repeat(avg, counts)
+  return float((ranks[c].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mean_conf_sum(confidence) -> float:
+  """Mean Σ_i q_i per generation."""
+  return float(np.nan_to_num(np.asarray(confidence, np.float64)).sum(-1).mean())
+
+
+def format_valid_rate(format_ok) -> float:
+  """Fraction of generations with a valid format."""
+  return float(np.mean(np.asarray(format_ok, np.float64)))
+
+
+def tokens_per_distinct_correct(lengths, entry_id) -> float:
+  """Completion tokens spent per distinct correct answer, per prompt pooled
+  over its generations ([P, G] lengths, [P, G, A] entries); inf if none."""
+  lengths, entry_id = np.asarray(lengths), np.asarray(entry_id)
+  hits = coverage_at_k(entry_id, entry_id.shape[1] * entry_id.shape[2]).sum()
+  return float(lengths.sum() / hits) if hits else math.inf
+
+
+def _grouped(x, p: int) -> np.ndarray:
+  x = np.asarray(x)
+  return x.reshape((p, x.shape[0] // p) + x.shape[1:])
+
+
+def summarize(
+  scores: dict,
+  lengths=None,
+  group_size: int = 1,
+  num_gold=None,
+  ks=None,
+) -> dict[str, float]:
+  """Flat dict of floats from ``reward.score_texts`` outputs.
+
+  Args:
+    scores: dict of arrays ([B] and [B, A]), B = P·G, prompt-major.
+    lengths: optional [B] completion token counts.
+    group_size: G, generations per prompt (for pooled metrics).
+    num_gold: optional [P] number of gold entries per prompt (recall).
+    ks: answer budgets k (multiples of A); default A·g for g = 1, 2, 4, ...
+
+  Returns:
+    Means of every [B] component (``reward/<name>``, with ``_std`` for the
+    total) and the SPEC §6 metrics. Coverage-style metrics count only
+    format-valid generations; calibration uses format-valid generations of
+    RLCR modes (``brier`` not NaN).
+  """
+  f = np.asarray(scores["format_ok"]) > 0
+  b, a = np.asarray(scores["entry_id"]).shape
+  if b % group_size:
+    raise ValueError(f"batch {b} is not a multiple of group_size {group_size}")
+  p = b // group_size
+  out = {
+    f"reward/{k}": float(np.nanmean(v))
+    for k, v in scores.items()
+    if np.ndim(v) == 1 and not np.all(np.isnan(v))
+  }
+  out["reward/total_std"] = float(np.std(scores["total"]))
+  ids = _grouped(np.where(f[:, None], scores["entry_id"], -1), p)
+  keys = _grouped(np.where(f[:, None], scores["answer_key"], -1), p)
+  ks = ks or [a * g for g in _powers(group_size)]
+  for k in ks:
+    out[f"coverage@{k}"] = float(coverage_at_k(ids, k).mean())
+    out[f"pass@{k}"] = float(pass_at_k(ids, k).mean())
+    out[f"unique@{k}"] = float(unique_answers(keys, k).mean())
+    if num_gold is not None:
+      out[f"recall@{k}"] = float(recall_at_k(ids, k, num_gold).mean())
+  out["format_valid_rate"] = format_valid_rate(f)
+  out["duplicate_rate"] = float(duplicate_rate(scores["answer_key"])[f].mean())
+  calibrated = not np.all(np.isnan(scores["brier"]))
+  conf = np.asarray(scores["confidence"])
+  correct = np.asarray(scores["correct"]) * f[:, None]
+  top1 = top1_accuracy(correct, conf if calibrated else None)
+  out["top1_accuracy"] = float(top1.mean())
+  if calibrated and f.any():
+    q, c = conf[f], correct[f]
+    out["set_brier"] = float(set_brier(q, c).mean())
+    out["per_answer_brier"] = per_answer_brier(q, c)
+    out["ece"] = ece(q, c)
+    out["auroc"] = auroc(q, c)
+    out["mean_conf_sum"] = mean_conf_sum(q)
+  if lengths is not None:
+    lengths = np.asarray(lengths)
+    out["completion_tokens"] = float(lengths.mean())
+    out["tokens_per_distinct_correct"] = tokens_per_distinct_correct(
+      _grouped(lengths, p), ids
+    )
+  return out
+
+
+def _powers(g: int) -> list[int]:
+  out, n = [], 1
+  while n <= g:
+    out.append(n)
+    n *= 2
+  return out
+
+
+def plot_reliability(path, confidence, correct, bins: int = 10) -> None:
+  """Writes a reliability diagram (accuracy per confidence bin) as PNG."""
+  q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
+  c = np.asarray(correct, np.float64).ravel()
+  idx = np.minimum((q * bins).astype(int), bins - 1)
+  acc = [c[idx == i].mean() if (idx == i).any() else 0.0 for i in range(bins)]
+  centers = (np.arange(bins) + 0.5) / bins
+  fig, ax = plt.subplots(figsize=(4, 4))
+  ax.bar(centers, acc, width=1 / bins, edgecolor="k", label="accuracy")
+  ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+  ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+  ax.set_title(f"ECE = {ece(q, c, bins):.3f}")
+  ax.legend(loc="upper left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_coverage_vs_k(path, ks, curves: dict, ylabel="coverage@k") -> None:
+  """Writes coverage (or any metric) against the answer budget k as PNG.
+
+  Args:
+    path: output PNG path.
+    ks: budgets k on the x axis.
+    curves: label → values, one per k (e.g. one curve per model).
+    ylabel: y-axis label.
+  """
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for label, values in curves.items():
+    if len(values) != len(ks):
+      raise ValueError(
+        f"curve {label!r} has {len(values)} points for {len(ks)} values of k"
+      )
+    ax.plot(ks, values, marker="o", label=label)
+  ax.set(xlabel="answer budget k", ylabel=ylabel)
+  ax.set_xscale("log", base=2)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
