@@ -94,6 +94,13 @@ def test_wrong_solution_and_assert_style_tests():
   assert not _run("def add(a, b):\n  return a - b\n").passed
   assert _run(good, "assert add(2, 2) == 4").passed
   assert not _run(good, "assert add(2, 2) == 5").passed
+  assert _run(good, "print('noise')\nassert add(1, 1) == 2").passed
+
+
+@pytest.mark.skipif(sandbox.containment() != "root", reason="needs root")
+def test_root_grader_runs_candidate_as_nobody():
+  src = "import os\ndef ids():\n  return [os.getuid(), os.geteuid()]\n"
+  assert _run(src, f"assert ids() == [{sandbox.NOBODY}] * 2").passed
 
 
 def test_infinite_loop_times_out_and_dies():
