@@ -195,7 +195,9 @@ class PromptIterator:
       if len(ids) > self.cfg.max_prompt_len:
         self.num_dropped += 1
         dropped_run += 1
-        if dropped_run > len(self.shard(self.epoch)):
+        # A run of drops can span an epoch end (tail of one epoch, head of
+        # the next), so only 2 epochs' worth proves every prompt too long.
+        if dropped_run >= 2 * len(self.shard(self.epoch)):
           raise ValueError(
             f"every prompt is longer than max_prompt_len="
             f"{self.cfg.max_prompt_len}"

@@ -134,6 +134,16 @@ def test_overlong_prompts_dropped_and_counted(tok):
   assert [len(b.ids) for b in batches] == [3, 3, 3]
 
 
+def test_drop_runs_across_epoch_ends_are_not_mistaken_for_all_dropped(tok):
+  base_len = len(data.render(record(0), tok, config()))
+  recs = [record(0), record(1, 40), record(2, 40)]
+  cfg = config(batch_size=1, max_prompt_len=base_len + 5)
+  it = data.PromptIterator(recs, tok, cfg)
+  assert stream_ids(take(it, 20)) == ["r0"] * 20
+  # 2 drops in each of epochs 0..18, then those before r0 in epoch 19.
+  assert it.num_dropped == 38 + list(it.shard(19)).index(0)
+
+
 def test_all_overlong_raises(tok):
   cfg = config(max_prompt_len=4)
   with pytest.raises(ValueError, match="every prompt is longer"):
