@@ -8,8 +8,8 @@ dequantised one at a time from a memory map, so an 8B file never sits in RAM
 whole.
 
 llama.cpp's converter permutes the rows of the llama q/k projections (and
-their biases) for its RoPE layout; `get` undoes it. qwen2 files are stored
-unpermuted.
+their biases) for its RoPE layout; `get` undoes it. qwen2/qwen3 files are
+stored unpermuted.
 
 Shape letters: D model width, F MLP width, V vocab, N query heads, K key/value
 heads, H head dim.
@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 SUPPORTED_TYPES = frozenset(
   {
@@ -43,7 +43,11 @@ SUPPORTED_TYPES = frozenset(
   }
 )
 
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_ARCHITECTURES = {
+  "llama": "LlamaForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+}
 
 # GGUF name -> HF name, outside the decoder blocks.
 _GLOBAL_NAMES = {
@@ -63,7 +67,10 @@ _LAYER_NAMES = {
   "ffn_gate": "mlp.gate_proj",
   "ffn_up": "mlp.up_proj",
   "ffn_down": "mlp.down_proj",
+  "attn_q_norm": "self_attn.q_norm",  # qwen3 only
+  "attn_k_norm": "self_attn.k_norm",
 }
+_QK_NORMS = ("attn_q_norm", "attn_k_norm")
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -122,7 +129,7 @@ class GGUFSource:
 
   Attributes:
     path: the file.
-    architecture: GGUF `general.architecture` ('llama' or 'qwen2').
+    architecture: GGUF `general.architecture` (see SUPPORTED_ARCHITECTURES).
     hf_config: transformers-5-style config dict.
   """
 
@@ -261,8 +268,9 @@ class GGUFSource:
       "eos_token_id": self.metadata("tokenizer.ggml.eos_token_id"),
       "pad_token_id": self.metadata("tokenizer.ggml.padding_token_id"),
     }
-    if a == "llama":
+    if a in ("llama", "qwen3"):
       cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in layer0
+    if a == "llama":
       cfg["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in layer0
     return cfg
 
@@ -329,7 +337,11 @@ class GGUFSource:
       names.append("lm_head.weight")
     for i in range(cfg["num_hidden_layers"]):
       p = f"model.layers.{i}."
-      names += [p + part + ".weight" for part in _LAYER_NAMES.values()]
+      names += [
+        p + hf + ".weight"
+        for part, hf in _LAYER_NAMES.items()
+        if part not in _QK_NORMS or cfg["model_type"] == "qwen3"
+      ]
       if qkv_bias:
         names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
       if cfg.get("attention_bias"):

@@ -43,7 +43,13 @@ def _gguf_name(name):
 
 
 def _tiny_model(arch, tied, theta, **overrides):
-  cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+  cls = {
+    "llama": transformers.LlamaConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+  }
+  if arch == "qwen3":  # head_dim unlike hidden_size // heads, as in Qwen3
+    overrides = {"head_dim": 32} | overrides
   cfg = cls[arch](
     **(_TINY | overrides),
     tie_word_embeddings=tied,
@@ -105,6 +111,9 @@ def _write_gguf(
   if arch == "llama":
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.hidden_size // heads)
+  if arch == "qwen3":
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
   tokens, types, merges = _tiny_vocab()
   w.add_tokenizer_model("gpt2")
   w.add_tokenizer_pre(pre)
@@ -170,10 +179,10 @@ _QTYPES = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_synthetic_roundtrip(tmp_path, arch, tied):
-  theta = 5e5 if arch == "llama" else 1e6
+  theta = {"llama": 5e5, "qwen2": 1e6, "qwen3": 2e6}[arch]
   model = _tiny_model(arch, tied, theta)
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
   for qtype in _QTYPES:
@@ -203,7 +212,10 @@ def _check_config(got, ref, arch):
   for key in [*_TINY, "tie_word_embeddings", "rope_parameters"]:
     ref_value = getattr(ref, key)
     assert got[key] == pytest.approx(ref_value), key
-  assert got["head_dim"] == ref.hidden_size // ref.num_attention_heads
+  heads = ref.num_attention_heads
+  assert got["head_dim"] == (
+    getattr(ref, "head_dim", None) or ref.hidden_size // heads
+  )
   assert (got["bos_token_id"], got["eos_token_id"]) == (1, 2)
   assert got["pad_token_id"] == 2
   # The config must build the same transformers model class.
@@ -213,7 +225,7 @@ def _check_config(got, ref, arch):
 
 
 def type_name(arch):
-  return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+  return mgguf._HF_ARCHITECTURES[arch]
 
 
 def test_permute_qk_inverse():
@@ -384,7 +396,8 @@ def test_unsupported_quant_type(tmp_path):
   ("extra", "match"),
   [
     ("rope_freqs.weight", "rope_freqs.*llama3"),
-    ("blk.0.attn_q_norm.weight", "attn_q_norm.*no HF counterpart"),
+    ("blk.0.ffn_gate_exps.weight", "ffn_gate_exps.*no HF counterpart"),
+    ("blk.0.attn_q_norm.weight", r"unexpected.*layers\.0\.self_attn\.q_norm"),
   ],
 )
 def test_unsupported_tensor(tmp_path, extra, match):
