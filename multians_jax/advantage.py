@@ -1,0 +1,92 @@
+"""Group-relative advantages (SPEC §5): pure functions of reward arrays.
+
+Shape letters: P prompts, G generations per prompt (one group each).
+
+Every kind subtracts a baseline built from the group, so the G completions
+of a prompt are compared only with each other:
+
+- ``drgrpo``: A_i = r_i − mean_j r_j (Dr.GRPO; the reference default).
+- ``grpo``: A_i = (r_i − mean_j r_j) / (std_j r_j + 1e-6) (original GRPO).
+  The std is the *unbiased* one (``ddof=1``) by default, as
+  ``torch.Tensor.std`` in the reference GRPO trainer; ``ddof=0`` is the
+  population std.
+- ``rloo``: A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_j r_j)
+  (REINFORCE leave-one-out). Needs G ≥ 2.
+
+A group whose rewards are all equal carries no learning signal: its
+advantages are set to exactly zero (not merely rounded near zero, which the
+``grpo`` division by ~1e-6 would blow up) and its share is reported as
+``zero_std_frac``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("drgrpo", "grpo", "rloo")
+STD_EPS = 1e-6
+
+
+def advantages(
+  rewards: jax.Array, kind: str, *, std_ddof: int = 1
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-completion advantages from per-completion rewards.
+
+  Args:
+    rewards: float [P, G], row p holding the G rewards of prompt p.
+    kind: ``drgrpo`` | ``grpo`` | ``rloo`` (see the module docstring).
+    std_ddof: delta degrees of freedom of the ``grpo`` group std (1 =
+      unbiased, as the reference; 0 = population std).
+
+  Returns:
+    ``(adv, info)``: adv float32 [P, G]; info holds scalars
+    ``zero_std_frac`` (fraction of groups with equal rewards, which get
+    A = 0), ``reward_mean`` and ``group_std_mean`` (mean within-group
+    population std).
+
+  Raises:
+    ValueError: unknown ``kind``, ``rewards`` not 2-D, ``rloo`` with G = 1,
+      or ``std_ddof`` outside {0, 1}.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"rl.advantage must be one of {KINDS}: {kind!r}")
+  if rewards.ndim != 2:
+    raise ValueError(f"rewards must be [P, G], got shape {rewards.shape}")
+  if std_ddof not in (0, 1):
+    raise ValueError(f"std_ddof must be 0 or 1: {std_ddof}")
+  g = rewards.shape[1]
+  if kind == "rloo" and g < 2:
+    raise ValueError(
+      "rl.advantage='rloo' needs at least 2 generations per prompt "
+      f"(leave-one-out mean of G-1 others), got G={g}"
+    )
+  r = rewards.astype(jnp.float32)
+  centred = r - jnp.mean(r, axis=1, keepdims=True)
+  if kind == "drgrpo":
+    adv = centred
+  elif kind == "rloo":
+    adv = centred * (g / (g - 1))
+  else:
+    adv = centred / (_group_std(centred, std_ddof) + STD_EPS)
+  flat = _flat_groups(r)
+  adv = jnp.where(flat[:, None], 0.0, adv)
+  info = {
+    "zero_std_frac": jnp.mean(flat.astype(jnp.float32)),
+    "reward_mean": jnp.mean(r),
+    "group_std_mean": jnp.mean(_group_std(centred, 0)),
+  }
+  return adv, info
+
+
+def _group_std(centred: jax.Array, ddof: int) -> jax.Array:
+  """Std per group [P, 1] from centred rewards; 0 where G − ddof ≤ 0."""
+  dof = centred.shape[1] - ddof
+  if dof <= 0:
+    return jnp.zeros((centred.shape[0], 1), centred.dtype)
+  return jnp.sqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / dof)
+
+
+def _flat_groups(r: jax.Array) -> jax.Array:
+  """bool [P]: every reward of the group is equal (zero variance)."""
+  return jnp.max(r, axis=1) == jnp.min(r, axis=1)

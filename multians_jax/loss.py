@@ -1,0 +1,348 @@
+"""Token log-probs and the clipped policy-gradient objective (SPEC §5).
+
+Shape letters: B completions (rows, B = P·G), T tokens of a row (prompt and
+completion), L completion tokens, D model dim, V vocab, C chunk of T.
+
+``token_logprobs`` runs the decoder once and computes the LM head,
+log-softmax and target gather chunk by chunk over T inside a ``lax.scan``
+whose body is ``jax.checkpoint``-ed: neither the forward nor the backward
+pass ever holds more than B·C·V logits.
+
+The objective is split into a per-micro-batch **numerator**
+(``pg_loss_terms``) and a whole-batch **denominator** (``loss_denominator``)
+so that for any split of an optimizer batch into micro-batches
+Σ_i numerator_i / denominator equals the full-batch loss, and gradient
+accumulation of numerator_i / denominator is exact. With per-token loss ℓ,
+counted-token mask m and N_seq the number of sequences with at least one
+counted token:
+
+- ``token_mean`` (reference ``dapo``): Σ ℓ·m / Σ m.
+- ``seq_mean_token_mean`` (original GRPO): Σ_seq (Σ_t ℓ·m / Σ_t m) / N_seq.
+- ``seq_mean_token_sum_norm`` (Dr.GRPO): Σ_seq (Σ_t ℓ·m / max_len_norm)
+  / N_seq.
+
+Denominators are clamped at 1 so a batch with no counted token gives a loss
+of 0, not NaN. Sequences with no counted token (all masked, or dropped by
+``mask_truncated``) are left out of N_seq: they carry no gradient either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from multians_jax import sharding
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+DEFAULT_CHUNK = 128
+
+# ---------------------------------------------------------------------------
+# Token log-probabilities
+
+
+def token_logprobs(
+  model,
+  tokens: jax.Array,
+  positions: jax.Array,
+  mask: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk: int = DEFAULT_CHUNK,
+  start: int = 0,
+  return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """log π(tokens[:, t+1] | tokens[:, ≤t]) without [B, T, V] logits.
+
+  The distribution is softmax(logits / temperature): the sampler draws from
+  the temperature-scaled distribution and reports its log-probs *before*
+  top-k / top-p truncation, so these values equal the sampler's log-probs
+  (ρ = 1 at the first PPO iteration).
+
+  Args:
+    model: a ``model.Transformer`` (``hidden`` and ``head_weight``).
+    tokens: int [B, T]. positions: int [B, T]. mask: bool [B, T] real tokens.
+    temperature: sampling temperature (> 0).
+    chunk: C, the number of positions whose [B, C, V] logits exist at once.
+      Any C ≥ 1; T − 1 − start is padded up to a multiple of C internally.
+    start: first position scored, to skip the prompt: the result covers the
+      targets tokens[:, start+1:].
+    return_entropy: also return the entropy of the same distribution.
+
+  Returns:
+    logp float32 [B, T−1−start] (column j scores tokens[:, start+j+1]);
+    with ``return_entropy``, ``(logp, entropy)`` of the same shape. Values
+    at padded targets are finite but meaningless: mask them.
+  """
+  b, t = tokens.shape
+  n = t - 1 - start
+  if not isinstance(temperature, jax.Array) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0: {temperature}")
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1: {chunk}")
+  if not 0 <= start < t - 1:
+    raise ValueError(f"start must be in [0, T-1) = [0, {t - 1}): {start}")
+  h, _ = model.hidden(tokens, positions, mask)
+  h, targets = h[:, start:-1], tokens[:, start + 1 :]  # [B, n, D], [B, n]
+  c = min(chunk, n)
+  k = math.ceil(n / c)
+  pad = k * c - n
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  h = h.reshape(b, k, c, -1).swapaxes(0, 1)  # [k, B, C, D]
+  targets = targets.reshape(b, k, c).swapaxes(0, 1)  # [k, B, C]
+  w = model.head_weight().astype(h.dtype)  # [D, V]
+  body = jax.checkpoint(
+    lambda w, h, y: _chunk_logprobs(w, h, y, temperature, return_entropy)
+  )
+  _, (logp, ent) = jax.lax.scan(
+    lambda carry, xs: (carry, body(w, *xs)), None, (h, targets)
+  )
+  logp = logp.swapaxes(0, 1).reshape(b, k * c)[:, :n]
+  if not return_entropy:
+    return logp
+  return logp, ent.swapaxes(0, 1).reshape(b, k * c)[:, :n]
+
+
+def _chunk_logprobs(w, h, targets, temperature, with_entropy):
+  """h [B, C, D], targets [B, C] → (logp [B, C], entropy [B, C] or 0)."""
+  logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+  logits = sharding.constrain(logits, ("batch", None, "act_vocab"))
+  logits = logits / temperature
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  if not with_entropy:
+    return picked - lse, jnp.zeros((), jnp.float32)
+  probs = jnp.exp(logits - lse[..., None])
+  return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Settings of the clipped policy-gradient loss (SPEC §5, ``rl.*``).
+
+  Attributes:
+    clip_eps_low: ε_low, the ratio is clipped below at 1 − ε_low; in [0, 1).
+    clip_eps_high: ε_high, clipped above at 1 + ε_high; ≥ 0.
+    loss_agg: one of ``LOSS_AGGS`` (module docstring).
+    max_len_norm: Dr.GRPO's constant divisor (the maximum completion
+      length); required by ``seq_mean_token_sum_norm``.
+    kl_beta: β of the k3 KL penalty against a frozen reference; 0 = none.
+    mask_truncated: drop completions cut by the length limit from the loss.
+  """
+
+  clip_eps_low: float = 0.2
+  clip_eps_high: float = 0.2
+  loss_agg: str = "token_mean"
+  max_len_norm: int | None = None
+  kl_beta: float = 0.0
+  mask_truncated: bool = False
+
+  def __post_init__(self):
+    if not 0 <= self.clip_eps_low < 1:
+      raise ValueError(
+        f"rl.clip_eps_low must be in [0, 1): {self.clip_eps_low}"
+      )
+    if not self.clip_eps_high >= 0:
+      raise ValueError(f"rl.clip_eps_high must be >= 0: {self.clip_eps_high}")
+    if self.loss_agg not in LOSS_AGGS:
+      raise ValueError(
+        f"rl.loss_agg must be one of {LOSS_AGGS}: {self.loss_agg!r}"
+      )
+    sum_norm = self.loss_agg == "seq_mean_token_sum_norm"
+    if sum_norm and not (self.max_len_norm and self.max_len_norm > 0):
+      raise ValueError(
+        "rl.max_len_norm must be a positive length (the maximum completion "
+        "length) with rl.loss_agg='seq_mean_token_sum_norm': "
+        f"{self.max_len_norm}"
+      )
+    if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
+      raise ValueError(f"rl.kl_beta must be finite and >= 0: {self.kl_beta}")
+    if not isinstance(self.mask_truncated, bool):
+      raise ValueError(
+        f"rl.mask_truncated must be a bool: {self.mask_truncated!r}"
+      )
+
+
+def k3_kl(ref_logp: jax.Array, logp: jax.Array) -> jax.Array:
+  """Schulman's k3 estimator of KL(π‖π_ref): e^d − d − 1, d = ref − logp."""
+  d = ref_logp - logp
+  return jnp.exp(d) - d - 1.0
+
+
+def per_token_loss(
+  logp: jax.Array,
+  old_logp: jax.Array,
+  adv: jax.Array,
+  cfg: LossConfig,
+  ref_logp: jax.Array | None = None,
+) -> jax.Array:
+  """ℓ [B, L] = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) (+ β·k3 if β > 0).
+
+  ρ = exp(logp − old_logp); ``old_logp``, ``ref_logp`` and ``adv`` [B] are
+  constants (gradients are stopped).
+  """
+  old_logp, adv = jax.lax.stop_gradient((old_logp, adv))
+  a = adv[:, None]
+  ratio = jnp.exp(logp - old_logp)
+  clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+  loss = -jnp.minimum(ratio * a, clipped * a)
+  if cfg.kl_beta > 0:
+    if ref_logp is None:
+      raise ValueError("rl.kl_beta > 0 needs ref_logp (reference log-probs)")
+    loss = loss + cfg.kl_beta * k3_kl(jax.lax.stop_gradient(ref_logp), logp)
+  return loss
+
+
+def counted_mask(
+  mask: jax.Array, cfg: LossConfig, truncated: jax.Array | None = None
+) -> jax.Array:
+  """float32 [B, L]: the completion tokens that enter the loss."""
+  m = mask.astype(jnp.float32)
+  if not cfg.mask_truncated:
+    return m
+  if truncated is None:
+    raise ValueError("rl.mask_truncated=True needs the truncated flags [B]")
+  if truncated.shape != mask.shape[:1]:
+    raise ValueError(
+      f"truncated must be [B] = {mask.shape[:1]}, got {truncated.shape}"
+    )
+  return m * (~truncated.astype(bool))[:, None].astype(jnp.float32)
+
+
+def loss_denominator(
+  mask: jax.Array, cfg: LossConfig, truncated: jax.Array | None = None
+) -> jax.Array:
+  """The divisor of the whole optimizer batch (mask [B, L], truncated [B]).
+
+  ``token_mean``: counted tokens; the ``seq_mean_*`` kinds: counted
+  sequences. Clamped at 1.
+  """
+  m = counted_mask(mask, cfg, truncated)
+  if cfg.loss_agg == "token_mean":
+    den = jnp.sum(m)
+  else:
+    den = jnp.sum((jnp.sum(m, axis=1) > 0).astype(jnp.float32))
+  return jnp.maximum(den, 1.0)
+
+
+def _numerator(loss: jax.Array, m: jax.Array, cfg: LossConfig) -> jax.Array:
+  per_seq = jnp.sum(loss * m, axis=1)  # [B]
+  if cfg.loss_agg == "token_mean":
+    return jnp.sum(per_seq)
+  if cfg.loss_agg == "seq_mean_token_mean":
+    return jnp.sum(per_seq / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+  return jnp.sum(per_seq) / cfg.max_len_norm
+
+
+def pg_loss_terms(
+  logp: jax.Array,
+  old_logp: jax.Array,
+  adv: jax.Array,
+  mask: jax.Array,
+  cfg: LossConfig,
+  *,
+  ref_logp: jax.Array | None = None,
+  truncated: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The loss numerator of one (micro-)batch and its metric sums.
+
+  Args:
+    logp: float [B, L] log-probs under the current policy (differentiated).
+    old_logp: float [B, L] log-probs of the policy that sampled (π_old).
+    adv: float [B] advantages, one per completion.
+    mask: bool [B, L] completion tokens.
+    cfg: the loss settings.
+    ref_logp: float [B, L] reference-policy log-probs; needed if β > 0, and
+      when given the KL is reported even with β = 0.
+    truncated: bool [B] completions cut by the length limit; needed with
+      ``cfg.mask_truncated``.
+
+  Returns:
+    ``(numerator, sums)``: numerator / ``loss_denominator`` of the whole
+    batch is this micro-batch's share of the loss. ``sums`` are *sums over
+    counted tokens* (so they add across micro-batches; ``reduce_metrics``
+    turns them into means): ``tokens`` (count), ``ratio`` (ρ),
+    ``clip_low`` (ρ < 1 − ε_low with A < 0: clipped below, no gradient),
+    ``clip_high`` (ρ > 1 + ε_high with A > 0), ``clip`` (either), ``kl``
+    (k3, only with ``ref_logp``), ``pg_loss`` (the clipped term alone).
+  """
+  _check_shapes(logp, old_logp, adv, mask, ref_logp)
+  m = counted_mask(mask, cfg, truncated)
+  loss = per_token_loss(logp, old_logp, adv, cfg, ref_logp)
+  sums = _metric_sums(logp, old_logp, adv, m, cfg, ref_logp)
+  return _numerator(loss, m, cfg), sums
+
+
+def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
+  logp, old_logp, ref_logp = jax.lax.stop_gradient((logp, old_logp, ref_logp))
+  ratio = jnp.exp(logp - old_logp)
+  a = adv[:, None]
+  low = (ratio < 1.0 - cfg.clip_eps_low) & (a < 0)
+  high = (ratio > 1.0 + cfg.clip_eps_high) & (a > 0)
+  pg_cfg = dataclasses.replace(cfg, kl_beta=0.0)
+  total = lambda x: jnp.sum(x.astype(jnp.float32) * m)
+  sums = {
+    "tokens": jnp.sum(m),
+    "ratio": total(ratio),
+    "clip_low": total(low),
+    "clip_high": total(high),
+    "clip": total(low | high),
+    "pg_loss": total(per_token_loss(logp, old_logp, adv, pg_cfg)),
+  }
+  if ref_logp is not None:
+    sums["kl"] = total(k3_kl(ref_logp, logp))
+  return sums
+
+
+def reduce_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Token sums (added over micro-batches) → per-token means.
+
+  Keys: ``ratio_mean``, ``clip_low_frac``, ``clip_high_frac``,
+  ``clip_frac``, ``pg_loss_token_mean``, ``kl_mean`` (if present), and
+  ``tokens`` (the count itself).
+  """
+  n = jnp.maximum(sums["tokens"], 1.0)
+  names = {"ratio": "ratio_mean", "clip_low": "clip_low_frac",
+           "clip_high": "clip_high_frac", "clip": "clip_frac",
+           "pg_loss": "pg_loss_token_mean", "kl": "kl_mean"}  # fmt: skip
+  out = {names[k]: v / n for k, v in sums.items() if k in names}
+  out["tokens"] = sums["tokens"]
+  return out
+
+
+def pg_loss(
+  logp: jax.Array,
+  old_logp: jax.Array,
+  adv: jax.Array,
+  mask: jax.Array,
+  cfg: LossConfig,
+  *,
+  ref_logp: jax.Array | None = None,
+  truncated: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Loss of one whole batch: ``pg_loss_terms`` / ``loss_denominator``.
+
+  Returns ``(loss scalar, reduce_metrics(sums))``.
+  """
+  num, sums = pg_loss_terms(
+    logp, old_logp, adv, mask, cfg, ref_logp=ref_logp, truncated=truncated
+  )
+  return num / loss_denominator(mask, cfg, truncated), reduce_metrics(sums)
+
+
+def _check_shapes(logp, old_logp, adv, mask, ref_logp):
+  named = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp}
+  for name, x in named.items():
+    if x is not None and x.shape != logp.shape:
+      raise ValueError(
+        f"{name} must have the shape of logp {logp.shape}, got {x.shape}"
+      )
+  if adv.shape != logp.shape[:1]:
+    raise ValueError(f"adv must be [B] = {logp.shape[:1]}, got {adv.shape}")
