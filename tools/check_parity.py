@@ -15,7 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from multians_jax import checkpoint, sharding
 
@@ -45,6 +45,7 @@ def reference(path):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   import torch
 
   tok, ref = reference(_HF.value)

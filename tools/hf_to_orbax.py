@@ -9,7 +9,7 @@ Q4_0, Q4_1, … tensors are dequantised). The tokenizer is stored alongside.
 Weights are loaded shard by shard straight into the mesh's layout.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from multians_jax import checkpoint, sharding
 
@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["src", "out"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   mesh = sharding.make_mesh(fsdp=_FSDP.value, tensor=_TENSOR.value)
   n = checkpoint.import_model(
     _SRC.value,

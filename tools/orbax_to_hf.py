@@ -9,7 +9,7 @@ index above --max_shard_gb) and the tokenizer files, loadable with
 imported checkpoints and on training checkpoints (default: latest step).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from multians_jax import checkpoint, hf, sharding
 
@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["ckpt", "out"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   mesh = sharding.make_mesh()
   model, cfg, tok = checkpoint.load_model(
     _CKPT.value, mesh, sharding.TRAIN_RULES, step=_STEP.value

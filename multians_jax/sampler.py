@@ -1,0 +1,258 @@
+"""Jitted group sampling with a KV cache: P prompts × G completions each.
+
+Shape letters: P prompts, G completions per prompt, B = P·G rows (row
+``p·G + g``), T bucketed prompt length, L = ``max_new_tokens``, S = T + L
+cache slots, V vocab.
+
+Flow (one ``jax.jit`` per (P, G, T, settings)):
+  1. prefill the P prompts once, logits only at the last prompt position;
+  2. repeat each prompt's cache G times (no G prefills);
+  3. decode in a ``lax.while_loop`` that stops when every row has emitted a
+     stop token or L tokens are written. The cache lives inside the jitted
+     computation as a loop carry, so XLA updates it in place.
+
+Prompt lengths are bucketed to powers of two (``bucket_length``), so the
+number of compilations is bounded by the number of buckets.
+
+Log-probs. ``logprobs[b, i]`` is log softmax(logits / temperature) of the
+sampled token, i.e. the temperature-scaled distribution *before* top-k /
+top-p truncation (the distribution ``loss.token_logprobs`` recomputes with the
+same temperature). With ``temperature == 0`` (greedy) they are taken at
+temperature 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from multians_jax import model as model_lib
+from multians_jax import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings (hashable: part of the compilation key)."""
+
+  max_new_tokens: int = 128
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+  stop_ids: tuple[int, ...] = ()  # EOS and any extra stop tokens
+  pad_id: int = 0  # written after a row stops
+  cache_dtype: str = "float32"  # bfloat16 on accelerators
+  min_prompt_bucket: int = 16
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError("sampler.max_new_tokens must be >= 1")
+    if self.temperature < 0:
+      raise ValueError("sampler.temperature must be >= 0")
+    if self.top_k < 0:
+      raise ValueError("sampler.top_k must be >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError("sampler.top_p must be in (0, 1]")
+    if self.cache_dtype not in model_lib.DTYPES:
+      raise ValueError(
+        f"sampler.cache_dtype must be in {tuple(model_lib.DTYPES)}"
+      )
+
+
+@struct.dataclass
+class Rollout:
+  """Sampled completions; rows ordered prompt-major (p·G + g)."""
+
+  prompt_tokens: jax.Array  # int32 [B, T] (left-padded)
+  prompt_mask: jax.Array  # bool [B, T]
+  tokens: jax.Array  # int32 [B, L]
+  logprobs: jax.Array  # float32 [B, L]
+  mask: jax.Array  # bool [B, L]: completion tokens (stop token included)
+  lengths: jax.Array  # int32 [B]
+  truncated: jax.Array  # bool [B]: hit L without a stop token
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """Smallest power of two ≥ max(n, minimum)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def left_pad(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id=0):
+  """Left-pads [P, T] arrays to [P, length] (T ≤ length)."""
+  p, t = tokens.shape
+  if t > length:
+    raise ValueError(f"prompt length {t} exceeds bucket {length}")
+  out_t = np.full((p, length), pad_id, np.int32)
+  out_m = np.zeros((p, length), bool)
+  out_t[:, length - t :] = tokens
+  out_m[:, length - t :] = mask
+  return out_t, out_m
+
+
+def _filter_logits(logits, cfg: SamplingConfig):
+  """Temperature, top-k, top-p on [B, V] float32 logits."""
+  scaled = logits / cfg.temperature
+  neg = jnp.finfo(jnp.float32).min
+  if cfg.top_k:
+    kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
+    scaled = jnp.where(scaled < kth, neg, scaled)
+  if cfg.top_p < 1.0:
+    srt = jnp.sort(scaled, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (at least one token).
+    keep = (cum - jax.nn.softmax(srt, axis=-1)) < cfg.top_p
+    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where(scaled < cutoff, neg, scaled)
+  return scaled
+
+
+def _choose(logits, key, cfg: SamplingConfig):
+  """Samples [B] tokens and their log-probs (see module docstring)."""
+  if cfg.temperature == 0:
+    tok = jnp.argmax(logits, axis=-1)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    tok = jax.random.categorical(key, _filter_logits(logits, cfg), axis=-1)
+    lp = jax.nn.log_softmax(logits / cfg.temperature, axis=-1)
+  tok = tok.astype(jnp.int32)
+  return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+
+def _is_stop(tok, cfg: SamplingConfig):
+  if not cfg.stop_ids:
+    return jnp.zeros(tok.shape, bool)
+  return jnp.isin(tok, jnp.asarray(cfg.stop_ids, jnp.int32))
+
+
+def _repeat_cache(cache: model_lib.KVCache, g: int) -> model_lib.KVCache:
+  return model_lib.KVCache(
+    k=jnp.repeat(cache.k, g, axis=1),
+    v=jnp.repeat(cache.v, g, axis=1),
+    mask=jnp.repeat(cache.mask, g, axis=0),
+    index=cache.index,
+  )
+
+
+def _constrain_cache(cache):
+  return cache.replace(
+    k=sharding.constrain(cache.k, model_lib.CACHE_AXES),
+    v=sharding.constrain(cache.v, model_lib.CACHE_AXES),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples"))
+def _sample(graphdef, state, tokens, mask, key, *, cfg, num_samples):
+  m = nnx.merge(graphdef, state)
+  mcfg = m.cfg
+  p, t = tokens.shape
+  g, steps = num_samples, cfg.max_new_tokens
+  b = p * g
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  dtype = model_lib.DTYPES[cfg.cache_dtype]
+  cache = model_lib.KVCache.zeros(mcfg, p, t + steps, dtype)
+  h, cache = m.hidden(tokens, positions, mask, _constrain_cache(cache))
+  last = m.logits(h[:, -1])  # [P, V]: no logits for other prompt positions
+  cache = _constrain_cache(_repeat_cache(cache, g))
+  last = jnp.repeat(last, g, axis=0)
+  next_pos = jnp.repeat(positions[:, -1] + 1, g)  # [B]
+  key, sub = jax.random.split(key)
+  tok, lp = _choose(last, sub, cfg)
+  out_tok = jnp.full((b, steps), cfg.pad_id, jnp.int32).at[:, 0].set(tok)
+  out_lp = jnp.zeros((b, steps), jnp.float32).at[:, 0].set(lp)
+  done = _is_stop(tok, cfg)
+  lengths = jnp.ones((b,), jnp.int32)
+
+  def cond(c):
+    i, _, _, _, _, done, _, _ = c
+    return (i < steps) & ~jnp.all(done)
+
+  def body(c):
+    i, cache, prev, out_tok, out_lp, done, lengths, key = c
+    pos = (next_pos + i - 1)[:, None]
+    h, cache = m.hidden(prev[:, None], pos, jnp.ones((b, 1), bool), cache)
+    logits = m.logits(h[:, 0])
+    key, sub = jax.random.split(key)
+    tok, lp = _choose(logits, sub, cfg)
+    tok = jnp.where(done, cfg.pad_id, tok)
+    lp = jnp.where(done, 0.0, lp)
+    out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, i, 1)
+    out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, lp, i, 1)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | _is_stop(tok, cfg)
+    return (
+      i + 1,
+      _constrain_cache(cache),
+      tok,
+      out_tok,
+      out_lp,
+      done,
+      lengths,
+      key,
+    )
+
+  init = (jnp.int32(1), cache, tok, out_tok, out_lp, done, lengths, key)
+  _, _, _, out_tok, out_lp, done, lengths, _ = jax.lax.while_loop(
+    cond, body, init
+  )
+  comp_mask = jnp.arange(steps)[None, :] < lengths[:, None]
+  return Rollout(
+    prompt_tokens=jnp.repeat(tokens, g, axis=0),
+    prompt_mask=jnp.repeat(mask, g, axis=0),
+    tokens=out_tok,
+    logprobs=jnp.where(comp_mask, out_lp, 0.0),
+    mask=comp_mask,
+    lengths=lengths,
+    truncated=~done,
+  )
+
+
+def sample(
+  model: model_lib.Transformer,
+  tokens,
+  mask,
+  key: jax.Array,
+  cfg: SamplingConfig,
+  num_samples: int = 1,
+  mesh=None,
+  rules=sharding.SAMPLE_RULES,
+) -> Rollout:
+  """Samples ``num_samples`` completions for each left-padded prompt.
+
+  Args:
+    model: the policy (the trainer's object; its parameters are not copied).
+    tokens: int [P, T] left-padded prompt ids; mask: bool [P, T] real tokens
+      (explicit, never derived from a pad id). Padded here to the bucket.
+    key: PRNG key. cfg: settings. mesh: shard rows over the batch axes.
+  """
+  tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+  if tokens.ndim != 2 or tokens.shape != mask.shape:
+    raise ValueError(
+      f"tokens {tokens.shape} and mask {mask.shape} must be [P, T]"
+    )
+  if not mask[:, -1].all():
+    raise ValueError("prompts must be left-padded: last column all real tokens")
+  t = bucket_length(tokens.shape[1], cfg.min_prompt_bucket)
+  if t + cfg.max_new_tokens > model.cfg.max_seq_len:
+    raise ValueError(
+      f"prompt bucket {t} + max_new_tokens {cfg.max_new_tokens} exceeds "
+      f"the model's max_seq_len {model.cfg.max_seq_len}"
+    )
+  tokens, mask = left_pad(tokens, mask, t)
+  graphdef, state = nnx.split(model)
+  if mesh is None:
+    return _sample(graphdef, state, tokens, mask, key, cfg=cfg,
+                   num_samples=num_samples)  # fmt: skip
+  spec = sharding.named(("batch", None), tokens.shape, mesh, rules)
+  tokens, mask = jax.device_put((tokens, mask), spec)
+  with sharding.activate(mesh, rules):
+    return _sample(graphdef, state, tokens, mask, key, cfg=cfg,
+                   num_samples=num_samples)  # fmt: skip
+
+
+def compile_count() -> int:
+  """Number of compiled variants of the sampler (for tests/telemetry)."""
+  return _sample._cache_size()

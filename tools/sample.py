@@ -1,0 +1,131 @@
+r"""Samples completions from a model (checkpoint dir, HF dir, .gguf, smollm2).
+
+Usage:
+  python tools/sample.py --model=smollm2 \
+      --prompt="What is the capital of France?" --temperature=0
+  python tools/sample.py --model=DIR --prompt="Name a country bordering Peru." \
+      --mode=multi_rlcr --num_answers=3 --num_samples=4 --temperature=0.7
+  python tools/sample.py --model=DIR --prompt_ids=1,2,3 --json
+
+--prompt is rendered with the tokenizer's chat template (with the mode's
+system prompt when --mode is given) unless --raw. --json prints one object
+per completion: prompt, completion, token_ids, logprobs (+ answers and
+confidences with --mode).
+"""
+
+import json
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from multians_jax import checkpoint, prompts, reward, sampler, sharding
+
+_MODEL = flags.DEFINE_string("model", "smollm2", "Model path or 'smollm2'.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable).")
+_IDS = flags.DEFINE_multi_string("prompt_ids", [], "Comma-separated ids.")
+_RAW = flags.DEFINE_bool("raw", False, "Do not apply the chat template.")
+_N = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
+_MAX = flags.DEFINE_integer("max_new_tokens", 128, "Tokens per completion.")
+_TEMP = flags.DEFINE_float("temperature", 0.7, "0 = greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_JSON = flags.DEFINE_bool("json", False, "One JSON object per completion.")
+_MODE = flags.DEFINE_enum("mode", None, list(prompts.MODES), "Answer format.")
+_K = flags.DEFINE_integer("num_answers", 3, "K answers per completion.")
+_FAMILY = flags.DEFINE_enum("family", "qa", list(prompts.FAMILIES), "Task.")
+
+
+def encode(tok):
+  rows, shown = [], []
+  for text in _PROMPT.value:
+    if tok is None:
+      raise app.UsageError("this model has no tokenizer: use --prompt_ids")
+    if not _RAW.value:
+      msgs = (
+        prompts.build_messages(text, _MODE.value, _FAMILY.value, _K.value)
+        if _MODE.value
+        else [{"role": "user", "content": text}]
+      )
+      text = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+      )
+    rows.append(tok(text, add_special_tokens=False)["input_ids"])
+    shown.append(text)
+  for ids in _IDS.value:
+    rows.append([int(x) for x in ids.split(",")])
+    shown.append(ids)
+  if not rows:
+    raise app.UsageError("give --prompt or --prompt_ids")
+  t = max(map(len, rows))
+  tokens = np.zeros((len(rows), t), np.int32)
+  mask = np.zeros((len(rows), t), bool)
+  for i, r in enumerate(rows):
+    tokens[i, t - len(r) :], mask[i, t - len(r) :] = r, True
+  return tokens, mask, shown
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  mesh = sharding.make_mesh()
+  model, cfg, tok = checkpoint.load_model(
+    _MODEL.value, mesh, sharding.TRAIN_RULES
+  )
+  tokens, mask, shown = encode(tok)
+  stop = cfg.eos_ids or ((tok.eos_token_id,) if tok is not None else ())
+  scfg = sampler.SamplingConfig(
+    max_new_tokens=_MAX.value,
+    temperature=_TEMP.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    stop_ids=tuple(stop),
+    pad_id=cfg.pad_token_id or 0,
+  )
+  r = sampler.sample(
+    model,
+    tokens,
+    mask,
+    jax.random.key(_SEED.value),
+    scfg,
+    num_samples=_N.value,
+    mesh=mesh,
+  )
+  toks, lps = np.asarray(r.tokens), np.asarray(r.logprobs)
+  rcfg = (
+    reward.RewardConfig(
+      mode=_MODE.value, num_answers=_K.value, require_think=False
+    )
+    if _MODE.value
+    else None
+  )
+  for b, n in enumerate(np.asarray(r.lengths)):
+    out = {
+      "prompt": shown[b // _N.value],
+      "token_ids": toks[b, :n].tolist(),
+      "logprobs": [round(float(x), 5) for x in lps[b, :n]],
+    }
+    if tok is not None:
+      out["completion"] = tok.decode(toks[b, :n], skip_special_tokens=True)
+    if rcfg is not None:
+      parsed = reward.parse(out.get("completion", ""), rcfg)
+      out.update(
+        answers=list(parsed.answers),
+        confidences=list(parsed.confidences),
+        format_ok=parsed.format_ok,
+      )
+    if _JSON.value:
+      print(json.dumps(out, ensure_ascii=False))
+    else:
+      print(f"--- [{b // _N.value}.{b % _N.value}] {n} tokens")
+      print(out.get("completion", out["token_ids"]))
+      if rcfg is not None:
+        print(
+          f"answers={out['answers']} confidences={out['confidences']} "
+          f"format_ok={out['format_ok']}"
+        )
+
+
+if __name__ == "__main__":
+  app.run(main)
