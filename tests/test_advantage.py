@@ -1,0 +1,121 @@
+"""Group advantages against hand-computed numbers and their properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from multians_jax import advantage
+
+# Three groups of G = 4: mixed, flat (zero variance), one outlier.
+REWARDS = np.array(
+  [[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]],
+  np.float32,
+)
+# Unbiased stds: group 0 sqrt(1/3), group 2 sqrt(6.75/3) = 1.5.
+S0 = np.sqrt(1.0 / 3.0)
+EXPECTED = {
+  "drgrpo": [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [-0.75, -0.75, -0.75, 2.25]],
+  "grpo": [
+    [x / (S0 + 1e-6) for x in (0.5, -0.5, -0.5, 0.5)],
+    [0, 0, 0, 0],
+    [x / (1.5 + 1e-6) for x in (-0.75, -0.75, -0.75, 2.25)],
+  ],
+  # r_i minus the mean of the three others.
+  "rloo": [
+    [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3],
+    [0, 0, 0, 0],
+    [0 - 1, 0 - 1, 0 - 1, 3 - 0],
+  ],
+}
+
+
+@pytest.mark.parametrize("kind", advantage.KINDS)
+def test_hand_computed(kind):
+  adv, info = advantage.advantages(jnp.asarray(REWARDS), kind)
+  np.testing.assert_allclose(adv, EXPECTED[kind], rtol=1e-6, atol=1e-7)
+  assert adv.dtype == jnp.float32
+  assert float(info["zero_std_frac"]) == pytest.approx(1 / 3)
+  assert float(info["reward_mean"]) == pytest.approx(REWARDS.mean())
+  # Population stds: 0.5, 0, sqrt(6.75/4).
+  pop = (0.5 + 0 + np.sqrt(6.75 / 4)) / 3
+  assert float(info["group_std_mean"]) == pytest.approx(pop, rel=1e-6)
+
+
+def test_grpo_population_std_option():
+  adv, _ = advantage.advantages(jnp.asarray(REWARDS), "grpo", std_ddof=0)
+  s2 = np.sqrt(6.75 / 4)
+  np.testing.assert_allclose(adv[0], np.array([1, -1, -1, 1]) / (1 + 2e-6))
+  np.testing.assert_allclose(
+    adv[2], np.array([-0.75, -0.75, -0.75, 2.25]) / (s2 + 1e-6), rtol=1e-6
+  )
+
+
+def test_flat_group_gets_exact_zero_even_when_mean_rounds():
+  # 0.1 is not representable: the float mean of equal values can differ
+  # from them by an ulp, and grpo would divide that by 1e-6.
+  r = jnp.full((2, 7), 0.1, jnp.float32).at[1].set(1 / 3)
+  for kind in advantage.KINDS:
+    adv, info = advantage.advantages(r, kind)
+    assert np.all(np.asarray(adv) == 0.0), kind
+    assert float(info["zero_std_frac"]) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_properties_random(seed):
+  rng = np.random.default_rng(seed)
+  r = rng.normal(size=(5, 6)).astype(np.float32)
+  r[1] = 0.25  # one flat group
+  get = lambda rr, k: np.asarray(advantage.advantages(jnp.asarray(rr), k)[0])
+  dr, gr, lo = (get(r, k) for k in ("drgrpo", "grpo", "rloo"))
+  for a in (dr, gr, lo):
+    np.testing.assert_allclose(a.sum(axis=1), 0.0, atol=1e-5)
+  # rloo is drgrpo scaled by G / (G - 1); grpo has unit unbiased std.
+  np.testing.assert_allclose(lo, dr * 6 / 5, rtol=1e-5, atol=1e-6)
+  live = np.arange(5) != 1
+  np.testing.assert_allclose(gr[live].std(axis=1, ddof=1), 1.0, rtol=1e-4)
+  # Shifting a group's rewards changes no advantage; grpo is scale-free.
+  shift = rng.normal(size=(5, 1)).astype(np.float32)
+  np.testing.assert_allclose(get(r + shift, "drgrpo"), dr, atol=1e-5)
+  np.testing.assert_allclose(get(3 * r, "grpo"), gr, rtol=1e-4, atol=1e-5)
+
+
+def test_matches_torch_style_reference():
+  # The reference: (r - mean) / (torch std (unbiased) + 1e-6), per group.
+  rng = np.random.default_rng(7)
+  r = rng.integers(0, 4, size=(4, 8)).astype(np.float32)
+  r[0] = 2.0
+  ref = (r - r.mean(1, keepdims=True)) / (
+    r.std(1, ddof=1, keepdims=True) + 1e-6
+  )
+  adv, info = advantage.advantages(jnp.asarray(r), "grpo")
+  np.testing.assert_allclose(adv, ref, rtol=1e-5, atol=1e-6)
+  flat = np.mean(r.max(1) == r.min(1))
+  assert float(info["zero_std_frac"]) == pytest.approx(flat)
+
+
+def test_single_generation_groups():
+  r = jnp.asarray([[1.0], [0.0], [3.0]])
+  for kind in ("drgrpo", "grpo"):
+    adv, info = advantage.advantages(r, kind)
+    assert adv.shape == (3, 1)
+    assert np.all(np.asarray(adv) == 0.0)
+    assert float(info["zero_std_frac"]) == 1.0
+  with pytest.raises(ValueError, match=r"rloo.*G=1"):
+    advantage.advantages(r, "rloo")
+
+
+def test_errors_name_the_problem():
+  with pytest.raises(ValueError, match="'ppo'"):
+    advantage.advantages(jnp.zeros((2, 3)), "ppo")
+  with pytest.raises(ValueError, match=r"\[P, G\].*\(6,\)"):
+    advantage.advantages(jnp.zeros((6,)), "drgrpo")
+  with pytest.raises(ValueError, match="std_ddof"):
+    advantage.advantages(jnp.zeros((2, 3)), "grpo", std_ddof=2)
+
+
+def test_jit_with_static_kind():
+  f = jax.jit(advantage.advantages, static_argnames="kind")
+  adv, info = f(jnp.asarray(REWARDS), kind="rloo")
+  np.testing.assert_allclose(adv, EXPECTED["rloo"], rtol=1e-6, atol=1e-7)
+  assert float(info["zero_std_frac"]) == pytest.approx(1 / 3)
