@@ -504,3 +504,35 @@ def test_no_full_logits_intermediate():
   assert (
     _largest_array(jax.make_jaxpr(jax.grad(naive))(state).jaxpr) >= full_size
   )
+
+
+def _logp_and_grad(m, tokens, positions, mask):
+  def f(m):
+    lp = loss.token_logprobs(
+      m, tokens, positions, mask, temperature=0.7, chunk=3, start=2
+    )
+    return jnp.sum(lp * mask[:, 3:]), lp
+
+  (_, lp), grads = nnx.value_and_grad(f, has_aux=True)(m)
+  return lp, grads
+
+
+def test_sharded_token_logprobs_match_single_device(tiny):
+  """8 fake devices, data × fsdp × tensor = 2 × 2 × 2, vocab on 'tensor'."""
+  tokens, positions, mask = ragged_tokens(5, 4, 11, 64)
+  r_lp, r_grads = nnx.jit(_logp_and_grad)(tiny, tokens, positions, mask)
+  mesh, rules = sharding.make_mesh(2, 2, 2), sharding.TRAIN_RULES
+  batch = sharding.named(("batch", None), tokens.shape, mesh, rules)
+  args = [jax.device_put(a, batch) for a in (tokens, positions, mask)]
+  graphdef, state = nnx.split(tiny)
+  shardings = model.state_shardings(state, mesh, rules)
+  m = nnx.merge(graphdef, jax.device_put(state, shardings))
+  with sharding.activate(mesh, rules):
+    lp, grads = nnx.jit(_logp_and_grad)(m, *args)
+  head = nnx.state(m, nnx.Param)["lm_head"]
+  assert "tensor" in str(head.sharding.spec)
+  np.testing.assert_allclose(lp, r_lp, atol=1e-5)
+  for g, r in zip(
+    jax.tree.leaves(grads), jax.tree.leaves(r_grads), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5)
