@@ -68,8 +68,13 @@ def token_logprobs(
     chunk: C, the number of positions whose [B, C, V] logits exist at once.
       Any C ≥ 1; T − 1 − start is padded up to a multiple of C internally.
     start: first position scored, to skip the prompt: the result covers the
-      targets tokens[:, start+1:].
+      targets tokens[:, start+1:]. With prompts left-padded to width P and
+      completions after them, ``start = P - 1`` gives exactly the [B, L]
+      completion log-probs.
     return_entropy: also return the entropy of the same distribution.
+
+  ``chunk``, ``start`` and ``return_entropy`` are static under ``jit``;
+  ``temperature`` may be static or an array.
 
   Returns:
     logp float32 [B, T−1−start] (column j scores tokens[:, start+j+1]);
