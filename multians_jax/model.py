@@ -131,7 +131,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 @struct.dataclass
 class KVCache:
-  """Per-layer keys/values [L, B, S, K, H], valid slots [B, S], next slot."""
+  """Per-layer keys/values [L, B, K, S, H], valid slots [B, S], next slot."""
 
   k: jax.Array
   v: jax.Array
@@ -141,7 +141,7 @@ class KVCache:
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None):
     dtype = dtype or DTYPES[cfg.dtype]
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     return cls(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
@@ -150,7 +150,7 @@ class KVCache:
     )
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_seq", "head_dim")
 
 # ---------------------------------------------------------------------------
 # Building blocks (pure functions of arrays)
@@ -191,23 +191,31 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv: jax.Array):
 
 
 def attention(q, k, v, allowed, dtype):
-  """q [B,T,N,H], k/v [B,S,K,H], allowed [B,T,S] → [B,T,N,H]."""
+  """q [B,T,N,H], k/v [B,K,S,H], allowed [B,T,S] → [B,T,N,H].
+
+  Keys/values are head-major ([B,K,S,H], the cache layout), so both
+  contractions are plain batched matmuls over (B, K).
+  """
   b, t, n, h = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, n // kv, h)
-  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-  s = s * (h**-0.5)
+  kv = k.shape[1]
+  g = n // kv
+  q = (
+    q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  )
+  s = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+  s = s.reshape(b, kv, g, t, -1) * (h**-0.5)
   s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(dtype)
-  o = jnp.einsum("bkgts,bskh->btkgh", p, v)
-  return o.reshape(b, t, n, h)
+  p = jax.nn.softmax(s, axis=-1).astype(dtype).reshape(b, kv, g * t, -1)
+  o = jnp.einsum("bkqs,bksh->bkqh", p, v).reshape(b, kv, g, t, h)
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx):
-  """One decoder layer. x [B,T,D]; k/v_cache [B,S,K,H] or None.
+  """One decoder layer. x [B,T,D]; k/v_cache [B,K,S,H] or None.
 
   ``ctx`` holds positions [B,T], allowed [B,T,S], write index, inv_freq.
-  Returns (x, k_cache, v_cache).
+  Returns (x, k, v): k/v [B,K,T,H] are this call's new keys and values,
+  which the caller writes into the cache (once for all layers).
   """
   dt = DTYPES[cfg.dtype]
   c = lambda w: w.astype(dt)
@@ -223,15 +231,13 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx):
   q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
   k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
   q = sharding.constrain(q, ("batch", None, "act_heads", None))
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,H]
+  k_new, v_new = k, v
   if k_cache is not None:
-    idx = (0, ctx["index"], 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(
-      k_cache, k.astype(k_cache.dtype), idx
-    )
-    v_cache = jax.lax.dynamic_update_slice(
-      v_cache, v.astype(v_cache.dtype), idx
-    )
-    k, v = k_cache.astype(dt), v_cache.astype(dt)
+    idx = (0, 0, ctx["index"], 0)
+    k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
+    v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+    k, v = k.astype(dt), v.astype(dt)
   o = attention(q, k, v, ctx["allowed"], dt)
   x = x + jnp.einsum("btnh,nhd->btd", o, c(p["wo"]))
   x = sharding.constrain(x, ("batch", None, "act_embed"))
@@ -240,7 +246,7 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx):
   u = jnp.einsum("btd,df->btf", h, c(p["w_up"]))
   a = sharding.constrain(jax.nn.silu(g) * u, ("batch", None, "act_mlp"))
   x = x + jnp.einsum("btf,fd->btd", a, c(p["w_down"]))
-  return sharding.constrain(x, ("batch", None, "act_embed")), k_cache, v_cache
+  return sharding.constrain(x, ("batch", None, "act_embed")), k_new, v_new
 
 
 # ---------------------------------------------------------------------------
@@ -365,11 +371,20 @@ class Transformer(nnx.Module):
 
 
 def _run_layers(cfg, x, params, cache, ctx):
-  """Scans ``layer_fn`` over the stacked layers; the cache is a carry."""
+  """Scans ``layer_fn`` over the stacked layers.
+
+  With a cache, each layer reads its slice of the old cache (the scan's
+  xs) and returns only the T new keys/values; they are written into the
+  [L, B, K, S, H] cache with one ``dynamic_update_slice`` after the scan, so
+  a decode step never copies the whole cache.
+  """
   body = lambda x, p, kc, vc: layer_fn(cfg, x, p, kc, vc, ctx)
   if cfg.remat != "none":
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-              if cfg.remat == "dots" else None)  # fmt: skip
+    policy = (
+      jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+      if cfg.remat == "dots"
+      else None
+    )
     body = jax.checkpoint(body, policy=policy)
 
   if cache is None:
@@ -381,20 +396,15 @@ def _run_layers(cfg, x, params, cache, ctx):
     x, _ = jax.lax.scan(step, x, params)
     return x, None
 
-  def step_cached(carry, inp):
-    x, k_all, v_all = carry
-    i, p = inp
-    kc = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
-    vc = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
-    x, kc, vc = body(x, p, kc, vc)
-    k_all = jax.lax.dynamic_update_index_in_dim(k_all, kc, i, 0)
-    v_all = jax.lax.dynamic_update_index_in_dim(v_all, vc, i, 0)
-    return (x, k_all, v_all), None
+  def step_cached(x, inp):
+    p, kc, vc = inp
+    x, k_new, v_new = body(x, p, kc, vc)
+    return x, (k_new.astype(kc.dtype), v_new.astype(vc.dtype))
 
-  idx = jnp.arange(cfg.num_layers)
-  (x, k_all, v_all), _ = jax.lax.scan(
-    step_cached, (x, cache.k, cache.v), (idx, params)
-  )
+  x, (k_new, v_new) = jax.lax.scan(step_cached, x, (params, cache.k, cache.v))
+  idx = (0, 0, 0, ctx["index"], 0)
+  k_all = jax.lax.dynamic_update_slice(cache.k, k_new, idx)
+  v_all = jax.lax.dynamic_update_slice(cache.v, v_new, idx)
   return x, (k_all, v_all)
 
 

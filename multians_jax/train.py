@@ -1,0 +1,278 @@
+"""Train state, optimizer and the one jitted policy-gradient update step.
+
+Shape letters: P prompts, G generations, B = P·G rows, T prompt bucket,
+L completion tokens, S = T + L sequence, M micro-batches.
+
+``update_step`` takes the whole optimizer batch, splits it into M
+micro-batches and accumulates gradients of numerator_i / denominator (the
+denominator is computed once on the whole batch, ``loss.loss_denominator``),
+so the accumulated gradient equals the full-batch gradient exactly. A
+non-finite loss or gradient leaves parameters and optimizer state unchanged
+and counts the skip. The state is donated: updated in place on device.
+
+The training loop itself lives in ``loop.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from multians_jax import advantage, loss, sharding
+from multians_jax import model as model_lib
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warmup, a decay schedule and global-norm clipping."""
+
+  lr: float = 1e-6
+  schedule: str = "constant"  # constant | linear | cosine (after warmup)
+  warmup_steps: int = 0
+  total_steps: int = 500  # for the linear / cosine decay
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0  # not applied to norms (1-D params)
+  grad_clip: float = 1.0  # global norm; 0 = off
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"optim.schedule must be one of {SCHEDULES}")
+    if self.lr <= 0:
+      raise ValueError(f"optim.lr must be > 0: {self.lr}")
+    if self.warmup_steps < 0 or self.total_steps < 1:
+      raise ValueError("optim.warmup_steps >= 0 and optim.total_steps >= 1")
+    if self.grad_clip < 0:
+      raise ValueError("optim.grad_clip must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """Static settings of the update step."""
+
+  loss: loss.LossConfig = loss.LossConfig()
+  micro_batches: int = 1  # M: B must be a multiple of it
+  temperature: float = 1.0  # the sampler's (log-probs of the same dist)
+  logprob_chunk: int = 128  # positions whose logits exist at once
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+  decay_steps = max(1, cfg.total_steps - cfg.warmup_steps)
+  if cfg.schedule == "constant":
+    after = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "linear":
+    after = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+  else:
+    after = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+  if not cfg.warmup_steps:
+    return after
+  warm = optax.linear_schedule(
+    cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1
+  )
+  return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  adamw = optax.adamw(
+    schedule(cfg),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=decay_mask,
+  )
+  if cfg.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: nnx.State  # the policy's parameters (param_dtype)
+  opt_state: optax.OptState
+  skipped: jax.Array  # int32: consecutive non-finite updates
+
+
+def init_state(model: model_lib.Transformer, tx) -> TrainState:
+  """Fresh state; optimizer moments get their parameter's sharding."""
+  params = nnx.state(model, nnx.Param)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings(params, tx))(params)
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  zero = jax.device_put(
+      jnp.zeros((), jnp.int32),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  return TrainState(zero, params, opt_state, zero + 0)
+
+
+def opt_shardings(params, tx):
+  """Shardings of ``tx.init(params)``: a leaf whose key path ends with a
+  parameter's path (and has its shape) is sharded like it; others are
+  replicated."""
+  by_path = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    by_path[_keys(path)] = x.sharding
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for n in range(len(keys)):
+      sh = by_path.get(keys[n:])
+      if sh is not None and len(sh.spec) <= leaf.ndim:
+        return sh
+    return replicated
+
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _keys(path) -> tuple:
+  return tuple(
+    str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    for k in path
+  )
+
+
+# ---------------------------------------------------------------------------
+# Batches: rollout + advantages → the arrays the update step reads.
+
+
+@struct.dataclass
+class UpdateBatch:
+  tokens: jax.Array  # int32 [B, S] prompt (left-padded) + completion
+  positions: jax.Array  # int32 [B, S]
+  mask: jax.Array  # bool [B, S] real tokens
+  comp_mask: jax.Array  # bool [B, L]
+  old_logp: jax.Array  # float32 [B, L]
+  adv: jax.Array  # float32 [B]
+  truncated: jax.Array  # bool [B]
+  ref_logp: jax.Array | None = None  # float32 [B, L] when kl_beta > 0
+
+
+def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
+  """Concatenates prompts and completions of a ``sampler.Rollout``."""
+  tokens = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
+  mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  return UpdateBatch(
+    tokens,
+    positions,
+    mask,
+    rollout.mask,
+    rollout.logprobs,
+    adv.reshape(-1),
+    rollout.truncated,
+  )
+
+
+def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
+  m = nnx.merge(graphdef, params)
+  start = b.tokens.shape[1] - b.comp_mask.shape[1] - 1
+  return loss.token_logprobs(
+    m,
+    b.tokens,
+    b.positions,
+    b.mask,
+    temperature=cfg.temperature,
+    chunk=cfg.logprob_chunk,
+    start=start,
+    return_entropy=True,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def completion_logprobs(graphdef, params, batch: UpdateBatch, cfg):
+  """log π(completion tokens) [B, L] (old / reference log-probs)."""
+  return _completion_logp(graphdef, params, batch, cfg)[0]
+
+
+def _split(x, m):
+  return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "tx", "cfg"), donate_argnums=(1,)
+)
+def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
+  """One optimizer step on the whole batch (micro-batched, exact)."""
+  lcfg = cfg.loss
+  den = loss.loss_denominator(batch.comp_mask, lcfg, batch.truncated)
+  micro = jax.tree.map(lambda x: _split(x, cfg.micro_batches), batch)
+
+  def objective(params, mb):
+    logp, ent = _completion_logp(graphdef, params, mb, cfg)
+    num, sums = loss.pg_loss_terms(
+      logp,
+      mb.old_logp,
+      mb.adv,
+      mb.comp_mask,
+      lcfg,
+      ref_logp=mb.ref_logp,
+      truncated=mb.truncated,
+    )
+    sums["entropy"] = jnp.sum(ent * mb.comp_mask)
+    return num / den, sums
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def accumulate(carry, mb):
+    g_acc, l_acc, s_acc = carry
+    (lv, sums), g = grad_fn(state.params, mb)
+    g_acc = jax.tree.map(jnp.add, g_acc, g)
+    s_acc = jax.tree.map(jnp.add, s_acc, sums)
+    return (g_acc, l_acc + lv, s_acc), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  (l0, s0), g0 = grad_fn(state.params, first)
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  (grads, value, sums), _ = jax.lax.scan(accumulate, (g0, l0, s0), rest)
+  gnorm = optax.global_norm(grads)
+  finite = jnp.isfinite(value) & jnp.isfinite(gnorm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(
+    lambda a, b: jnp.where(finite, a, b), new, old
+  )
+  new_state = TrainState(
+    step=state.step + finite.astype(jnp.int32),
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    skipped=jnp.where(finite, 0, state.skipped + 1),
+  )
+  metrics = loss.reduce_metrics(sums)
+  metrics.update(
+    loss=value,
+    grad_norm=gnorm,
+    update_skipped=(~finite).astype(jnp.float32),
+    entropy=sums["entropy"] / jnp.maximum(sums["tokens"], 1.0),
+  )
+  return new_state, metrics
+
+
+def group_advantages(rewards, p: int, kind: str, std_ddof: int = 1):
+  """[B] rewards (prompt-major) → ([B] advantages, info)."""
+  adv, info = advantage.advantages(
+    jnp.reshape(rewards, (p, -1)), kind, std_ddof=std_ddof
+  )
+  return adv.reshape(-1), info
+
+
+def place_batch(batch: UpdateBatch, mesh, rules=sharding.TRAIN_RULES):
+  """Shards every [B, ...] array of the batch over the batch axes."""
+
+  def put(x):
+    axes = ("batch",) + (None,) * (x.ndim - 1)
+    return jax.device_put(x, sharding.named(axes, x.shape, mesh, rules))
+
+  return jax.tree.map(put, batch)
