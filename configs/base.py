@@ -1,0 +1,102 @@
+"""Defaults shared by every experiment config (each field commented once).
+
+Experiment files call ``base.get_config()`` and override what differs.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 43  # PRNG seed of sampling and data order
+  c.steps = 500  # optimizer steps to train
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # data-parallel replicas
+  c.mesh.fsdp = -1  # parameter sharding (ZeRO-3); -1 = remaining devices
+  c.mesh.tensor = 1  # tensor parallelism over heads / MLP / vocab
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = "smollm2"  # checkpoint / HF dir / .gguf / smollm2 / random
+  c.model.preset = "smollm2_135m"  # shapes for 'random' and tools/memory.py
+  c.model.tokenizer = ""  # tokenizer source when path='random'
+  c.model.arch = ml_collections.ConfigDict()  # ModelConfig overrides (random)
+  c.model.param_dtype = "float32"  # float32 = fp32 master weights
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU)
+  c.model.remat = "none"  # none | full | dots
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "countries"  # TFDS builder name (datasets.BUILDERS)
+  c.data.data_dir = ""  # '' = WORKDIR/data (built on first use)
+  c.data.jsonl = ""  # comma-separated files for multians_jsonl
+  c.data.family = "qa"  # task family of the system prompt (qa|ddx|code)
+  c.data.train_split = "train"  # split to train on
+  c.data.eval_split = "test"  # held-out split for evaluation
+  c.data.prompts_per_step = 24  # P prompts per optimizer step (all hosts)
+  c.data.max_prompt_len = 512  # longer prompts are dropped and counted
+  c.data.min_bucket = 64  # smallest padded prompt length
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.max_new_tokens = 1536  # completion length limit L
+  c.sampler.temperature = 0.7  # sampling temperature (loss uses the same)
+  c.sampler.top_p = 1.0  # nucleus sampling mass
+  c.sampler.top_k = 0  # 0 = off
+  c.sampler.cache_dtype = "float32"  # KV cache dtype (bfloat16 on TPU/GPU)
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.mode = "multi_rlcr"  # multi_rlcr | multi_rlvr | rlcr | rlvr
+  c.reward.num_answers = 3  # K answers per generation
+  c.reward.correctness = "any"  # count | count_over_k | any
+  c.reward.preset = "reference"  # paper | reference
+  c.reward.require_distinct = True  # gate: answers pairwise distinct
+  c.reward.confidence_sum_le_one = False  # gate: Σq ≤ 1 (single-truth tasks)
+  c.reward.require_think = True  # a <think> block must come first
+  c.reward.accept_percent = False  # '70%' → 0.7
+  c.reward.format_penalty = 0.0  # paper preset: reward of a format failure
+  c.reward.weights = (0.5, 0.5, 0.5)  # reference preset: format, acc, brier
+  c.reward.matcher = "exact"  # exact | numeric | code | a registered name
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.num_generations = 32  # G completions per prompt
+  c.rl.advantage = "drgrpo"  # drgrpo | grpo | rloo
+  c.rl.num_iterations = 1  # optimizer steps per rollout batch
+  c.rl.micro_batches = 1  # gradient accumulation steps (exact)
+  c.rl.clip_eps_low = 0.2  # PPO clip below
+  c.rl.clip_eps_high = 0.2  # PPO clip above
+  c.rl.loss_agg = (
+    "token_mean"  # token_mean | seq_mean_token_mean | ..._sum_norm
+  )
+  c.rl.kl_beta = 0.0  # k3 KL weight against the initial policy
+  c.rl.mask_truncated = False  # drop completions cut by the length limit
+  c.rl.logprob_chunk = 128  # positions whose logits exist at once
+  c.rl.max_nonfinite = 5  # abort after this many non-finite steps in a row
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6  # peak learning rate
+  c.optim.schedule = "constant"  # constant | linear | cosine after warmup
+  c.optim.warmup_frac = 0.05  # warmup steps as a fraction of steps
+  c.optim.weight_decay = 0.0  # AdamW decay (not on norms)
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.999  # Adam beta2
+  c.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 50  # save period (and on SIGTERM / at the end)
+  c.ckpt.keep = 3  # checkpoints kept
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 100  # 0 = only before and after training
+  c.eval.num_prompts = 64  # held-out prompts per evaluation
+  c.eval.num_generations = 4  # generations pooled per prompt (k = n·K)
+  c.eval.temperature = 0.7  # sampling temperature at evaluation
+  c.eval.before_after = True  # evaluate at step 0 and at the end
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 1  # metrics.jsonl / TensorBoard period
+  c.log.tensorboard = True  # write TensorBoard event files
+
+  c.export = ml_collections.ConfigDict()
+  c.export.hf_dir = ""  # '' = no export; relative paths are under WORKDIR
+  c.export.report = False  # write REPORT.md with plots at the end
+  return c

@@ -1,0 +1,534 @@
+"""The RL training loop: sample → reward → advantage → update → log → save.
+
+``RunConfig`` is the typed, validated form of an experiment config (the
+``ConfigDict`` stops in ``main.py``). ``train(run, workdir)`` resumes from
+the latest complete checkpoint in ``WORKDIR/checkpoints`` when there is one
+(falling back to older steps if the latest cannot be restored), saves on
+SIGTERM/SIGINT and exits cleanly, and evaluates before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from multians_jax import (
+  checkpoint,
+  data,
+  datasets,
+  evaluate,
+  hf,
+  loss,
+  report,
+  reward,
+  sampler,
+  sharding,
+  telemetry,
+)
+from multians_jax import model as model_lib
+from multians_jax import train as train_lib
+
+# ---------------------------------------------------------------------------
+# Typed configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  path: str = "smollm2"
+  preset: str = "smollm2_135m"
+  tokenizer: str = ""
+  arch: tuple = ()  # ModelConfig overrides for path='random'
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  name: str = "countries"
+  data_dir: str = ""
+  jsonl: str = ""
+  family: str = "qa"
+  train_split: str = "train"
+  eval_split: str = "test"
+  prompts_per_step: int = 24
+  max_prompt_len: int = 512
+  min_bucket: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  num_generations: int = 32
+  advantage: str = "drgrpo"
+  num_iterations: int = 1
+  micro_batches: int = 1
+  max_nonfinite: int = 5
+  logprob_chunk: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  seed: int
+  steps: int
+  mesh: tuple[int, int, int]
+  model: ModelSource
+  data: DataConfig
+  sampling: sampler.SamplingConfig
+  reward: reward.RewardConfig
+  rl: RLConfig
+  loss: loss.LossConfig
+  optim: train_lib.OptimConfig
+  eval: evaluate.EvalConfig
+  eval_every: int = 0
+  before_after: bool = True
+  ckpt_every: int = 50
+  ckpt_keep: int = 3
+  log_every: int = 1
+  tensorboard: bool = True
+  export_hf: str = ""
+  report: bool = False
+
+  @classmethod
+  def from_dict(cls, c: dict) -> RunConfig:
+    """Validates a config dict (``ConfigDict.to_dict()``); errors name keys."""
+    sections = {
+      "seed",
+      "steps",
+      "mesh",
+      "model",
+      "data",
+      "sampler",
+      "reward",
+      "rl",
+      "optim",
+      "ckpt",
+      "eval",
+      "log",
+      "export",
+    }
+    unknown = sorted(set(c) - sections)
+    if unknown:
+      raise ValueError(f"unknown config key(s): {unknown}")
+    _check(c["steps"] >= 1, "steps must be >= 1")
+    rl, sm = dict(c["rl"]), dict(c["sampler"])
+    lkeys = (
+      "clip_eps_low",
+      "clip_eps_high",
+      "loss_agg",
+      "kl_beta",
+      "mask_truncated",
+    )
+    lcfg = loss.LossConfig(
+      **{k: rl.pop(k) for k in lkeys}, max_len_norm=sm["max_new_tokens"]
+    )
+    rlc = RLConfig(**rl)
+    _check(rlc.num_generations >= 1, "rl.num_generations must be >= 1")
+    _check(rlc.num_iterations >= 1, "rl.num_iterations must be >= 1")
+    p = c["data"]["prompts_per_step"]
+    _check(
+      (p * rlc.num_generations) % rlc.micro_batches == 0,
+      "rl.micro_batches must divide prompts_per_step * num_generations",
+    )
+    o = dict(c["optim"])
+    warm = int(round(o.pop("warmup_frac") * c["steps"]))
+    ev = dict(c["eval"])
+    m = dict(c["model"])
+    m["arch"] = tuple(sorted(dict(m["arch"]).items()))
+    rw = dict(c["reward"])
+    rw["weights"] = tuple(rw["weights"])
+    return cls(
+      seed=c["seed"],
+      steps=c["steps"],
+      mesh=(c["mesh"]["data"], c["mesh"]["fsdp"], c["mesh"]["tensor"]),
+      model=ModelSource(**m),
+      data=DataConfig(**c["data"]),
+      sampling=sampler.SamplingConfig(
+        max_new_tokens=sm["max_new_tokens"],
+        temperature=sm["temperature"],
+        top_p=sm["top_p"],
+        top_k=sm["top_k"],
+        cache_dtype=sm["cache_dtype"],
+      ),
+      reward=reward.RewardConfig(**rw),
+      rl=rlc,
+      loss=lcfg,
+      optim=train_lib.OptimConfig(
+        warmup_steps=warm, total_steps=c["steps"], **o
+      ),
+      eval=evaluate.EvalConfig(
+        num_prompts=ev["num_prompts"],
+        num_generations=ev["num_generations"],
+        temperature=ev["temperature"],
+        max_new_tokens=sm["max_new_tokens"],
+        max_prompt_len=c["data"]["max_prompt_len"],
+        min_bucket=c["data"]["min_bucket"],
+        family=c["data"]["family"],
+      ),
+      eval_every=ev["every_steps"],
+      before_after=ev["before_after"],
+      ckpt_every=c["ckpt"]["every_steps"],
+      ckpt_keep=c["ckpt"]["keep"],
+      log_every=c["log"]["every_steps"],
+      tensorboard=c["log"]["tensorboard"],
+      export_hf=c["export"]["hf_dir"],
+      report=c["export"]["report"],
+    )
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ValueError(f"config: {msg}")
+
+
+# ---------------------------------------------------------------------------
+# Set-up
+
+
+def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
+  """(model, tokenizer) from the configured source, in training sharding."""
+  over = dict(param_dtype=src.param_dtype, dtype=src.dtype, remat=src.remat)
+  if src.path == "random":
+    if tokenizer is None and not src.tokenizer:
+      raise ValueError("config: model.tokenizer is required with path=random")
+    tok = tokenizer or _tokenizer_only(src.tokenizer)
+    cfg = model_lib.ModelConfig(**{**dict(src.arch), **over})
+    m = model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES, seed=seed)
+    return m, tok
+  m, _, tok = checkpoint.load_model(
+    src.path, mesh, sharding.TRAIN_RULES, **over
+  )
+  if tok is None:
+    raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
+  return m, tok
+
+
+def _tokenizer_only(path: str):
+  if path == "smollm2":
+    from multians_jax import gguf
+
+    path = gguf.smollm2_gguf_path()
+  if path.endswith(".gguf"):
+    from multians_jax import gguf
+
+    with gguf.GGUFSource(path) as src:
+      return src.tokenizer()
+  if checkpoint.is_checkpoint(path):
+    return checkpoint.load_tokenizer(path)
+  return hf.load_tokenizer(path)
+
+
+def open_data(dc: DataConfig, workdir: str, split: str):
+  """Builds the dataset on first use and opens ``split``."""
+  data_dir = dc.data_dir or os.path.join(workdir, "data")
+  kwargs = {}
+  if dc.jsonl:
+    kwargs = {
+      "jsonl": [p.strip() for p in dc.jsonl.split(",") if p.strip()],
+      "family": dc.family,
+    }
+  name, _, config = dc.name.partition("/")
+  if config:
+    kwargs["config"] = config
+  datasets.build(name, data_dir, **kwargs)
+  return datasets.load(dc.name, split, data_dir)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+class _Stop:
+  """SIGTERM / SIGINT → finish the step, save, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def restore(self):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def train(
+  run: RunConfig,
+  workdir: str,
+  *,
+  train_source=None,
+  eval_source=None,
+  tokenizer=None,
+) -> dict:
+  """Trains; returns the final metrics (and eval summaries)."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(*run.mesh)
+  policy, tok = load_policy(run.model, mesh, run.seed, tokenizer)
+  tok = tokenizer or tok
+  graphdef = nnx.graphdef(policy)
+  tx = train_lib.optimizer(run.optim)
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt_keep
+  )
+  state = train_lib.init_state(policy, tx)
+  p_local = run.data.prompts_per_step // jax.process_count()
+  pcfg = data.PipelineConfig(
+    batch_size=p_local,
+    mode=run.reward.mode,
+    num_answers=run.reward.num_answers,
+    max_prompt_len=run.data.max_prompt_len,
+    min_bucket=run.data.min_bucket,
+    seed=run.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  source = train_source or open_data(run.data, workdir, run.data.train_split)
+  stream = data.PromptIterator(source, tok, pcfg)
+  state, meta = _resume(ckpt, state, graphdef, tx, mesh, stream)
+  start = int(state.step)
+  writer = telemetry.Writer(workdir, run.tensorboard)
+  telemetry.truncate_after(writer.path, start) if writer.active else None
+  ref_params = _reference(run, mesh, tok) if run.loss.kl_beta > 0 else None
+  stop_ids = tuple(policy.cfg.eos_ids) or (tok.eos_token_id,)
+  pad_id = policy.cfg.pad_token_id if policy.cfg.pad_token_id is not None else 0
+  scfg = dataclasses.replace(run.sampling, stop_ids=stop_ids, pad_id=pad_id)
+  evals = {}
+  eval_records = None
+  if run.before_after or run.eval_every:
+    eval_records = list(
+      _take(
+        eval_source or open_data(run.data, workdir, run.data.eval_split),
+        run.eval.num_prompts,
+      )
+    )
+
+  def do_eval(tag, step):
+    model = nnx.merge(graphdef, state.params)
+    res = evaluate.run(
+      model,
+      tok,
+      eval_records,
+      run.reward,
+      run.eval,
+      seed=run.seed + 1,
+      mesh=mesh,
+      stop_ids=stop_ids,
+      pad_id=pad_id,
+    )
+    writer.write(step, res.summary, prefix="eval/")
+    evals[tag] = res
+    return res
+
+  if run.before_after and start == 0:
+    do_eval("before", 0)
+  stop = _Stop()
+  key = jax.random.key(run.seed)
+  bar = tqdm.tqdm(
+    total=run.steps,
+    initial=start,
+    disable=not writer.active,
+    dynamic_ncols=True,
+    desc="train",
+  )
+  last = {}
+  try:
+    for step in range(start, run.steps):
+      batch = next(stream)
+      state, last = _rl_step(
+        run,
+        graphdef,
+        tx,
+        state,
+        batch,
+        tok,
+        scfg,
+        jax.random.fold_in(key, step),
+        mesh,
+        ref_params,
+      )
+      done = int(state.step)
+      if int(state.skipped) >= run.rl.max_nonfinite:
+        raise FloatingPointError(
+          f"{int(state.skipped)} non-finite updates in a row at step {step}:"
+          " lower optim.lr, check the data, or raise rl.max_nonfinite"
+        )
+      last.update(data_dropped=stream.num_dropped, step=step + 1)
+      if (step + 1) % run.log_every == 0:
+        writer.write(step + 1, last)
+      bar.update(1)
+      bar.set_postfix(
+        reward=f"{last['reward/total']:.3f}",
+        fmt=f"{last['format_valid_rate']:.2f}",
+        loss=f"{last['loss']:.4f}",
+      )
+      del done
+      final = step + 1 == run.steps
+      if stop.requested or final or (step + 1) % run.ckpt_every == 0:
+        _save(ckpt, step + 1, graphdef, state, stream, tok, run)
+      if run.eval_every and (step + 1) % run.eval_every == 0 and not final:
+        do_eval(f"step{step + 1}", step + 1)
+      if stop.requested:
+        ckpt.wait()
+        logging.warning("stopped at step %d (checkpoint saved)", step + 1)
+        return {"stopped_at": step + 1, **last}
+  finally:
+    stop.restore()
+    bar.close()
+    ckpt.wait()
+  if run.before_after:
+    do_eval("after", run.steps)
+  _finish(run, workdir, graphdef, state, tok, evals)
+  writer.close()
+  ckpt.close()
+  out = {"final": last}
+  out.update({k: v.summary for k, v in evals.items()})
+  return out
+
+
+def _take(source, n):
+  for i in range(min(n, len(source))):
+    yield source[i]
+
+
+def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
+  """One RL iteration; returns (state, metrics)."""
+  t0 = time.perf_counter()
+  g = run.rl.num_generations
+  model = nnx.merge(graphdef, state.params)
+  rollout = sampler.sample(
+    model, batch.tokens, batch.mask, key, scfg, num_samples=g, mesh=mesh
+  )
+  texts = evaluate.decode(tok, _local(rollout))
+  t1 = time.perf_counter()
+  gold = [gs for gs in batch.gold for _ in range(g)]
+  tests = [ts for ts in batch.tests for _ in range(g)]
+  scores = reward.score_texts(texts, gold, run.reward, tests=tests)
+  lengths = np.asarray(_local(rollout).lengths)
+  rewards = jnp.asarray(scores["total"], jnp.float32)
+  adv, ainfo = train_lib.group_advantages(
+    rewards, len(batch.gold), run.rl.advantage
+  )
+  t2 = time.perf_counter()
+  ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), mesh)
+  ucfg = train_lib.UpdateConfig(
+    loss=run.loss,
+    micro_batches=run.rl.micro_batches,
+    temperature=max(run.sampling.temperature, 1e-6),
+    logprob_chunk=run.rl.logprob_chunk,
+  )
+  with sharding.activate(mesh, sharding.TRAIN_RULES):
+    if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly
+      ub = ub.replace(
+        old_logp=train_lib.completion_logprobs(graphdef, state.params, ub, ucfg)
+      )
+    if ref_params is not None:
+      ub = ub.replace(
+        ref_logp=train_lib.completion_logprobs(graphdef, ref_params, ub, ucfg)
+      )
+    for _ in range(run.rl.num_iterations):
+      state, um = train_lib.update_step(graphdef, state, ub, tx=tx, cfg=ucfg)
+  um = jax.device_get(um)
+  t3 = time.perf_counter()
+  from multians_jax import metrics
+
+  out = metrics.summarize(scores, lengths, group_size=g)
+  out.update({k: float(v) for k, v in um.items()})
+  out.update({f"adv/{k}": float(v) for k, v in ainfo.items()})
+  n_tok = float(np.sum(lengths))
+  out.update(
+    time_sample=t1 - t0,
+    time_reward=t2 - t1,
+    time_update=t3 - t2,
+    time_step=t3 - t0,
+    tokens_per_sec=n_tok / max(t1 - t0, 1e-9),
+    truncation_rate=float(np.mean(np.asarray(_local(rollout).truncated))),
+    lr=float(train_lib.schedule(run.optim)(int(state.step) - 1)),
+  )
+  return state, out
+
+
+def _local(rollout):
+  """Host copy of the rows this process owns (all rows on one host)."""
+  return jax.tree.map(sharding.host_array, rollout)
+
+
+def _reference(run, mesh, tok):
+  """Frozen initial policy (for the KL term): reloaded from the source."""
+  ref, _ = load_policy(run.model, mesh, run.seed, tokenizer=tok)
+  return nnx.state(ref, nnx.Param)
+
+
+def _save(ckpt, step, graphdef, state, stream, tok, run):
+  model = nnx.merge(graphdef, state.params)
+  ckpt.save(
+    step,
+    model,
+    tokenizer=tok,
+    meta={"data_state": stream.get_state(), "seed": run.seed},
+    items={
+      "opt_state": state.opt_state,
+      "train": {"step": state.step, "skipped": state.skipped},
+    },
+  )
+
+
+def _resume(ckpt, state, graphdef, tx, mesh, stream) -> tuple[Any, dict]:
+  """Restores the newest restorable step; older ones if the newest fails."""
+  steps = ckpt.steps()
+  abstract = lambda t: jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
+  )
+  for step in reversed(steps):
+    try:
+      model, meta, items = ckpt.restore(
+        mesh,
+        sharding.TRAIN_RULES,
+        step=step,
+        items={
+          "opt_state": abstract(state.opt_state),
+          "train": abstract({"step": state.step, "skipped": state.skipped}),
+        },
+      )
+    except Exception as e:  # noqa: BLE001 - any unreadable step falls back
+      logging.warning(
+        "checkpoint step %d unreadable (%s: %s); trying an older one",
+        step,
+        type(e).__name__,
+        e,
+      )
+      continue
+    stream.set_state(meta["data_state"])
+    t = items["train"]
+    state = train_lib.TrainState(
+      t["step"], nnx.state(model, nnx.Param), items["opt_state"], t["skipped"]
+    )
+    logging.info("resumed from step %d", step)
+    return state, meta
+  if steps:
+    logging.warning("no restorable checkpoint in %s: starting fresh", ckpt.path)
+  return state, {}
+
+
+def _finish(run, workdir, graphdef, state, tok, evals):
+  if jax.process_index() != 0:
+    return
+  if run.export_hf:
+    out = os.path.join(workdir, run.export_hf)
+    hf.save(nnx.merge(graphdef, state.params), out, tokenizer=tok)
+    logging.info("exported %s", out)
+  if run.report:
+    report.write(workdir, evals, run.eval.num_generations)
