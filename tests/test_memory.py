@@ -1,0 +1,156 @@
+"""tools/memory.py: exact parameter bytes, sharded per-device figures, KV
+cache by hand, and the activation formula against the compiled update
+step's ``memory_analysis()`` on CPU."""
+
+import dataclasses
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from multians_jax import model as model_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "tests" / "memory_test_config.py"
+
+
+def _load_tool():
+  spec = importlib.util.spec_from_file_location(
+    "memory_tool", ROOT / "tools" / "memory.py"
+  )
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["memory_tool"] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+mem = _load_tool()
+
+
+def _config():
+  spec = importlib.util.spec_from_file_location("memory_test_config", CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _qwen8b_config():
+  c = _config()
+  c.model.path = "Qwen/Qwen3-8B"
+  c.model.arch = ml_collections.ConfigDict()
+  c.model.param_dtype = c.model.dtype = "bfloat16"
+  return c
+
+
+@pytest.mark.parametrize(
+  "dtype, size", [("bfloat16", 2), ("float32", 4)]
+)  # fmt: skip
+def test_qwen3_8b_param_bytes_are_exact(dtype, size):
+  c = _qwen8b_config()
+  c.model.param_dtype = dtype
+  plan = mem.plan_from_config(c, (1, 16, 1))
+  total, _ = mem.estimate(plan)["params"]
+  count = model_lib.param_count(plan.model)
+  assert count == 8_190_735_360  # Qwen3-8B (untied head)
+  assert total == count * size
+
+
+def test_fsdp_shards_are_one_sixteenth():
+  plan = mem.plan_from_config(_qwen8b_config(), (1, 16, 1))
+  params = mem.abstract_params(plan.model, plan.mesh)
+  for leaf in params["layers"].values():
+    per_dev = mem._nbytes(leaf) / mem.shards(leaf.sharding.spec, plan.mesh)
+    if leaf.ndim > 2:  # every matrix has 'embed' (4096) on fsdp
+      assert per_dev * 16 == mem._nbytes(leaf)
+  est = mem.estimate(plan)
+  total, dev = est["params"]
+  # Only the norms ([L, D], [L, H]) are replicated: within 0.1 % of 1/16.
+  assert total / 16 <= dev < total / 16 * 1.001
+  o_total, o_dev = est["optimizer state"]
+  assert o_total == pytest.approx(2 * total, abs=64)  # mu, nu (+ counters)
+  assert o_dev == pytest.approx(2 * dev, abs=64)
+  # The same plan on one device: everything whole.
+  one = dataclasses.replace(plan, mesh={"data": 1, "fsdp": 1, "tensor": 1})
+  assert mem.estimate(one)["params"][1] == total
+
+
+def test_kv_cache_bytes_by_hand():
+  c = _qwen8b_config()
+  c.sampler.cache_dtype = "bfloat16"
+  plan = mem.plan_from_config(c, (2, 4, 1))
+  m = plan.model
+  slots = 64 + 64  # bucket_length(50) = 64, + max_new_tokens
+  total = 2 * m.num_layers * 8 * m.num_kv_heads * slots * m.head_dim * 2
+  assert mem.kv_cache_bytes(plan) == (total, total / 8)  # batch on data·fsdp
+
+
+def test_mesh_fill_and_errors():
+  c = _config()
+  plan = mem.plan_from_config(c, num_devices=8)
+  assert plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(ValueError, match="--num_devices"):
+    mem.plan_from_config(c)
+  with pytest.raises(ValueError, match="do not fill"):
+    mem.plan_from_config(c, (3, -1, 1), num_devices=8)
+  c.model.path, c.model.arch, c.model.preset = "/x", {}, ""
+  with pytest.raises(ValueError, match="model.preset"):
+    mem.plan_from_config(c, (1, 1, 1))
+
+
+def test_remat_shrinks_activations():
+  c = _qwen8b_config()
+  c.data.prompts_per_step = 4  # B = 16 rows: one per device
+  plan = mem.plan_from_config(c, (1, 16, 1))
+  none, full, dots = (
+    mem.activation_bytes(plan, r)["layer"] for r in ("none", "full", "dots")
+  )
+  assert full < dots < none
+  # Full remat keeps only the layer input: 1.5·D·bytes per token and device.
+  s = plan.prompt_bucket + plan.new_tokens
+  assert full == pytest.approx(1 * s * 1.5 * 4096 * 2)
+  # 8 rows cannot be cut 16 ways: the batch stays whole on every device.
+  c.data.prompts_per_step = 2
+  plan8 = mem.plan_from_config(c, (1, 16, 1))
+  assert mem.activation_bytes(plan8, "full")["layer"] == pytest.approx(8 * full)
+
+
+def test_formula_matches_compiled_update_step():
+  """Per-layer activations within 10 %, step temporaries within 20 %
+  (the tolerances documented in tools/memory.py)."""
+  base = mem.plan_from_config(_config(), (1, 1, 1))
+
+  def measured(**kw):
+    plan = dataclasses.replace(base, model=base.model.replace(**kw))
+    return plan, mem.compiled_memory(plan).temp_size_in_bytes
+
+  p2, t2 = measured(num_layers=2)
+  p4, t4 = measured(num_layers=4)
+  per_layer = (t4 - t2) / 2
+  assert mem.activation_bytes(p4)["layer"] == pytest.approx(per_layer, 0.10)
+  for plan, temp in ((p2, t2), (p4, t4)):
+    assert mem.update_temps(plan) == pytest.approx(temp, rel=0.20)
+  pf, tf = measured(num_layers=4, remat="full")
+  assert mem.update_temps(pf) == pytest.approx(tf, rel=0.20)
+  assert tf < t4 / 2  # remat is real in the compiled step too
+
+
+def test_cli_prints_table_and_verdict():
+  out = subprocess.run(
+    [sys.executable, "tools/memory.py", f"--config={CONFIG}",
+     "--num_devices=8", "--config.model.remat=full"],
+    capture_output=True, text=True, cwd=ROOT, timeout=120,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr
+  text = out.stdout
+  assert "mesh data=1, fsdp=8, tensor=1 (8 devices)" in text
+  assert "remat=full" in text
+  for row in ("params", "optimizer state", "gradients", "kv cache",
+              "activations remat=none", "activations remat=full"):  # fmt: skip
+    assert row in text
+  # 95 GiB from the 'v5p' comment on the config's mesh line.
+  assert "verdict: FITS" in text and "of 95 GiB" in text
+  plan = mem.plan_from_config(_config(), (1, 8, 1))
+  assert f"params={model_lib.param_count(plan.model):,}" in text
