@@ -57,6 +57,12 @@ def get_config(arg=None):
   c.reward.weights = (0.5, 0.5, 0.5)  # reference preset: format, acc, brier
   c.reward.matcher = "exact"  # exact | numeric | code | a registered name
 
+  c.warmup = ml_collections.ConfigDict()
+  c.warmup.steps = 0  # supervised format warm-up steps before RL (0 = off)
+  c.warmup.lr = 1e-4  # warm-up learning rate (AdamW, constant)
+  c.warmup.max_target_len = 96  # warm-up target tokens
+  c.warmup.batch_prompts = 8  # prompts per warm-up step
+
   c.rl = ml_collections.ConfigDict()
   c.rl.num_generations = 32  # G completions per prompt
   c.rl.advantage = "drgrpo"  # drgrpo | grpo | rloo

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -104,6 +105,15 @@ class Checkpointer:
       args[name] = ocp.args.StandardSave(tree)
     args["meta"] = ocp.args.JsonSave({"step": step, **(meta or {})})
     self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def quarantine(self, step: int) -> str:
+    """Moves an unreadable step aside (kept for inspection, out of the way
+    of new saves) and returns where it went."""
+    src = epath.Path(self.path) / str(step)
+    dst = epath.Path(self.path) / f"unreadable-step-{step}-{int(time.time())}"
+    src.rename(dst)
+    self.manager.reload()
+    return str(dst)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -10,7 +10,6 @@ SIGTERM/SIGINT and exits cleanly, and evaluates before and after.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import time
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 from flax import nnx
 
 from multians_jax import (
@@ -37,6 +37,7 @@ from multians_jax import (
 )
 from multians_jax import model as model_lib
 from multians_jax import train as train_lib
+from multians_jax import warmup as warmup_lib
 
 # ---------------------------------------------------------------------------
 # Typed configuration
@@ -97,25 +98,15 @@ class RunConfig:
   tensorboard: bool = True
   export_hf: str = ""
   report: bool = False
+  warmup: warmup_lib.WarmupConfig = warmup_lib.WarmupConfig()
 
   @classmethod
   def from_dict(cls, c: dict) -> RunConfig:
     """Validates a config dict (``ConfigDict.to_dict()``); errors name keys."""
-    sections = {
-      "seed",
-      "steps",
-      "mesh",
-      "model",
-      "data",
-      "sampler",
-      "reward",
-      "rl",
-      "optim",
-      "ckpt",
-      "eval",
-      "log",
-      "export",
-    }
+    sections = set(
+      "seed steps mesh model data sampler reward warmup rl optim ckpt eval "
+      "log export".split()
+    )
     unknown = sorted(set(c) - sections)
     if unknown:
       raise ValueError(f"unknown config key(s): {unknown}")
@@ -182,6 +173,7 @@ class RunConfig:
       tensorboard=c["log"]["tensorboard"],
       export_hf=c["export"]["hf_dir"],
       report=c["export"]["report"],
+      warmup=warmup_lib.WarmupConfig(**c.get("warmup", {})),
     )
 
 
@@ -229,7 +221,7 @@ def _tokenizer_only(path: str):
 
 def open_data(dc: DataConfig, workdir: str, split: str):
   """Builds the dataset on first use and opens ``split``."""
-  data_dir = dc.data_dir or os.path.join(workdir, "data")
+  data_dir = os.path.abspath(dc.data_dir or os.path.join(workdir, "data"))
   kwargs = {}
   if dc.jsonl:
     kwargs = {
@@ -300,12 +292,16 @@ def train(
   stream = data.PromptIterator(source, tok, pcfg)
   state, meta = _resume(ckpt, state, graphdef, tx, mesh, stream)
   start = int(state.step)
+  if jax.process_index() == 0:  # rows after the checkpoint are redone
+    telemetry.truncate_after(os.path.join(workdir, "metrics.jsonl"), start)
   writer = telemetry.Writer(workdir, run.tensorboard)
-  telemetry.truncate_after(writer.path, start) if writer.active else None
   ref_params = _reference(run, mesh, tok) if run.loss.kl_beta > 0 else None
   stop_ids = tuple(policy.cfg.eos_ids) or (tok.eos_token_id,)
   pad_id = policy.cfg.pad_token_id if policy.cfg.pad_token_id is not None else 0
-  scfg = dataclasses.replace(run.sampling, stop_ids=stop_ids, pad_id=pad_id)
+  # The data pipeline already buckets prompt lengths (data.min_bucket · 2^n).
+  scfg = dataclasses.replace(
+    run.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
+  )
   evals = {}
   eval_records = None
   if run.before_after or run.eval_every:
@@ -335,6 +331,9 @@ def train(
 
   if run.before_after and start == 0:
     do_eval("before", 0)
+  if run.warmup.steps and start == 0:
+    params = _warmup(run, graphdef, state.params, source, tok, writer)
+    state = train_lib.init_state(nnx.merge(graphdef, params), tx)
   stop = _Stop()
   key = jax.random.key(run.seed)
   bar = tqdm.tqdm(
@@ -397,6 +396,30 @@ def train(
   out = {"final": last}
   out.update({k: v.summary for k, v in evals.items()})
   return out
+
+
+def _warmup(run, graphdef, params, source, tok, writer):
+  """Supervised format warm-up on training questions (see warmup.py)."""
+  wc = run.warmup
+  pcfg = data.PipelineConfig(
+      batch_size=wc.batch_prompts // jax.process_count(),
+      mode=run.reward.mode, num_answers=run.reward.num_answers,
+      max_prompt_len=run.data.max_prompt_len, min_bucket=run.data.min_bucket,
+      seed=run.seed + 7, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )  # fmt: skip
+  it = data.PromptIterator(source, tok, pcfg)
+  tx = warmup_lib.optimizer(wc)
+  opt_state = jax.jit(tx.init)(params)
+  for i in tqdm.trange(wc.steps, desc="warm-up", disable=not writer.active):
+    b = warmup_lib.make_batch(next(it), tok, run.reward.mode,
+                              run.reward.num_answers, wc.max_target_len,
+                              seed=run.seed + i)  # fmt: skip
+    params, opt_state, value = warmup_lib.sft_step(
+      graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk
+    )
+    writer.write(0, {"warmup/loss": value, "warmup/step": i + 1})
+  return params
 
 
 def _take(source, n):
@@ -511,6 +534,9 @@ def _resume(ckpt, state, graphdef, tx, mesh, stream) -> tuple[Any, dict]:
         e,
       )
       continue
+    for bad in [s for s in steps if s > step]:
+      where = ckpt.quarantine(bad)
+      logging.warning("moved unreadable checkpoint step %d to %s", bad, where)
     stream.set_state(meta["data_state"])
     t = items["train"]
     state = train_lib.TrainState(

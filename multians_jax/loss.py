@@ -314,9 +314,14 @@ def reduce_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   ``tokens`` (the count itself).
   """
   n = jnp.maximum(sums["tokens"], 1.0)
-  names = {"ratio": "ratio_mean", "clip_low": "clip_low_frac",
-           "clip_high": "clip_high_frac", "clip": "clip_frac",
-           "pg_loss": "pg_loss_token_mean", "kl": "kl_mean"}  # fmt: skip
+  names = {
+    "ratio": "ratio_mean",
+    "clip_low": "clip_low_frac",
+    "clip_high": "clip_high_frac",
+    "clip": "clip_frac",
+    "pg_loss": "pg_loss_token_mean",
+    "kl": "kl_mean",
+  }
   out = {names[k]: v / n for k, v in sums.items() if k in names}
   out["tokens"] = sums["tokens"]
   return out

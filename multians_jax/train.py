@@ -109,8 +109,8 @@ def init_state(model: model_lib.Transformer, tx) -> TrainState:
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings(params, tx))(params)
   mesh = jax.tree.leaves(params)[0].sharding.mesh
   zero = jax.device_put(
-      jnp.zeros((), jnp.int32),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    jnp.zeros((), jnp.int32),
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
   return TrainState(zero, params, opt_state, zero + 0)
 
@@ -237,7 +237,7 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
   (l0, s0), g0 = grad_fn(state.params, first)
   rest = jax.tree.map(lambda x: x[1:], micro)
   (grads, value, sums), _ = jax.lax.scan(accumulate, (g0, l0, s0), rest)
-  gnorm = optax.global_norm(grads)
+  gnorm = optax.tree.norm(grads)
   finite = jnp.isfinite(value) & jnp.isfinite(gnorm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

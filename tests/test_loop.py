@@ -1,0 +1,180 @@
+"""The training loop: learning, exact resume after SIGKILL, corrupt
+checkpoints, SIGTERM, export of a trained checkpoint."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import toy_task
+
+from multians_jax import checkpoint, loop, sharding, telemetry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLATILE = ("time", "tokens_per_sec")
+
+
+def test_toy_task_reward_increases(tmp_path):
+  run = loop.RunConfig.from_dict(toy_task.config(16).to_dict())
+  loop.train(
+    run,
+    str(tmp_path),
+    train_source=toy_task.records(8),
+    eval_source=toy_task.records(4),
+    tokenizer=toy_task.tokenizer(),
+  )
+  rows = [
+    r
+    for r in telemetry.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    if "reward/total" in r
+  ]
+  rewards = [r["reward/total"] for r in rows]
+  assert len(rewards) == 16
+  first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
+  assert last > first + 0.15, rewards
+
+
+def _cmd(workdir, steps, *extra):
+  return [
+    sys.executable,
+    "-m",
+    "multians_jax.main",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.steps={steps}",
+    f"--config.data.data_dir={workdir}/../data",
+    *extra,
+  ]
+
+
+def _run(workdir, steps, *extra):
+  subprocess.run(
+    _cmd(workdir, steps, *extra),
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+
+
+def _wait_for(path, proc, timeout=300):
+  t0 = time.time()
+  while not os.path.exists(path):
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() - t0 < timeout
+    time.sleep(0.05)
+
+
+def _params(workdir):
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  ck = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), async_save=False
+  )
+  try:
+    m, meta, _ = ck.restore(mesh, sharding.TRAIN_RULES)
+  finally:
+    ck.close()
+  leaves = [
+    np.asarray(x)
+    for x in jax.tree.leaves(checkpoint.nnx.state(m, checkpoint.nnx.Param))
+  ]
+  return meta["step"], leaves
+
+
+def _metrics(workdir):
+  rows = telemetry.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return [
+    {k: v for k, v in r.items() if not k.startswith(VOLATILE)}
+    for r in rows
+    if "reward/total" in r
+  ]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """6 steps in one go (checkpoints at 2, 4, 6)."""
+  work = str(tmp_path_factory.mktemp("runs") / "straight")
+  _run(work, 6)
+  return work
+
+
+def test_resume_after_sigkill_is_exact(straight):
+  work = os.path.join(os.path.dirname(straight), "killed")
+  proc = subprocess.Popen(
+    _cmd(work, 6), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  _wait_for(os.path.join(work, "checkpoints", "2"), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  _run(work, 6)  # the same command again: resumes from its checkpoint
+  step_a, a = _params(straight)
+  step_b, b = _params(work)
+  assert step_a == step_b == 6
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert _metrics(straight) == _metrics(work)
+
+
+def test_corrupt_latest_checkpoint_falls_back(straight):
+  work = os.path.join(os.path.dirname(straight), "corrupt")
+  shutil.copytree(straight, work)
+  params_dir = os.path.join(work, "checkpoints", "6", "params")
+  n = 0
+  for root, _, files in os.walk(params_dir):
+    for f in files:
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(max(0, os.path.getsize(fh.name) // 3))
+        n += 1
+  assert n
+  out = subprocess.run(
+    _cmd(work, 6), cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "checkpoint step 6 unreadable" in out.stderr
+  step_a, a = _params(straight)
+  step_b, b = _params(work)  # steps 5-6 redone from step 4: same result
+  assert step_a == step_b == 6
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert _metrics(straight) == _metrics(work)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  work = str(tmp_path / "term")
+  proc = subprocess.Popen(
+    _cmd(work, 200), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  _wait_for(os.path.join(work, "checkpoints", "2"), proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  steps = sorted(
+    int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit()
+  )
+  rows = _metrics(work)
+  assert steps[-1] == rows[-1]["step"] >= 2
+  assert steps[-1] < 200
+
+
+def test_orbax_to_hf_on_a_training_checkpoint(straight, tmp_path):
+  out = tmp_path / "hf"
+  subprocess.run(
+    [
+      sys.executable,
+      "tools/orbax_to_hf.py",
+      f"--ckpt={straight}/checkpoints",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["num_hidden_layers"] == 2 and cfg["vocab_size"] == 49152
+  assert (out / "tokenizer.json").exists()

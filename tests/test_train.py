@@ -1,0 +1,127 @@
+"""Update step: exact micro-batching, sharding, non-finite skips, schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from multians_jax import loop, loss, model, sampler, sharding, train
+
+CFG = model.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48, qk_norm=False)
+
+
+def _rollout(b=8, t=6, n=5, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, n + 1, b)
+  comp = np.arange(n)[None] < lengths[:, None]
+  pmask = np.ones((b, t), bool)
+  pmask[::2, :2] = False  # left padding on some rows
+  return sampler.Rollout(
+    prompt_tokens=jnp.asarray(rng.integers(3, 64, (b, t)), jnp.int32),
+    prompt_mask=jnp.asarray(pmask),
+    tokens=jnp.asarray(rng.integers(3, 64, (b, n)) * comp, jnp.int32),
+    logprobs=jnp.asarray(-rng.uniform(2, 6, (b, n)) * comp, jnp.float32),
+    mask=jnp.asarray(comp),
+    lengths=jnp.asarray(lengths, jnp.int32),
+    truncated=jnp.asarray(lengths == n),
+  )
+
+
+def _step(mesh, micro, tx, adv=None, agg="token_mean"):
+  m = model.init_model(CFG, mesh, sharding.TRAIN_RULES, seed=1)
+  r = _rollout()
+  if adv is None:
+    adv = jnp.asarray(np.random.default_rng(2).normal(size=8), jnp.float32)
+  batch = train.place_batch(train.make_batch(r, adv), mesh)
+  ucfg = train.UpdateConfig(
+    loss=loss.LossConfig(loss_agg=agg, max_len_norm=5),
+    micro_batches=micro,
+    temperature=0.7,
+    logprob_chunk=3,
+  )
+  state = train.init_state(m, tx)
+  with sharding.activate(mesh, sharding.TRAIN_RULES):
+    new, metrics = train.update_step(
+      nnx.graphdef(m), state, batch, tx=tx, cfg=ucfg
+    )
+  flat = [np.asarray(x) for x in jax.tree.leaves(new.params)]
+  return new, flat, jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean"])
+def test_micro_batches_equal_full_batch(agg, one_device_mesh):
+  sgd = optax.sgd(1.0)  # new params = params − grad: compares gradients
+  _, full, m1 = _step(one_device_mesh, 1, sgd, agg=agg)
+  _, micro, m4 = _step(one_device_mesh, 4, sgd, agg=agg)
+  for a, b in zip(full, micro, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], atol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+
+
+def test_sharded_update_equals_single_device(one_device_mesh):
+  tx = train.optimizer(train.OptimConfig(lr=1e-2))
+  _, single, ms = _step(one_device_mesh, 2, tx)
+  new, sharded, mm = _step(sharding.make_mesh(2, 2, 2), 2, tx)
+  assert not new.params["layers"]["w_up"][...].sharding.is_fully_replicated
+  for a, b in zip(single, sharded, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(ms["loss"], mm["loss"], atol=1e-6)
+
+
+def test_non_finite_update_is_skipped(one_device_mesh):
+  tx = train.optimizer(train.OptimConfig(lr=1e-2))
+  m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)
+  before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+  adv = jnp.full((8,), jnp.nan)
+  new, after, metrics = _step(one_device_mesh, 2, tx, adv=adv)
+  assert metrics["update_skipped"] == 1.0
+  assert int(new.step) == 0 and int(new.skipped) == 1
+  for a, b in zip(before, after, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_schedules_hand_computed():
+  s = train.schedule(
+    train.OptimConfig(lr=1.0, schedule="linear", warmup_steps=4, total_steps=14)
+  )
+  np.testing.assert_allclose(
+    [float(s(i)) for i in (0, 3, 4, 9, 14)],
+    [0.25, 1.0, 1.0, 0.5, 0.0],
+    atol=1e-6,
+  )
+  c = train.schedule(
+    train.OptimConfig(lr=2.0, schedule="cosine", total_steps=10)
+  )
+  np.testing.assert_allclose(
+    [float(c(i)) for i in (0, 5, 10)], [2.0, 1.0, 0.0], atol=1e-6
+  )
+  k = train.schedule(train.OptimConfig(lr=3.0))
+  assert float(k(0)) == float(k(100)) == 3.0
+
+
+def test_run_config_errors_name_the_key():
+  from configs import tiny
+
+  good = tiny.get_config().to_dict()
+  assert loop.RunConfig.from_dict(good).rl.micro_batches == 2
+
+  def bad(section, key, value, match):
+    c = tiny.get_config().to_dict()
+    c[section][key] = value
+    with pytest.raises(ValueError, match=match):
+      loop.RunConfig.from_dict(c)
+
+  bad("rl", "loss_agg", "sum", "loss_agg")
+  bad("rl", "micro_batches", 3, "rl.micro_batches")
+  bad("optim", "schedule", "step", "optim.schedule")
+  bad("optim", "lr", -1.0, "optim.lr")
+  bad("reward", "correctness", "most", "correctness")
+  bad("sampler", "top_p", 0.0, "top_p")
+  bad("rl", "num_iterations", 0, "rl.num_iterations")
+  c = tiny.get_config().to_dict()
+  c["extra"] = {}
+  with pytest.raises(ValueError, match="extra"):
+    loop.RunConfig.from_dict(c)

@@ -1,0 +1,72 @@
+"""A toy multi-answer task small enough for a random 2-layer model to learn.
+
+Each vocabulary item is a whole answer block, so a random policy emits a
+well-formed 2-answer completion (``<answer1>x</answer1><answer2>y</answer2>``)
+with probability ≈ 7 % and a correct one less often: enough reward variance
+for group-relative policy gradients from the first step.
+"""
+
+import ml_collections
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+COLOURS = ("red", "blue", "green")
+SPECIAL = ["<pad>", "<eos>", "[UNK]"]
+BLOCKS = [f"<answer{i}>{c}</answer{i}>" for i in (1, 2) for c in COLOURS]
+VOCAB = SPECIAL + BLOCKS + ["foo", "bar"]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+  tok = Tokenizer(
+    models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]")
+  )
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    unk_token="[UNK]",
+    pad_token="<pad>",
+    eos_token="<eos>",
+  )
+  fast.add_tokens(BLOCKS)
+  fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+  return fast
+
+
+def records(n: int) -> list[dict]:
+  return [
+    {
+      "id": f"toy-{i}",
+      "question": "colours?",
+      "answers": [["red"], ["blue"]],
+      "context": "",
+      "tests": "",
+      "meta": {},
+      "family": "qa",
+    }
+    for i in range(n)
+  ]
+
+
+def config(steps: int = 12) -> ml_collections.ConfigDict:
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.steps = steps
+  c.model.tokenizer = ""
+  c.model.arch.vocab_size = len(VOCAB)
+  c.model.arch.d_model = 32
+  c.data.prompts_per_step = 4
+  c.data.min_bucket = 16
+  c.sampler.max_new_tokens = 2
+  c.reward.mode = "multi_rlvr"
+  c.reward.num_answers = 2
+  c.reward.correctness = "count"
+  c.reward.preset = "paper"
+  c.reward.require_think = False
+  c.rl.num_generations = 16
+  c.rl.micro_batches = 2
+  c.optim.lr = 1e-2
+  c.ckpt.every_steps = 100
+  c.eval.before_after = False
+  c.log.tensorboard = False
+  return c
