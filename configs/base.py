@@ -68,6 +68,7 @@ def get_config(arg=None):
   c.rl.advantage = "drgrpo"  # drgrpo | grpo | rloo
   c.rl.num_iterations = 1  # optimizer steps per rollout batch
   c.rl.micro_batches = 1  # gradient accumulation steps (exact)
+  c.rl.sample_chunk = 0  # prompts per sampler call (0 = all at once)
   c.rl.clip_eps_low = 0.2  # PPO clip below
   c.rl.clip_eps_high = 0.2  # PPO clip above
   c.rl.loss_agg = (

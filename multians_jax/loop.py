@@ -75,6 +75,7 @@ class RLConfig:
   micro_batches: int = 1
   max_nonfinite: int = 5
   logprob_chunk: int = 128
+  sample_chunk: int = 0  # prompts per sampler call (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,19 +403,27 @@ def _warmup(run, graphdef, params, source, tok, writer):
   """Supervised format warm-up on training questions (see warmup.py)."""
   wc = run.warmup
   pcfg = data.PipelineConfig(
-      batch_size=wc.batch_prompts // jax.process_count(),
-      mode=run.reward.mode, num_answers=run.reward.num_answers,
-      max_prompt_len=run.data.max_prompt_len, min_bucket=run.data.min_bucket,
-      seed=run.seed + 7, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-  )  # fmt: skip
+    batch_size=wc.batch_prompts // jax.process_count(),
+    mode=run.reward.mode,
+    num_answers=run.reward.num_answers,
+    max_prompt_len=run.data.max_prompt_len,
+    min_bucket=run.data.min_bucket,
+    seed=run.seed + 7,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   it = data.PromptIterator(source, tok, pcfg)
   tx = warmup_lib.optimizer(wc)
   opt_state = jax.jit(tx.init)(params)
   for i in tqdm.trange(wc.steps, desc="warm-up", disable=not writer.active):
-    b = warmup_lib.make_batch(next(it), tok, run.reward.mode,
-                              run.reward.num_answers, wc.max_target_len,
-                              seed=run.seed + i)  # fmt: skip
+    b = warmup_lib.make_batch(
+      next(it),
+      tok,
+      run.reward.mode,
+      run.reward.num_answers,
+      wc.max_target_len,
+      seed=run.seed + i,
+    )
     params, opt_state, value = warmup_lib.sft_step(
       graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk
     )
@@ -432,8 +441,8 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
   t0 = time.perf_counter()
   g = run.rl.num_generations
   model = nnx.merge(graphdef, state.params)
-  rollout = sampler.sample(
-    model, batch.tokens, batch.mask, key, scfg, num_samples=g, mesh=mesh
+  rollout = _sample_chunked(
+    model, batch, key, scfg, g, mesh, run.rl.sample_chunk
   )
   texts = evaluate.decode(tok, _local(rollout))
   t1 = time.perf_counter()
@@ -482,6 +491,27 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
     lr=float(train_lib.schedule(run.optim)(int(state.step) - 1)),
   )
   return state, out
+
+
+def _sample_chunked(model, batch, key, scfg, g, mesh, chunk):
+  """Samples the batch's prompts ``chunk`` at a time (bounds the KV cache)."""
+  p = batch.tokens.shape[0]
+  chunk = chunk or p
+  parts = [
+    sampler.sample(
+      model,
+      batch.tokens[i : i + chunk],
+      batch.mask[i : i + chunk],
+      jax.random.fold_in(key, i),
+      scfg,
+      num_samples=g,
+      mesh=mesh,
+    )
+    for i in range(0, p, chunk)
+  ]
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 
 def _local(rollout):

@@ -125,3 +125,23 @@ def test_run_config_errors_name_the_key():
   c["extra"] = {}
   with pytest.raises(ValueError, match="extra"):
     loop.RunConfig.from_dict(c)
+
+
+@pytest.mark.parametrize(
+  "name,arg",
+  [("demo", None), ("tiny", None), ("qwen3_1_7b_gpu", None)]
+  + [
+    (f"qwen3_8b_{m}", hw)
+    for m in ("multi_rlcr", "multi_rlvr", "rlcr", "rlvr")
+    for hw in ("v5p", "gpu8")
+  ],
+)
+def test_every_config_validates(name, arg):
+  import importlib
+
+  cfg = importlib.import_module(f"configs.{name}").get_config(arg)
+  run = loop.RunConfig.from_dict(cfg.to_dict())
+  assert run.steps >= 1
+  if name.startswith("qwen3_8b"):
+    assert run.rl.num_generations == 32 and run.optim.lr == 1e-6
+    assert run.seed == 43 and run.sampling.max_new_tokens == 1536
