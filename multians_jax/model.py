@@ -131,7 +131,15 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 @struct.dataclass
 class KVCache:
-  """Per-layer keys/values [L, B, K, S, H], valid slots [B, S], next slot."""
+  """Per-layer keys/values, valid slots [B, S], next slot.
+
+  ``k``/``v`` are stacked [L, B, K, S, H] arrays (what ``zeros`` builds and
+  the scanned forward reads), or the *decode layout* from ``unstacked``:
+  tuples of L per-layer [B, K, S, H] arrays. In a ``while_loop`` carry each
+  per-layer buffer is then updated in place by one ``dynamic_update_slice``
+  and attention reads it directly, whereas a scan over the stacked cache
+  copies every layer's slice (the scan's ``xs``) on every decode step.
+  """
 
   k: jax.Array
   v: jax.Array
@@ -148,6 +156,26 @@ class KVCache:
       mask=jnp.zeros((batch, slots), bool),
       index=jnp.zeros((), jnp.int32),
     )
+
+  @property
+  def is_stacked(self) -> bool:
+    return not isinstance(self.k, (tuple, list))
+
+  def unstacked(self) -> KVCache:
+    """The decode layout: tuples of per-layer [B, K, S, H] buffers."""
+    if not self.is_stacked:
+      return self
+    n = self.k.shape[0]
+    return self.replace(
+      k=tuple(self.k[i] for i in range(n)),
+      v=tuple(self.v[i] for i in range(n)),
+    )
+
+  def stacked(self) -> KVCache:
+    """The [L, B, K, S, H] layout."""
+    if self.is_stacked:
+      return self
+    return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
 
 CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_seq", "head_dim")
@@ -214,8 +242,10 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx):
   """One decoder layer. x [B,T,D]; k/v_cache [B,K,S,H] or None.
 
   ``ctx`` holds positions [B,T], allowed [B,T,S], write index, inv_freq.
-  Returns (x, k, v): k/v [B,K,T,H] are this call's new keys and values,
-  which the caller writes into the cache (once for all layers).
+  Returns (x, k, v): without a cache, k/v [B,K,T,H] are this call's keys and
+  values; with one, the layer's cache with them written at ``index``
+  (attention reads that updated buffer, so a per-layer cache carried by a
+  ``while_loop`` is updated in place, never copied).
   """
   dt = DTYPES[cfg.dtype]
   c = lambda w: w.astype(dt)
@@ -232,21 +262,23 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx):
   k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
   q = sharding.constrain(q, ("batch", None, "act_heads", None))
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,H]
-  k_new, v_new = k, v
   if k_cache is not None:
     idx = (0, 0, ctx["index"], 0)
     k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
     v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
-    k, v = k.astype(dt), v.astype(dt)
-  o = attention(q, k, v, ctx["allowed"], dt)
-  x = x + jnp.einsum("btnh,nhd->btd", o, c(p["wo"]))
+  o = attention(q, k.astype(dt), v.astype(dt), ctx["allowed"], dt)
+  # (N, H) flattened into one contraction: a plain [B·T, N·H] × [N·H, D]
+  # matmul on the weight as stored (no per-call transposed copy of wo).
+  b, t = o.shape[:2]
+  wo = c(p["wo"]).reshape(-1, cfg.d_model)
+  x = x + jnp.einsum("btx,xd->btd", o.reshape(b, t, -1), wo)
   x = sharding.constrain(x, ("batch", None, "act_embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
   g = jnp.einsum("btd,df->btf", h, c(p["w_gate"]))
   u = jnp.einsum("btd,df->btf", h, c(p["w_up"]))
   a = sharding.constrain(jax.nn.silu(g) * u, ("batch", None, "act_mlp"))
   x = x + jnp.einsum("btf,fd->btd", a, c(p["w_down"]))
-  return sharding.constrain(x, ("batch", None, "act_embed")), k_new, v_new
+  return sharding.constrain(x, ("batch", None, "act_embed")), k, v
 
 
 # ---------------------------------------------------------------------------
@@ -329,6 +361,17 @@ class Transformer(nnx.Module):
       cache: optional KV cache; the T tokens go to slots index..index+T-1 and
         attend to every earlier valid slot.
     """
+    return self.hidden_with(
+      self.layers.arrays(), tokens, positions, mask, cache
+    )
+
+  def hidden_with(self, layers, tokens, positions, mask, cache=None):
+    """``hidden`` with explicit layer parameters.
+
+    ``layers`` is ``self.layers.arrays()`` (stacked [L, ...], run as a scan)
+    or ``unstack_layers`` of it (a list of per-layer dicts, run as an
+    unrolled loop with an unstacked cache: the sampler's decode step).
+    """
     cfg = self.cfg
     dt = DTYPES[cfg.dtype]
     t = tokens.shape[1]
@@ -350,11 +393,12 @@ class Transformer(nnx.Module):
       "index": offset,
       "inv_freq": rope_inv_freq(cfg),
     }
-    x, new_kv = _run_layers(cfg, x, self.layers.arrays(), cache, ctx)
+    x, new_kv = _run_layers(cfg, x, layers, cache, ctx)
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     if cache is not None:
-      cache = KVCache(k=new_kv[0], v=new_kv[1], mask=key_mask,
-                      index=cache.index + t)  # fmt: skip
+      cache = KVCache(
+        k=new_kv[0], v=new_kv[1], mask=key_mask, index=cache.index + t
+      )
     return x, cache
 
   def logits(self, h: jax.Array) -> jax.Array:
@@ -370,22 +414,46 @@ class Transformer(nnx.Module):
     return self.logits(h), cache
 
 
-def _run_layers(cfg, x, params, cache, ctx):
-  """Scans ``layer_fn`` over the stacked layers.
+def unstack_layers(params: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+  """Stacked [L, ...] layer parameters → L per-layer dicts.
 
-  With a cache, each layer reads its slice of the old cache (the scan's
-  xs) and returns only the T new keys/values; they are written into the
-  [L, B, K, S, H] cache with one ``dynamic_update_slice`` after the scan, so
-  a decode step never copies the whole cache.
+  Behind an optimisation barrier, so XLA materialises the slices once where
+  this is called (before a decode loop) instead of sinking them into the
+  loop body, where every step would copy every weight matrix.
   """
+  n = next(iter(params.values())).shape[0]
+  layers = [{k: v[i] for k, v in params.items()} for i in range(n)]
+  return jax.lax.optimization_barrier(layers)
+
+
+def _layer_body(cfg, ctx):
   body = lambda x, p, kc, vc: layer_fn(cfg, x, p, kc, vc, ctx)
-  if cfg.remat != "none":
-    policy = (
-      jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-      if cfg.remat == "dots"
-      else None
-    )
-    body = jax.checkpoint(body, policy=policy)
+  if cfg.remat == "none":
+    return body
+  policy = (
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if cfg.remat == "dots"
+    else None
+  )
+  return jax.checkpoint(body, policy=policy)
+
+
+def _run_layers(cfg, x, params, cache, ctx):
+  """Runs ``layer_fn`` over the layers; returns (x, (k, v) or None).
+
+  Stacked ``params`` run as one ``lax.scan`` (compile time independent of
+  depth). With a stacked cache each layer returns its updated cache slice
+  and the T new slots are written into [L, B, K, S, H] after the scan (a
+  copy of the cache per call: fine for prefill, slow for decode).
+
+  Per-layer ``params`` (a list, ``unstack_layers``) need an unstacked cache
+  (or none) and run as an unrolled loop: each layer writes its new keys into
+  its own buffer in place and attends to that buffer, so a decode step reads
+  the cache once and copies nothing.
+  """
+  body = _layer_body(cfg, ctx)
+  if isinstance(params, (list, tuple)):
+    return _run_unrolled(body, x, params, cache)
 
   if cache is None:
 
@@ -395,17 +463,40 @@ def _run_layers(cfg, x, params, cache, ctx):
 
     x, _ = jax.lax.scan(step, x, params)
     return x, None
+  if not cache.is_stacked:
+    raise ValueError("an unstacked KVCache needs per-layer params")
+
+  t = x.shape[1]
 
   def step_cached(x, inp):
     p, kc, vc = inp
-    x, k_new, v_new = body(x, p, kc, vc)
-    return x, (k_new.astype(kc.dtype), v_new.astype(vc.dtype))
+    x, k, v = body(x, p, kc, vc)
+    new = lambda a: jax.lax.dynamic_slice_in_dim(a, ctx["index"], t, axis=2)
+    return x, (new(k), new(v))
 
   x, (k_new, v_new) = jax.lax.scan(step_cached, x, (params, cache.k, cache.v))
   idx = (0, 0, 0, ctx["index"], 0)
   k_all = jax.lax.dynamic_update_slice(cache.k, k_new, idx)
   v_all = jax.lax.dynamic_update_slice(cache.v, v_new, idx)
   return x, (k_all, v_all)
+
+
+def _run_unrolled(body, x, layers, cache):
+  if cache is None:
+    for p in layers:
+      x, _, _ = body(x, p, None, None)
+    return x, None
+  if cache.is_stacked or len(cache.k) != len(layers):
+    raise ValueError(
+      "per-layer params need an unstacked KVCache (KVCache.unstacked()) "
+      "with one buffer per layer"
+    )
+  ks, vs = [], []
+  for p, kc, vc in zip(layers, cache.k, cache.v, strict=True):
+    x, k, v = body(x, p, kc, vc)
+    ks.append(k)
+    vs.append(v)
+  return x, (tuple(ks), tuple(vs))
 
 
 # ---------------------------------------------------------------------------
