@@ -1,0 +1,131 @@
+"""tools/bench.py plumbing on a tiny model; decode-path performance invariants.
+
+The benchmark itself is timed by hand (BENCHMARKS.md); here only its JSON
+shape and consistency, and the structural properties that make decoding
+fast: no cache or weight copies inside the compiled decode loop, and the
+two-level categorical draw matching the exact distribution.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from multians_jax import model, sampler, sharding
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import bench  # noqa: E402
+
+
+def test_quick_bench_all_on_tiny_model(tmp_path):
+  out_file = tmp_path / "bench.json"
+  out = bench.main(["all", "--quick", "--model=tiny", f"--out={out_file}"])
+  assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
+  assert out["machine"]["cores"] >= 1 and out["matmul_peak_flop_per_s"] > 0
+  s = out["sampler"]
+  rows, new = s["shape"]["rows"], s["shape"]["new_tokens"]
+  assert s["transformers_new_tokens"] == new  # same count generated
+  assert s["ours_tokens_per_s"] == pytest.approx(rows * new / s["ours_warm_s"])
+  assert s["ratio_vs_transformers"] == pytest.approx(
+    s["ours_tokens_per_s"] / s["transformers_tokens_per_s"]
+  )
+  assert s["ours_distinct_rows"] > 1  # temperature 0.7: rows differ
+  t = out["train"]
+  cfg = bench.TINY
+  assert t["model_flops_per_step"] == 6 * bench.matmul_params(cfg) * 4 * 32
+  assert math.isfinite(t["ours_mfu"]) and t["ours_mfu"] > 0
+  assert t["ratio_vs_transformers"] == pytest.approx(
+    t["transformers_step_s"] / t["ours_step_s"]
+  )
+  split = t["rl_iteration"]["warm_iteration"]
+  assert set(split) == {"sampling_s", "reward_s", "update_s"}
+  assert all(v > 0 for v in split.values())
+  assert out["reward"]["num"] == 64
+
+
+def test_flop_formulas():
+  cfg = model.preset("smollm2_135m")
+  # Tied embeddings: the 49152×576 table counts once (as the LM head).
+  assert bench.matmul_params(cfg) == model.param_count(cfg)
+  untied = cfg.replace(tie_embeddings=False)
+  assert bench.matmul_params(untied) == model.param_count(cfg)
+  n = bench.matmul_params(cfg)
+  # 1 row, 1 step over S = 3 slots: 2N + 4·layers·heads·head_dim·S.
+  assert bench.decode_flops(cfg, 1, 2, 1) == 2 * n + 4 * 30 * 9 * 64 * 3
+
+
+def _while_bodies(hlo: str) -> dict[str, str]:
+  comps, name, lines = {}, None, []
+  for line in hlo.splitlines():
+    m = re.match(r"^(?:ENTRY )?(%\S+) ", line)
+    if m and line.rstrip().endswith("{"):
+      name, lines = m.group(1), []
+    elif line.startswith("}") and name:
+      comps[name] = "\n".join(lines)
+      name = None
+    elif name:
+      lines.append(line)
+  return comps
+
+
+def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
+  cfg = bench.TINY.replace(num_layers=3, vocab_size=1000)
+  m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
+  graphdef, state = nnx.split(m)
+  p, t, g, steps = 2, 16, 3, 8
+  ids = np.ones((p, t), np.int32)
+  scfg = sampler.SamplingConfig(steps, temperature=0.7)
+  hlo = (
+    sampler._sample.lower(
+      graphdef, state, ids, ids > 0, jax.random.key(0), cfg=scfg,
+      num_samples=g,
+    )
+    .compile()
+    .as_text()
+  )  # fmt: skip
+  comps = _while_bodies(hlo)
+  # The decode loop: the while whose carry holds the per-layer caches.
+  layer_cache = f"f32[{p * g},{cfg.num_kv_heads},{t + steps},{cfg.head_dim}]"
+  loops = [
+    re.search(r"body=(%[^,\s]+)", ln).group(1)
+    for ln in hlo.splitlines()
+    if " while(" in ln and layer_cache in ln
+  ]
+  assert loops, "no decode while loop over per-layer caches found"
+  body = comps[loops[0]]
+  fused = "\n".join(
+    comps.get(c, "") for c in re.findall(r"calls=(%[^,\s]+)", body)
+  )
+  big = (layer_cache, f"f32[{cfg.d_model},{cfg.d_ff}]",
+         f"f32[{cfg.d_ff},{cfg.d_model}]")  # fmt: skip
+  for text in (body, fused):
+    for ln in text.splitlines():
+      op = re.search(r"= (\S+) (copy|dynamic-slice|slice|transpose)\(", ln)
+      if op:
+        assert not any(op.group(1).startswith(b) for b in big), ln
+  # In-place: one dynamic-update-slice of one slot per layer and k/v.
+  dus = re.findall(r"dynamic-update-slice\(", body + fused)
+  assert len(dus) >= 2 * cfg.num_layers
+
+
+@pytest.mark.parametrize("block", [4, 256])
+def test_two_level_categorical_is_exact(block):
+  probs = np.array([0.3, 0.0, 0.25, 0.15, 1e-9, 0.2, 0.0, 0.1, 0.0])
+  with np.errstate(divide="ignore"):
+    logits = jnp.asarray(np.log(probs), "float32")  # -inf: impossible
+  n = 60000
+  keys = jax.random.split(jax.random.key(7), n)
+  draw = jax.jit(
+    jax.vmap(lambda k: sampler._categorical(k, logits[None], block)[0])
+  )(keys)
+  f = np.bincount(np.asarray(draw), minlength=9) / n
+  q = np.asarray(jax.nn.softmax(logits))
+  assert (f[q == 0] == 0).all()  # never a zero-probability token
+  assert np.all(np.abs(f - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-9)

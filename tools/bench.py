@@ -1,0 +1,447 @@
+"""Benchmarks of the sampler, the update step and the reward path (JSON).
+
+Run: ``python tools/bench.py {sampler,train,reward,all} [--out=FILE.json]
+[--quick]``. Prints one JSON object (and writes it to ``--out``). Results and
+the machine they came from are recorded in ``BENCHMARKS.md``.
+
+Shape letters: P prompts, G completions per prompt, B = P·G rows, T prompt
+tokens, L new (completion) tokens, S = T + L sequence, M micro-batches.
+
+* ``sampler``: SmolLM2-135M fp32, P=8 × G=8, T=128, L=128, temperature 0.7,
+  no stop token (every row generates L tokens). Completion tokens/s of
+  ``sampler.sample`` (warm; compile time reported apart) against
+  ``transformers``' ``generate`` on the same weights (exported with
+  ``hf.save``) and the same settings in the same run, and decode FLOP/s as a
+  fraction of the measured matmul peak.
+* ``train``: tokens/s and model FLOP utilisation (6·N·B·S / time / peak) of
+  ``train.update_step`` at B×S = 64×256 against a ``transformers``
+  forward + backward + AdamW step of the same model and shapes; plus one RL
+  iteration's time split (sampling / reward / update) on a small batch.
+* ``reward``: ``tools/bench_reward.bench_reward``.
+
+FLOP conventions. N = parameters used by matmuls per token: every parameter
+(SmolLM2 ties the embedding, so it counts once, as the LM head). Decode
+FLOPs per token = 2·N + 4·layers·heads·head_dim·ctx (QKᵀ and PV over the
+ctx slots the sampler attends to: all S cache slots, masked). Training
+FLOPs = 6·N·B·S (the LM head is in fact applied to completion positions
+only, in both implementations). The peak is a jitted fp32 2048×2048 matmul.
+
+``--model=tiny`` swaps in a small random Llama (for the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from multians_jax import checkpoint, hf, reward, sampler, sharding, train  # noqa: E402
+from multians_jax import model as model_lib  # noqa: E402
+
+FULL = {
+  "sampler": dict(prompts=8, group=8, prompt_len=128, new_tokens=128),
+  "train": dict(batch=64, seq=256, micro_batches=4),
+  "rl": dict(prompts=2, group=4, prompt_len=64, new_tokens=64),
+  "reward": dict(num=1024, chars=1000, k=3),
+  "peak_n": 2048,
+}
+QUICK = {
+  "sampler": dict(prompts=2, group=2, prompt_len=16, new_tokens=8),
+  "train": dict(batch=4, seq=32, micro_batches=2),
+  "rl": dict(prompts=2, group=2, prompt_len=16, new_tokens=8),
+  "reward": dict(num=64, chars=300, k=3),
+  "peak_n": 512,
+}
+TINY = model_lib.ModelConfig(
+  "llama", 512, 64, 2, 4, 2, 16, 128, tie_embeddings=True,
+  max_seq_len=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Machine, peak, model
+
+
+def machine() -> dict:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [ln.split(":", 1)[1].strip() for ln in f if "model name" in ln]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  import flax
+  import torch
+  import transformers
+
+  return {
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "load_avg_1m": os.getloadavg()[0],
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "device": str(jax.devices()[0].device_kind),
+  }
+
+
+def _best(fn, reps: int) -> float:
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  """FLOP/s of a jitted fp32 n×n matmul (best of ``reps``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(a, b))
+  return 2 * n**3 / _best(lambda: f(a, b), reps)
+
+
+def load(name: str):
+  """(model, tokenizer or None) on one device; ``tiny`` = random init."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  if name == "tiny":
+    return model_lib.init_model(TINY, mesh, sharding.TRAIN_RULES), None
+  model, _, tok = checkpoint.load_model(name, mesh, sharding.TRAIN_RULES)
+  return model, tok
+
+
+def matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """N: parameters in matmuls per token (all, embedding once as LM head)."""
+  n = model_lib.param_count(cfg)
+  if not cfg.tie_embeddings:
+    n -= cfg.vocab_size * cfg.d_model  # the lookup table is not a matmul
+  return n
+
+
+def _prompts(cfg, p: int, t: int, seed: int = 0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return rng.integers(3, cfg.vocab_size, (p, t)).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Sampler
+
+
+def decode_flops(cfg, b: int, t: int, steps: int) -> float:
+  """FLOPs of ``steps`` decode steps of B rows over S = T + L cache slots."""
+  s = t + steps  # the sampler attends to every slot (masked)
+  attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s
+  return float(b * steps * (2 * matmul_params(cfg) + attn))
+
+
+def time_ours(model, ids, g: int, new: int, temperature: float) -> dict:
+  """First-call (compile) and warm times of ``sampler.sample``."""
+  mask = np.ones(ids.shape, bool)
+  out = {}
+  for steps in (new, 1):  # full run; prefill + 1 step (decode-only diff)
+    cfg = sampler.SamplingConfig(
+      max_new_tokens=steps, temperature=temperature, min_prompt_bucket=0
+    )
+    run = lambda c=cfg: (
+      sampler.sample(
+        model, ids, mask, jax.random.key(0), c, num_samples=g
+      ).tokens
+    )
+    t0 = time.perf_counter()
+    toks = jax.block_until_ready(run())
+    out[steps] = dict(first=time.perf_counter() - t0, warm=_best(run, 2))
+    if steps == new:
+      out["distinct_rows"] = len({tuple(r) for r in np.asarray(toks)})
+  return out
+
+
+def time_transformers(hf_dir, ids, g: int, new: int, temperature: float):
+  """Warm time of ``generate`` on the B = P·G rows (prompt-major)."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  ref.eval()
+  rows = torch.tensor(np.repeat(ids, g, axis=0), dtype=torch.long)
+  kw = dict(
+    attention_mask=torch.ones_like(rows),
+    do_sample=True,
+    temperature=temperature,
+    top_k=0,
+    top_p=1.0,
+    pad_token_id=0,
+  )
+  with torch.inference_mode():
+    ref.generate(rows, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    out = ref.generate(rows, max_new_tokens=new, min_new_tokens=new, **kw)
+    dt = time.perf_counter() - t0
+  return dt, int(out.shape[1] - rows.shape[1])
+
+
+def bench_sampler(model, shapes: dict, peak: float, temperature=0.7) -> dict:
+  cfg = model.cfg
+  p, g = shapes["prompts"], shapes["group"]
+  t, new = shapes["prompt_len"], shapes["new_tokens"]
+  b = p * g
+  ids = _prompts(cfg, p, t)
+  ours = time_ours(model, ids, g, new, temperature)
+  tokens = b * new
+  decode_s = ours[new]["warm"] - ours[1]["warm"]
+  flops = decode_flops(cfg, b, t, new - 1)
+  with tempfile.TemporaryDirectory() as d:
+    hf.save(model, d)
+    hf_s, hf_new = time_transformers(d, ids, g, new, temperature)
+  ours_tps = tokens / ours[new]["warm"]
+  hf_tps = b * hf_new / hf_s
+  return {
+    "shape": dict(prompts=p, group=g, rows=b, prompt_len=t, new_tokens=new),
+    "temperature": temperature,
+    "ours_compile_and_first_call_s": ours[new]["first"],
+    "ours_warm_s": ours[new]["warm"],
+    "ours_prefill_plus_1_step_s": ours[1]["warm"],
+    "ours_decode_s": decode_s,
+    "ours_tokens_per_s": ours_tps,
+    "ours_distinct_rows": ours["distinct_rows"],
+    "transformers_s": hf_s,
+    "transformers_new_tokens": hf_new,
+    "transformers_tokens_per_s": hf_tps,
+    "ratio_vs_transformers": ours_tps / hf_tps,
+    "decode_ms_per_step": 1e3 * decode_s / max(new - 1, 1),
+    "decode_flops": flops,
+    "decode_flop_per_s": flops / decode_s if decode_s > 0 else math.nan,
+    "decode_fraction_of_peak": flops / decode_s / peak
+    if decode_s > 0
+    else math.nan,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Update step
+
+
+def _rollout(cfg, b: int, t: int, n: int, seed: int = 0) -> sampler.Rollout:
+  rng = np.random.default_rng(seed)
+  ids = lambda n: jnp.asarray(rng.integers(3, cfg.vocab_size, (b, n)), "int32")
+  return sampler.Rollout(
+    prompt_tokens=ids(t),
+    prompt_mask=jnp.ones((b, t), bool),
+    tokens=ids(n),
+    logprobs=jnp.asarray(-rng.random((b, n)) * 5, jnp.float32),
+    mask=jnp.ones((b, n), bool),
+    lengths=jnp.full((b,), n, jnp.int32),
+    truncated=jnp.zeros((b,), bool),
+  )
+
+
+def _copy(model):
+  """A model with its own buffers (the update step donates its state)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def time_update(model, batch, micro: int) -> dict:
+  tx = train.optimizer(train.OptimConfig(lr=1e-6))
+  graphdef, _ = nnx.split(model)
+  state = train.init_state(model, tx)
+  ucfg = train.UpdateConfig(micro_batches=micro, temperature=0.7)
+  step = lambda s: train.update_step(graphdef, s, batch, tx=tx, cfg=ucfg)
+  t0 = time.perf_counter()
+  state, m = jax.block_until_ready(step(state))
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state, m = jax.block_until_ready(step(state))
+  return dict(first=first, warm=time.perf_counter() - t0, loss=float(m["loss"]))
+
+
+def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
+  """A transformers fwd + bwd (same PG loss shape) + AdamW step, warm."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  ref.train()
+  opt = torch.optim.AdamW(ref.parameters(), lr=1e-6, weight_decay=0.0)
+  tokens = torch.tensor(np.asarray(batch.tokens), dtype=torch.long)
+  adv = torch.tensor(np.asarray(batch.adv))
+  old = torch.tensor(np.asarray(batch.old_logp))
+
+  def step(rows):
+    opt.zero_grad(set_to_none=True)
+    for chunk in torch.chunk(torch.arange(rows), micro):
+      x = tokens[chunk]
+      # Logits for the completion positions only (as our loss computes).
+      logits = ref(x, logits_to_keep=comp + 1).logits[:, :-1]
+      logp = torch.log_softmax(logits / 0.7, -1)
+      logp = logp.gather(-1, x[:, -comp:, None])[..., 0]
+      ratio = torch.exp(logp - old[chunk])
+      a = adv[chunk, None]
+      obj = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+      (-obj.sum() / (rows * comp)).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+
+  step(micro)  # warm-up on M rows (allocations, optimizer state)
+  t0 = time.perf_counter()
+  step(tokens.shape[0])
+  return time.perf_counter() - t0
+
+
+def bench_update(model, shapes: dict, peak: float) -> dict:
+  cfg = model.cfg
+  b, s, micro = shapes["batch"], shapes["seq"], shapes["micro_batches"]
+  t = n = s // 2
+  rollout = _rollout(cfg, b, t, n)
+  adv = jnp.asarray(np.random.default_rng(1).standard_normal(b), jnp.float32)
+  batch = train.make_batch(rollout, adv)
+  with tempfile.TemporaryDirectory() as d:
+    hf.save(model, d)  # before the donating update step
+    hf_s = time_torch_update(d, batch, micro, n)
+  ours = time_update(_copy(model), batch, micro)
+  flops = 6.0 * matmul_params(cfg) * b * s
+  return {
+    "shape": dict(batch=b, seq=s, prompt=t, completion=n, micro_batches=micro),
+    "ours_compile_and_first_step_s": ours["first"],
+    "ours_step_s": ours["warm"],
+    "ours_tokens_per_s": b * s / ours["warm"],
+    "ours_mfu": flops / ours["warm"] / peak,
+    "transformers_step_s": hf_s,
+    "transformers_tokens_per_s": b * s / hf_s,
+    "transformers_mfu": flops / hf_s / peak,
+    "ratio_vs_transformers": hf_s / ours["warm"],
+    "model_flops_per_step": flops,
+  }
+
+
+# ---------------------------------------------------------------------------
+# One RL iteration
+
+
+def _texts(tok, rollout) -> list[str]:
+  rows = np.asarray(rollout.tokens)
+  lengths = np.asarray(rollout.lengths)
+  ids = [r[:n].tolist() for r, n in zip(rows, lengths, strict=True)]
+  if tok is None:
+    return [" ".join(map(str, r)) for r in ids]
+  return tok.batch_decode(ids, skip_special_tokens=True)
+
+
+def rl_iteration(model, tok, shapes: dict) -> dict:
+  """Sample → reward → advantages → update; second (warm) iteration timed."""
+  cfg = model.cfg
+  p, g = shapes["prompts"], shapes["group"]
+  ids = _prompts(cfg, p, shapes["prompt_len"], seed=2)
+  mask = np.ones(ids.shape, bool)
+  scfg = sampler.SamplingConfig(
+    max_new_tokens=shapes["new_tokens"],
+    temperature=0.7,
+    stop_ids=cfg.eos_ids,
+    pad_id=cfg.pad_token_id or 0,
+    min_prompt_bucket=0,
+  )
+  rcfg = reward.RewardConfig(mode="multi_rlcr", num_answers=3)
+  gold = [[["France"], ["Spain"]]] * (p * g)
+  tx = train.optimizer(train.OptimConfig(lr=1e-6))
+  graphdef, _ = nnx.split(model)
+  state = train.init_state(_copy(model), tx)
+  ucfg = train.UpdateConfig(temperature=0.7)
+  times = []
+  for it in range(2):
+    t0 = time.perf_counter()
+    policy = nnx.merge(graphdef, state.params)
+    roll = sampler.sample(policy, ids, mask, jax.random.key(it), scfg, g)
+    texts = _texts(tok, roll)
+    t1 = time.perf_counter()
+    scores = reward.score_texts(texts, gold, rcfg)
+    adv, _ = train.group_advantages(jnp.asarray(scores["total"]), p, "drgrpo")
+    t2 = time.perf_counter()
+    batch = train.make_batch(roll, adv)
+    state, m = train.update_step(graphdef, state, batch, tx=tx, cfg=ucfg)
+    jax.block_until_ready(m)
+    t3 = time.perf_counter()
+    times.append(dict(sampling_s=t1 - t0, reward_s=t2 - t1, update_s=t3 - t2))
+  return {
+    "shape": dict(shapes),
+    "first_iteration": times[0],  # includes compilation
+    "warm_iteration": times[1],
+    "warm_total_s": sum(times[1].values()),
+  }
+
+
+def bench_train(model, tok, shapes: dict, peak: float) -> dict:
+  out = bench_update(model, shapes["train"], peak)
+  out["rl_iteration"] = rl_iteration(model, tok, shapes["rl"])
+  return out
+
+
+def bench_reward_path(shapes: dict) -> dict:
+  from bench_reward import bench_reward
+
+  return bench_reward(**shapes["reward"])
+
+
+# ---------------------------------------------------------------------------
+
+
+def run(which: str, quick: bool = False, model_name: str = "smollm2") -> dict:
+  shapes = QUICK if quick else FULL
+  out = {"machine": machine(), "command": " ".join(sys.argv), "quick": quick}
+  needs_model = which in ("sampler", "train", "all")
+  if needs_model:
+    out["matmul_peak_flop_per_s"] = matmul_peak(shapes["peak_n"])
+    model, tok = load(model_name)
+    out["model"] = dict(
+      name=model_name,
+      params=model_lib.param_count(model.cfg),
+      matmul_params=matmul_params(model.cfg),
+    )
+  if which in ("sampler", "all"):
+    out["sampler"] = bench_sampler(model, shapes["sampler"], out[
+      "matmul_peak_flop_per_s"])  # fmt: skip
+  if which in ("train", "all"):
+    out["train"] = bench_train(
+      model, tok, shapes, out["matmul_peak_flop_per_s"]
+    )
+  if which in ("reward", "all"):
+    out["reward"] = bench_reward_path(shapes)
+  return out
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("which", choices=("sampler", "train", "reward", "all"))
+  parser.add_argument("--out", default=None, help="also write JSON here")
+  parser.add_argument("--quick", action="store_true", help="tiny shapes")
+  parser.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  out = run(args.which, args.quick, args.model)
+  text = json.dumps(out, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  return out
+
+
+if __name__ == "__main__":
+  main()
