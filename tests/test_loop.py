@@ -178,3 +178,30 @@ def test_orbax_to_hf_on_a_training_checkpoint(straight, tmp_path):
   cfg = json.loads((out / "config.json").read_text())
   assert cfg["num_hidden_layers"] == 2 and cfg["vocab_size"] == 49152
   assert (out / "tokenizer.json").exists()
+
+
+def test_evaluate_tool_on_a_training_checkpoint(straight, tmp_path):
+  out = tmp_path / "eval"
+  subprocess.run(
+    [
+      sys.executable,
+      "tools/evaluate.py",
+      f"--model={straight}/checkpoints",
+      "--data=countries",
+      f"--data_dir={straight}/../data",
+      "--num_prompts=4",
+      "--num_generations=2",
+      "--max_new_tokens=8",
+      "--baseline_samples=3",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  res = json.loads((out / "metrics.json").read_text())
+  m, b = res["metrics"], res["baseline"]["metrics"]
+  assert m["num_prompts"] == 4 and "coverage@6" in m
+  assert b["num_prompts"] == 4 and "coverage@3" in b
+  assert (out / "coverage_vs_k.png").exists()
