@@ -75,7 +75,9 @@ class Checkpointer:
   """Saves and restores steps of ``params`` (+ extra items) and ``meta``."""
 
   def __init__(self, path: str, max_to_keep: int | None = 3, async_save=True):
-    self.path = str(path)
+    path = str(path)
+    # Orbax needs absolute paths; gs:// and other URLs are kept as given.
+    self.path = path if "://" in path else os.path.abspath(path)
     opts = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=True,

@@ -167,3 +167,18 @@ def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
     checkpoint.load_model(
       str(tmp_path / "nothing"), one_device_mesh, sharding.TRAIN_RULES
     )
+
+
+def test_checkpointer_accepts_relative_paths(
+  tmp_path, monkeypatch, one_device_mesh
+):
+  from multians_jax import model
+
+  monkeypatch.chdir(tmp_path)
+  cfg = model.ModelConfig("llama", 32, 16, 1, 2, 1, 8, 16)
+  m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
+  ck = checkpoint.Checkpointer("rel/ckpts", async_save=True)
+  ck.save(1, m, items={"extra": {"x": m.final_norm[...]}})
+  ck.wait()
+  ck.close()
+  assert (tmp_path / "rel" / "ckpts" / "1").is_dir()
