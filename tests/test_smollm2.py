@@ -106,3 +106,55 @@ def test_group_sampling_on_smollm2(smol):
   )
   texts = {tok.decode(t) for t in np.asarray(r.tokens)}
   assert len(texts) > 1  # four different completions from one prefill
+
+
+def test_two_training_steps_export_to_transformers(tmp_path):
+  """Train 2 RL steps on SmolLM2 → orbax_to_hf → transformers logits."""
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  from configs import demo
+  from multians_jax import checkpoint, loop
+
+  c = demo.get_config()
+  # One warm-up step guarantees the weights move even if both RL groups get
+  # equal rewards (zero advantages).
+  c.steps, c.warmup.steps, c.warmup.batch_prompts = 2, 1, 1
+  c.data.prompts_per_step, c.rl.num_generations = 1, 2
+  c.sampler.max_new_tokens = 8
+  c.eval.before_after, c.export.report, c.export.hf_dir = False, False, ""
+  c.log.tensorboard = False
+  c.optim.lr = 1e-4  # large enough that the weights visibly move
+  work = str(tmp_path / "run")
+  loop.train(loop.RunConfig.from_dict(c.to_dict()), work)
+  out = tmp_path / "hf"
+  subprocess.run(
+    [
+      sys.executable,
+      "tools/orbax_to_hf.py",
+      f"--ckpt={work}/checkpoints",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  ours, _, tok = checkpoint.load_model(
+    f"{work}/checkpoints", mesh, sharding.TRAIN_RULES
+  )
+  ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  hf_tok = AutoTokenizer.from_pretrained(out)
+  text = "Name a country that borders Germany."
+  ids = np.asarray([hf_tok(text)["input_ids"]])
+  assert ids.tolist() == [tok(text)["input_ids"]]
+  mask = np.ones_like(ids, bool)
+  pos = np.arange(ids.shape[1])[None]
+  got, _ = ours(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids)).logits.numpy()
+  assert np.abs(np.asarray(got) - want).max() <= 1e-3
+  # Training changed the weights (this is not the imported model).
+  orig = hf.load(gguf.smollm2_gguf_path(), mesh, sharding.TRAIN_RULES)[0]
+  o, _ = orig(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  assert np.abs(np.asarray(o) - np.asarray(got)).max() > 1e-3
