@@ -82,7 +82,7 @@ def test_kv_cache_bytes_by_hand():
   c.sampler.cache_dtype = "bfloat16"
   plan = mem.plan_from_config(c, (2, 4, 1))
   m = plan.model
-  slots = 64 + 64  # bucket_length(50) = 64, + max_new_tokens
+  slots = 50 + 64  # data bucket min(16·2^n ≥ 50, max_prompt_len=50) + L
   total = 2 * m.num_layers * 8 * m.num_kv_heads * slots * m.head_dim * 2
   assert mem.kv_cache_bytes(plan) == (total, total / 8)  # batch on data·fsdp
 

@@ -51,8 +51,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from multians_jax import data, sharding, train  # noqa: E402
 from multians_jax import model as model_lib  # noqa: E402
-from multians_jax import sampler, sharding, train  # noqa: E402
 
 GiB = 1024**3
 # Device memory (GiB) by accelerator name, for --device / config comments.
@@ -83,10 +83,17 @@ class Plan:
   micro_batches: int  # M
   chunk: int  # C
   cache_dtype: str
+  sample_chunk: int = 0  # prompts per sampler call (0 = all P)
 
   @property
   def rows(self) -> int:
     return self.prompts * self.generations
+
+  @property
+  def sample_rows(self) -> int:
+    """Rows whose KV cache exists at once (rl.sample_chunk prompts × G)."""
+    p = min(self.prompts, self.sample_chunk or self.prompts)
+    return p * self.generations
 
   @property
   def devices(self) -> int:
@@ -178,7 +185,13 @@ def kv_cache_bytes(plan: Plan) -> tuple[int, float]:
   """K and V [NL, B, K, S, H] in the cache dtype, SAMPLE_RULES layout."""
   cfg = plan.model
   slots = plan.prompt_bucket + plan.new_tokens
-  shape = (cfg.num_layers, plan.rows, cfg.num_kv_heads, slots, cfg.head_dim)
+  shape = (
+    cfg.num_layers,
+    plan.sample_rows,
+    cfg.num_kv_heads,
+    slots,
+    cfg.head_dim,
+  )
   spec = sharding.spec_for(
     model_lib.CACHE_AXES, shape, abstract_mesh(plan.mesh), sharding.SAMPLE_RULES
   )
@@ -357,11 +370,15 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     mesh=mesh_sizes(tuple(spec), num_devices),
     prompts=c.data.prompts_per_step,
     generations=c.rl.num_generations,
-    prompt_bucket=sampler.bucket_length(c.data.max_prompt_len, min_bucket),
+    # The data pipeline's bucket (min_bucket·2^n, capped at max_prompt_len).
+    prompt_bucket=data.bucket_length(
+      c.data.max_prompt_len, min_bucket, c.data.max_prompt_len
+    ),
     new_tokens=c.sampler.max_new_tokens,
     micro_batches=c.rl.micro_batches,
     chunk=c.rl.get("logprob_chunk", 128),
     cache_dtype=c.sampler.cache_dtype,
+    sample_chunk=c.rl.get("sample_chunk", 0),
   )
 
 
