@@ -2,6 +2,11 @@
 
 Shape letters: P prompts, G generations pooled per prompt, B = P·G, A
 answer slots (K of the paper).
+
+Multi-process: every process reads the same records and samples them as
+one global batch; each decodes and scores its own whole groups of rows
+(``sharding.row_bounds``) and the numeric scores are gathered, so the
+summary covers every row on every process (process 0 writes it).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-from multians_jax import data, metrics, reward, sampler
+from multians_jax import data, metrics, reward, sampler, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,7 @@ class EvalConfig:
 class EvalResult:
   summary: dict  # flat floats (metrics.summarize + counts)
   scores: dict  # score_texts arrays over all B rows
-  texts: list  # completions
+  texts: list  # completions of this process's rows (all rows on one host)
   lengths: np.ndarray  # [B]
 
 
@@ -70,7 +75,7 @@ def run(
     pad_id=pad_id,
   )
   g = cfg.num_generations
-  texts, gold, tests, lengths = [], [], [], []
+  texts, gold, tests, parts = [], [], [], []
   key = jax.random.key(seed)
   for i, batch in enumerate(it):
     r = sampler.sample(
@@ -82,13 +87,19 @@ def run(
       num_samples=g,
       mesh=mesh,
     )
-    texts += decode(tokenizer, r)
-    lengths.append(np.asarray(r.lengths))
-    for gs, ts in zip(batch.gold, batch.tests, strict=True):
-      gold += [gs] * g
-      tests += [ts] * g
-  scores = reward.score_texts(texts, gold, rcfg, tests=tests)
-  lengths = np.concatenate(lengths)
+    bounds = sharding.row_bounds(len(batch.gold), g)
+    local = jax.tree.map(lambda x, b=bounds: sharding.local_rows(x, b), r)
+    mine = decode(tokenizer, local)
+    bgold = [gs for gs in batch.gold for _ in range(g)]
+    btests = [ts for ts in batch.tests for _ in range(g)]
+    sc = score_rows(mine, bgold, btests, rcfg, bounds)
+    sc["lengths"] = np.asarray(local.lengths)
+    parts.append(gather_scores(sc, bounds))
+    texts += mine
+    gold += bgold
+    tests += btests
+  scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  lengths = scores.pop("lengths")
   num_gold = np.array([len(x) for x in gold[::g]])
   a = np.asarray(scores["entry_id"]).shape[1]
   summary = metrics.summarize(
@@ -104,6 +115,37 @@ def run(
     truncation_rate=float(np.mean(lengths >= cfg.max_new_tokens)),
   )
   return EvalResult(summary, scores, texts, lengths)
+
+
+def score_rows(texts, gold, tests, rcfg, bounds) -> dict:
+  """``score_texts`` of this process's rows (``texts``) against the rows
+  ``bounds[i]:bounds[i+1]`` of the batch-wide ``gold`` / ``tests``."""
+  lo = bounds[jax.process_index()]
+  if not texts:  # more processes than groups: an empty block, same keys
+    sc = reward.score_texts([""], gold[:1], rcfg, tests=tests[:1])
+    return {k: v[:0] for k, v in sc.items()}
+  hi = lo + len(texts)
+  return reward.score_texts(texts, gold[lo:hi], rcfg, tests=tests[lo:hi])
+
+
+def gather_scores(scores: dict, bounds) -> dict:
+  """Every process's ``score_texts`` rows, in row order, on every process.
+
+  ``answer_key`` ids are numbered per scoring call; each block's are
+  shifted past the previous blocks' so keys stay distinct across blocks
+  (metrics compare keys only within a group, which never spans blocks).
+  """
+  out = sharding.gather_rows(scores, bounds)
+  if len(bounds) == 2:
+    return out
+  keys = np.asarray(out["answer_key"]).copy()
+  offset = 0
+  for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    block = keys[lo:hi]
+    block[block >= 0] += offset
+    offset = max(offset, int(block.max(initial=-1)) + 1)
+  out["answer_key"] = keys
+  return out
 
 
 def decode(tokenizer, rollout: sampler.Rollout) -> list[str]:

@@ -5,6 +5,20 @@
 the latest complete checkpoint in ``WORKDIR/checkpoints`` when there is one
 (falling back to older steps if the latest cannot be restored), saves on
 SIGTERM/SIGINT and exits cleanly, and evaluates before and after.
+
+Multi-process (one process per host, ``jax.distributed``): every process
+reads the same global prompt stream (so batches, bucket lengths and the
+data-iterator state saved with a checkpoint do not depend on the number of
+processes) and passes the same host arrays to jitted code over the global
+mesh. The host work on completions — decoding and reward matching, the
+expensive part — is split: each process handles its own whole groups of
+rows (``sharding.row_bounds``, read from its addressable shards) and the
+numeric scores are all-gathered, so advantages and logged metrics are
+computed from every row, identically on every process. A run therefore
+gives the same results (up to the summation order of cross-process
+reductions) for any process count on the same mesh shape. Only process 0
+writes logs, metrics, reports and exports; checkpoints are written
+collectively by Orbax.
 """
 
 from __future__ import annotations
@@ -232,7 +246,16 @@ def open_data(dc: DataConfig, workdir: str, split: str):
   name, _, config = dc.name.partition("/")
   if config:
     kwargs["config"] = config
-  datasets.build(name, data_dir, **kwargs)
+  # Process 0 builds first (a shared data_dir is built once); the others
+  # then find it built, or build their own copy on a host-local disk.
+  if jax.process_index() == 0:
+    datasets.build(name, data_dir, **kwargs)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("multians_jax data built")
+    if jax.process_index() != 0:
+      datasets.build(name, data_dir, **kwargs)
   return datasets.load(dc.name, split, data_dir)
 
 
@@ -278,16 +301,18 @@ def train(
     os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt_keep
   )
   state = train_lib.init_state(policy, tx)
-  p_local = run.data.prompts_per_step // jax.process_count()
-  pcfg = data.PipelineConfig(
-    batch_size=p_local,
+  if run.data.prompts_per_step % jax.process_count():
+    raise ValueError(
+      f"config: data.prompts_per_step={run.data.prompts_per_step} must be a "
+      f"multiple of the process count {jax.process_count()}"
+    )
+  pcfg = data.PipelineConfig(  # the global stream, the same on every process
+    batch_size=run.data.prompts_per_step,
     mode=run.reward.mode,
     num_answers=run.reward.num_answers,
     max_prompt_len=run.data.max_prompt_len,
     min_bucket=run.data.min_bucket,
     seed=run.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
   )
   source = train_source or open_data(run.data, workdir, run.data.train_split)
   stream = data.PromptIterator(source, tok, pcfg)
@@ -402,15 +427,13 @@ def train(
 def _warmup(run, graphdef, params, source, tok, writer):
   """Supervised format warm-up on training questions (see warmup.py)."""
   wc = run.warmup
-  pcfg = data.PipelineConfig(
-    batch_size=wc.batch_prompts // jax.process_count(),
+  pcfg = data.PipelineConfig(  # global batches, the same on every process
+    batch_size=wc.batch_prompts,
     mode=run.reward.mode,
     num_answers=run.reward.num_answers,
     max_prompt_len=run.data.max_prompt_len,
     min_bucket=run.data.min_bucket,
     seed=run.seed + 7,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
   )
   it = data.PromptIterator(source, tok, pcfg)
   tx = warmup_lib.optimizer(wc)
@@ -444,16 +467,21 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
   rollout = _sample_chunked(
     model, batch, key, scfg, g, mesh, run.rl.sample_chunk
   )
-  texts = evaluate.decode(tok, _local(rollout))
+  bounds = sharding.row_bounds(len(batch.gold), g)
+  local = jax.tree.map(lambda x: sharding.local_rows(x, bounds), rollout)
+  texts = evaluate.decode(tok, local)
   t1 = time.perf_counter()
   gold = [gs for gs in batch.gold for _ in range(g)]
   tests = [ts for ts in batch.tests for _ in range(g)]
-  scores = reward.score_texts(texts, gold, run.reward, tests=tests)
-  lengths = np.asarray(_local(rollout).lengths)
+  scores = evaluate.score_rows(texts, gold, tests, run.reward, bounds)
+  scores.update(lengths=local.lengths, truncated=local.truncated)
+  scores = evaluate.gather_scores(scores, bounds)  # every row, every process
+  lengths, truncated = scores.pop("lengths"), scores.pop("truncated")
   rewards = jnp.asarray(scores["total"], jnp.float32)
   adv, ainfo = train_lib.group_advantages(
     rewards, len(batch.gold), run.rl.advantage
   )
+  adv = np.asarray(adv)  # host value, equal on all processes
   t2 = time.perf_counter()
   ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), mesh)
   ucfg = train_lib.UpdateConfig(
@@ -487,7 +515,7 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
     time_update=t3 - t2,
     time_step=t3 - t0,
     tokens_per_sec=n_tok / max(t1 - t0, 1e-9),
-    truncation_rate=float(np.mean(np.asarray(_local(rollout).truncated))),
+    truncation_rate=float(np.mean(truncated)),
     lr=float(train_lib.schedule(run.optim)(int(state.step) - 1)),
   )
   return state, out
@@ -512,11 +540,6 @@ def _sample_chunked(model, batch, key, scfg, g, mesh, chunk):
   if len(parts) == 1:
     return parts[0]
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-
-
-def _local(rollout):
-  """Host copy of the rows this process owns (all rows on one host)."""
-  return jax.tree.map(sharding.host_array, rollout)
 
 
 def _reference(run, mesh, tok):
@@ -580,11 +603,14 @@ def _resume(ckpt, state, graphdef, tx, mesh, stream) -> tuple[Any, dict]:
 
 
 def _finish(run, workdir, graphdef, state, tok, evals):
+  params = state.params
+  if run.export_hf and jax.process_count() > 1:  # collective: all processes
+    params = jax.tree.map(sharding.host_array, params)
   if jax.process_index() != 0:
     return
   if run.export_hf:
     out = os.path.join(workdir, run.export_hf)
-    hf.save(nnx.merge(graphdef, state.params), out, tokenizer=tok)
+    hf.save(nnx.merge(graphdef, params), out, tokenizer=tok)
     logging.info("exported %s", out)
   if run.report:
     report.write(workdir, evals, run.eval.num_generations)

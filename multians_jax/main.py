@@ -41,6 +41,12 @@ def init_distributed() -> None:
   nproc = _NPROC.value or int(env.get("JAX_NUM_PROCESSES", "0") or 0)
   pid = _PID.value if _PID.value is not None else env.get("JAX_PROCESS_ID")
   if coord and nproc and nproc > 1:
+    if pid is None:
+      raise ValueError("--process_id (or JAX_PROCESS_ID) is required")
+    # Cross-process collectives of the CPU backend (local simulation, CPU
+    # clusters); no effect on accelerators. Must precede initialize().
+    if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coord, num_processes=nproc, process_id=int(pid))
   elif env.get("TPU_WORKER_HOSTNAMES") or env.get("CLOUD_TPU_TASK_ID"):
     jax.distributed.initialize()

@@ -66,18 +66,7 @@ TRAIN_RULES = Rules(
 # Sampling: weights replicated over the batch axes (no per-token all-gather
 # of FSDP shards during decode), heads over 'tensor'.
 SAMPLE_RULES = Rules(
-  "sample",
-  (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-  ),
+  "sample", tuple(row for row in TRAIN_RULES.table if row[0] != "embed")
 )
 
 RULE_SETS = {"train": TRAIN_RULES, "sample": SAMPLE_RULES}
@@ -188,3 +177,89 @@ def host_array(x: jax.Array) -> np.ndarray:
 
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------
+# Multi-process rows. Every process holds the same host batch (prompts,
+# gold sets); device arrays are global. Host-side work on completions
+# (decoding, reward matching) is split by rows: process i handles the rows
+# ``bounds[i]:bounds[i + 1]`` of a batch-sharded global array, whole groups
+# each, and the numeric results are gathered back in row order.
+
+
+def row_bounds(num_groups: int, group: int = 1, count: int | None = None):
+  """Row boundaries ([count + 1] ints) giving each process whole groups.
+
+  Groups are spread as evenly as ``np.array_split`` does; process i owns
+  rows ``bounds[i]:bounds[i + 1]`` of ``num_groups * group`` rows.
+  """
+  count = jax.process_count() if count is None else count
+  return [group * (num_groups * i // count) for i in range(count + 1)]
+
+
+def _rows_local(x: jax.Array, bounds) -> bool:
+  """Whether every process's addressable shards hold its rows (full width).
+
+  Decided from the global sharding alone, so every process agrees (the
+  fallback in ``local_rows`` is a collective).
+  """
+  covered = [set() for _ in range(len(bounds) - 1)]
+  n = x.shape[0]
+  for dev, idx in x.sharding.devices_indices_map(x.shape).items():
+    rest = zip(idx[1:], x.shape[1:], strict=True)
+    full = all(s.indices(d) == (0, d, 1) for s, d in rest)
+    if full and dev.process_index < len(covered):
+      covered[dev.process_index].update(range(*idx[0].indices(n)[:2]))
+  return all(
+    set(range(bounds[i], bounds[i + 1])) <= covered[i]
+    for i in range(len(covered))
+  )
+
+
+def local_rows(x: jax.Array, bounds) -> np.ndarray:
+  """This process's rows ``bounds[i]:bounds[i+1]`` of a global array.
+
+  Read from the addressable shards (replicas deduplicated) when they hold
+  those rows, which is the case when the batch is sharded process-major
+  over the mesh; otherwise all-gathered (a collective: every process calls
+  this with the same arguments).
+  """
+  lo, hi = bounds[jax.process_index()], bounds[jax.process_index() + 1]
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)[lo:hi]
+  if not _rows_local(x, bounds):
+    return host_array(x)[lo:hi]
+  out = np.empty((hi - lo,) + x.shape[1:], x.dtype)
+  done = set()
+  for shard in x.addressable_shards:
+    s, e = shard.index[0].indices(x.shape[0])[:2]
+    a, b = max(s, lo), min(e, hi)
+    if a >= b or (a, b) in done:
+      continue
+    done.add((a, b))
+    out[a - lo : b - lo] = np.asarray(shard.data)[a - s : b - s]
+  return out
+
+
+def gather_rows(tree, bounds):
+  """Concatenates every process's row blocks (numpy, [rows_i, ...] leaves
+  with ``rows_i = bounds[i+1] - bounds[i]``) in process order, on every
+  process. A collective when there is more than one process."""
+  count = len(bounds) - 1
+  if count == 1:
+    return tree
+  from jax.experimental import multihost_utils
+
+  m = max(bounds[i + 1] - bounds[i] for i in range(count))
+
+  def pad(x):
+    x = np.asarray(x)
+    return np.pad(x, [(0, m - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+  stacked = multihost_utils.process_allgather(jax.tree.map(pad, tree))
+  return jax.tree.map(
+    lambda s: np.concatenate(
+      [s[i, : bounds[i + 1] - bounds[i]] for i in range(count)]
+    ),
+    stacked,
+  )
