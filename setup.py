@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.67",
     "matplotlib>=3.10",
     "absl-py>=2.1",
+    "ml_dtypes>=0.5",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
 EXTRAS = {
