@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import ragged_batch, tiny_hf
-
 from flax import nnx
+from hf_models import ragged_batch, tiny_hf
 
 from multians_jax import hf, model, sampler, sharding
 
@@ -30,8 +29,13 @@ def test_greedy_equals_transformers_generate(family, tiny):
   ref, ours = tiny[family]
   ids, mask, _ = ragged_batch(101, [5, 2, 7, 1], 7, seed=3)
   # Pick a stop id that some row emits early, so EOS lands inside the batch.
-  probe = sampler.sample(ours, ids, mask, jax.random.key(0),
-                         sampler.SamplingConfig(6, temperature=0.0))
+  probe = sampler.sample(
+    ours,
+    ids,
+    mask,
+    jax.random.key(0),
+    sampler.SamplingConfig(6, temperature=0.0),
+  )
   eos = int(np.asarray(probe.tokens)[2, 2])
   cfg = sampler.SamplingConfig(12, temperature=0.0, stop_ids=(eos,))
   r = sampler.sample(ours, ids, mask, jax.random.key(0), cfg)
@@ -81,8 +85,8 @@ LOGITS = np.log(np.array([0.35, 0.25, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01]))
 
 
 @pytest.mark.parametrize(
-    "temperature,top_k,top_p",
-    [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.7), (0.8, 4, 0.8)],
+  "temperature,top_k,top_p",
+  [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.7), (0.8, 4, 0.8)],
 )
 def test_sampling_distribution(temperature, top_k, top_p):
   cfg = sampler.SamplingConfig(1, temperature=temperature, top_k=top_k,
@@ -128,7 +132,9 @@ def test_group_samples_differ_and_stop_rows_pad(tiny):
   r = sampler.sample(m, ids, mask, jax.random.key(2), cfg, num_samples=16)
   toks = np.asarray(r.tokens)
   assert len({tuple(t) for t in toks}) > 8
-  for t, n, tr in zip(toks, np.asarray(r.lengths), np.asarray(r.truncated)):
+  for t, n, tr in zip(
+    toks, np.asarray(r.lengths), np.asarray(r.truncated), strict=True
+  ):
     stops = np.isin(t[:n], (5, 6, 7))
     assert stops.sum() == (0 if tr else 1) and (tr or stops[n - 1])
 
@@ -142,7 +148,7 @@ def test_sharded_sampling_equals_single_device(tiny):
   # The trainer's FSDP/TP-sharded parameters, used as they are.
   graphdef, state = nnx.split(m)
   state = jax.device_put(
-      state, model.state_shardings(state, mesh, sharding.TRAIN_RULES)
+    state, model.state_shardings(state, mesh, sharding.TRAIN_RULES)
   )
   m = nnx.merge(graphdef, state)
   assert not m.layers.w_up[...].sharding.is_fully_replicated
