@@ -182,3 +182,34 @@ def test_checkpointer_accepts_relative_paths(
   ck.wait()
   ck.close()
   assert (tmp_path / "rel" / "ckpts" / "1").is_dir()
+
+
+def test_import_and_parity_clis(tmp_path):
+  """tools/hf_to_orbax.py then tools/check_parity.py against transformers."""
+  import subprocess
+  import sys
+
+  import toy_task
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ref = tiny_hf("llama", vocab=len(toy_task.VOCAB), tied=True, theta=1e5)
+  ref.save_pretrained(tmp_path / "hf")
+  toy_task.tokenizer().save_pretrained(tmp_path / "hf")
+  run = lambda *a: subprocess.run(
+    [sys.executable, *a], cwd=root, capture_output=True, text=True, timeout=300
+  )
+  out = run(
+    "tools/hf_to_orbax.py", f"--src={tmp_path}/hf", f"--out={tmp_path}/ck"
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "step 0" in out.stdout and "parameters" in out.stdout
+  out = run(
+    "tools/check_parity.py",
+    f"--ckpt={tmp_path}/ck",
+    f"--hf={tmp_path}/hf",
+    "--prompt=<answer1>red</answer1> foo bar",
+    "--prompt=foo",
+    "--tol=1e-4",
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "max_abs_diff=" in out.stdout
