@@ -43,6 +43,7 @@ from multians_jax import (
   evaluate,
   hf,
   loss,
+  metrics,
   report,
   reward,
   sampler,
@@ -385,7 +386,6 @@ def train(
         mesh,
         ref_params,
       )
-      done = int(state.step)
       if int(state.skipped) >= run.rl.max_nonfinite:
         raise FloatingPointError(
           f"{int(state.skipped)} non-finite updates in a row at step {step}:"
@@ -400,7 +400,6 @@ def train(
         fmt=f"{last['format_valid_rate']:.2f}",
         loss=f"{last['loss']:.4f}",
       )
-      del done
       final = step + 1 == run.steps
       if stop.requested or final or (step + 1) % run.ckpt_every == 0:
         _save(ckpt, step + 1, graphdef, state, stream, tok, run)
@@ -503,8 +502,6 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
       state, um = train_lib.update_step(graphdef, state, ub, tx=tx, cfg=ucfg)
   um = jax.device_get(um)
   t3 = time.perf_counter()
-  from multians_jax import metrics
-
   out = metrics.summarize(scores, lengths, group_size=g)
   out.update({k: float(v) for k, v in um.items()})
   out.update({f"adv/{k}": float(v) for k, v in ainfo.items()})

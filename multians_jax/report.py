@@ -82,7 +82,7 @@ def write(workdir: str, evals: dict, g: int) -> str:
     names = evaluate.plots(res, os.path.join(workdir, f"eval_{tag}"), g)
     for name in names:
       parts += [f"![{tag}: {name}](eval_{tag}/{name})", ""]
-    sample = [t for t in res.texts[:2]]
+    sample = res.texts[:2]
     parts += [f"Sample completions ({tag}):", ""]
     parts += ["```text\n" + t.strip()[:600] + "\n```" for t in sample]
     parts += [""]
