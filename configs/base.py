@@ -69,6 +69,10 @@ def get_config(arg=None):
   c.rl.num_iterations = 1  # optimizer steps per rollout batch
   c.rl.micro_batches = 1  # gradient accumulation steps (exact)
   c.rl.sample_chunk = 0  # prompts per sampler call (0 = all at once)
+  # Update step: run each prompt through the decoder once per group of G
+  # completions (or per part of a group in a micro-batch), not once per
+  # completion. Same loss and gradient; False = the plain per-row layout.
+  c.rl.share_prompt = True
   c.rl.clip_eps_low = 0.2  # PPO clip below
   c.rl.clip_eps_high = 0.2  # PPO clip above
   c.rl.loss_agg = (

@@ -91,6 +91,7 @@ class RLConfig:
   max_nonfinite: int = 5
   logprob_chunk: int = 128
   sample_chunk: int = 0  # prompts per sampler call (0 = all)
+  share_prompt: bool = True  # update step: each prompt once per group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,9 @@ class RunConfig:
     rlc = RLConfig(**rl)
     _check(rlc.num_generations >= 1, "rl.num_generations must be >= 1")
     _check(rlc.num_iterations >= 1, "rl.num_iterations must be >= 1")
+    _check(
+      isinstance(rlc.share_prompt, bool), "rl.share_prompt must be True/False"
+    )
     p = c["data"]["prompts_per_step"]
     _check(
       (p * rlc.num_generations) % rlc.micro_batches == 0,
@@ -488,6 +492,7 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
     micro_batches=run.rl.micro_batches,
     temperature=max(run.sampling.temperature, 1e-6),
     logprob_chunk=run.rl.logprob_chunk,
+    group_size=g if run.rl.share_prompt else 1,
   )
   with sharding.activate(mesh, sharding.TRAIN_RULES):
     if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly

@@ -81,8 +81,7 @@ def token_logprobs(
     with ``return_entropy``, ``(logp, entropy)`` of the same shape. Values
     at padded targets are finite but meaningless: mask them.
   """
-  b, t = tokens.shape
-  n = t - 1 - start
+  t = tokens.shape[1]
   if not isinstance(temperature, jax.Array) and not temperature > 0:
     raise ValueError(f"temperature must be > 0: {temperature}")
   if chunk < 1:
@@ -91,6 +90,58 @@ def token_logprobs(
     raise ValueError(f"start must be in [0, T-1) = [0, {t - 1}): {start}")
   h, _ = model.hidden(tokens, positions, mask)
   h, targets = h[:, start:-1], tokens[:, start + 1 :]  # [B, n, D], [B, n]
+  return head_logprobs(
+    model, h, targets, temperature, chunk=chunk, return_entropy=return_entropy
+  )
+
+
+def shared_prompt_logprobs(
+  model,
+  prompt_tokens: jax.Array,
+  prompt_positions: jax.Array,
+  prompt_mask: jax.Array,
+  tokens: jax.Array,
+  positions: jax.Array,
+  mask: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk: int = DEFAULT_CHUNK,
+  return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Completion log-probs of grouped rows, each prompt run once.
+
+  Equals ``token_logprobs`` on the concatenated [prompt | completion] rows
+  with ``start = T − 1`` (the [B, L] completion log-probs), computed with
+  ``model.hidden_shared``: P·T + B·L tokens through the decoder instead of
+  B·(T + L). The first completion token is scored from the prompt's last
+  hidden state (prompts are left-padded, so that slot is always real).
+
+  Args:
+    prompt_tokens, prompt_positions, prompt_mask: [P, T].
+    tokens, positions, mask: [B, L] completions, B = P·s, prompt-major.
+    temperature, chunk, return_entropy: as in ``token_logprobs``.
+  """
+  if not isinstance(temperature, jax.Array) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0: {temperature}")
+  hp, h = model.hidden_shared(
+    prompt_tokens, prompt_positions, prompt_mask, tokens, positions, mask
+  )
+  s = tokens.shape[0] // prompt_tokens.shape[0]
+  first = jnp.repeat(hp[:, -1:], s, axis=0)  # [B, 1, D]
+  h = jnp.concatenate([first, h[:, :-1]], axis=1)  # h[:, j] predicts tok j
+  return head_logprobs(
+    model, h, tokens, temperature, chunk=chunk, return_entropy=return_entropy
+  )
+
+
+def head_logprobs(
+  model, h, targets, temperature, *, chunk=DEFAULT_CHUNK, return_entropy=False
+):
+  """LM head + log-softmax + gather, chunked: h [B, n, D], targets [B, n]
+  → logp [B, n] (and entropy), never holding more than [B, C, V] logits."""
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1: {chunk}")
+  b, n = targets.shape
   c = min(chunk, n)
   k = math.ceil(n / c)
   pad = k * c - n

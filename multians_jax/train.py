@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,17 @@ class UpdateConfig:
   micro_batches: int = 1  # M: B must be a multiple of it
   temperature: float = 1.0  # the sampler's (log-probs of the same dist)
   logprob_chunk: int = 128  # positions whose logits exist at once
+  # G: rows come in prompt-major groups of G identical prompts (as
+  # ``sampler.sample`` returns them). With G > 1 every prompt runs through
+  # the decoder once per group (or per part of a group in a micro-batch),
+  # not once per row (``loss.shared_prompt_logprobs``); 1 = no sharing.
+  group_size: int = 1
+
+  def __post_init__(self):
+    if self.micro_batches < 1:
+      raise ValueError(f"micro_batches must be >= 1: {self.micro_batches}")
+    if self.group_size < 1:
+      raise ValueError(f"group_size must be >= 1: {self.group_size}")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -178,7 +190,26 @@ def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
 
 def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
   m = nnx.merge(graphdef, params)
-  start = b.tokens.shape[1] - b.comp_mask.shape[1] - 1
+  rows, n = b.comp_mask.shape
+  t = b.tokens.shape[1] - n  # prompt bucket
+  # Consecutive rows sharing a prompt within these rows: groups of G cut
+  # into micro-batches of ``rows`` leave runs of gcd(G, rows).
+  s = math.gcd(cfg.group_size, rows)
+  if s > 1:
+    pre = lambda x: x[::s, :t]
+    comp = lambda x: x[:, t:]
+    return loss.shared_prompt_logprobs(
+      m,
+      pre(b.tokens),
+      pre(b.positions),
+      pre(b.mask),
+      comp(b.tokens),
+      comp(b.positions),
+      comp(b.mask),
+      temperature=cfg.temperature,
+      chunk=cfg.logprob_chunk,
+      return_entropy=True,
+    )
   return loss.token_logprobs(
     m,
     b.tokens,
@@ -186,7 +217,7 @@ def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
     b.mask,
     temperature=cfg.temperature,
     chunk=cfg.logprob_chunk,
-    start=start,
+    start=t - 1,
     return_entropy=True,
   )
 

@@ -44,6 +44,11 @@ def test_quick_bench_all_on_tiny_model(tmp_path):
   assert t["ratio_vs_transformers"] == pytest.approx(
     t["transformers_step_s"] / t["ours_step_s"]
   )
+  assert t["ratio_plain_vs_transformers"] == pytest.approx(
+    t["transformers_step_s"] / t["ours_plain_step_s"]
+  )
+  # Shared prompts and the plain layout compute the same loss.
+  assert abs(t["loss_shared_minus_plain"]) < 1e-5
   split = t["rl_iteration"]["warm_iteration"]
   assert set(split) == {"sampling_s", "reward_s", "update_s"}
   assert all(v > 0 for v in split.values())

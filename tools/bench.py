@@ -14,9 +14,15 @@ tokens, L new (completion) tokens, S = T + L sequence, M micro-batches.
   ``hf.save``) and the same settings in the same run, and decode FLOP/s as a
   fraction of the measured matmul peak.
 * ``train``: tokens/s and model FLOP utilisation (6·N·B·S / time / peak) of
-  ``train.update_step`` at B×S = 64×256 against a ``transformers``
-  forward + backward + AdamW step of the same model and shapes; plus one RL
-  iteration's time split (sampling / reward / update) on a small batch.
+  ``train.update_step`` at B×S = 64×256 (P=8 prompts × G=8, prompt 128 +
+  completion 128) against a ``transformers`` forward + backward + AdamW step
+  of the same model and shapes. Ours runs twice on the same batch: with
+  shared prompts (``group_size = G``, the trainer's default: each prompt
+  once per group) and in the plain per-row layout (the computation
+  transformers does). Tokens/s counts the B·S tokens trained on in both; for
+  the shared layout, which does fewer FLOPs, 6·N·B·S / time is an
+  *effective* MFU. Plus one RL iteration's time split (sampling / reward /
+  update) on a small batch.
 * ``reward``: ``tools/bench_reward.bench_reward``.
 
 FLOP conventions. N = parameters used by matmuls per token: every parameter
@@ -53,14 +59,14 @@ from multians_jax import model as model_lib  # noqa: E402
 
 FULL = {
   "sampler": dict(prompts=8, group=8, prompt_len=128, new_tokens=128),
-  "train": dict(batch=64, seq=256, micro_batches=4),
+  "train": dict(batch=64, seq=256, micro_batches=4, group=8),
   "rl": dict(prompts=2, group=4, prompt_len=64, new_tokens=64),
   "reward": dict(num=1024, chars=1000, k=3),
   "peak_n": 2048,
 }
 QUICK = {
   "sampler": dict(prompts=2, group=2, prompt_len=16, new_tokens=8),
-  "train": dict(batch=4, seq=32, micro_batches=2),
+  "train": dict(batch=4, seq=32, micro_batches=2, group=2),
   "rl": dict(prompts=2, group=2, prompt_len=16, new_tokens=8),
   "reward": dict(num=64, chars=300, k=3),
   "peak_n": 512,
@@ -239,13 +245,16 @@ def bench_sampler(model, shapes: dict, peak: float, temperature=0.7) -> dict:
 # Update step
 
 
-def _rollout(cfg, b: int, t: int, n: int, seed: int = 0) -> sampler.Rollout:
+def _rollout(cfg, b: int, t: int, n: int, group: int = 1, seed: int = 0):
+  """Random rollout of b rows: b / group prompts, each repeated group times
+  (prompt-major, as ``sampler.sample`` returns them)."""
   rng = np.random.default_rng(seed)
-  ids = lambda n: jnp.asarray(rng.integers(3, cfg.vocab_size, (b, n)), "int32")
+  ids = lambda r, n: rng.integers(3, cfg.vocab_size, (r, n))
+  prompts = np.repeat(ids(b // group, t), group, axis=0)
   return sampler.Rollout(
-    prompt_tokens=ids(t),
+    prompt_tokens=jnp.asarray(prompts, jnp.int32),
     prompt_mask=jnp.ones((b, t), bool),
-    tokens=ids(n),
+    tokens=jnp.asarray(ids(b, n), jnp.int32),
     logprobs=jnp.asarray(-rng.random((b, n)) * 5, jnp.float32),
     mask=jnp.ones((b, n), bool),
     lengths=jnp.full((b,), n, jnp.int32),
@@ -259,11 +268,13 @@ def _copy(model):
   return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
-def time_update(model, batch, micro: int) -> dict:
+def time_update(model, batch, micro: int, group: int) -> dict:
   tx = train.optimizer(train.OptimConfig(lr=1e-6))
   graphdef, _ = nnx.split(model)
   state = train.init_state(model, tx)
-  ucfg = train.UpdateConfig(micro_batches=micro, temperature=0.7)
+  ucfg = train.UpdateConfig(
+    micro_batches=micro, temperature=0.7, group_size=group
+  )
   step = lambda s: train.update_step(graphdef, s, batch, tx=tx, cfg=ucfg)
   t0 = time.perf_counter()
   state, m = jax.block_until_ready(step(state))
@@ -308,27 +319,40 @@ def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
 
 
 def bench_update(model, shapes: dict, peak: float) -> dict:
+  """Ours with shared prompts (the default, ``group_size = G``) and in the
+  plain per-row layout (the same computation as transformers), against
+  transformers, on the same grouped batch."""
   cfg = model.cfg
   b, s, micro = shapes["batch"], shapes["seq"], shapes["micro_batches"]
+  g = shapes["group"]
   t = n = s // 2
-  rollout = _rollout(cfg, b, t, n)
+  rollout = _rollout(cfg, b, t, n, group=g)
   adv = jnp.asarray(np.random.default_rng(1).standard_normal(b), jnp.float32)
   batch = train.make_batch(rollout, adv)
   with tempfile.TemporaryDirectory() as d:
     hf.save(model, d)  # before the donating update step
     hf_s = time_torch_update(d, batch, micro, n)
-  ours = time_update(_copy(model), batch, micro)
+  plain = time_update(_copy(model), batch, micro, 1)
+  shared = time_update(_copy(model), batch, micro, g)
   flops = 6.0 * matmul_params(cfg) * b * s
   return {
-    "shape": dict(batch=b, seq=s, prompt=t, completion=n, micro_batches=micro),
-    "ours_compile_and_first_step_s": ours["first"],
-    "ours_step_s": ours["warm"],
-    "ours_tokens_per_s": b * s / ours["warm"],
-    "ours_mfu": flops / ours["warm"] / peak,
+    "shape": dict(
+      batch=b, seq=s, prompt=t, completion=n, micro_batches=micro, group=g
+    ),
+    "ours_compile_and_first_step_s": shared["first"],
+    "ours_step_s": shared["warm"],
+    "ours_tokens_per_s": b * s / shared["warm"],
+    "ours_mfu": flops / shared["warm"] / peak,
+    "ours_plain_compile_and_first_step_s": plain["first"],
+    "ours_plain_step_s": plain["warm"],
+    "ours_plain_tokens_per_s": b * s / plain["warm"],
+    "ours_plain_mfu": flops / plain["warm"] / peak,
     "transformers_step_s": hf_s,
     "transformers_tokens_per_s": b * s / hf_s,
     "transformers_mfu": flops / hf_s / peak,
-    "ratio_vs_transformers": hf_s / ours["warm"],
+    "ratio_vs_transformers": hf_s / shared["warm"],
+    "ratio_plain_vs_transformers": hf_s / plain["warm"],
+    "loss_shared_minus_plain": shared["loss"] - plain["loss"],
     "model_flops_per_step": flops,
   }
 
@@ -364,7 +388,7 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
   tx = train.optimizer(train.OptimConfig(lr=1e-6))
   graphdef, _ = nnx.split(model)
   state = train.init_state(_copy(model), tx)
-  ucfg = train.UpdateConfig(temperature=0.7)
+  ucfg = train.UpdateConfig(temperature=0.7, group_size=g)
   times = []
   for it in range(2):
     t0 = time.perf_counter()
