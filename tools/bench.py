@@ -285,7 +285,25 @@ def time_update(model, batch, micro: int, group: int) -> dict:
 
 
 def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
-  """A transformers fwd + bwd (same PG loss shape) + AdamW step, warm."""
+  """A transformers fwd + bwd (same PG loss shape) + AdamW step, warm.
+
+  Runs in a fresh (spawned) process: torch's freed activations stay in this
+  process's heap otherwise, and with ours compiled next the full-size
+  benchmark would not fit in 24 GiB.
+  """
+  import concurrent.futures
+  import multiprocessing
+
+  arrays = {k: np.asarray(getattr(batch, k)) for k in _TORCH_INPUTS}
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+    return pool.submit(_torch_update, hf_dir, arrays, micro, comp).result()
+
+
+_TORCH_INPUTS = ("tokens", "adv", "old_logp")
+
+
+def _torch_update(hf_dir, arrays, micro: int, comp: int) -> float:
   import torch
   from transformers import AutoModelForCausalLM
 
@@ -293,9 +311,9 @@ def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
   ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   ref.train()
   opt = torch.optim.AdamW(ref.parameters(), lr=1e-6, weight_decay=0.0)
-  tokens = torch.tensor(np.asarray(batch.tokens), dtype=torch.long)
-  adv = torch.tensor(np.asarray(batch.adv))
-  old = torch.tensor(np.asarray(batch.old_logp))
+  tokens = torch.tensor(arrays["tokens"], dtype=torch.long)
+  adv = torch.tensor(arrays["adv"])
+  old = torch.tensor(arrays["old_logp"])
 
   def step(rows):
     opt.zero_grad(set_to_none=True)
