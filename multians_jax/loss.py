@@ -5,8 +5,10 @@ completion), L completion tokens, D model dim, V vocab, C chunk of T.
 
 ``token_logprobs`` runs the decoder once and computes the LM head,
 log-softmax and target gather chunk by chunk over T inside a ``lax.scan``
-whose body is ``jax.checkpoint``-ed: neither the forward nor the backward
-pass ever holds more than B·C·V logits.
+whose body has a hand-written VJP (``_chunk_logprobs``): the forward keeps
+only the [B, C] log-normaliser of each chunk, the backward recomputes the
+chunk's logits once and forms their cotangent in one elementwise pass, so
+neither pass ever holds more than B·C·V logits.
 
 The objective is split into a per-micro-batch **numerator**
 (``pg_loss_terms``) and a whole-batch **denominator** (``loss_denominator``)
@@ -29,6 +31,7 @@ of 0, not NaN. Sequences with no counted token (all masked, or dropped by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -150,29 +153,82 @@ def head_logprobs(
   h = h.reshape(b, k, c, -1).swapaxes(0, 1)  # [k, B, C, D]
   targets = targets.reshape(b, k, c).swapaxes(0, 1)  # [k, B, C]
   w = model.head_weight().astype(h.dtype)  # [D, V]
-  body = jax.checkpoint(
-    lambda w, h, y: _chunk_logprobs(w, h, y, temperature, return_entropy)
-  )
-  _, (logp, ent) = jax.lax.scan(
-    lambda carry, xs: (carry, body(w, *xs)), None, (h, targets)
-  )
+  temperature = jnp.asarray(temperature, jnp.float32)
+
+  def body(carry, xs):
+    return carry, _chunk_logprobs(w, *xs, temperature, return_entropy)
+
+  _, (logp, ent) = jax.lax.scan(body, None, (h, targets))
   logp = logp.swapaxes(0, 1).reshape(b, k * c)[:, :n]
   if not return_entropy:
     return logp
   return logp, ent.swapaxes(0, 1).reshape(b, k * c)[:, :n]
 
 
+def _scaled_logits(w, h, temperature):
+  """h [B, C, D] × w [D, V] → float32 logits / temperature [B, C, V], as one
+  2-D matmul (``model.dense``)."""
+  b, c, d = h.shape
+  z = jnp.matmul(
+    h.reshape(b * c, d), w, preferred_element_type=jnp.float32
+  ).reshape(b, c, -1)
+  z = sharding.constrain(z, ("batch", None, "act_vocab"))
+  return z / temperature
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunk_logprobs(w, h, targets, temperature, with_entropy):
-  """h [B, C, D], targets [B, C] → (logp [B, C], entropy [B, C] or 0)."""
-  logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-  logits = sharding.constrain(logits, ("batch", None, "act_vocab"))
-  logits = logits / temperature
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  if not with_entropy:
-    return picked - lse, jnp.zeros((), jnp.float32)
-  probs = jnp.exp(logits - lse[..., None])
-  return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+  """h [B, C, D], targets [B, C] → (logp [B, C], entropy [B, C] or 0).
+
+  logp = z_y − lse and entropy H = lse − Σ p·z of the distribution
+  p = softmax(z), z = h·w / temperature.
+  """
+  return _chunk_fwd(w, h, targets, temperature, with_entropy)[0]
+
+
+def _chunk_fwd(w, h, targets, temperature, with_entropy):
+  z = _scaled_logits(w, h, temperature)
+  m = jnp.max(z, axis=-1, keepdims=True)
+  e = jnp.exp(z - m)
+  s = jnp.sum(e, axis=-1)
+  lse = m[..., 0] + jnp.log(s)
+  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  if with_entropy:
+    ent = lse - jnp.sum(e * z, axis=-1) / s
+  else:
+    ent = jnp.zeros((), jnp.float32)
+  return (picked - lse, ent), (w, h, targets, temperature, lse, ent)
+
+
+def _chunk_bwd(with_entropy, res, cot):
+  """Recomputes z once; with p = exp(z − lse) and one-hot y:
+  ∂logp/∂z = y − p and ∂H/∂z = −p·(z − lse + H), so
+  dz = g_logp·(y − p) − g_H·p·(z − lse + H); then dh = dz·wᵀ / T,
+  dw = hᵀ·dz / T and dT = −Σ dz·z / T (z already divided by T)."""
+  w, h, targets, temperature, lse, ent = res
+  g_logp, g_ent = cot
+  z = _scaled_logits(w, h, temperature)
+  p = jnp.exp(z - lse[..., None])
+  hit = jnp.arange(z.shape[-1]) == targets[..., None]
+  dz = jnp.where(hit, g_logp[..., None], 0.0) - p * g_logp[..., None]
+  if with_entropy:
+    dz = dz - p * (z - lse[..., None] + ent[..., None]) * g_ent[..., None]
+  d_temp = -jnp.sum(dz * z) / temperature
+  b, c, d = h.shape
+  dz2 = (dz / temperature).reshape(b * c, -1).astype(h.dtype)
+  dh = jnp.matmul(dz2, w.T, preferred_element_type=jnp.float32)
+  dw = jnp.matmul(
+    h.reshape(b * c, d).T, dz2, preferred_element_type=jnp.float32
+  )
+  return (
+    dw.astype(w.dtype),
+    dh.reshape(b, c, d).astype(h.dtype),
+    None,
+    d_temp.astype(temperature.dtype),
+  )
+
+
+_chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd)
 
 
 # ---------------------------------------------------------------------------
