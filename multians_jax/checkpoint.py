@@ -168,8 +168,8 @@ def load_tokenizer(path: str):
   return hf.load_tokenizer(str(tok_dir)) if tok_dir.exists() else None
 
 
-def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
-  """Any model path → (model, ModelConfig, tokenizer or None).
+def resolve(path: str) -> tuple[str, str]:
+  """A model path → (kind, path), kind ``checkpoint`` | ``gguf`` | ``hf``.
 
   ``path``: a checkpoint directory (``model_config.json`` inside), a Hugging
   Face directory (``config.json``), a ``.gguf`` file, or ``smollm2`` (the
@@ -180,6 +180,20 @@ def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
 
     path = gguf.smollm2_gguf_path()
   if is_checkpoint(path):
+    return "checkpoint", path
+  if path.endswith(".gguf") and os.path.isfile(path):
+    return "gguf", path
+  if os.path.isdir(path):
+    return "hf", path
+  raise FileNotFoundError(
+    f"{path}: not a checkpoint dir, HF model dir or .gguf file"
+  )
+
+
+def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
+  """Any model path (``resolve``) → (model, ModelConfig, tokenizer or None)."""
+  kind, path = resolve(path)
+  if kind == "checkpoint":
     ckpt = Checkpointer(path, async_save=False)
     try:
       model, _, _ = ckpt.restore(mesh, rules, step=step, **overrides)
@@ -188,11 +202,21 @@ def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
     return model, model.cfg, load_tokenizer(path)
   if step is not None:
     raise ValueError(f"--step applies to checkpoint directories, not {path}")
-  if path.endswith(".gguf") or os.path.isdir(path):
-    return hf.load(path, mesh, rules, **overrides)
-  raise FileNotFoundError(
-    f"{path}: not a checkpoint dir, HF model dir or .gguf file"
-  )
+  return hf.load(path, mesh, rules, **overrides)
+
+
+def load_any_tokenizer(path: str):
+  """The tokenizer of any model path (``resolve``) without its weights;
+  None for a checkpoint saved without one."""
+  kind, path = resolve(path)
+  if kind == "checkpoint":
+    return load_tokenizer(path)
+  if kind == "gguf":
+    from multians_jax import gguf
+
+    with gguf.GGUFSource(path) as src:
+      return src.tokenizer()
+  return hf.load_tokenizer(path)
 
 
 def import_model(src: str, out: str, mesh, rules, **overrides) -> int:

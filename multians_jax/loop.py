@@ -212,7 +212,7 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
   if src.path == "random":
     if tokenizer is None and not src.tokenizer:
       raise ValueError("config: model.tokenizer is required with path=random")
-    tok = tokenizer or _tokenizer_only(src.tokenizer)
+    tok = tokenizer or checkpoint.load_any_tokenizer(src.tokenizer)
     cfg = model_lib.ModelConfig(**{**dict(src.arch), **over})
     m = model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES, seed=seed)
     return m, tok
@@ -222,21 +222,6 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
   if tok is None:
     raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
   return m, tok
-
-
-def _tokenizer_only(path: str):
-  if path == "smollm2":
-    from multians_jax import gguf
-
-    path = gguf.smollm2_gguf_path()
-  if path.endswith(".gguf"):
-    from multians_jax import gguf
-
-    with gguf.GGUFSource(path) as src:
-      return src.tokenizer()
-  if checkpoint.is_checkpoint(path):
-    return checkpoint.load_tokenizer(path)
-  return hf.load_tokenizer(path)
 
 
 def open_data(dc: DataConfig, workdir: str, split: str):

@@ -167,6 +167,9 @@ def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
     checkpoint.load_model(
       str(tmp_path / "nothing"), one_device_mesh, sharding.TRAIN_RULES
     )
+  for missing in ("nothing", "nope.gguf"):
+    with pytest.raises(FileNotFoundError, match=missing):
+      checkpoint.load_any_tokenizer(str(tmp_path / missing))
 
 
 def test_checkpointer_accepts_relative_paths(
