@@ -9,15 +9,13 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 import toy_task
 
-from multians_jax import checkpoint, loop, sharding, telemetry
+from multians_jax import loop, telemetry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("time", "tokens_per_sec")
 
 
 def test_toy_task_reward_increases(tmp_path):
@@ -72,28 +70,8 @@ def _wait_for(path, proc, timeout=300):
 
 
 def _params(workdir):
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  ck = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), async_save=False
-  )
-  try:
-    m, meta, _ = ck.restore(mesh, sharding.TRAIN_RULES)
-  finally:
-    ck.close()
-  leaves = [
-    np.asarray(x)
-    for x in jax.tree.leaves(checkpoint.nnx.state(m, checkpoint.nnx.Param))
-  ]
+  meta, leaves = toy_task.params(workdir)
   return meta["step"], leaves
-
-
-def _metrics(workdir):
-  rows = telemetry.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return [
-    {k: v for k, v in r.items() if not k.startswith(VOLATILE)}
-    for r in rows
-    if "reward/total" in r
-  ]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +96,7 @@ def test_resume_after_sigkill_is_exact(straight):
   assert step_a == step_b == 6
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
-  assert _metrics(straight) == _metrics(work)
+  assert toy_task.training_rows(straight) == toy_task.training_rows(work)
 
 
 def test_corrupt_latest_checkpoint_falls_back(straight):
@@ -142,7 +120,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight):
   assert step_a == step_b == 6
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
-  assert _metrics(straight) == _metrics(work)
+  assert toy_task.training_rows(straight) == toy_task.training_rows(work)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -156,7 +134,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   steps = sorted(
     int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit()
   )
-  rows = _metrics(work)
+  rows = toy_task.training_rows(work)
   assert steps[-1] == rows[-1]["step"] >= 2
   assert steps[-1] < 200
 

@@ -22,10 +22,9 @@ import pytest
 import toy_task
 from jax.sharding import PartitionSpec as P
 
-from multians_jax import checkpoint, datasets, sharding, telemetry, train
+from multians_jax import datasets, sharding, telemetry, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("time", "tokens_per_sec")
 
 
 def _flags(tmp, workdir, steps):
@@ -129,54 +128,22 @@ def _wait(procs, timeout=300):
     assert p.wait() == 0, err[-4000:]
 
 
-def _params(workdir, step):
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  ck = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), async_save=False
-  )
-  try:
-    m, meta, _ = ck.restore(mesh, sharding.TRAIN_RULES, step=step)
-  finally:
-    ck.close()
-  state = checkpoint.nnx.state(m, checkpoint.nnx.Param)
-  return meta, [np.asarray(x) for x in jax.tree.leaves(state)]
-
-
 def _opt_state(workdir, step):
   """AdamW state and step counters of a checkpoint, restored on 1 device."""
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  ck = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), async_save=False
+  model, _, _ = toy_task.restore(workdir, step)
+  state = train.init_state(model, train.optimizer(train.OptimConfig(lr=1e-3)))
+  abstract = lambda t: jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
   )
-  try:
-    model, _, _ = ck.restore(mesh, sharding.TRAIN_RULES, step=step)
-    tx = train.optimizer(train.OptimConfig(lr=1e-3))
-    state = train.init_state(model, tx)
-    abstract = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
-    )
-    targets = {
-      "opt_state": abstract(state.opt_state),
-      "train": abstract({"step": state.step, "skipped": state.skipped}),
-    }
-    _, _, items = ck.restore(
-      mesh, sharding.TRAIN_RULES, step=step, items=targets
-    )
-  finally:
-    ck.close()
+  targets = {
+    "opt_state": abstract(state.opt_state),
+    "train": abstract({"step": state.step, "skipped": state.skipped}),
+  }
+  _, _, items = toy_task.restore(workdir, step, items=targets)
   return {
     "opt": [np.asarray(x) for x in jax.tree.leaves(items["opt_state"])],
     "train": {k: int(v) for k, v in items["train"].items()},
   }
-
-
-def _metrics(workdir):
-  rows = telemetry.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return [
-    {k: v for k, v in r.items() if not k.startswith(VOLATILE)}
-    for r in rows
-    if "reward/total" in r
-  ]
 
 
 def _eval_rows(workdir):
@@ -214,14 +181,17 @@ def test_two_processes_train_like_one_and_restore_in_one(toy):
   # run side by side (compiles are mostly single-threaded).
   _wait([_launch(toy, ref, 3), *_two_process(toy, multi, 2)])
 
-  meta_ref, p_ref = _params(ref, 2)
-  meta_multi, p_multi = _params(multi, 2)  # restores in one process
+  meta_ref, p_ref = toy_task.params(ref, 2)
+  meta_multi, p_multi = toy_task.params(multi, 2)  # restores in one process
   assert meta_multi["data_state"] == meta_ref["data_state"]
   for a, b in zip(p_ref, p_multi, strict=True):
     # Equal up to the summation order of the gradient all-reduce (in-process
     # collectives vs gloo), amplified by Adam's normalisation.
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-  ref_rows, multi_rows = _metrics(ref), _metrics(multi)
+  ref_rows, multi_rows = (
+    toy_task.training_rows(ref),
+    toy_task.training_rows(multi),
+  )
   assert [r["step"] for r in multi_rows] == [1, 2]
   for a, b in zip(ref_rows[:2], multi_rows, strict=True):
     # The same completions: sampling does not depend on the process count.
@@ -240,7 +210,7 @@ def test_two_processes_train_like_one_and_restore_in_one(toy):
   assert opt_ref["train"] == opt_multi["train"] == {"step": 2, "skipped": 0}
   for a, b in zip(opt_ref["opt"], opt_multi["opt"], strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
-  p3_ref = _params(ref, 3)[1]
+  p3_ref = toy_task.params(ref, 3)[1]
   moved = max(
     float(np.max(np.abs(a - b))) for a, b in zip(p_ref, p3_ref, strict=True)
   )

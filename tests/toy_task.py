@@ -6,9 +6,16 @@ with probability ≈ 7 % and a correct one less often: enough reward variance
 for group-relative policy gradients from the first step.
 """
 
+import os
+
+import jax
 import ml_collections
+import numpy as np
+from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from multians_jax import checkpoint, sharding, telemetry
 
 COLOURS = ("red", "blue", "green")
 SPECIAL = ["<pad>", "<eos>", "[UNK]"]
@@ -70,3 +77,39 @@ def config(steps: int = 12) -> ml_collections.ConfigDict:
   c.eval.before_after = False
   c.log.tensorboard = False
   return c
+
+
+# ---------------------------------------------------------------------------
+# Reading back a training run's WORKDIR
+
+VOLATILE = ("time", "tokens_per_sec")  # metrics that differ between runs
+
+
+def restore(workdir, step=None, items=None):
+  """(model, meta, items) of WORKDIR's checkpoint ``step`` (default: the
+  latest), restored on one device."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  ck = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), async_save=False
+  )
+  try:
+    return ck.restore(mesh, sharding.TRAIN_RULES, step=step, items=items)
+  finally:
+    ck.close()
+
+
+def params(workdir, step=None):
+  """(checkpoint meta, parameter arrays) of a checkpoint."""
+  m, meta, _ = restore(workdir, step)
+  state = nnx.state(m, nnx.Param)
+  return meta, [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def training_rows(workdir):
+  """The per-step training rows of metrics.jsonl, without timings."""
+  rows = telemetry.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return [
+    {k: v for k, v in r.items() if not k.startswith(VOLATILE)}
+    for r in rows
+    if "reward/total" in r
+  ]
