@@ -85,10 +85,7 @@ def token_logprobs(
     at padded targets are finite but meaningless: mask them.
   """
   t = tokens.shape[1]
-  if not isinstance(temperature, jax.Array) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0: {temperature}")
-  if chunk < 1:
-    raise ValueError(f"chunk must be >= 1: {chunk}")
+  _check_head_args(temperature, chunk)
   if not 0 <= start < t - 1:
     raise ValueError(f"start must be in [0, T-1) = [0, {t - 1}): {start}")
   h, _ = model.hidden(tokens, positions, mask)
@@ -124,8 +121,7 @@ def shared_prompt_logprobs(
     tokens, positions, mask: [B, L] completions, B = P·s, prompt-major.
     temperature, chunk, return_entropy: as in ``token_logprobs``.
   """
-  if not isinstance(temperature, jax.Array) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0: {temperature}")
+  _check_head_args(temperature, chunk)  # before the decoder runs
   hp, h = model.hidden_shared(
     prompt_tokens, prompt_positions, prompt_mask, tokens, positions, mask
   )
@@ -142,8 +138,7 @@ def head_logprobs(
 ):
   """LM head + log-softmax + gather, chunked: h [B, n, D], targets [B, n]
   → logp [B, n] (and entropy), never holding more than [B, C, V] logits."""
-  if chunk < 1:
-    raise ValueError(f"chunk must be >= 1: {chunk}")
+  _check_head_args(temperature, chunk)
   b, n = targets.shape
   c = min(chunk, n)
   k = math.ceil(n / c)
@@ -163,6 +158,13 @@ def head_logprobs(
   if not return_entropy:
     return logp
   return logp, ent.swapaxes(0, 1).reshape(b, k * c)[:, :n]
+
+
+def _check_head_args(temperature, chunk):
+  if not isinstance(temperature, jax.Array) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0: {temperature}")
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1: {chunk}")
 
 
 def _scaled_logits(w, h, temperature):
