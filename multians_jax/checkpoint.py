@@ -207,7 +207,12 @@ def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
 
 def load_any_tokenizer(path: str):
   """The tokenizer of any model path (``resolve``) without its weights;
-  None for a checkpoint saved without one."""
+  None for a checkpoint saved without one. ``distlab`` names the
+  distributional lab's word-level tokenizer (``datasets.distlab``)."""
+  if path == "distlab":
+    from multians_jax.datasets import distlab
+
+    return distlab.tokenizer()
   kind, path = resolve(path)
   if kind == "checkpoint":
     return load_tokenizer(path)

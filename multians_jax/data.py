@@ -57,6 +57,7 @@ class PromptBatch:
     ids: P record ids.
     questions: P question texts.
     families: P task families (``qa`` | ``ddx`` | ``code``).
+    metas: P record ``meta`` dicts (e.g. the lab's answer distribution).
   """
 
   tokens: np.ndarray
@@ -67,6 +68,7 @@ class PromptBatch:
   ids: list = flax.struct.field(pytree_node=False)
   questions: list = flax.struct.field(pytree_node=False)
   families: list = flax.struct.field(pytree_node=False)
+  metas: list = flax.struct.field(pytree_node=False, default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +232,7 @@ class PromptIterator:
       ids=[r["id"] for r in records],
       questions=[r["question"] for r in records],
       families=[r["family"] for r in records],
+      metas=[r.get("meta") or {} for r in records],
     )
 
   def get_state(self) -> dict:

@@ -12,6 +12,7 @@ summary covers every row on every process (process 0 writes it).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -42,6 +43,7 @@ class EvalResult:
   scores: dict  # score_texts arrays over all B rows
   texts: list  # completions of this process's rows (all rows on one host)
   lengths: np.ndarray  # [B]
+  details: dict = dataclasses.field(default_factory=dict)  # see to_json
 
 
 def run(
@@ -75,7 +77,8 @@ def run(
     pad_id=pad_id,
   )
   g = cfg.num_generations
-  texts, gold, tests, parts = [], [], [], []
+  known = any((r.get("meta") or {}).get("distribution") for r in records)
+  texts, gold, tests, parts, probs = [], [], [], [], []
   key = jax.random.key(seed)
   for i, batch in enumerate(it):
     r = sampler.sample(
@@ -94,27 +97,111 @@ def run(
     btests = [ts for ts in batch.tests for _ in range(g)]
     sc = score_rows(mine, bgold, btests, rcfg, bounds)
     sc["lengths"] = np.asarray(local.lengths)
+    if known:  # p(a_i|q) of each answer, from the records' distributions
+      lo = bounds[jax.process_index()]
+      metas = [m for m in batch.metas for _ in range(g)][lo : lo + len(mine)]
+      sc["answer_p"] = answer_probs(mine, metas, rcfg)
+      probs += [(m.get("distribution") or {}).get("probs", []) for m in
+                batch.metas]  # fmt: skip
     parts.append(gather_scores(sc, bounds))
     texts += mine
     gold += bgold
     tests += btests
   scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   lengths = scores.pop("lengths")
+  answer_p = scores.pop("answer_p", None)
   num_gold = np.array([len(x) for x in gold[::g]])
   a = np.asarray(scores["entry_id"]).shape[1]
+  ks = [a * n for n in range(1, g + 1)]
   summary = metrics.summarize(
-    scores,
-    lengths,
-    group_size=g,
-    num_gold=num_gold,
-    ks=[a * n for n in range(1, g + 1)],
+    scores, lengths, group_size=g, num_gold=num_gold, ks=ks
   )
   summary.update(
     num_prompts=len(gold) // g,
     num_dropped=it.num_dropped,
     truncation_rate=float(np.mean(lengths >= cfg.max_new_tokens)),
   )
-  return EvalResult(summary, scores, texts, lengths)
+  calibrated = not np.all(np.isnan(scores["brier"]))
+  if answer_p is not None:
+    width = max(map(len, probs))
+    padded = np.array([list(p) + [0.0] * (width - len(p)) for p in probs])
+    summary.update(
+      metrics.distribution_summary(
+        answer_p,
+        scores["answer_key"],
+        scores["format_ok"],
+        scores["confidence"],
+        padded,
+        group_size=g,
+        ks=ks,
+        calibrated=calibrated,
+      )
+    )
+  return EvalResult(
+    summary, scores, texts, lengths, _details(scores, g, calibrated)
+  )
+
+
+def _details(scores, g: int, calibrated: bool) -> dict:
+  """Per-prompt unique answers at the full budget and reliability bins."""
+  f = np.asarray(scores["format_ok"]) > 0
+  keys = np.where(f[:, None], scores["answer_key"], -1)
+  b, a = keys.shape
+  grouped = keys.reshape(b // g, g, a)
+  out = {
+    "budget": a * g,
+    "unique": metrics.unique_answers(grouped, a * g).tolist(),
+  }
+  if calibrated and f.any():
+    out["reliability"] = metrics.reliability_bins(
+      np.asarray(scores["confidence"])[f], np.asarray(scores["correct"])[f]
+    )
+  return out
+
+
+def answer_probs(texts, metas, rcfg: reward.RewardConfig) -> np.ndarray:
+  """[B, A] p(a_i|q) of each parsed answer under its record's known
+  distribution (``meta["distribution"]``); 0 for an answer outside it, a
+  missing answer or a record without one."""
+  matcher = reward.get_matcher(rcfg.matcher)
+  out = np.zeros((len(texts), rcfg.slots), np.float32)
+  for i, (text, meta) in enumerate(zip(texts, metas, strict=True)):
+    dist = (meta or {}).get("distribution")
+    if not dist:
+      continue
+    entries = [[name] for name in dist["answers"]]
+    for j, ans in enumerate(reward.parse(text, rcfg).answers):
+      e = matcher.match(ans, entries, None) if ans else -1
+      if e >= 0:
+        out[i, j] = dist["probs"][e]
+  return out
+
+
+def to_json(result: EvalResult, **info) -> dict:
+  """The evaluation file layout read by ``tools/compare.py``: ``info``
+  (tag, step, mode, num_answers, seed, ...), ``summary`` and ``details``."""
+  return {**info, "summary": result.summary, "details": result.details}
+
+
+def write_json(path: str, result: EvalResult, **info) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_finite(to_json(result, **info)), f, indent=1)
+  os.replace(tmp, path)
+
+
+def _finite(x):
+  """JSON-ready copy: numpy scalars as Python, NaN and inf as null."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [_finite(v) for v in x]
+  if isinstance(x, float | np.floating):
+    return float(x) if np.isfinite(x) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
 
 
 def score_rows(texts, gold, tests, rcfg, bounds) -> dict:

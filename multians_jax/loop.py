@@ -127,7 +127,9 @@ class RunConfig:
     unknown = sorted(set(c) - sections)
     if unknown:
       raise ValueError(f"unknown config key(s): {unknown}")
-    _check(c["steps"] >= 1, "steps must be >= 1")
+    _check(
+      c["steps"] >= 0, "steps must be >= 0 (0: warm-up and evaluation only)"
+    )
     rl, sm = dict(c["rl"]), dict(c["sampler"])
     lkeys = (
       "clip_eps_low",
@@ -174,7 +176,7 @@ class RunConfig:
       rl=rlc,
       loss=lcfg,
       optim=train_lib.OptimConfig(
-        warmup_steps=warm, total_steps=c["steps"], **o
+        warmup_steps=warm, total_steps=max(c["steps"], 1), **o
       ),
       eval=evaluate.EvalConfig(
         num_prompts=ev["num_prompts"],
@@ -342,14 +344,32 @@ def train(
       pad_id=pad_id,
     )
     writer.write(step, res.summary, prefix="eval/")
-    evals[tag] = res
+    keep_eval(tag, step, res)
     return res
+
+  def keep_eval(tag, step, res):
+    evals[tag] = res
+    if writer.active:  # process 0: WORKDIR/eval/<tag>.json (tools/compare.py)
+      evaluate.write_json(
+        os.path.join(workdir, "eval", f"{tag}.json"),
+        res,
+        tag=tag,
+        step=step,
+        mode=run.reward.mode,
+        num_answers=run.reward.num_answers,
+        seed=run.seed,
+        num_generations=run.eval.num_generations,
+      )
 
   if run.before_after and start == 0:
     do_eval("before", 0)
-  if run.warmup.steps and start == 0:
+  if run.warmup.steps and start == 0 and not meta:  # not yet warmed up
     params = _warmup(run, graphdef, state.params, source, tok, writer)
     state = train_lib.init_state(nnx.merge(graphdef, params), tx)
+    if run.before_after:
+      do_eval("warmup", 0)
+    if run.steps == 0:  # the warmed-up model is the result
+      _save(ckpt, 0, graphdef, state, stream, tok, run)
   stop = _Stop()
   key = jax.random.key(run.seed)
   bar = tqdm.tqdm(
@@ -403,7 +423,10 @@ def train(
     bar.close()
     ckpt.wait()
   if run.before_after:
-    do_eval("after", run.steps)
+    if run.steps == 0 and "warmup" in evals:
+      keep_eval("after", 0, evals["warmup"])  # the same model
+    else:
+      do_eval("after", run.steps)
   _finish(run, workdir, graphdef, state, tok, evals)
   writer.close()
   ckpt.close()
@@ -434,6 +457,7 @@ def _warmup(run, graphdef, params, source, tok, writer):
       run.reward.num_answers,
       wc.max_target_len,
       seed=run.seed + i,
+      cfg=wc,
     )
     params, opt_state, value = warmup_lib.sft_step(
       graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk

@@ -226,6 +226,102 @@ def summarize(
   return out
 
 
+# ------------------------------------------------ known answer distribution
+
+
+def expected_coverage_at_k(answer_p, answer_key, k: int) -> np.ndarray:
+  """P(gold ∈ the k pooled answers) when the gold is one draw from a known
+  p: the sum of p over the pool's distinct answers. [P, G, A] → [P].
+
+  ``answer_p``: p(a_i|q) of each answer (0 for an implausible, missing or
+  format-invalid one); ``answer_key``: normalised-answer ids (-1 missing).
+  """
+  ps, keys = _pool(answer_p, k), _pool(answer_key, k)
+  out = np.zeros(ps.shape[0])
+  for i, (pr, kr) in enumerate(zip(ps.tolist(), keys.tolist(), strict=True)):
+    first = {}
+    for v, key in zip(pr, kr, strict=True):
+      if key >= 0:
+        first.setdefault(key, v)
+    out[i] = sum(first.values())
+  return out
+
+
+def top_mass(probs, k: int) -> np.ndarray:
+  """Σ of the k largest probabilities per row: the oracle coverage of k
+  distinct answers. [P, S] (0-padded) → [P]."""
+  srt = -np.sort(-np.asarray(probs, np.float64), axis=-1)
+  return srt[:, :k].sum(-1)
+
+
+def distribution_summary(
+  answer_p,
+  answer_key,
+  format_ok,
+  confidence,
+  probs,
+  *,
+  group_size: int,
+  ks,
+  calibrated: bool,
+) -> dict[str, float]:
+  """Metrics against a known answer distribution (the ``distlab`` task).
+
+  Args:
+    answer_p: [B, A] p(a_i|q) of each answer (0: implausible or missing).
+    answer_key: [B, A] normalised-answer ids (-1 missing).
+    format_ok: [B] format flags; invalid generations count as no answer.
+    confidence: [B, A] stated q_i (missing read as 0).
+    probs: [P, S] each prompt's p over its plausible answers, 0-padded.
+    group_size: G generations per prompt (B = P·G, prompt-major).
+    ks: answer budgets (multiples of A, at most A·G).
+    calibrated: the mode states confidences.
+
+  Returns:
+    ``dist/coverage@k`` (expected P(gold ∈ k answers)) and ``dist/oracle@k``
+    (its maximum, the top-k mass) for each k; ``dist/coverage`` and
+    ``dist/oracle_coverage`` for one generation (k = A); ``dist/top1_p``
+    (expected accuracy of the top answer: highest confidence, or first)
+    against ``dist/max_p``; with confidences, ``dist/conf_abs_err`` = mean
+    |q_i - p(a_i|q)| over the answers of format-valid generations.
+  """
+  f = np.asarray(format_ok) > 0
+  ap = np.where(f[:, None], np.asarray(answer_p, np.float64), 0.0)
+  keys = np.where(f[:, None], np.asarray(answer_key), -1)
+  b, a = ap.shape
+  p = b // group_size
+  probs = np.asarray(probs, np.float64)
+  out = {}
+  for k in ks:
+    cov = expected_coverage_at_k(_grouped(ap, p), _grouped(keys, p), k)
+    out[f"dist/coverage@{k}"] = float(cov.mean())
+    out[f"dist/oracle@{k}"] = float(top_mass(probs, k).mean())
+  out["dist/coverage"] = out.get(f"dist/coverage@{a}") or float(
+    expected_coverage_at_k(_grouped(ap, p), _grouped(keys, p), a).mean()
+  )
+  out["dist/oracle_coverage"] = float(top_mass(probs, a).mean())
+  q = np.nan_to_num(np.asarray(confidence, np.float64))
+  pick = np.argmax(q, axis=-1) if calibrated else np.zeros(b, int)
+  out["dist/top1_p"] = float(np.take_along_axis(ap, pick[:, None], -1).mean())
+  out["dist/max_p"] = float(probs.max(-1).mean())
+  if calibrated and f.any():
+    has = (np.asarray(answer_key) >= 0) & f[:, None]
+    out["dist/conf_abs_err"] = float(np.abs(q - ap)[has].mean())
+  return out
+
+
+def reliability_bins(confidence, correct, bins: int = 10) -> dict:
+  """Per equal-width bin: count, Σq and Σc (pools across runs by adding)."""
+  q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
+  c = np.asarray(correct, np.float64).ravel()
+  idx = np.minimum((q * bins).astype(int), bins - 1)
+  return {
+    "count": np.bincount(idx, minlength=bins).tolist(),
+    "sum_conf": np.bincount(idx, q, minlength=bins).tolist(),
+    "sum_correct": np.bincount(idx, c, minlength=bins).tolist(),
+  }
+
+
 def _powers(g: int) -> list[int]:
   out, n = [], 1
   while n <= g:

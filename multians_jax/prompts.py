@@ -20,6 +20,10 @@ THINK = "think"
 ANALYSIS = "analysis"
 
 
+# Analysis text of completions this project writes itself (warm-up targets).
+DEFAULT_ANALYSIS = "Several answers are possible."
+
+
 def check_mode(mode: str) -> None:
   """Raises ValueError naming ``mode`` when it is not one of ``MODES``."""
   if mode not in MODES:

@@ -4,10 +4,27 @@ Small models (e.g. SmolLM2-135M) never emit the multi-answer format on
 their own, so every completion scores 0, all group advantages are 0 and RL
 has no signal. A few supervised steps on well-formed completions built from
 *training* questions teach the layout; RL then optimises coverage and
-calibration. Targets hold up to K gold answers (first alias, random order)
-filled with answers of other questions when the gold set is smaller, with
-confidences 0.7 / 0.1 for gold / filler answers: the warm-up teaches the
-format, not the answers' calibration, which RL then learns from the reward.
+calibration.
+
+Target answers (``warmup.answers``):
+
+- ``gold``: up to K gold answers (first alias, random order), filled with
+  answers of other questions when the gold set is smaller.
+- ``distribution``: K distinct answers drawn without replacement from a
+  flattened copy of the record's known answer distribution (``meta``
+  ``distribution`` and ``distractors``, as the ``distlab`` task writes
+  them): weight (p(a) + w)^τ for a plausible answer and w^τ for a
+  distractor (τ = ``flatten``, w = ``distractor_weight``), a broad prior
+  that RL then has to sharpen.
+
+Target confidences (``warmup.confidences``):
+
+- ``fixed``: 0.7 for a gold answer and 0.1 for a filler. RL rarely moves
+  confidences taught this way within a short run.
+- ``random``: the first K parts of a uniform Dirichlet over K + 1 parts (a
+  single U(0, 1) value in ``rlcr``), floored to a 0.05 grid: Σq < 1 and
+  every answer's confidence is independent of whether it is right, so the
+  warm-up teaches the format and leaves calibration to RL.
 
 Shape letters: P prompts, T prompt bucket, L target tokens.
 """
@@ -26,51 +43,111 @@ from flax import nnx
 from multians_jax import loss, prompts
 
 
+ANSWERS = ("gold", "distribution")
+CONFIDENCES = ("fixed", "random")
+CONF_GRID = 0.05  # random confidences are floored to this grid
+
+
 @dataclasses.dataclass(frozen=True)
 class WarmupConfig:
   steps: int = 0  # 0 = no warm-up
   lr: float = 1e-4  # AdamW learning rate (constant)
   batch_prompts: int = 8  # prompts per warm-up step
   max_target_len: int = 96  # target tokens (longer targets are cut)
+  answers: str = "gold"  # gold | distribution (see the module docstring)
+  confidences: str = "fixed"  # fixed | random
+  flatten: float = 0.5  # τ: exponent of the flattened distribution
+  distractor_weight: float = 0.05  # w: weight of a distractor before τ
 
   def __post_init__(self):
     if self.steps < 0 or self.lr <= 0 or self.max_target_len < 8:
       raise ValueError(f"warmup: invalid settings {self}")
+    if self.answers not in ANSWERS:
+      raise ValueError(f"warmup.answers must be one of {ANSWERS}")
+    if self.confidences not in CONFIDENCES:
+      raise ValueError(f"warmup.confidences must be one of {CONFIDENCES}")
+    if not 0 < self.flatten <= 1 or self.distractor_weight < 0:
+      raise ValueError(
+        "warmup.flatten must be in (0, 1] and warmup.distractor_weight >= 0"
+      )
 
 
-def target_text(gold, others, mode: str, k: int, rng) -> str:
-  """A well-formed completion for one question (no <think> block)."""
-  n = k if prompts.is_multi(mode) else 1
+def _gold_answers(gold, others, n: int, rng) -> tuple[list, list]:
+  """Up to n gold answers, then fillers; (answers, is_gold flags)."""
   entries = list(gold)
   rng.shuffle(entries)
   answers = [e[0] for e in entries[:n]]
-  conf = [0.7] * len(answers)
+  flags = [True] * len(answers)
   seen = {a.lower() for e in gold for a in e}
   for cand in others:
     if len(answers) >= n:
       break
     if cand.lower() not in seen and cand not in answers:
       answers.append(cand)
-      conf.append(0.1)
+      flags.append(False)
   while len(answers) < n:  # degenerate data: no fillers available
     answers.append(f"unknown {len(answers)}")
-    conf.append(0.0)
+    flags.append(False)
+  return answers, flags
+
+
+def _distribution_answers(meta, n: int, cfg: WarmupConfig, rng) -> list:
+  """n distinct answers from the flattened known distribution."""
+  dist = (meta or {}).get("distribution")
+  if not dist:
+    raise ValueError(
+      "warmup.answers='distribution' needs records whose meta holds a "
+      "'distribution' ({'answers': [...], 'probs': [...]}), as distlab's do"
+    )
+  names = list(dist["answers"]) + list(meta.get("distractors", []))
+  probs = list(dist["probs"]) + [0.0] * (len(names) - len(dist["answers"]))
+  w = (np.asarray(probs) + cfg.distractor_weight) ** cfg.flatten
+  w = np.where(np.asarray(probs) > 0, w, cfg.distractor_weight**cfg.flatten)
+  if n > np.count_nonzero(w):
+    raise ValueError(f"warm-up: {n} answers asked, {len(names)} possible")
+  pick = rng.choice(len(names), size=n, replace=False, p=w / w.sum())
+  return [names[i] for i in pick]
+
+
+def _random_confidences(n: int, multi: bool, rng) -> list[float]:
+  q = rng.dirichlet(np.ones(n + 1))[:n] if multi else rng.uniform(size=1)
+  return [round(float(np.floor(x / CONF_GRID) * CONF_GRID), 2) for x in q]
+
+
+def target_text(
+  gold, others, mode: str, k: int, rng, cfg=None, meta=None
+) -> str:
+  """A well-formed completion for one question (no <think> block)."""
+  cfg = cfg or WarmupConfig()
+  n = k if prompts.is_multi(mode) else 1
+  if cfg.answers == "distribution":
+    answers = _distribution_answers(meta, n, cfg, rng)
+    flags = [True] * n
+  else:
+    answers, flags = _gold_answers(gold, others, n, rng)
+  if cfg.confidences == "random":
+    conf = _random_confidences(n, prompts.is_multi(mode), rng)
+  else:
+    conf = [0.7 if g else 0.1 for g in flags]
   return prompts.format_completion(
       mode, answers, conf if prompts.has_confidence(mode) else None,
-      think=None, analysis="Several answers are possible.",
+      think=None, analysis=prompts.DEFAULT_ANALYSIS,
   )  # fmt: skip
 
 
-def make_batch(batch, tokenizer, mode: str, k: int, max_len: int, seed: int):
+def make_batch(
+  batch, tokenizer, mode: str, k: int, max_len: int, seed: int, cfg=None
+):
   """PromptBatch → (tokens [P, T+L], mask, positions, target mask [P, L])."""
   rng = np.random.default_rng(seed)
   pool = [e[0] for g in batch.gold for e in g]
   eos = tokenizer.eos_token_id
+  metas = batch.metas or [{}] * len(batch.gold)
   rows = []
-  for gold in batch.gold:
+  for gold, meta in zip(batch.gold, metas, strict=True):
     others = list(pool)
     rng.shuffle(others)
-    text = target_text(gold, others, mode, k, rng)
+    text = target_text(gold, others, mode, k, rng, cfg, meta)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
     rows.append(ids[:max_len])
   p = len(rows)

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from multians_jax.datasets import (
   countries,
+  distlab,
   fanout_lists,
   hpo_ddx,
   humaneval,
@@ -31,6 +32,7 @@ from multians_jax.datasets import (
 BUILDERS = {
   "multians_jsonl": multians_jsonl.MultiansJsonl,
   "countries": countries.Countries,
+  "distlab": distlab.Distlab,
   "fanout_lists": fanout_lists.FanoutLists,
   "hpo_ddx": hpo_ddx.HpoDdx,
   "humaneval": humaneval.Humaneval,

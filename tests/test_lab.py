@@ -1,0 +1,234 @@
+"""The distributional lab: records, tokenizer, known-p metrics, warm-up
+targets, the compare report, and the learning test of the four objectives."""
+
+import collections
+import json
+import math
+
+import numpy as np
+import pytest
+
+from multians_jax import compare, evaluate, metrics, prompts, reward, warmup
+from multians_jax.datasets import distlab, schema
+
+CFG = distlab.DistlabConfig(name="t", num_questions=4, train_per_question=32)
+
+
+def _decoded(split):
+  return [schema.decode(r) for r in distlab.records(CFG)[split]]
+
+
+def test_distributions_have_a_unique_top_set_and_are_seeded():
+  for case in range(20):
+    cfg = distlab.DistlabConfig(name="t", seed=case % 3)
+    answers, probs, distractors = distlab.distribution(cfg, case)
+    assert math.isclose(sum(probs), 1.0, abs_tol=1e-9)
+    assert probs == sorted(probs, reverse=True) and min(probs) > 0
+    assert all(a - b >= cfg.min_gap - 1e-9 for a, b in zip(probs, probs[1:4]))
+    assert not set(answers) & set(distractors)
+    assert sorted(answers + distractors) == sorted(distlab.NAMES)
+    assert distlab.distribution(cfg, case) == (answers, probs, distractors)
+
+
+def test_gold_answers_are_draws_from_p():
+  cfg = distlab.DistlabConfig(
+    name="t", num_questions=2, train_per_question=4000, test_per_question=10
+  )
+  recs = [schema.decode(r) for r in distlab.records(cfg)["train"]]
+  for case in range(2):
+    mine = [r for r in recs if r["meta"]["case"] == case]
+    dist = mine[0]["meta"]["distribution"]
+    counts = collections.Counter(r["answers"][0][0] for r in mine)
+    assert set(counts) <= set(dist["answers"])
+    for a, p in zip(dist["answers"], dist["probs"], strict=True):
+      # 4000 draws: 4.5 standard errors
+      assert abs(counts[a] / 4000 - p) < 4.5 * math.sqrt(p * (1 - p) / 4000)
+  assert {r["question"] for r in recs} == {
+    distlab.QUESTION.format(case=c) for c in range(2)
+  }
+
+
+def test_both_splits_hold_every_case_with_fresh_draws():
+  train, test = _decoded("train"), _decoded("test")
+  assert len(train) == 4 * 32 and len(test) == 4 * 8
+  assert {r["meta"]["case"] for r in test} == set(range(4))
+  assert not {r["id"] for r in train} & {r["id"] for r in test}
+
+
+@pytest.mark.parametrize("mode", prompts.MODES)
+def test_lab_tokenizer_round_trips_every_format(mode):
+  tok = distlab.tokenizer()
+  k = 3 if prompts.is_multi(mode) else 1
+  answers = list(distlab.NAMES[:k])
+  conf = [0.35, 0.2, 0.05][:k]
+  text = prompts.format_completion(
+    mode,
+    answers,
+    conf if prompts.has_confidence(mode) else None,
+    think=None,
+    analysis=prompts.DEFAULT_ANALYSIS,
+  )
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert tok.unk_token_id not in ids
+  assert len(ids) == k * (2 if prompts.has_confidence(mode) else 1) + (
+    1 if prompts.has_confidence(mode) else 0
+  )
+  cfg = reward.RewardConfig(mode=mode, num_answers=3, require_think=False)
+  parsed = reward.parse(tok.decode(ids, skip_special_tokens=True), cfg)
+  assert parsed.format_ok, parsed.error
+  assert list(parsed.answers) == answers
+  if prompts.has_confidence(mode):
+    np.testing.assert_allclose(parsed.confidences, conf)
+
+
+def test_lab_prompt_is_the_question_alone():
+  tok = distlab.tokenizer()
+  q = distlab.QUESTION.format(case=3)
+  msgs = prompts.build_messages(q, "multi_rlcr", "ddx", 3)
+  text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert text == q and tok.unk_token_id not in ids
+
+
+def test_expected_coverage_by_hand():
+  # One prompt, G = 2 generations of A = 2 answers. p of the answers and
+  # their keys; generation 2 repeats answer key 0 (counted once).
+  answer_p = np.array([[[0.5, 0.2], [0.5, 0.1]]])
+  keys = np.array([[[0, 1], [0, 2]]])
+  assert metrics.expected_coverage_at_k(answer_p, keys, 2)[0] == pytest.approx(0.7)
+  assert metrics.expected_coverage_at_k(answer_p, keys, 4)[0] == pytest.approx(0.8)
+  missing = np.array([[[0, -1], [0, 2]]])
+  assert metrics.expected_coverage_at_k(answer_p, missing, 2)[0] == 0.5
+  np.testing.assert_allclose(
+    metrics.top_mass([[0.1, 0.5, 0.2, 0.0]], 2), [0.7]
+  )
+
+
+def test_distribution_summary_by_hand():
+  # 2 prompts x 1 generation x 2 answers. Row 2 has an invalid format.
+  out = metrics.distribution_summary(
+    answer_p=np.array([[0.3, 0.0], [0.4, 0.2]]),
+    answer_key=np.array([[0, 1], [2, 3]]),
+    format_ok=np.array([1, 0]),
+    confidence=np.array([[0.1, 0.2], [0.9, 0.9]]),
+    probs=np.array([[0.6, 0.3, 0.1], [0.4, 0.3, 0.3]]),
+    group_size=1,
+    ks=[2],
+    calibrated=True,
+  )
+  assert out["dist/coverage"] == pytest.approx((0.3 + 0.0) / 2)
+  assert out["dist/oracle_coverage"] == pytest.approx((0.9 + 0.7) / 2)
+  # top answer by confidence: slot 2 of row 1 (p 0); row 2 invalid (0)
+  assert out["dist/top1_p"] == 0.0
+  assert out["dist/max_p"] == pytest.approx(0.5)
+  # |0.1 - 0.3| and |0.2 - 0| over the valid row's two answers
+  assert out["dist/conf_abs_err"] == pytest.approx(0.2)
+
+
+def test_answer_probs_matches_answers_to_the_distribution():
+  meta = {"distribution": {"answers": ["asthma", "croup"], "probs": [0.7, 0.3]}}
+  cfg = reward.RewardConfig(mode="multi_rlvr", num_answers=2, require_think=False)
+  texts = [
+    "<answer1>Croup</answer1><answer2>lupus</answer2>",
+    "<answer1>asthma</answer1>",  # one answer missing
+  ]
+  out = evaluate.answer_probs(texts, [meta, meta], cfg)
+  np.testing.assert_allclose(out, [[0.3, 0.0], [0.7, 0.0]])
+
+
+def test_warmup_distribution_targets():
+  rng = np.random.default_rng(0)
+  rec = _decoded("train")[0]
+  wc = warmup.WarmupConfig(answers="distribution", confidences="random")
+  cfg = reward.RewardConfig(mode="multi_rlcr", num_answers=3, require_think=False)
+  sums = []
+  for _ in range(200):
+    text = warmup.target_text(
+      rec["answers"], [], "multi_rlcr", 3, rng, wc, rec["meta"]
+    )
+    parsed = reward.parse(text, cfg)
+    assert parsed.format_ok, parsed.error
+    assert len(set(parsed.answers)) == 3
+    assert set(parsed.answers) <= set(distlab.NAMES)
+    q = np.array(parsed.confidences)
+    np.testing.assert_allclose(q * 20, np.round(q * 20), atol=1e-6)
+    sums.append(q.sum())
+  assert max(sums) < 1.0
+  with pytest.raises(ValueError, match="distribution"):
+    warmup.target_text([["x"]], [], "multi_rlcr", 3, rng, wc, {})
+
+
+def test_warmup_distribution_prefers_likely_answers():
+  rng = np.random.default_rng(1)
+  rec = _decoded("train")[0]
+  dist = rec["meta"]["distribution"]
+  wc = warmup.WarmupConfig(answers="distribution", flatten=0.5)
+  cfg = reward.RewardConfig(mode="rlvr", require_think=False)
+  counts = collections.Counter(
+    reward.parse(
+      warmup.target_text([], [], "rlvr", 1, rng, wc, rec["meta"]), cfg
+    ).answers[0]
+    for _ in range(3000)
+  )
+  # weight (p + w)^τ: the mode is drawn more often than the least likely
+  # plausible answer, which is drawn more often than one distractor
+  distractor = rec["meta"]["distractors"][0]
+  assert counts[dist["answers"][0]] > counts[dist["answers"][-1]]
+  assert counts[dist["answers"][-1]] > counts[distractor]
+
+
+def _eval_file(tmp_path, name, mode, seed, coverage, unique):
+  path = tmp_path / name / "eval"
+  path.mkdir(parents=True)
+  a = 1 if mode == "rlvr" else 3
+  summary = {
+    "dist/coverage": coverage,
+    "dist/oracle_coverage": 0.77,
+    "dist/top1_p": 0.3,
+    "dist/max_p": 0.35,
+    "unique@30": unique,
+    "tokens_per_distinct_correct": float("inf"),
+  }
+  summary.update({f"dist/coverage@{k}": coverage for k in range(a, 31, a)})
+  summary.update({f"dist/oracle@{k}": 0.8 for k in range(a, 31, a)})
+  (path / "after.json").write_text(
+    json.dumps({
+      "mode": mode,
+      "seed": seed,
+      "num_answers": 3,
+      "summary": summary,
+      "details": {"budget": 30, "unique": [unique] * 4},
+    }).replace("Infinity", "null")
+  )
+  return str(tmp_path / name)
+
+
+def test_compare_groups_seeds_and_writes_the_report(tmp_path):
+  runs = {
+    "rlvr_s0": _eval_file(tmp_path, "a", "rlvr", 0, 0.3, 1),
+    "rlvr_s1": _eval_file(tmp_path, "b", "rlvr", 1, 0.34, 2),
+    "multi_rlvr_s0": _eval_file(tmp_path, "c", "multi_rlvr", 0, 0.7, 3),
+  }
+  out = compare.write(runs, str(tmp_path / "cmp"))
+  data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+  assert set(data["runs"]) == set(runs)
+  r = data["runs"]["rlvr_s1"]
+  assert (r["mode"], r["seed"], r["coverage"]) == ("rlvr", 1, 0.34)
+  assert r["recall@k"]["30"] == 0.34 and r["oracle_coverage"] == 0.77
+  assert r["tokens_per_distinct_correct"] is None
+  md = (tmp_path / "cmp" / "compare.md").read_text()
+  assert "| rlvr | rlvr | 0,1 | 0.320 [0.300, 0.340]" in md
+  assert "| multi_rlvr | multi_rlvr | 0 | 0.700" in md
+  for png in ("recall_at_k.png", "unique_answers.png"):
+    assert (tmp_path / "cmp" / png).stat().st_size > 1000
+  assert out["multi_rlvr_s0"]["unique@30"] == 3
+
+
+def test_compare_errors_name_the_problem(tmp_path):
+  with pytest.raises(ValueError, match="not NAME=DIR"):
+    compare.parse_runs("a=x,b")
+  with pytest.raises(FileNotFoundError, match="no evaluation found"):
+    compare.write({"a": str(tmp_path)}, str(tmp_path / "out"))
+  (tmp_path / "eval.json").write_text("{broken")
+  with pytest.raises(ValueError, match="unreadable evaluation"):
+    compare.write({"a": str(tmp_path)}, str(tmp_path / "out"))
