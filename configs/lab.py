@@ -85,5 +85,6 @@ def get_config(arg=None):
   single = arm in ("rlvr", "rlcr")
   c.eval.num_generations = 30 if single else 30 // c.reward.num_answers
   c.eval.temperature = 1.0  # the policy as trained
+  c.log.every_steps = 10  # keeps metrics.jsonl small enough to commit
   c.log.tensorboard = False
   return c

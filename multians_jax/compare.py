@@ -117,7 +117,9 @@ def _cell(values) -> str:
   if st is None:
     return "–"
   mean, lo, hi, n = st
-  return f"{mean:.3f}" if n == 1 or hi == lo else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+  return (
+    f"{mean:.3f}" if n == 1 or hi == lo else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+  )
 
 
 COLUMNS = (
@@ -156,7 +158,11 @@ def _band(ax, xs, ys_per_run, label, **kw):
   (line,) = ax.plot(xs, mean, marker=".", label=label, **kw)
   if len(arr) > 1:
     ax.fill_between(
-      xs, np.nanmin(arr, 0), np.nanmax(arr, 0), alpha=0.2, color=line.get_color()
+      xs,
+      np.nanmin(arr, 0),
+      np.nanmax(arr, 0),
+      alpha=0.2,
+      color=line.get_color(),
     )
 
 

@@ -204,7 +204,10 @@ def summarize(
     if num_gold is not None:
       out[f"recall@{k}"] = float(recall_at_k(ids, k, num_gold).mean())
   out["format_valid_rate"] = format_valid_rate(f)
-  out["duplicate_rate"] = float(duplicate_rate(scores["answer_key"])[f].mean())
+  if f.any():  # over format-valid generations only
+    out["duplicate_rate"] = float(
+      duplicate_rate(scores["answer_key"])[f].mean()
+    )
   calibrated = not np.all(np.isnan(scores["brier"]))
   conf = np.asarray(scores["confidence"])
   correct = np.asarray(scores["correct"]) * f[:, None]

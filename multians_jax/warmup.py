@@ -42,7 +42,6 @@ from flax import nnx
 
 from multians_jax import loss, prompts
 
-
 ANSWERS = ("gold", "distribution")
 CONFIDENCES = ("fixed", "random")
 CONF_GRID = 0.05  # random confidences are floored to this grid

@@ -24,7 +24,10 @@ def test_distributions_have_a_unique_top_set_and_are_seeded():
     answers, probs, distractors = distlab.distribution(cfg, case)
     assert math.isclose(sum(probs), 1.0, abs_tol=1e-9)
     assert probs == sorted(probs, reverse=True) and min(probs) > 0
-    assert all(a - b >= cfg.min_gap - 1e-9 for a, b in zip(probs, probs[1:4]))
+    assert all(
+      a - b >= cfg.min_gap - 1e-9
+      for a, b in zip(probs[:3], probs[1:4], strict=True)
+    )
     assert not set(answers) & set(distractors)
     assert sorted(answers + distractors) == sorted(distlab.NAMES)
     assert distlab.distribution(cfg, case) == (answers, probs, distractors)
@@ -85,7 +88,9 @@ def test_lab_prompt_is_the_question_alone():
   tok = distlab.tokenizer()
   q = distlab.QUESTION.format(case=3)
   msgs = prompts.build_messages(q, "multi_rlcr", "ddx", 3)
-  text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+  text = tok.apply_chat_template(
+    msgs, add_generation_prompt=True, tokenize=False
+  )
   ids = tok(text, add_special_tokens=False)["input_ids"]
   assert text == q and tok.unk_token_id not in ids
 
@@ -95,13 +100,15 @@ def test_expected_coverage_by_hand():
   # their keys; generation 2 repeats answer key 0 (counted once).
   answer_p = np.array([[[0.5, 0.2], [0.5, 0.1]]])
   keys = np.array([[[0, 1], [0, 2]]])
-  assert metrics.expected_coverage_at_k(answer_p, keys, 2)[0] == pytest.approx(0.7)
-  assert metrics.expected_coverage_at_k(answer_p, keys, 4)[0] == pytest.approx(0.8)
+  assert metrics.expected_coverage_at_k(answer_p, keys, 2)[0] == pytest.approx(
+    0.7
+  )
+  assert metrics.expected_coverage_at_k(answer_p, keys, 4)[0] == pytest.approx(
+    0.8
+  )
   missing = np.array([[[0, -1], [0, 2]]])
   assert metrics.expected_coverage_at_k(answer_p, missing, 2)[0] == 0.5
-  np.testing.assert_allclose(
-    metrics.top_mass([[0.1, 0.5, 0.2, 0.0]], 2), [0.7]
-  )
+  np.testing.assert_allclose(metrics.top_mass([[0.1, 0.5, 0.2, 0.0]], 2), [0.7])
 
 
 def test_distribution_summary_by_hand():
@@ -127,7 +134,9 @@ def test_distribution_summary_by_hand():
 
 def test_answer_probs_matches_answers_to_the_distribution():
   meta = {"distribution": {"answers": ["asthma", "croup"], "probs": [0.7, 0.3]}}
-  cfg = reward.RewardConfig(mode="multi_rlvr", num_answers=2, require_think=False)
+  cfg = reward.RewardConfig(
+    mode="multi_rlvr", num_answers=2, require_think=False
+  )
   texts = [
     "<answer1>Croup</answer1><answer2>lupus</answer2>",
     "<answer1>asthma</answer1>",  # one answer missing
@@ -140,7 +149,9 @@ def test_warmup_distribution_targets():
   rng = np.random.default_rng(0)
   rec = _decoded("train")[0]
   wc = warmup.WarmupConfig(answers="distribution", confidences="random")
-  cfg = reward.RewardConfig(mode="multi_rlcr", num_answers=3, require_think=False)
+  cfg = reward.RewardConfig(
+    mode="multi_rlcr", num_answers=3, require_think=False
+  )
   sums = []
   for _ in range(200):
     text = warmup.target_text(
@@ -192,13 +203,15 @@ def _eval_file(tmp_path, name, mode, seed, coverage, unique):
   summary.update({f"dist/coverage@{k}": coverage for k in range(a, 31, a)})
   summary.update({f"dist/oracle@{k}": 0.8 for k in range(a, 31, a)})
   (path / "after.json").write_text(
-    json.dumps({
-      "mode": mode,
-      "seed": seed,
-      "num_answers": 3,
-      "summary": summary,
-      "details": {"budget": 30, "unique": [unique] * 4},
-    }).replace("Infinity", "null")
+    json.dumps(
+      {
+        "mode": mode,
+        "seed": seed,
+        "num_answers": 3,
+        "summary": summary,
+        "details": {"budget": 30, "unique": [unique] * 4},
+      }
+    ).replace("Infinity", "null")
   )
   return str(tmp_path / name)
 
@@ -232,3 +245,80 @@ def test_compare_errors_name_the_problem(tmp_path):
   (tmp_path / "eval.json").write_text("{broken")
   with pytest.raises(ValueError, match="unreadable evaluation"):
     compare.write({"a": str(tmp_path)}, str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------
+# Learning test: the objectives reach their predicted behaviour
+
+STEPS = 200
+
+
+def _train_arm(arm, workdir):
+  """Warm-up + STEPS RL steps of configs/lab.py:ARM on the small lab;
+  returns the (after warm-up, after RL) evaluation summaries."""
+  from configs import lab
+  from multians_jax import loop
+
+  c = lab.get_config(arm)
+  c.steps, c.optim.lr = STEPS, 1e-3
+  c.warmup.steps, c.warmup.lr = 200, 3e-3
+  c.eval.num_prompts = 32  # the small lab's whole test split
+  c.ckpt.every_steps = 10_000
+  out = loop.train(
+    loop.RunConfig.from_dict(c.to_dict()),
+    str(workdir),
+    train_source=_decoded("train"),
+    eval_source=_decoded("test"),
+    tokenizer=distlab.tokenizer(),
+  )
+  return out["warmup"], out["after"]
+
+
+def _check_learning(multi, single):
+  """Multi-RLVR approaches the top-K mass and keeps K distinct answers;
+  RLVR collapses onto one answer (SPEC §9)."""
+  (mw, ma), (sw, sa) = multi, single
+  assert sw["unique@30"] > 8 and mw["unique@30"] > 8  # broad warm-up prior
+  assert ma["dist/coverage"] > mw["dist/coverage"] + 0.25, (mw, ma)
+  assert ma["dist/coverage"] > 0.75 * ma["dist/oracle_coverage"], ma
+  assert ma["dist/coverage"] > sa["dist/coverage"] + 0.25, (ma, sa)
+  assert sa["unique@30"] < 2.5 < ma["unique@30"], (sa, ma)
+  assert sa["dist/top1_p"] > sw["dist/top1_p"] + 0.1, (sw, sa)
+
+
+def test_multi_rlvr_covers_the_top_set_and_rlvr_collapses(tmp_path):
+  _check_learning(
+    _train_arm("multi_rlvr", tmp_path / "m"),
+    _train_arm("rlvr", tmp_path / "s"),
+  )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["constant_reward", "no_update"])
+def test_learning_test_fails_when_reward_or_update_is_broken(
+  tmp_path, monkeypatch, broken
+):
+  """The learning test's assertions fail with the reward replaced by a
+  constant (advantages all zero) or with an update step that leaves the
+  parameters as they are."""
+  import jax.numpy as jnp
+
+  from multians_jax import loop
+
+  if broken == "constant_reward":
+    real = loop.train_lib.group_advantages
+    monkeypatch.setattr(
+      loop.train_lib,
+      "group_advantages",
+      lambda r, p, how: real(jnp.ones_like(r), p, how),
+    )
+  else:
+    monkeypatch.setattr(
+      loop.train_lib,
+      "update_step",
+      lambda g, state, b, tx, cfg: (state, {"loss": 0.0}),
+    )
+  multi = _train_arm("multi_rlvr", tmp_path / "m")
+  single = _train_arm("rlvr", tmp_path / "s")
+  with pytest.raises(AssertionError):
+    _check_learning(multi, single)

@@ -29,7 +29,9 @@ flags.mark_flags_as_required(["runs", "out"])
 def main(argv):
   del argv
   try:
-    runs = compare.write(compare.parse_runs(_RUNS.value), _OUT.value, _TAG.value)
+    runs = compare.write(
+      compare.parse_runs(_RUNS.value), _OUT.value, _TAG.value
+    )
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"compare: {e}")
   print(compare.table(runs))
