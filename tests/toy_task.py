@@ -12,10 +12,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from multians_jax import checkpoint, sharding, telemetry
+from multians_jax.datasets import distlab
 
 COLOURS = ("red", "blue", "green")
 SPECIAL = ["<pad>", "<eos>", "[UNK]"]
@@ -24,19 +24,11 @@ VOCAB = SPECIAL + BLOCKS + ["foo", "bar"]
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-  tok = Tokenizer(
-    models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]")
+  return distlab.word_tokenizer(
+    VOCAB[len(SPECIAL) :],  # ids as VOCAB lists them
+    BLOCKS,
+    "{% for m in messages %}{{ m['content'] }} {% endfor %}",
   )
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  fast = PreTrainedTokenizerFast(
-    tokenizer_object=tok,
-    unk_token="[UNK]",
-    pad_token="<pad>",
-    eos_token="<eos>",
-  )
-  fast.add_tokens(BLOCKS)
-  fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-  return fast
 
 
 def records(n: int) -> list[dict]:

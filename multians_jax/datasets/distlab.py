@@ -177,12 +177,12 @@ def blocks() -> list[str]:
   return out
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-  """The lab's word-level tokenizer (see the module docstring)."""
-  words = sorted(
-    {w for c in range(100) for w in QUESTION.format(case=c).split()}
-  )
-  vocab = ["<pad>", "<eos>", "[UNK]"] + words
+def word_tokenizer(
+  words, blocks, chat_template: str
+) -> PreTrainedTokenizerFast:
+  """A whitespace word-level tokenizer (``<pad>`` 0, ``<eos>`` 1, ``[UNK]``
+  2, then ``words``) with ``blocks`` as single added tokens."""
+  vocab = ["<pad>", "<eos>", "[UNK]", *words]
   tok = Tokenizer(
     models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
   )
@@ -193,9 +193,19 @@ def tokenizer() -> PreTrainedTokenizerFast:
     pad_token="<pad>",
     eos_token="<eos>",
   )
-  fast.add_tokens(blocks())
-  fast.chat_template = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}"
-    "{{ m['content'] }}{% endif %}{% endfor %}"
-  )
+  fast.add_tokens(list(blocks))
+  fast.chat_template = chat_template
   return fast
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+  """The lab's word-level tokenizer (see the module docstring)."""
+  words = sorted(
+    {w for c in range(100) for w in QUESTION.format(case=c).split()}
+  )
+  return word_tokenizer(
+    words,
+    blocks(),
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ m['content'] }}{% endif %}{% endfor %}",
+  )
