@@ -130,6 +130,9 @@ def test_run_config_errors_name_the_key():
 @pytest.mark.parametrize(
   "name,arg",
   [("demo", None), ("tiny", None), ("qwen3_1_7b_gpu", None)]
+  + [("lab", arm) for arm in ("rlvr", "rlcr", "multi_rlvr", "multi_rlcr")]
+  + [("study_countries", arm) for arm in ("rlvr", "multi_rlcr", "base")]
+  + [("lab", "base")]
   + [
     (f"qwen3_8b_{m}", hw)
     for m in ("multi_rlcr", "multi_rlvr", "rlcr", "rlvr")
@@ -141,7 +144,51 @@ def test_every_config_validates(name, arg):
 
   cfg = importlib.import_module(f"configs.{name}").get_config(arg)
   run = loop.RunConfig.from_dict(cfg.to_dict())
-  assert run.steps >= 1
+  assert run.steps >= 1 or arg == "base"  # base: warm-up only
   if name.startswith("qwen3_8b"):
     assert run.rl.num_generations == 32 and run.optim.lr == 1e-6
     assert run.seed == 43 and run.sampling.max_new_tokens == 1536
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["multi_rlcr", "multi_rlvr", "rlcr", "rlvr"])
+def test_paper_config_runs_two_steps_with_a_tiny_stand_in(tmp_path, mode):
+  """A paper config (Qwen3-8B, DDXPlus) keeps its settings (reward, loss,
+  advantages, micro-batching, chunked sampling, remat, bf16 compute) and
+  runs 2 steps with a tiny random Qwen3 decoder and small sizes."""
+  import importlib
+
+  cfg = importlib.import_module(f"configs.qwen3_8b_{mode}").get_config("gpu8")
+  cfg.steps = 2
+  cfg.mesh.fsdp = -1
+  cfg.model.path = "random"
+  cfg.model.tokenizer = "smollm2"
+  cfg.model.arch.update(
+    family="qwen3", d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=8, d_ff=64, vocab_size=49152, tie_embeddings=False,
+  )  # fmt: skip
+  cfg.data.prompts_per_step, cfg.rl.num_generations = 2, 4
+  cfg.rl.micro_batches, cfg.rl.sample_chunk = 2, 1
+  cfg.data.max_prompt_len, cfg.data.min_bucket = 512, 256
+  cfg.sampler.max_new_tokens = 8
+  cfg.eval.every_steps, cfg.eval.num_prompts = 0, 2
+  cfg.eval.num_generations = 2
+  cfg.ckpt.every_steps = 2
+  cfg.export.hf_dir = ""
+  run = loop.RunConfig.from_dict(cfg.to_dict())
+  recs = [
+    {
+      "id": f"ddx-{i}",
+      "question": "Sex: F. Age: 40. Chief complaint: cough. Diagnosis?",
+      "answers": [["Bronchitis"], ["Pneumonia"]],
+      "context": "",
+      "tests": "",
+      "meta": {},
+      "family": "ddx",
+    }
+    for i in range(4)
+  ]
+  out = loop.train(run, str(tmp_path), train_source=recs, eval_source=recs)
+  assert out["final"]["step"] == 2
+  assert out["after"]["num_prompts"] == 2
+  assert (tmp_path / "checkpoints").exists()
