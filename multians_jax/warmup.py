@@ -103,7 +103,9 @@ def _distribution_answers(meta, n: int, cfg: WarmupConfig, rng) -> list:
   w = (np.asarray(probs) + cfg.distractor_weight) ** cfg.flatten
   w = np.where(np.asarray(probs) > 0, w, cfg.distractor_weight**cfg.flatten)
   if n > np.count_nonzero(w):
-    raise ValueError(f"warm-up: {n} answers asked, {len(names)} possible")
+    raise ValueError(
+      f"warm-up: {n} distinct answers asked, {np.count_nonzero(w)} possible"
+    )
   pick = rng.choice(len(names), size=n, replace=False, p=w / w.sum())
   return [names[i] for i in pick]
 
