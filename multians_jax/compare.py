@@ -184,7 +184,8 @@ def plot_recall(path, runs, recs):
   ax.set_xlabel("answers k (single-answer: k samples; K-answer: k/K gens)")
   ax.set_ylabel("recall@k")
   ax.set_ylim(0, 1.02)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -204,7 +205,8 @@ def plot_unique(path, runs, recs):
       ax.hist(v, bins=bins, histtype="step", lw=1.5, label=n, density=True)
   ax.set_xlabel("unique answers among 30 sampled answers (per prompt)")
   ax.set_ylabel("fraction of prompts")
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

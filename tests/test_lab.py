@@ -375,3 +375,21 @@ def test_evaluate_with_the_run_config_reproduces_training_eval(tmp_path):
     f"--out={tmp_path}/e2", check=False,
   )  # fmt: skip
   assert bad.returncode != 0 and "--mode conflict with --config" in bad.stderr
+
+
+def test_study_skips_finished_runs_compares_and_exports(tmp_path):
+  out = tmp_path / "study"
+  _eval_file(out, "rlvr_s0", "rlvr", 0, 0.3, 1)
+  _eval_file(out, "rlvr_s1", "rlvr", 1, 0.34, 2)
+  (out / "rlvr_s0" / "metrics.jsonl").write_text('{"step": 1}\n')
+  res = _py(
+    "tools/study.py", "--config=configs/lab.py", "--arms=rlvr",
+    "--seeds=0,1", f"--out={out}", f"--export={tmp_path}/keep",
+  )  # fmt: skip
+  assert "2 of 2 runs done" in res.stdout
+  data = json.loads((out / "compare" / "compare.json").read_text())
+  assert set(data["runs"]) == {"rlvr_s0", "rlvr_s1"}
+  keep = tmp_path / "keep"
+  assert (keep / "rlvr_s0" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+  assert (keep / "rlvr_s1" / "eval" / "after.json").exists()
+  assert (keep / "compare" / "compare.md").exists()

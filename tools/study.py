@@ -86,6 +86,7 @@ def export(done: dict, report: str, dest: str) -> None:
   """Copies each run's small outputs and the report into ``dest``."""
   for n, path in done.items():
     files = [os.path.join(path, f) for f in ("config.json", "metrics.jsonl")]
+    files = [f for f in files if os.path.exists(f)]
     files += glob.glob(os.path.join(path, "eval", "*.json"))
     for f in files:
       rel = os.path.relpath(f, path)
