@@ -29,6 +29,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from multians_jax import prompts  # noqa: E402
+
 KS = tuple(range(3, 31, 3))
 _SEED_TAG = re.compile(r"(_s|_seed)\d+$")
 
@@ -70,7 +72,7 @@ def _num(x):
 def row(rec: dict) -> dict:
   """The compare.json entry of one run."""
   s = rec["summary"]
-  a = 1 if rec.get("mode") in ("rlvr", "rlcr") else rec.get("num_answers", 1)
+  a = prompts.slots(rec.get("mode") or "rlvr", rec.get("num_answers") or 1)
   lab = "dist/coverage" in s
   recall = {}
   for k in KS:

@@ -108,17 +108,16 @@ def per_answer_brier(confidence, correct) -> float:
 
 def ece(confidence, correct, bins: int = 10) -> float:
   """Expected calibration error, ``bins`` equal-width bins on [0, 1]."""
-  q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
-  c = np.asarray(correct, np.float64).ravel()
-  if q.size == 0:
+  rb = {
+    k: np.asarray(v)
+    for k, v in reliability_bins(confidence, correct, bins).items()
+  }
+  n = rb["count"]
+  if n.sum() == 0:
     return math.nan
-  idx = np.minimum((q * bins).astype(int), bins - 1)
-  total = 0.0
-  for b in range(bins):
-    m = idx == b
-    if m.any():
-      total += m.sum() / q.size * abs(c[m].mean() - q[m].mean())
-  return float(total)
+  m = n > 0
+  gap = np.abs(rb["sum_correct"][m] - rb["sum_conf"][m]) / n[m]
+  return float((n[m] / n.sum() * gap).sum())
 
 
 def auroc(confidence, correct) -> float:
@@ -293,15 +292,14 @@ def distribution_summary(
   keys = np.where(f[:, None], np.asarray(answer_key), -1)
   b, a = ap.shape
   p = b // group_size
+  gp, gk = _grouped(ap, p), _grouped(keys, p)
   probs = np.asarray(probs, np.float64)
   out = {}
   for k in ks:
-    cov = expected_coverage_at_k(_grouped(ap, p), _grouped(keys, p), k)
+    cov = expected_coverage_at_k(gp, gk, k)
     out[f"dist/coverage@{k}"] = float(cov.mean())
     out[f"dist/oracle@{k}"] = float(top_mass(probs, k).mean())
-  out["dist/coverage"] = out.get(f"dist/coverage@{a}") or float(
-    expected_coverage_at_k(_grouped(ap, p), _grouped(keys, p), a).mean()
-  )
+  out["dist/coverage"] = float(expected_coverage_at_k(gp, gk, a).mean())
   out["dist/oracle_coverage"] = float(top_mass(probs, a).mean())
   q = np.nan_to_num(np.asarray(confidence, np.float64))
   pick = np.argmax(q, axis=-1) if calibrated else np.zeros(b, int)
