@@ -73,6 +73,11 @@ def get_config(arg=None):
   # completions (or per part of a group in a micro-batch), not once per
   # completion. Same loss and gradient; False = the plain per-row layout.
   c.rl.share_prompt = True
+  # Per-answer credit (docs/CREDIT.md): 'answer' gives the tokens of answer
+  # and confidence span i slot i's own advantage; needs an additive
+  # reward.correctness (count | count_over_k).
+  c.rl.credit = "sequence"  # sequence | answer
+  c.rl.credit_baseline = "slot"  # slot (per slot index) | pooled (all slots)
   c.rl.clip_eps_low = 0.2  # PPO clip below
   c.rl.clip_eps_high = 0.2  # PPO clip above
   c.rl.loss_agg = (

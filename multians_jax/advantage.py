@@ -90,3 +90,47 @@ def _group_std(centred: jax.Array, ddof: int) -> jax.Array:
 def _flat_groups(r: jax.Array) -> jax.Array:
   """bool [P]: every reward of the group is equal (zero variance)."""
   return jnp.max(r, axis=1) == jnp.min(r, axis=1)
+
+
+BASELINES = ("slot", "pooled")
+
+
+def slot_advantages(
+  slot: jax.Array,
+  kind: str,
+  *,
+  baseline: str = "slot",
+  std_ddof: int = 1,
+) -> jax.Array:
+  """Per-answer advantages from each slot's part of the reward (SPEC §10).
+
+  Slot i of completion g gets s_gi minus a baseline from its group:
+
+  - ``baseline='slot'``: the same slot's mean, m_i = mean_g s_gi (the
+    ``advantages`` of column i: ``kind`` scales and zeroes as there);
+  - ``baseline='pooled'``: every slot's mean, m = mean_{g, j} s_gj, with
+    ``rloo`` scaling by c/(c−1) and ``grpo`` dividing by the std of the
+    c = G·A values; a group whose G·A values are all equal gets 0.
+
+  Args:
+    slot: float [P, G, A], ``reward.set_reward_kernel``'s ``slot``.
+    kind: ``drgrpo`` | ``grpo`` | ``rloo``.
+    baseline: ``slot`` | ``pooled``.
+    std_ddof: as in ``advantages``.
+
+  Returns:
+    float32 [P, G, A].
+  """
+  if baseline not in BASELINES:
+    raise ValueError(
+      f"rl.credit_baseline must be one of {BASELINES}: {baseline!r}"
+    )
+  if slot.ndim != 3:
+    raise ValueError(f"slot must be [P, G, A], got shape {slot.shape}")
+  p, g, a = slot.shape
+  if baseline == "slot":
+    cols = jnp.moveaxis(slot, 2, 1).reshape(p * a, g)
+    adv, _ = advantages(cols, kind, std_ddof=std_ddof)
+    return jnp.moveaxis(adv.reshape(p, a, g), 1, 2)
+  adv, _ = advantages(slot.reshape(p, g * a), kind, std_ddof=std_ddof)
+  return adv.reshape(p, g, a)

@@ -13,7 +13,9 @@ in the distributional lab, else the empirical pass@A), ``oracle_coverage``
 (lab only), ``recall@k`` for k = 3..30 (lab: P(gold among k answers);
 else the fraction of gold entries hit), ``unique@30``, ``top1``, ``ece``,
 ``conf_abs_err`` (mean |q − p|, lab only) and
-``tokens_per_distinct_correct``.
+``tokens_per_distinct_correct``. Training WORKDIRs that evaluated during
+training (``eval.every_steps``) also get learning curves (``curves.png``)
+and per-step tables of coverage and mean |q − p|.
 """
 
 from __future__ import annotations
@@ -269,6 +271,83 @@ def plot_tokens(path, runs) -> bool:
   return True
 
 
+CURVES = (
+  ("coverage", "coverage"),
+  ("conf_abs_err", "mean abs(q − p)"),
+  ("ece", "ECE"),
+  ("unique@30", "unique@30"),
+)
+
+
+def history(path: str) -> list[tuple[int, dict]]:
+  """(step, compare row) of every held-out evaluation a training WORKDIR
+  holds: after the warm-up (step 0), every ``eval.every_steps``
+  (``eval/step<N>.json``) and after RL; sorted by step. Empty for other
+  directories."""
+  d = os.path.join(path, "eval")
+  if not os.path.isdir(d):
+    return []
+  names = ["warmup.json", "after.json"] + [
+    f for f in os.listdir(d) if re.fullmatch(r"step\d+\.json", f)
+  ]
+  out = {}
+  for f in names:
+    fp = os.path.join(d, f)
+    if os.path.isfile(fp):
+      rec = load(fp)
+      out[int(rec.get("step") or 0)] = row(rec)
+  return sorted(out.items())
+
+
+def plot_curves(path, hist: dict[str, list]) -> bool:
+  """Held-out figures against the RL step, mean and min–max over seeds,
+  for the groups whose runs evaluate at the same steps."""
+  series = {}
+  for name, members in groups(hist).items():
+    steps = [tuple(s for s, _ in hist[m]) for m in members]
+    if len(steps[0]) >= 3 and all(st == steps[0] for st in steps):
+      series[name] = (list(steps[0]), [[r for _, r in hist[m]] for m in members])
+  keys = [
+    (k, t)
+    for k, t in CURVES
+    if any(r[k] is not None for _, rs in series.values() for rr in rs for r in rr)
+  ]
+  if not series or not keys:
+    return False
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3))
+  for ax, (k, t) in zip(np.atleast_1d(axes), keys, strict=True):
+    for name, (steps, rows) in series.items():
+      ys = [[np.nan if r[k] is None else r[k] for r in rr] for rr in rows]
+      if not np.all(np.isnan(ys)):
+        _band(ax, steps, ys, name)
+    ax.set_xlabel("RL step")
+    ax.set_title(t, fontsize=9)
+  np.atleast_1d(axes)[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def curve_table(hist: dict[str, list], key: str = "coverage") -> str:
+  """Markdown: ``key`` per evaluated step (columns), one line per group."""
+  g = groups(hist)
+  steps = sorted({s for h in hist.values() for s, _ in h})
+  if len(steps) < 3:
+    return ""
+  lines = [
+    f"| {key} at step | " + " | ".join(map(str, steps)) + " |",
+    "|---|" + "---|" * len(steps),
+  ]
+  for name, members in g.items():
+    cells = []
+    for st in steps:
+      vals = [dict(hist[m]).get(st, {}).get(key) for m in members]
+      cells.append(_cell(vals))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def write(runs_spec: dict[str, str], out: str, tag: str = "after") -> dict:
   """Reads each run, writes OUT/compare.{json,md} and the PNGs."""
   if not runs_spec:
@@ -285,6 +364,14 @@ def write(runs_spec: dict[str, str], out: str, tag: str = "after") -> dict:
     pics.append("reliability.png")
   if plot_tokens(os.path.join(out, "tokens.png"), runs):
     pics.append("tokens.png")
+  hist = {n: history(p) for n, p in runs_spec.items()}
+  hist = {n: h for n, h in hist.items() if h}
+  curves = ""
+  if hist and plot_curves(os.path.join(out, "curves.png"), hist):
+    pics.append("curves.png")
+    curves = "\n\n".join(
+      t for t in (curve_table(hist, k) for k, _ in CURVES[:2]) if t
+    )
   lines = [
     "# Comparison",
     "",
@@ -292,6 +379,8 @@ def write(runs_spec: dict[str, str], out: str, tag: str = "after") -> dict:
     "",
     table(runs),
     "",
+    *(["Held-out figures per RL step (0: after the warm-up):", "", curves, ""]
+      if curves else []),  # fmt: skip
     *[f"![{p}]({p})" for p in pics],
     "",
     "Sources:",

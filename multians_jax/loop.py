@@ -38,6 +38,7 @@ from flax import nnx
 
 from multians_jax import (
   checkpoint,
+  credit,
   data,
   datasets,
   evaluate,
@@ -92,6 +93,8 @@ class RLConfig:
   logprob_chunk: int = 128
   sample_chunk: int = 0  # prompts per sampler call (0 = all)
   share_prompt: bool = True  # update step: each prompt once per group
+  credit: str = "sequence"  # sequence | answer (per-answer credit)
+  credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,7 @@ class RunConfig:
     _check(
       isinstance(rlc.share_prompt, bool), "rl.share_prompt must be True/False"
     )
+    _check_credit(rlc, c["reward"])
     p = c["data"]["prompts_per_step"]
     _check(
       (p * rlc.num_generations) % rlc.micro_batches == 0,
@@ -219,6 +223,23 @@ def _warn_format_penalty(rw: dict) -> None:
       rw.get("mode"),
       floor,
     )
+
+
+def _check_credit(rlc: RLConfig, rw: dict) -> None:
+  _check(
+    rlc.credit in credit.CREDITS,
+    f"rl.credit must be one of {credit.CREDITS}: {rlc.credit!r}",
+  )
+  _check(
+    rlc.credit_baseline in ("slot", "pooled"),
+    f"rl.credit_baseline must be 'slot' or 'pooled': {rlc.credit_baseline!r}",
+  )
+  _check(
+    rlc.credit == "sequence" or rw.get("correctness") != "any",
+    "rl.credit='answer' needs an additive correctness term "
+    "(reward.correctness='count' or 'count_over_k'); "
+    "reward.correctness='any' gives one correct slot the whole reward",
+  )
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -509,13 +530,20 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
   tests = [ts for ts in batch.tests for _ in range(g)]
   scores = evaluate.score_rows(texts, gold, tests, run.reward, bounds)
   scores.update(lengths=local.lengths, truncated=local.truncated)
+  if run.rl.credit == "answer":
+    scores["token_slot"] = credit.token_slots(
+      tok, local, texts, scores["format_ok"] > 0, run.reward
+    )
   scores = evaluate.gather_scores(scores, bounds)  # every row, every process
   lengths, truncated = scores.pop("lengths"), scores.pop("truncated")
-  rewards = jnp.asarray(scores["total"], jnp.float32)
-  adv, ainfo = train_lib.group_advantages(
-    rewards, len(batch.gold), run.rl.advantage
+  adv, ainfo = credit.rollout_advantages(  # host value, equal everywhere
+    scores,
+    len(batch.gold),
+    kind=run.rl.advantage,
+    credit=run.rl.credit,
+    baseline=run.rl.credit_baseline,
   )
-  adv = np.asarray(adv)  # host value, equal on all processes
+  scores.pop("token_slot", None)
   t2 = time.perf_counter()
   ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), mesh)
   ucfg = train_lib.UpdateConfig(
@@ -540,7 +568,9 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
   t3 = time.perf_counter()
   out = metrics.summarize(scores, lengths, group_size=g)
   out.update({k: float(v) for k, v in um.items()})
-  out.update({f"adv/{k}": float(v) for k, v in ainfo.items()})
+  out.update(
+    {k if "/" in k else f"adv/{k}": float(v) for k, v in ainfo.items()}
+  )
   n_tok = float(np.sum(lengths))
   out.update(
     time_sample=t1 - t0,

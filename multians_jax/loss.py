@@ -300,10 +300,11 @@ def per_token_loss(
   """ℓ [B, L] = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) (+ β·k3 if β > 0).
 
   ρ = exp(logp − old_logp); ``old_logp``, ``ref_logp`` and ``adv`` [B] are
-  constants (gradients are stopped).
+  constants (gradients are stopped); ``adv`` may also be per token [B, L]
+  (``rl.credit='answer'``).
   """
   old_logp, adv = jax.lax.stop_gradient((old_logp, adv))
-  a = adv[:, None]
+  a = _per_token(adv)
   ratio = jnp.exp(logp - old_logp)
   clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
   loss = -jnp.minimum(ratio * a, clipped * a)
@@ -312,6 +313,11 @@ def per_token_loss(
       raise ValueError("rl.kl_beta > 0 needs ref_logp (reference log-probs)")
     loss = loss + cfg.kl_beta * k3_kl(jax.lax.stop_gradient(ref_logp), logp)
   return loss
+
+
+def _per_token(adv: jax.Array) -> jax.Array:
+  """[B] (one advantage per completion) or [B, L] → broadcastable to [B, L]."""
+  return adv[:, None] if adv.ndim == 1 else adv
 
 
 def counted_mask(
@@ -370,7 +376,7 @@ def pg_loss_terms(
   Args:
     logp: float [B, L] log-probs under the current policy (differentiated).
     old_logp: float [B, L] log-probs of the policy that sampled (π_old).
-    adv: float [B] advantages, one per completion.
+    adv: float [B] advantages, one per completion, or [B, L] per token.
     mask: bool [B, L] completion tokens.
     cfg: the loss settings.
     ref_logp: float [B, L] reference-policy log-probs; needed if β > 0, and
@@ -397,7 +403,7 @@ def pg_loss_terms(
 def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
   logp, old_logp, ref_logp = jax.lax.stop_gradient((logp, old_logp, ref_logp))
   ratio = jnp.exp(logp - old_logp)
-  a = adv[:, None]
+  a = _per_token(adv)
   low = (ratio < 1.0 - cfg.clip_eps_low) & (a < 0)
   high = (ratio > 1.0 + cfg.clip_eps_high) & (a > 0)
   pg_cfg = dataclasses.replace(cfg, kl_beta=0.0)
@@ -463,5 +469,8 @@ def _check_shapes(logp, old_logp, adv, mask, ref_logp):
       raise ValueError(
         f"{name} must have the shape of logp {logp.shape}, got {x.shape}"
       )
-  if adv.shape != logp.shape[:1]:
-    raise ValueError(f"adv must be [B] = {logp.shape[:1]}, got {adv.shape}")
+  if adv.shape not in (logp.shape[:1], logp.shape):
+    raise ValueError(
+      f"adv must be [B] = {logp.shape[:1]} or [B, L] = {logp.shape}, got "
+      f"{adv.shape}"
+    )

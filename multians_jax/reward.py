@@ -420,8 +420,9 @@ def set_reward_kernel(
     Dict of [B] arrays: ``total``, ``format_ok``, ``distinct`` (u),
     ``num_correct`` (D), ``acc`` (gated r_acc), ``acc_gated``, ``brier`` (B,
     NaN in RLVR modes), ``brier_gated`` (1 when the Brier term is disabled),
-    ``sum_exceeded``, ``conf_sum``; and [B, A] ``correct`` and
-    ``confidence``.
+    ``sum_exceeded``, ``conf_sum``, ``decomposable``; and [B, A]
+    ``correct``, ``confidence`` and ``slot`` (each slot's own part of the
+    total, see ``_slot_parts``).
   """
   a = entry_ids.shape[-1]
   f = format_ok.astype(bool)
@@ -462,9 +463,16 @@ def set_reward_kernel(
     total = w_f * f + w_a * acc
     if calibrated:
       total = total + jnp.where(brier_gated, 0.0, w_b * (1.0 - brier))
+  slot, decomposable = _slot_parts(
+    first, c, q, acc_gated, brier_gated, f, total,
+    a=a, correctness=correctness, preset=preset, calibrated=calibrated,
+    weights=weights,
+  )  # fmt: skip
   flt = lambda x: x.astype(jnp.float32)
   return dict(
     total=flt(total),
+    slot=flt(slot),
+    decomposable=flt(decomposable),
     format_ok=flt(f),
     distinct=flt(u),
     num_correct=d,
@@ -477,6 +485,45 @@ def set_reward_kernel(
     correct=flt(c),
     confidence=q,
   )
+
+
+def _slot_parts(
+  first, c, q, acc_gated, brier_gated, f, total, *, a, correctness, preset,
+  calibrated, weights,
+):  # fmt: skip
+  """Each answer slot's own part of the total (per-answer credit, SPEC §10).
+
+  ``slot`` [B, A] is slot i's correctness term (``first_i`` for ``count``,
+  ``first_i / A`` for ``count_over_k``; times w_a under ``reference``) plus
+  its share of the Brier term (``-(q_i - c_i)^2 / A`` under ``paper``,
+  ``w_b (1 - (q_i - c_i)^2) / A`` under ``reference``) on the completions
+  whose reward decomposes: format valid and no gate tripped
+  (``decomposable``). On the others the reward is one event of the whole
+  sequence; it is split evenly between the slots so that every row's parts
+  add up the same way (the group baselines of ``advantage.slot_advantages``
+  read them; those rows' tokens keep the sequence advantage). For every
+  row, total = shared + Σ_i slot_i, with shared = w_f f under
+  ``reference`` and 0 under ``paper``. ``any`` is not additive (one correct
+  slot makes the others worthless): no row decomposes.
+  """
+  if preset == "paper":
+    shared = jnp.zeros(f.shape, jnp.float32)
+  else:
+    shared = weights[0] * f.astype(jnp.float32)
+  even = jnp.broadcast_to(((total - shared) / a)[:, None], first.shape)
+  if correctness == "any":
+    return even, jnp.zeros(f.shape, bool)
+  acc = first.astype(jnp.float32)
+  if correctness == "count_over_k":
+    acc = acc / a
+  sq = (q - c.astype(jnp.float32)) ** 2 / a
+  if preset == "paper":
+    part = acc - sq if calibrated else acc
+  else:
+    _, w_a, w_b = weights
+    part = w_a * acc + (w_b * (1.0 / a - sq) if calibrated else 0.0)
+  ok = f & ~acc_gated & (~brier_gated if calibrated else True)
+  return jnp.where(ok[:, None], part, even), ok
 
 
 # ------------------------------------------------------------- host driver

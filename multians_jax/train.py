@@ -167,13 +167,17 @@ class UpdateBatch:
   mask: jax.Array  # bool [B, S] real tokens
   comp_mask: jax.Array  # bool [B, L]
   old_logp: jax.Array  # float32 [B, L]
-  adv: jax.Array  # float32 [B]
+  adv: jax.Array  # float32 [B], or [B, L] per token (rl.credit='answer')
   truncated: jax.Array  # bool [B]
   ref_logp: jax.Array | None = None  # float32 [B, L] when kl_beta > 0
 
 
 def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
-  """Concatenates prompts and completions of a ``sampler.Rollout``."""
+  """Concatenates prompts and completions of a ``sampler.Rollout``.
+
+  ``adv``: one advantage per completion ([B], or [P, G] prompt-major), or
+  one per completion token ([B, L], the rollout's mask shape).
+  """
   tokens = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
   mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -183,7 +187,7 @@ def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
     mask,
     rollout.mask,
     rollout.logprobs,
-    adv.reshape(-1),
+    adv if adv.shape == rollout.mask.shape else adv.reshape(-1),
     rollout.truncated,
   )
 

@@ -291,6 +291,28 @@ def test_ratio_one_gives_minus_advantage_and_its_gradient(agg):
   np.testing.assert_allclose(grad, -a * w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("agg", AGGS)
+def test_per_token_advantages_at_ratio_one(agg):
+  """[B, L] advantages: the loss is −Σ w·A_t and its gradient −w·A_t."""
+  logp, _, _, mask, _, _ = random_batch(1)
+  a = np.random.default_rng(7).normal(size=logp.shape)
+  cfg = cfg_for(agg, max_len_norm=9)
+  m = np.asarray(mask, np.float64)
+  n_seq = (m.sum(1) > 0).sum()
+  w = {
+    "token_mean": m / m.sum(),
+    "seq_mean_token_mean": m / np.maximum(m.sum(1, keepdims=True), 1) / n_seq,
+    "seq_mean_token_sum_norm": m / 9 / n_seq,
+  }[agg]
+  adv = jnp.asarray(a, jnp.float32)
+  f = lambda lp: loss.pg_loss(lp, logp, adv, mask, cfg)[0]
+  value, grad = jax.value_and_grad(f)(logp)
+  assert float(value) == pytest.approx(float(np.sum(-a * w)), rel=1e-5)
+  np.testing.assert_allclose(grad, -a * w, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match=r"adv must be \[B\]"):
+    loss.pg_loss(logp, logp, adv[:, :2], mask, cfg)
+
+
 @pytest.mark.parametrize("mask_truncated", [False, True])
 @pytest.mark.parametrize("agg", AGGS)
 def test_micro_batch_splits_sum_to_full_batch_loss(agg, mask_truncated):

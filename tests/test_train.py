@@ -71,6 +71,29 @@ def test_sharded_update_equals_single_device(one_device_mesh):
   np.testing.assert_allclose(ms["loss"], mm["loss"], atol=1e-6)
 
 
+def test_per_token_advantages_update(one_device_mesh):
+  """[B, L] advantages (rl.credit='answer'): equal to [B] ones when constant
+  along L; micro-batched and sharded steps equal the single full batch."""
+  sgd = optax.sgd(1.0)
+  rng = np.random.default_rng(3)
+  row = jnp.asarray(rng.normal(size=8), jnp.float32)
+  _, by_row, _ = _step(one_device_mesh, 1, sgd, adv=row)
+  tiled = jnp.tile(row[:, None], (1, 5))
+  _, by_tok, _ = _step(one_device_mesh, 1, sgd, adv=tiled)
+  for a, b in zip(by_row, by_tok, strict=True):
+    np.testing.assert_array_equal(a, b)
+  tok = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+  _, full, m1 = _step(one_device_mesh, 1, sgd, adv=tok)
+  _, micro, m4 = _step(one_device_mesh, 4, sgd, adv=tok)
+  _, sharded, ms = _step(sharding.make_mesh(2, 2, 2), 2, sgd, adv=tok)
+  assert not np.allclose(full[0], by_row[0])  # the token values matter
+  for a, b, c in zip(full, micro, sharded, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], atol=1e-6)
+  np.testing.assert_allclose(m1["loss"], ms["loss"], atol=1e-6)
+
+
 def test_non_finite_update_is_skipped(one_device_mesh):
   tx = train.optimizer(train.OptimConfig(lr=1e-2))
   m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)

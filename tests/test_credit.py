@@ -1,0 +1,286 @@
+"""Per-answer credit: the kernel's slot parts, slot advantages, token spans
+and the [B, L] advantages the update step reads, all by hand."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from multians_jax import advantage, credit, loop, prompts, reward, sampler
+from multians_jax.datasets import distlab
+
+RLCR = "<analysis>x</analysis>\n" + "\n".join(
+  f"<answer{i}>{{}}</answer{i}>\n<confidence{i}>{{}}</confidence{i}>"
+  for i in (1, 2, 3)
+)
+
+
+def _cfg(**kw):
+  base = dict(
+    mode="multi_rlcr",
+    num_answers=3,
+    correctness="count",
+    preset="paper",
+    confidence_sum_le_one=False,
+    require_think=False,
+  )
+  return reward.RewardConfig(**{**base, **kw})
+
+
+def _rlcr(a, q):
+  return RLCR.format(*[x for pair in zip(a, q, strict=True) for x in pair])
+
+
+# ------------------------------------------------------------ kernel parts
+
+
+def test_slot_parts_paper_by_hand():
+  gold = [[["paris"], ["oslo"]]] * 3
+  texts = [
+    _rlcr(["paris", "rome", "oslo"], [0.5, 0.2, 0.1]),
+    _rlcr(["paris", "paris", "oslo"], [0.5, 0.2, 0.1]),  # not distinct
+    "no format",
+  ]
+  sc = reward.score_texts(texts, gold, _cfg())
+  # slot i: first_i - (q_i - c_i)^2 / 3
+  want = [1 - 0.25 / 3, -0.04 / 3, 1 - 0.81 / 3]
+  np.testing.assert_allclose(sc["slot"][0], want, atol=1e-6)
+  np.testing.assert_allclose(sc["slot"][0].sum(), sc["total"][0], atol=1e-6)
+  np.testing.assert_array_equal(sc["decomposable"], [1, 0, 0])
+  # no decomposition (gate, format): the total split evenly between slots
+  np.testing.assert_allclose(sc["total"][1:], [-1.0, 0.0])
+  np.testing.assert_allclose(sc["slot"][1], [-1 / 3] * 3, atol=1e-6)
+  np.testing.assert_array_equal(sc["slot"][2], 0)
+
+
+def test_slot_parts_reference_count_over_k_and_gate():
+  w = (0.5, 0.25, 0.75)
+  cfg = _cfg(preset="reference", correctness="count_over_k", weights=w)
+  gold = [[["paris"], ["oslo"]]] * 2
+  texts = [
+    _rlcr(["paris", "rome", "lima"], [0.5, 0.2, 0.1]),
+    _rlcr(["paris", "rome", "lima"], [0.5, 0.4, 0.3]),  # Σq = 1.2
+  ]
+  sc = reward.score_texts(texts, gold, cfg)
+  sq = np.array([0.25, 0.04, 0.01]) / 3
+  want = 0.25 * np.array([1, 0, 0]) / 3 + 0.75 * (1 / 3 - sq)
+  np.testing.assert_allclose(sc["slot"][0], want, atol=1e-6)
+  # total = w_f * f + Σ slot: the format term is shared by the sequence
+  np.testing.assert_allclose(sc["total"][0], 0.5 + want.sum(), atol=1e-6)
+  gated = reward.score_texts(texts, gold, _cfg(confidence_sum_le_one=True))
+  np.testing.assert_array_equal(gated["decomposable"], [1, 0])
+
+
+def test_slot_parts_sum_to_total_property():
+  """Random completions: the total is the sum of the slot parts (paper) or
+  that plus w_f·f (reference); where a row does not decompose, its parts
+  are equal."""
+  rng = np.random.default_rng(0)
+  names = ["paris", "oslo", "rome", "lima", "bern"]
+  rlcr, rlvr, gold = [], [], []
+  for _ in range(200):
+    a = list(rng.choice(names, 3))
+    q = np.round(rng.uniform(0, 0.5, 3), 2)
+    broken = rng.uniform() < 0.1
+    rlcr.append("broken" if broken else _rlcr(a, q))
+    rlvr.append(
+      "broken"
+      if broken
+      else "".join(f"<answer{i}>{x}</answer{i}>" for i, x in enumerate(a, 1))
+    )
+    gold.append([[n] for n in rng.choice(names, 2, replace=False)])
+  for preset, w_f in (("paper", 0.0), ("reference", 0.5)):
+    for corr in ("count", "count_over_k"):
+      for mode, t in (("multi_rlcr", rlcr), ("multi_rlvr", rlvr)):
+        cfg = _cfg(preset=preset, correctness=corr, mode=mode, format_penalty=-1.0)
+        sc = reward.score_texts(t, gold, cfg)
+        ok = sc["decomposable"] > 0
+        assert 0.3 < ok.mean() < 0.95  # both kinds present
+        shared = w_f * sc["format_ok"]
+        np.testing.assert_allclose(
+          sc["slot"].sum(1) + shared, sc["total"], atol=1e-5
+        )
+        bad = sc["slot"][~ok]
+        np.testing.assert_allclose(bad, bad[:, :1].repeat(3, 1), atol=1e-6)
+        assert (sc["slot"][ok] != sc["slot"][ok][:, :1]).any()
+
+
+def test_any_is_not_decomposable():
+  texts = [_rlcr(["paris", "rome", "oslo"], [0.5, 0.2, 0.1])]
+  sc = reward.score_texts(texts, [[["paris"]]], _cfg(correctness="any"))
+  assert sc["decomposable"][0] == 0
+  np.testing.assert_allclose(sc["slot"][0], [sc["total"][0] / 3] * 3)
+
+
+# ------------------------------------------------------- slot advantages
+
+
+def test_slot_advantages_by_hand():
+  # one group of G = 3, A = 2
+  s = jnp.array([[[1.0, 0.0], [0.0, 0.5], [0.5, 0.4]]])
+  got = advantage.slot_advantages(s, "drgrpo")
+  want = np.array(s[0]) - np.array([0.5, 0.3])  # per-slot means
+  np.testing.assert_allclose(got[0], want, atol=1e-6)
+  pooled = advantage.slot_advantages(s, "drgrpo", baseline="pooled")
+  np.testing.assert_allclose(pooled[0], np.array(s[0]) - 2.4 / 6, atol=1e-6)
+  rloo = advantage.slot_advantages(s, "rloo")
+  np.testing.assert_allclose(rloo[0], want * 3 / 2, atol=1e-6)
+  grpo = advantage.slot_advantages(s, "grpo")
+  std = np.sqrt((want**2).sum(0) / 2)  # unbiased, per slot
+  np.testing.assert_allclose(grpo[0], want / (std + 1e-6), atol=1e-5)
+  rloo_p = advantage.slot_advantages(s, "rloo", baseline="pooled")
+  np.testing.assert_allclose(rloo_p[0], (np.array(s[0]) - 0.4) * 6 / 5, atol=1e-6)
+
+
+def test_slot_advantages_no_signal_is_zero():
+  s = jnp.array([[[1.0, 0.3], [0.0, 0.3], [0.2, 0.3]]])  # slot 2 constant
+  for kind in advantage.KINDS:
+    got = advantage.slot_advantages(s, kind)
+    np.testing.assert_array_equal(got[0, :, 1], 0)
+    assert np.abs(got[0, :, 0]).min() > 0
+  flat = jnp.full((1, 3, 2), 0.25)
+  np.testing.assert_array_equal(
+    advantage.slot_advantages(flat, "grpo", baseline="pooled"), 0
+  )
+  with pytest.raises(ValueError, match="credit_baseline"):
+    advantage.slot_advantages(s, "drgrpo", baseline="row")
+
+
+# ------------------------------------------------------------ token spans
+
+
+def _bpe_tokenizer():
+  """A byte-level BPE trained here on tagged text with non-ASCII names."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  corpus = [
+    _rlcr(["São Tomé", "Côte d’Ivoire", "Perú"], [0.5, 0.25, 0.125]),
+    _rlcr(["paris", "oslo", "rome"], [0.2, 0.3, 0.4]),
+  ] * 20
+  trainer = trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=["<pad>", "<eos>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  tok.train_from_iterator(corpus, trainer)
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>"
+  )
+
+
+def _oracle_slots(tokenizer, ids, text, cfg):
+  """Token char ranges by decoding every prefix; slot = the content span
+  a token's range overlaps."""
+  ends = [
+    len(tokenizer.decode(ids[: n + 1], skip_special_tokens=True))
+    for n in range(len(ids))
+  ]
+  starts = [0] + ends[:-1]
+  spans = []
+  for i in range(cfg.num_answers):
+    for tag in (f"answer{i + 1}", f"confidence{i + 1}"):
+      o = text.index(f"<{tag}>") + len(tag) + 2
+      spans.append((i, o, text.index(f"</{tag}>")))
+  out = []
+  for s, e in zip(starts, ends, strict=True):
+    hit = [i for i, a, b in spans if s < b and e > a]
+    out.append(hit[0] if hit else -1)
+  return np.array(out)
+
+
+@pytest.mark.parametrize("which", ["bpe", "lab"])
+def test_row_slots_match_a_prefix_decoding_oracle(which):
+  cfg = _cfg()
+  if which == "bpe":
+    tok = _bpe_tokenizer()
+    text = _rlcr(["São Tomé", "Perú", "oslo"], [0.5, 0.25, 0.0])
+  else:
+    tok = distlab.tokenizer()  # one token per block
+    analysis = f"<analysis>{prompts.DEFAULT_ANALYSIS}</analysis>"
+    text = _rlcr(distlab.NAMES[:3], ["0.5", "0.25", "0.05"]).replace(
+      "<analysis>x</analysis>", analysis
+    )
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  back = tok.decode(ids, skip_special_tokens=True)
+  got = credit.row_slots(tok, ids, back, cfg)
+  np.testing.assert_array_equal(got, _oracle_slots(tok, ids, back, cfg))
+  assert set(got) == {-1, 0, 1, 2}
+  for i in range(3):  # slot i's tokens decode to text holding its answer
+    piece = tok.decode([t for t, s in zip(ids, got) if s == i])
+    assert text.split(f"<answer{i + 1}>")[1].split("<")[0] in piece
+
+
+def test_token_slots_rows_and_padding():
+  tok = _bpe_tokenizer()
+  cfg = _cfg()
+  good = _rlcr(["paris", "oslo", "rome"], [0.2, 0.3, 0.4])
+  ids = [tok(t, add_special_tokens=False)["input_ids"] for t in (good, "oslo")]
+  n = max(map(len, ids)) + 2
+  toks = np.zeros((2, n), np.int32)
+  for b, row in enumerate(ids):
+    toks[b, : len(row)] = row
+  roll = sampler.Rollout(
+    prompt_tokens=None,
+    prompt_mask=None,
+    tokens=toks,
+    logprobs=None,
+    mask=None,
+    lengths=np.array([len(r) for r in ids]),
+    truncated=None,
+  )
+  texts = [tok.decode(r) for r in ids]
+  got = credit.token_slots(tok, roll, texts, np.array([True, False]), cfg)
+  assert (got[0, : len(ids[0])] >= -1).all()
+  assert (got[0, len(ids[0]) :] == credit.PAD).all()
+  assert (got[1, : len(ids[1])] == credit.SHARED).all()  # format failure
+  assert (got[1, len(ids[1]) :] == credit.PAD).all()
+
+
+# ------------------------------------------------- advantages per token
+
+
+def test_token_advantages_by_hand():
+  seq = jnp.array([1.0, -2.0])
+  slot = jnp.array([[0.1, 0.2], [0.3, 0.4]])
+  slots = jnp.array([[-1, 0, 1, -2], [0, 1, -1, -2]])
+  got = credit.token_advantages(seq, slot, slots, jnp.array([True, False]))
+  want = [[1.0, 0.1, 0.2, 1.0], [-2.0, -2.0, -2.0, -2.0]]
+  np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_rollout_advantages_sequence_and_answer():
+  # P = 1 group of G = 2, A = 2, L = 3
+  scores = {
+    "total": np.array([1.0, 0.0], np.float32),
+    "slot": np.array([[1.0, 0.0], [0.0, 0.0]], np.float32),
+    "decomposable": np.array([1.0, 1.0], np.float32),
+    "token_slot": np.array([[-1, 0, 1], [0, 1, -2]], np.int32),
+  }
+  seq, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="sequence")
+  np.testing.assert_allclose(seq, [0.5, -0.5])
+  adv, info = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="answer"
+  )
+  # slot 0: parts (1, 0) → ±0.5; slot 1: (0, 0) → no signal, 0
+  np.testing.assert_allclose(adv, [[0.5, 0.5, 0.0], [-0.5, 0.0, -0.5]])
+  assert info["credit/decomposable_frac"] == 1.0
+  assert info["credit/slot_token_frac"] == pytest.approx(4 / 5)
+  with pytest.raises(ValueError, match="rl.credit"):
+    credit.rollout_advantages(scores, 1, kind="drgrpo", credit="token")
+
+
+def test_config_rejects_answer_credit_with_any():
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.rl.credit = "answer"
+  c.reward.correctness = "any"
+  with pytest.raises(ValueError, match="reward.correctness='any'"):
+    loop.RunConfig.from_dict(c.to_dict())
+  c.reward.correctness = "count"
+  assert loop.RunConfig.from_dict(c.to_dict()).rl.credit == "answer"
+  c.rl.credit = "slot"
+  with pytest.raises(ValueError, match="rl.credit must be one of"):
+    loop.RunConfig.from_dict(c.to_dict())
