@@ -65,7 +65,9 @@ def get_config(arg=None):
 
   c.rl = ml_collections.ConfigDict()
   c.rl.num_generations = 32  # G completions per prompt
-  c.rl.advantage = "drgrpo"  # drgrpo | grpo | rloo
+  # drgrpo | grpo | rloo | gdpo (each reward component normalised in its
+  # group, summed with reward.weights, then scaled by the batch std)
+  c.rl.advantage = "drgrpo"
   c.rl.num_iterations = 1  # optimizer steps per rollout batch
   c.rl.micro_batches = 1  # gradient accumulation steps (exact)
   c.rl.sample_chunk = 0  # prompts per sampler call (0 = all at once)
@@ -78,8 +80,16 @@ def get_config(arg=None):
   # reward.correctness (count | count_over_k).
   c.rl.credit = "sequence"  # sequence | answer
   c.rl.credit_baseline = "slot"  # slot (per slot index) | pooled (all slots)
-  c.rl.clip_eps_low = 0.2  # PPO clip below
-  c.rl.clip_eps_high = 0.2  # PPO clip above
+  # Dynamic sampling, set-aware: drop groups whose completions all reach a
+  # gold answer or none does, refill with new prompts (at most
+  # dynamic_max_rounds extra sampling rounds a step).
+  c.rl.dynamic_sampling = False
+  c.rl.dynamic_max_rounds = 3
+  c.rl.loss = "ppo"  # ppo | gspo (sequence ratio) | cispo (truncated IS weight)
+  c.rl.clip_eps_low = 0.2  # PPO clip below (CISPO: weight truncated below)
+  c.rl.clip_eps_high = 0.2  # PPO clip above (CISPO: weight truncated above)
+  c.rl.gspo_clip_low = 3e-4  # GSPO: sequence-ratio clip (needs
+  c.rl.gspo_clip_high = 4e-4  # rl.loss_agg = 'seq_mean_token_mean')
   c.rl.loss_agg = (
     "token_mean"  # token_mean | seq_mean_token_mean | ..._sum_norm
   )

@@ -12,6 +12,9 @@ of a prompt are compared only with each other:
   population std.
 - ``rloo``: A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_j r_j)
   (REINFORCE leave-one-out). Needs G ≥ 2.
+- ``gdpo``: each reward component normalised in its group as ``grpo``,
+  summed with weights, the sum divided by its batch std
+  (``gdpo_advantages``; the components come from ``credit``).
 
 A group whose rewards are all equal carries no learning signal: its
 advantages are set to exactly zero (not merely rounded near zero, which the
@@ -24,7 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KINDS = ("drgrpo", "grpo", "rloo")
+KINDS = ("drgrpo", "grpo", "rloo")  # kinds that read one reward per row
+ADVANTAGES = (*KINDS, "gdpo")  # every rl.advantage
 STD_EPS = 1e-6
 
 
@@ -50,7 +54,8 @@ def advantages(
       or ``std_ddof`` outside {0, 1}.
   """
   if kind not in KINDS:
-    raise ValueError(f"rl.advantage must be one of {KINDS}: {kind!r}")
+    hint = " (gdpo reads components: gdpo_advantages)" if kind == "gdpo" else ""
+    raise ValueError(f"rl.advantage must be one of {KINDS}: {kind!r}{hint}")
   if rewards.ndim != 2:
     raise ValueError(f"rewards must be [P, G], got shape {rewards.shape}")
   if std_ddof not in (0, 1):
@@ -134,3 +139,58 @@ def slot_advantages(
     return jnp.moveaxis(adv.reshape(p, a, g), 1, 2)
   adv, _ = advantages(slot.reshape(p, g * a), kind, std_ddof=std_ddof)
   return adv.reshape(p, g, a)
+
+
+def gdpo_advantages(
+  components: jax.Array, weights, *, std_ddof: int = 1
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GDPO: each reward component normalised in its group, then summed.
+
+  With c_gk the value of component k for completion g of a group,
+
+    A_g = Σ_k w_k (c_gk − mean_g c_gk) / (std_g c_gk + 1e-6),
+
+  a component that is equal across the group contributing exactly 0 (as
+  in ``grpo``); then A is divided by its std over the whole batch (+1e-6).
+  Its batch mean is zero by construction (every term has zero group mean),
+  so only the scale is normalised and flat groups keep A = 0. Normalising
+  each component separately keeps a component with a small spread (e.g.
+  the Brier term next to a 0/1 correctness) from being drowned by the
+  others, which a normalised sum would do.
+
+  Args:
+    components: float [P, G, C], the C reward components of each completion.
+    weights: C weights w_k.
+    std_ddof: delta degrees of freedom of the group std (as ``grpo``).
+
+  Returns:
+    ``(adv, info)``: adv float32 [P, G]; info as ``advantages`` (its
+    ``zero_std_frac`` counts groups where every component is flat) plus
+    ``gdpo/batch_std``.
+  """
+  if components.ndim != 3:
+    raise ValueError(
+      f"components must be [P, G, C], got shape {components.shape}"
+    )
+  w = jnp.asarray(weights, jnp.float32)
+  if w.shape != components.shape[2:]:
+    raise ValueError(
+      f"{components.shape[2]} reward components but {w.shape} weights"
+    )
+  p, g, c = components.shape
+  cols = jnp.moveaxis(components.astype(jnp.float32), 2, 1).reshape(p * c, g)
+  per, _ = advantages(cols, "grpo", std_ddof=std_ddof)
+  summed = jnp.einsum("pcg,c->pg", per.reshape(p, c, g), w)
+  batch_std = jnp.std(summed)
+  adv = summed / (batch_std + STD_EPS)
+  flat = jnp.all(_flat_groups(cols).reshape(p, c), axis=1)
+  total = jnp.einsum("pgc,c->pg", components.astype(jnp.float32), w)
+  info = {
+    "zero_std_frac": jnp.mean(flat.astype(jnp.float32)),
+    "reward_mean": jnp.mean(total),
+    "group_std_mean": jnp.mean(
+      _group_std(total - jnp.mean(total, 1, keepdims=True), 0)
+    ),
+    "gdpo/batch_std": batch_std,
+  }
+  return adv, info

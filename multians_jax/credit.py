@@ -132,8 +132,38 @@ def token_advantages(seq_adv, slot_adv, slots, valid) -> jax.Array:
   return jnp.where(use, per_slot, seq_adv[:, None]).astype(jnp.float32)
 
 
+def reward_components(scores: dict, cfg: reward.RewardConfig):
+  """The reward components ``rl.advantage='gdpo'`` normalises separately.
+
+  Format f (0/1), the gated correctness r_acc, and in the confidence modes
+  the calibration term: −B, or −1 where the Brier term is gated, under the
+  ``paper`` preset; 1 − B, or 0, under ``reference``. Their weights are
+  ``reward.weights`` (w_f, w_a, w_b) under both presets (GDPO sums the
+  normalised components with weights; the paper preset's format penalty
+  is replaced by the normalised format component).
+
+  Returns:
+    ``(components float32 [B, C], weights (C,))``, C = 3 or 2.
+  """
+  f = np.asarray(scores["format_ok"], np.float32)
+  acc = np.asarray(scores["acc"], np.float32)
+  cols, w = [f, acc], list(cfg.weights[:2])
+  if prompts.has_confidence(cfg.mode):
+    brier = np.nan_to_num(np.asarray(scores["brier"], np.float32))
+    gated = np.asarray(scores["brier_gated"]) > 0
+    if cfg.preset == "paper":
+      cal = np.where(gated, -1.0, -brier)
+    else:
+      cal = np.where(gated, 0.0, 1.0 - brier)
+    cols.append(cal.astype(np.float32))
+    w.append(cfg.weights[2])
+  return np.stack(cols, axis=1), tuple(float(x) for x in w)
+
+
 def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
-                       baseline: str = "slot") -> tuple[np.ndarray, dict]:  # fmt: skip
+                       baseline: str = "slot",
+                       reward_cfg: reward.RewardConfig | None = None,
+                       ) -> tuple[np.ndarray, dict]:  # fmt: skip
   """The advantages the update step reads, from a batch's gathered scores.
 
   Args:
@@ -143,6 +173,8 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
     kind: ``rl.advantage``.
     credit: ``sequence`` ([B] advantages) or ``answer`` ([B, L]).
     baseline: ``rl.credit_baseline`` (``advantage.slot_advantages``).
+    reward_cfg: the reward settings; needed by ``kind='gdpo'``
+      (``reward_components``).
 
   Returns:
     ``(adv, info)``: host float32 advantages and scalar metrics (the
@@ -152,6 +184,15 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
   """
   if credit not in CREDITS:
     raise ValueError(f"rl.credit must be one of {CREDITS}: {credit!r}")
+  if kind == "gdpo":
+    if credit != "sequence":
+      raise ValueError("rl.advantage='gdpo' needs rl.credit='sequence'")
+    if reward_cfg is None:
+      raise ValueError("rl.advantage='gdpo' needs reward_cfg")
+    comps, w = reward_components(scores, reward_cfg)
+    comps = jnp.asarray(comps).reshape(p, -1, comps.shape[1])
+    adv, info = advantage.gdpo_advantages(comps, w)
+    return np.asarray(adv.reshape(-1)), {k: float(v) for k, v in info.items()}
   total = jnp.asarray(scores["total"], jnp.float32).reshape(p, -1)
   seq, info = advantage.advantages(total, kind)
   seq = seq.reshape(-1)

@@ -37,6 +37,7 @@ from absl import logging
 from flax import nnx
 
 from multians_jax import (
+  advantage,
   checkpoint,
   credit,
   data,
@@ -47,6 +48,7 @@ from multians_jax import (
   metrics,
   report,
   reward,
+  rollouts,
   sampler,
   sharding,
   telemetry,
@@ -95,6 +97,8 @@ class RLConfig:
   share_prompt: bool = True  # update step: each prompt once per group
   credit: str = "sequence"  # sequence | answer (per-answer credit)
   credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
+  dynamic_sampling: bool = False  # drop groups with a flat binary outcome
+  dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +144,13 @@ class RunConfig:
       "loss_agg",
       "kl_beta",
       "mask_truncated",
+      "gspo_clip_low",
+      "gspo_clip_high",
     )
     lcfg = loss.LossConfig(
-      **{k: rl.pop(k) for k in lkeys}, max_len_norm=sm["max_new_tokens"]
+      **{k: rl.pop(k) for k in lkeys if k in rl},
+      kind=rl.pop("loss", "ppo"),
+      max_len_norm=sm["max_new_tokens"],
     )
     rlc = RLConfig(**rl)
     _check(rlc.num_generations >= 1, "rl.num_generations must be >= 1")
@@ -151,6 +159,11 @@ class RunConfig:
       isinstance(rlc.share_prompt, bool), "rl.share_prompt must be True/False"
     )
     _check_credit(rlc, c["reward"])
+    _check(
+      isinstance(rlc.dynamic_sampling, bool),
+      "rl.dynamic_sampling must be True/False",
+    )
+    _check(rlc.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
     p = c["data"]["prompts_per_step"]
     _check(
       (p * rlc.num_generations) % rlc.micro_batches == 0,
@@ -226,6 +239,15 @@ def _warn_format_penalty(rw: dict) -> None:
 
 
 def _check_credit(rlc: RLConfig, rw: dict) -> None:
+  _check(
+    rlc.advantage in advantage.ADVANTAGES,
+    f"rl.advantage must be one of {advantage.ADVANTAGES}: {rlc.advantage!r}",
+  )
+  _check(
+    rlc.advantage != "gdpo" or rlc.credit == "sequence",
+    "rl.advantage='gdpo' normalises whole-sequence reward components; "
+    "use it with rl.credit='sequence'",
+  )
   _check(
     rlc.credit in credit.CREDITS,
     f"rl.credit must be one of {credit.CREDITS}: {rlc.credit!r}",
@@ -437,6 +459,7 @@ def train(
         jax.random.fold_in(key, step),
         mesh,
         ref_params,
+        stream=stream,
       )
       if int(state.skipped) >= run.rl.max_nonfinite:
         raise FloatingPointError(
@@ -514,36 +537,47 @@ def _take(source, n):
     yield source[i]
 
 
-def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
-  """One RL iteration; returns (state, metrics)."""
+def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params,
+             stream=None):  # fmt: skip
+  """One RL iteration; returns (state, metrics).
+
+  With ``rl.dynamic_sampling`` further batches are drawn from ``stream``
+  (``rollouts.dynamic_fill``). The reward and length metrics describe the
+  first batch, what the policy does on the data stream, so they read the
+  same with dynamic sampling on or off.
+  """
   t0 = time.perf_counter()
   g = run.rl.num_generations
   model = nnx.merge(graphdef, state.params)
-  rollout = _sample_chunked(
-    model, batch, key, scfg, g, mesh, run.rl.sample_chunk
-  )
-  bounds = sharding.row_bounds(len(batch.gold), g)
-  local = jax.tree.map(lambda x: sharding.local_rows(x, bounds), rollout)
-  texts = evaluate.decode(tok, local)
-  t1 = time.perf_counter()
-  gold = [gs for gs in batch.gold for _ in range(g)]
-  tests = [ts for ts in batch.tests for _ in range(g)]
-  scores = evaluate.score_rows(texts, gold, tests, run.reward, bounds)
-  scores.update(lengths=local.lengths, truncated=local.truncated)
-  if run.rl.credit == "answer":
-    scores["token_slot"] = credit.token_slots(
-      tok, local, texts, scores["format_ok"] > 0, run.reward
+  first = rollouts.sample_and_score(run, model, batch, tok, scfg, key, mesh)
+  scored, live, dinfo = first, None, {}
+  if run.rl.dynamic_sampling:
+
+    def more(r):
+      k = jax.random.fold_in(key, 1_000_003 * r)
+      return rollouts.sample_and_score(
+        run, model, next(stream), tok, scfg, k, mesh
+      )
+
+    scored, live, dinfo = rollouts.dynamic_fill(
+      first, more, g, run.rl.dynamic_max_rounds
     )
-  scores = evaluate.gather_scores(scores, bounds)  # every row, every process
+  scores = dict(first.scores)
   lengths, truncated = scores.pop("lengths"), scores.pop("truncated")
+  scores.pop("token_slot", None)
   adv, ainfo = credit.rollout_advantages(  # host value, equal everywhere
-    scores,
+    scored.scores,
     len(batch.gold),
     kind=run.rl.advantage,
     credit=run.rl.credit,
     baseline=run.rl.credit_baseline,
+    reward_cfg=run.reward,
   )
-  scores.pop("token_slot", None)
+  if live is not None:  # filler groups: no gradient
+    adv = adv * (live[:, None] if adv.ndim == 2 else live)
+  ainfo.update(dinfo)
+  rollout = scored.rollout
+  t1 = t0 + scored.seconds[0]  # sampling, every round
   t2 = time.perf_counter()
   ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), mesh)
   ucfg = train_lib.UpdateConfig(
@@ -577,32 +611,11 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params):
     time_reward=t2 - t1,
     time_update=t3 - t2,
     time_step=t3 - t0,
-    tokens_per_sec=n_tok / max(t1 - t0, 1e-9),
+    tokens_per_sec=n_tok / max(first.seconds[0], 1e-9),
     truncation_rate=float(np.mean(truncated)),
     lr=float(train_lib.schedule(run.optim)(int(state.step) - 1)),
   )
   return state, out
-
-
-def _sample_chunked(model, batch, key, scfg, g, mesh, chunk):
-  """Samples the batch's prompts ``chunk`` at a time (bounds the KV cache)."""
-  p = batch.tokens.shape[0]
-  chunk = chunk or p
-  parts = [
-    sampler.sample(
-      model,
-      batch.tokens[i : i + chunk],
-      batch.mask[i : i + chunk],
-      jax.random.fold_in(key, i),
-      scfg,
-      num_samples=g,
-      mesh=mesh,
-    )
-    for i in range(0, p, chunk)
-  ]
-  if len(parts) == 1:
-    return parts[0]
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 
 def _reference(run, mesh, tok):

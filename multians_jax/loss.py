@@ -23,6 +23,19 @@ counted token:
 - ``seq_mean_token_sum_norm`` (Dr.GRPO): Σ_seq (Σ_t ℓ·m / max_len_norm)
   / N_seq.
 
+Per-token losses ℓ (``rl.loss``; ρ_t = π/π_old of token t, A its
+advantage):
+
+- ``ppo``: −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A).
+- ``gspo`` (GSPO-token, Zheng et al. 2025): the sequence ratio
+  s = exp(mean_t log ρ_t) (over the row's counted tokens) replaces ρ_t as
+  s_t = sg(s)·π_t/sg(π_t) (value s, gradient s·∇log π_t), clipped with its
+  own range ``gspo_clip_low/high``; with one advantage per row it is GSPO's
+  sequence objective. Needs ``seq_mean_token_mean`` (a mean over
+  sequences).
+- ``cispo`` (MiniMax-M1): −sg(clip(ρ_t, 1−ε_low, 1+ε_high))·A·log π_t: the
+  importance weight is truncated and never drops a token's gradient.
+
 Denominators are clamped at 1 so a batch with no counted token gives a loss
 of 0, not NaN. Sequences with no counted token (all masked, or dropped by
 ``mask_truncated``) are left out of N_seq: they carry no gradient either.
@@ -40,6 +53,7 @@ import jax.numpy as jnp
 from multians_jax import sharding
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+LOSSES = ("ppo", "gspo", "cispo")
 DEFAULT_CHUNK = 128
 
 # ---------------------------------------------------------------------------
@@ -249,6 +263,9 @@ class LossConfig:
       length); required by ``seq_mean_token_sum_norm``.
     kl_beta: β of the k3 KL penalty against a frozen reference; 0 = none.
     mask_truncated: drop completions cut by the length limit from the loss.
+    kind: ``ppo`` | ``gspo`` | ``cispo`` (module docstring).
+    gspo_clip_low / gspo_clip_high: GSPO's clip range of the sequence
+      ratio (its paper's 3e-4 / 4e-4).
   """
 
   clip_eps_low: float = 0.2
@@ -257,8 +274,23 @@ class LossConfig:
   max_len_norm: int | None = None
   kl_beta: float = 0.0
   mask_truncated: bool = False
+  kind: str = "ppo"
+  gspo_clip_low: float = 3e-4
+  gspo_clip_high: float = 4e-4
 
   def __post_init__(self):
+    if self.kind not in LOSSES:
+      raise ValueError(f"rl.loss must be one of {LOSSES}: {self.kind!r}")
+    if self.kind == "gspo" and self.loss_agg != "seq_mean_token_mean":
+      raise ValueError(
+        "rl.loss='gspo' optimises a mean over sequences of a sequence-level "
+        "ratio: it needs rl.loss_agg='seq_mean_token_mean', got "
+        f"{self.loss_agg!r}"
+      )
+    for name in ("gspo_clip_low", "gspo_clip_high"):
+      v = getattr(self, name)
+      if not (math.isfinite(v) and 0 <= v < 1):
+        raise ValueError(f"rl.{name} must be in [0, 1): {v}")
     if not 0 <= self.clip_eps_low < 1:
       raise ValueError(
         f"rl.clip_eps_low must be in [0, 1): {self.clip_eps_low}"
@@ -296,23 +328,44 @@ def per_token_loss(
   adv: jax.Array,
   cfg: LossConfig,
   ref_logp: jax.Array | None = None,
+  mask: jax.Array | None = None,
 ) -> jax.Array:
-  """ℓ [B, L] = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) (+ β·k3 if β > 0).
+  """ℓ [B, L] of ``cfg.kind`` (module docstring) (+ β·k3 if β > 0).
 
-  ρ = exp(logp − old_logp); ``old_logp``, ``ref_logp`` and ``adv`` [B] are
-  constants (gradients are stopped); ``adv`` may also be per token [B, L]
-  (``rl.credit='answer'``).
+  ``old_logp``, ``ref_logp`` and ``adv`` [B] are constants (gradients are
+  stopped); ``adv`` may also be per token [B, L] (``rl.credit='answer'``).
+  ``mask`` (float [B, L], the counted tokens) is needed by ``gspo``.
   """
   old_logp, adv = jax.lax.stop_gradient((old_logp, adv))
   a = _per_token(adv)
-  ratio = jnp.exp(logp - old_logp)
-  clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-  loss = -jnp.minimum(ratio * a, clipped * a)
+  ratio, low, high = _ratio(logp, old_logp, cfg, mask)
+  if cfg.kind == "cispo":
+    weight = jax.lax.stop_gradient(jnp.clip(ratio, low, high))
+    loss = -weight * a * logp
+  else:
+    loss = -jnp.minimum(ratio * a, jnp.clip(ratio, low, high) * a)
   if cfg.kl_beta > 0:
     if ref_logp is None:
       raise ValueError("rl.kl_beta > 0 needs ref_logp (reference log-probs)")
     loss = loss + cfg.kl_beta * k3_kl(jax.lax.stop_gradient(ref_logp), logp)
   return loss
+
+
+def _ratio(logp, old_logp, cfg: LossConfig, mask):
+  """(ratio [B, L], lower, upper clip bounds) of the loss kind."""
+  if cfg.kind != "gspo":
+    ratio = jnp.exp(logp - old_logp)
+    return ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
+  if mask is None:
+    raise ValueError("rl.loss='gspo' needs the token mask")
+  m = mask.astype(jnp.float32)
+  d = (logp - old_logp) * m
+  seq = jnp.sum(d, axis=1, keepdims=True) / jnp.maximum(
+    jnp.sum(m, axis=1, keepdims=True), 1.0
+  )
+  s = jnp.exp(jax.lax.stop_gradient(seq))
+  ratio = s * jnp.exp(logp - jax.lax.stop_gradient(logp))
+  return ratio, 1.0 - cfg.gspo_clip_low, 1.0 + cfg.gspo_clip_high
 
 
 def _per_token(adv: jax.Array) -> jax.Array:
@@ -388,24 +441,28 @@ def pg_loss_terms(
     ``(numerator, sums)``: numerator / ``loss_denominator`` of the whole
     batch is this micro-batch's share of the loss. ``sums`` are *sums over
     counted tokens* (so they add across micro-batches; ``reduce_metrics``
-    turns them into means): ``tokens`` (count), ``ratio`` (ρ),
-    ``clip_low`` (ρ < 1 − ε_low with A < 0: clipped below, no gradient),
-    ``clip_high`` (ρ > 1 + ε_high with A > 0), ``clip`` (either), ``kl``
-    (k3, only with ``ref_logp``), ``pg_loss`` (the clipped term alone).
+    turns them into means): ``tokens`` (count), ``ratio`` (ρ; GSPO: the
+    sequence ratio s), ``clip_low`` (ρ < lower bound with A < 0: clipped
+    below, no gradient; CISPO: weight truncated below, whatever A),
+    ``clip_high`` (ρ > upper bound with A > 0; CISPO: truncated above),
+    ``clip`` (either), ``kl`` (k3, only with ``ref_logp``), ``pg_loss``
+    (the policy term alone).
   """
   _check_shapes(logp, old_logp, adv, mask, ref_logp)
   m = counted_mask(mask, cfg, truncated)
-  loss = per_token_loss(logp, old_logp, adv, cfg, ref_logp)
+  loss = per_token_loss(logp, old_logp, adv, cfg, ref_logp, m)
   sums = _metric_sums(logp, old_logp, adv, m, cfg, ref_logp)
   return _numerator(loss, m, cfg), sums
 
 
 def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
   logp, old_logp, ref_logp = jax.lax.stop_gradient((logp, old_logp, ref_logp))
-  ratio = jnp.exp(logp - old_logp)
+  ratio, lo, hi = _ratio(logp, old_logp, cfg, m)
   a = _per_token(adv)
-  low = (ratio < 1.0 - cfg.clip_eps_low) & (a < 0)
-  high = (ratio > 1.0 + cfg.clip_eps_high) & (a > 0)
+  if cfg.kind == "cispo":  # truncated weights (the gradient is kept)
+    low, high = ratio < lo, ratio > hi
+  else:  # clipped with no gradient
+    low, high = (ratio < lo) & (a < 0), (ratio > hi) & (a > 0)
   pg_cfg = dataclasses.replace(cfg, kl_beta=0.0)
   total = lambda x: jnp.sum(x.astype(jnp.float32) * m)
   sums = {
@@ -414,7 +471,7 @@ def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
     "clip_low": total(low),
     "clip_high": total(high),
     "clip": total(low | high),
-    "pg_loss": total(per_token_loss(logp, old_logp, adv, pg_cfg)),
+    "pg_loss": total(per_token_loss(logp, old_logp, adv, pg_cfg, None, m)),
   }
   if ref_logp is not None:
     sums["kl"] = total(k3_kl(ref_logp, logp))

@@ -21,3 +21,15 @@ def one_device_mesh():
   from multians_jax import sharding
 
   return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+  """Drops jit caches after each test module. Every compiled CPU
+  executable holds a few memory maps; a whole suite's worth in one process
+  passes the kernel's vm.max_map_count (65,530) and LLVM aborts mid-compile."""
+  yield
+  import gc
+
+  jax.clear_caches()
+  gc.collect()

@@ -119,3 +119,57 @@ def test_jit_with_static_kind():
   adv, info = f(jnp.asarray(REWARDS), kind="rloo")
   np.testing.assert_allclose(adv, EXPECTED["rloo"], rtol=1e-6, atol=1e-7)
   assert float(info["zero_std_frac"]) == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------ GDPO
+
+
+def test_gdpo_hand_computed():
+  # Group 0: format f = (1, 1, 1, 0), correctness D = (2, 0, 0, 0); group 1
+  # flat.
+  comps = np.zeros((2, 4, 2), np.float32)
+  comps[0, :, 0] = [1, 1, 1, 0]
+  comps[0, :, 1] = [2, 0, 0, 0]
+  comps[1, :, 0] = 1
+  # f: mean 3/4, unbiased std 1/2 → (1/4, 1/4, 1/4, −3/4) / 1/2;
+  # D: mean 1/2, unbiased std 1 → (3/2, −1/2, −1/2, −1/2) / 1;
+  # weights (1, 2): (3.5, −0.5, −0.5, −2.5) (each std + 1e-6); then divided
+  # by the population std of the batch's 8 values (4 zeros).
+  adv, info = advantage.gdpo_advantages(jnp.asarray(comps), (1.0, 2.0))
+  e = 1e-6
+  f_n = np.array([0.25, 0.25, 0.25, -0.75]) / (0.5 + e)
+  d_n = np.array([1.5, -0.5, -0.5, -0.5]) / (1.0 + e)
+  summed = f_n + 2 * d_n
+  np.testing.assert_allclose(summed, [3.5, -0.5, -0.5, -2.5], rtol=1e-5)
+  std = np.sqrt((summed**2).sum() / 8)
+  np.testing.assert_allclose(adv[0], summed / (std + e), rtol=1e-6)
+  np.testing.assert_array_equal(adv[1], 0.0)
+  assert float(info["zero_std_frac"]) == 0.5
+  assert float(info["gdpo/batch_std"]) == pytest.approx(std, rel=1e-6)
+  # GRPO on the weighted total f + 2·D = (5, 1, 1, 0) lets D's larger
+  # scale dominate: the format failure (row 3) is barely below rows 1–2,
+  # where GDPO puts it 2 below them.
+  grpo, _ = advantage.advantages(jnp.asarray(comps @ np.array([1.0, 2.0])), "grpo")
+  g = np.asarray(grpo[0])
+  assert (g[1] - g[3]) / (g[0] - g[1]) == pytest.approx(1 / 4, rel=1e-5)
+  a = np.asarray(adv[0])
+  assert (a[1] - a[3]) / (a[0] - a[1]) == pytest.approx(2 / 4, rel=1e-5)
+
+
+def test_gdpo_scale_invariance_and_errors():
+  rng = np.random.default_rng(0)
+  comps = rng.normal(size=(3, 5, 3)).astype(np.float32)
+  a, _ = advantage.gdpo_advantages(jnp.asarray(comps), (1.0, 1.0, 1.0))
+  # Rescaling or shifting one component leaves GDPO unchanged.
+  c2 = comps.copy()
+  c2[..., 2] = 100 * c2[..., 2] - 7
+  b, _ = advantage.gdpo_advantages(jnp.asarray(c2), (1.0, 1.0, 1.0))
+  np.testing.assert_allclose(a, b, atol=1e-4)
+  assert float(jnp.std(a)) == pytest.approx(1.0, abs=1e-4)
+  np.testing.assert_allclose(jnp.mean(a, axis=1), 0.0, atol=1e-5)
+  with pytest.raises(ValueError, match="weights"):
+    advantage.gdpo_advantages(jnp.asarray(comps), (1.0, 1.0))
+  with pytest.raises(ValueError, match=r"\[P, G, C\]"):
+    advantage.gdpo_advantages(jnp.asarray(comps[0]), (1.0, 1.0, 1.0))
+  with pytest.raises(ValueError, match="gdpo_advantages"):
+    advantage.advantages(jnp.asarray(comps[..., 0]), "gdpo")

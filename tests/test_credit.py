@@ -284,3 +284,66 @@ def test_config_rejects_answer_credit_with_any():
   c.rl.credit = "slot"
   with pytest.raises(ValueError, match="rl.credit must be one of"):
     loop.RunConfig.from_dict(c.to_dict())
+
+
+# ------------------------------------------------------------ GDPO components
+
+
+@pytest.mark.parametrize("preset", ["paper", "reference"])
+def test_reward_components_rebuild_the_total(preset):
+  """Under reference, Σ w_k c_k is the total; under paper, f·(acc + cal) is
+  (format failures take the penalty instead)."""
+  rng = np.random.default_rng(1)
+  names = ["paris", "oslo", "rome", "lima"]
+  texts, gold = [], []
+  for _ in range(120):
+    a = list(rng.choice(names, 3))
+    q = np.round(rng.uniform(0, 0.6, 3), 2)
+    texts.append("broken" if rng.uniform() < 0.15 else _rlcr(a, q))
+    gold.append([[n] for n in rng.choice(names, 2, replace=False)])
+  cfg = _cfg(preset=preset, confidence_sum_le_one=True, format_penalty=-1.0,
+             weights=(0.3, 0.5, 0.7))  # fmt: skip
+  sc = reward.score_texts(texts, gold, cfg)
+  comps, w = credit.reward_components(sc, cfg)
+  assert comps.shape == (120, 3) and w == (0.3, 0.5, 0.7)
+  f = sc["format_ok"] > 0
+  assert 0.7 < f.mean() < 0.95 and (sc["brier_gated"][f] > 0).any()
+  if preset == "reference":
+    np.testing.assert_allclose(comps @ np.array(w), sc["total"], atol=1e-6)
+  else:
+    np.testing.assert_allclose(comps[f, 1] + comps[f, 2], sc["total"][f], atol=1e-6)
+    np.testing.assert_array_equal(comps[~f], [[0, 0, -1]] * (~f).sum())
+  rlvr = _cfg(mode="multi_rlvr", preset=preset)
+  comps2, w2 = credit.reward_components(reward.score_texts(texts, gold, rlvr), rlvr)
+  assert comps2.shape == (120, 2) and w2 == (0.5, 0.5)
+
+
+def test_rollout_advantages_gdpo_and_config():
+  from configs import tiny
+
+  cfg = _cfg(weights=(1.0, 2.0, 0.0))
+  scores = {  # one group of 4: f and acc as test_gdpo_hand_computed
+    "format_ok": np.array([1, 1, 1, 0], np.float32),
+    "acc": np.array([1, 0, 0, 0], np.float32),
+    "brier": np.array([0.1, 0.2, 0.3, np.nan], np.float32),
+    "brier_gated": np.array([0, 0, 0, 1], np.float32),
+  }
+  adv, info = credit.rollout_advantages(
+    scores, 1, kind="gdpo", credit="sequence", reward_cfg=cfg
+  )
+  want, _ = advantage.gdpo_advantages(
+    jnp.asarray(credit.reward_components(scores, cfg)[0])[None], (1.0, 2.0, 0.0)
+  )
+  np.testing.assert_allclose(adv, np.asarray(want)[0], rtol=1e-6)
+  assert adv[0] > adv[1] == adv[2] > adv[3] and "gdpo/batch_std" in info
+  with pytest.raises(ValueError, match="reward_cfg"):
+    credit.rollout_advantages(scores, 1, kind="gdpo", credit="sequence")
+  c = tiny.get_config()
+  c.rl.advantage = "gdpo"
+  assert loop.RunConfig.from_dict(c.to_dict()).rl.advantage == "gdpo"
+  c.rl.credit = "answer"
+  with pytest.raises(ValueError, match="rl.credit='sequence'"):
+    loop.RunConfig.from_dict(c.to_dict())
+  c.rl.credit, c.rl.advantage = "sequence", "ppo"
+  with pytest.raises(ValueError, match="rl.advantage must be one of"):
+    loop.RunConfig.from_dict(c.to_dict())

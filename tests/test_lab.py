@@ -309,22 +309,26 @@ def test_learning_test_fails_when_reward_or_update_is_broken(
   parameters as they are (one arm each, to keep the suite short)."""
   import jax.numpy as jnp
 
-  from multians_jax import loop
+  from multians_jax import advantage, loop
 
-  if broken == "constant_reward":
-    real = loop.train_lib.group_advantages
-    monkeypatch.setattr(
-      loop.train_lib,
-      "group_advantages",
-      lambda r, p, how: real(jnp.ones_like(r), p, how),
-    )
+  calls = []
+  if broken == "constant_reward":  # what the loop's advantages read
+    real = advantage.advantages
+
+    def constant(r, kind, **kw):
+      calls.append(1)
+      return real(jnp.ones_like(r), kind, **kw)
+
+    monkeypatch.setattr(advantage, "advantages", constant)
   else:
-    monkeypatch.setattr(
-      loop.train_lib,
-      "update_step",
-      lambda g, state, b, tx, cfg: (state, {"loss": 0.0}),
-    )
+
+    def frozen(g, state, b, tx, cfg):
+      calls.append(1)
+      return state, {"loss": 0.0}
+
+    monkeypatch.setattr(loop.train_lib, "update_step", frozen)
   warm, after = _train_arm(arm, tmp_path / arm)
+  assert len(calls) >= STEPS  # the broken piece is the one the loop runs
   check = _check_multi if arm == "multi_rlvr" else _check_single
   with pytest.raises(AssertionError):
     check(warm, after)

@@ -44,6 +44,10 @@ def cfg_for(agg="token_mean", **kw):
     ({"kl_beta": -1.0}, "kl_beta"),
     ({"kl_beta": float("nan")}, "kl_beta"),
     ({"mask_truncated": 1}, "mask_truncated"),
+    ({"kind": "grpo"}, "loss must be one of"),
+    ({"kind": "gspo"}, "loss_agg='seq_mean_token_mean'"),
+    ({"kind": "gspo", "loss_agg": "seq_mean_token_sum_norm"}, "loss='gspo'"),
+    ({"gspo_clip_high": 1.5}, "gspo_clip_high"),
   ],
 )
 def test_config_errors_name_the_field(kw, field):
@@ -314,12 +318,22 @@ def test_per_token_advantages_at_ratio_one(agg):
 
 
 @pytest.mark.parametrize("mask_truncated", [False, True])
-@pytest.mark.parametrize("agg", AGGS)
-def test_micro_batch_splits_sum_to_full_batch_loss(agg, mask_truncated):
+@pytest.mark.parametrize(
+  "agg, kind",
+  [(a, "ppo") for a in AGGS]
+  + [("seq_mean_token_mean", "gspo"), ("token_mean", "cispo")],
+)
+def test_micro_batch_splits_sum_to_full_batch_loss(agg, kind, mask_truncated):
   logp, old, adv, mask, ref, trunc = random_batch(2)
+  if kind == "gspo":  # sequence ratios near 1, some outside GSPO's range
+    old = logp + jnp.asarray(
+      np.random.default_rng(5).normal(scale=1e-3, size=logp.shape),
+      jnp.float32,
+    )
   cfg = cfg_for(
-    agg, kl_beta=0.05, mask_truncated=mask_truncated, max_len_norm=7
-  )
+    agg, kl_beta=0.05, mask_truncated=mask_truncated, max_len_norm=7,
+    kind=kind,
+  )  # fmt: skip
   full, full_m = loss.pg_loss(
     logp, old, adv, mask, cfg, ref_logp=ref, truncated=trunc
   )
@@ -342,6 +356,66 @@ def test_micro_batch_splits_sum_to_full_batch_loss(agg, mask_truncated):
     for k, v in loss.reduce_metrics(sums).items():
       assert float(v) == pytest.approx(float(full_m[k]), rel=1e-5, abs=1e-6), k
   assert 0 < float(full_m["clip_frac"]) < 1  # the clip is exercised
+
+
+def test_gspo_value_and_gradient_are_the_sequence_objective():
+  """GSPO-token with one advantage per row: value and gradient of
+  −(1/N) Σ_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t(logp − old))."""
+  rng = np.random.default_rng(11)
+  b, n = 6, 5
+  logp, _, adv, _, _, _ = random_batch(4, b=b, n=n)
+  lens = np.array([5, 3, 4, 1, 5, 2])
+  mask = jnp.asarray(np.arange(n)[None] < lens[:, None])
+  # per-row mean log-ratio: ±2e-4 (inside the clip), ±1e-3 (outside)
+  shift = np.array([2e-4, -2e-4, 1e-3, -1e-3, 1e-3, -1e-3])
+  noise = rng.normal(scale=1e-4, size=(b, n))
+  noise -= (noise * np.asarray(mask)).sum(1, keepdims=True) / lens[:, None]
+  old = logp - jnp.asarray(shift[:, None] + noise, jnp.float32)
+  adv = jnp.asarray([1.0, -1.0, 1.0, -1.0, -1.0, 1.0], jnp.float32)
+  cfg = cfg_for("seq_mean_token_mean", kind="gspo")
+  m = np.asarray(mask, np.float32)
+
+  def reference(lp):
+    seq = jnp.sum((lp - old) * m, 1) / lens
+    s = jnp.exp(seq)
+    clipped = jnp.clip(s, 1 - 3e-4, 1 + 4e-4)
+    return -jnp.mean(jnp.minimum(s * adv, clipped * adv))
+
+  f = lambda lp: loss.pg_loss(lp, old, adv, mask, cfg)[0]
+  v, g = jax.value_and_grad(f)(logp)
+  rv, rg = jax.value_and_grad(reference)(logp)
+  assert float(v) == pytest.approx(float(rv), rel=1e-6)
+  np.testing.assert_allclose(g, rg, atol=1e-7)
+  # rows 0-1 inside the range, row 2 (s > 1 + ε, A > 0) and row 3
+  # (s < 1 − ε, A < 0) clipped: no gradient; rows 4-5 clipped on the other
+  # side keep it. By hand: ∂/∂logp_t = −s A / (|y| N) on counted tokens.
+  s = np.exp(shift)
+  want = -(s * np.asarray(adv))[:, None] * m / lens[:, None] / b
+  want[2:4] = 0
+  np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-9)
+  _, met = loss.pg_loss(logp, old, adv, mask, cfg)
+  assert float(met["clip_frac"]) == pytest.approx((4 + 1) / lens.sum())
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens():
+  """−sg(clip(ρ)) A log π: gradient −clip(ρ)·A·w everywhere, also where
+  PPO's clip stops it."""
+  logp = jnp.log(jnp.asarray([[0.5, 0.5, 0.5]], jnp.float32))
+  ratio = np.array([0.5, 1.0, 1.6])  # below, inside, above [0.8, 1.2]
+  old = logp - jnp.log(jnp.asarray(ratio[None], jnp.float32))
+  mask = jnp.ones((1, 3), bool)
+  for a in (1.0, -1.0):
+    adv = jnp.asarray([a], jnp.float32)
+    cfg = cfg_for("token_mean", kind="cispo")
+    f = lambda lp, c=cfg: loss.pg_loss(lp, old, adv, mask, c)[0]
+    v, g = jax.value_and_grad(f)(logp)
+    w = np.clip(ratio, 0.8, 1.2)
+    np.testing.assert_allclose(g[0], -w * a / 3, rtol=1e-6)
+    assert float(v) == pytest.approx(float(-(w * a * np.log(0.5)).mean()))
+    ppo = jax.grad(lambda lp: loss.pg_loss(lp, old, adv, mask, cfg_for())[0])
+    assert np.sum(np.asarray(ppo(logp)) == 0) == 1  # PPO drops one token
+    _, met = loss.pg_loss(logp, old, adv, mask, cfg)
+    assert float(met["clip_frac"]) == pytest.approx(2 / 3)
 
 
 def tiny_model(mesh, vocab=64, seed=0):
