@@ -78,7 +78,7 @@ def get_config(arg=None):
   # Per-answer credit (docs/CREDIT.md): 'answer' gives the tokens of answer
   # and confidence span i slot i's own advantage; needs an additive
   # reward.correctness (count | count_over_k).
-  c.rl.credit = "sequence"  # sequence | answer
+  c.rl.credit = "sequence"  # sequence | answer | answer_to_go (slots i..K)
   c.rl.credit_baseline = "slot"  # slot (per slot index) | pooled (all slots)
   # Dynamic sampling, set-aware: drop groups whose completions all reach a
   # gold answer or none does, refill with new prompts (at most

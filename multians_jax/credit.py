@@ -9,6 +9,14 @@ and the whitespace between blocks) and every token of a completion whose
 reward does not decompose (format or distinctness failure, a tripped gate)
 keep the sequence advantage.
 
+``answer_to_go`` gives the tokens of slot i the parts of slots i..K
+instead of slot i's alone (reward-to-go over slots). Slot i's answer and
+confidence are in the context of every later slot, and a later slot's
+correctness part depends on them (an answer already given earns nothing
+again), so ``answer`` drops those terms of the set's gradient; the parts
+of earlier slots are fixed before slot i is written, so leaving them out
+keeps the estimator unbiased.
+
 Host side: ``token_slots`` finds which completion tokens fall inside which
 answer / confidence span of the decoded text. Device side:
 ``token_advantages`` assembles the [B, L] advantages the loss reads.
@@ -24,7 +32,7 @@ import numpy as np
 
 from multians_jax import advantage, prompts, reward
 
-CREDITS = ("sequence", "answer")
+CREDITS = ("sequence", "answer", "answer_to_go")
 SHARED, PAD = -1, -2  # token_slots values that are not a slot index
 
 
@@ -171,7 +179,8 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
       with ``credit='answer'`` also ``token_slot`` [B, L] (``token_slots``).
     p: prompts in the batch (groups of B / p rows).
     kind: ``rl.advantage``.
-    credit: ``sequence`` ([B] advantages) or ``answer`` ([B, L]).
+    credit: ``sequence`` ([B] advantages), ``answer`` or ``answer_to_go``
+      ([B, L]).
     baseline: ``rl.credit_baseline`` (``advantage.slot_advantages``).
     reward_cfg: the reward settings; needed by ``kind='gdpo'``
       (``reward_components``).
@@ -200,6 +209,10 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
   if credit == "sequence":
     return np.asarray(seq), info
   slot = jnp.asarray(scores["slot"], jnp.float32)
+  if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
+    if baseline != "slot":
+      raise ValueError("rl.credit='answer_to_go' needs rl.credit_baseline='slot'")
+    slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
   valid = jnp.asarray(scores["decomposable"]) > 0
   g, a = slot.shape[0] // p, slot.shape[1]
   slot_adv = advantage.slot_advantages(

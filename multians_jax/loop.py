@@ -257,8 +257,13 @@ def _check_credit(rlc: RLConfig, rw: dict) -> None:
     f"rl.credit_baseline must be 'slot' or 'pooled': {rlc.credit_baseline!r}",
   )
   _check(
+    rlc.credit != "answer_to_go" or rlc.credit_baseline == "slot",
+    "rl.credit='answer_to_go' sums each slot's parts with the later slots'; "
+    "its baseline is per slot: rl.credit_baseline='slot'",
+  )
+  _check(
     rlc.credit == "sequence" or rw.get("correctness") != "any",
-    "rl.credit='answer' needs an additive correctness term "
+    f"rl.credit={rlc.credit!r} needs an additive correctness term "
     "(reward.correctness='count' or 'count_over_k'); "
     "reward.correctness='any' gives one correct slot the whole reward",
   )

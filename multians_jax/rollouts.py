@@ -86,7 +86,7 @@ def sample_and_score(run, model, batch, tok, scfg, key, mesh) -> Scored:
   tests = [ts for ts in batch.tests for _ in range(g)]
   scores = evaluate.score_rows(texts, gold, tests, run.reward, bounds)
   scores.update(lengths=local.lengths, truncated=local.truncated)
-  if run.rl.credit == "answer":
+  if run.rl.credit != "sequence":
     scores["token_slot"] = credit.token_slots(
       tok, local, texts, scores["format_ok"] > 0, run.reward
     )

@@ -347,3 +347,33 @@ def test_rollout_advantages_gdpo_and_config():
   c.rl.credit, c.rl.advantage = "sequence", "ppo"
   with pytest.raises(ValueError, match="rl.advantage must be one of"):
     loop.RunConfig.from_dict(c.to_dict())
+
+
+def test_answer_to_go_sums_the_later_slots():
+  # P = 1 group of G = 2, A = 3: slot parts per row; to-go sums (r, 3 − i)
+  scores = {
+    "total": np.array([1.5, 0.5], np.float32),
+    "slot": np.array([[1.0, 0.0, 0.5], [0.0, 0.5, 0.0]], np.float32),
+    "decomposable": np.array([1.0, 0.0], np.float32),
+    "token_slot": np.array([[-1, 0, 1, 2], [0, 1, 2, -2]], np.int32),
+  }
+  adv, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="answer_to_go"
+  )
+  # to-go: row 0 (1.5, 0.5, 0.5), row 1 (0.5, 0.5, 0.0); slot means
+  # (1.0, 0.5, 0.25) → row 0 (0.5, 0, 0.25). Row 1 does not decompose:
+  # every token keeps the sequence advantage −0.5.
+  np.testing.assert_allclose(adv[0], [0.5, 0.5, 0.0, 0.25])
+  np.testing.assert_allclose(adv[1], [-0.5, -0.5, -0.5, -0.5])
+  own, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="answer")
+  np.testing.assert_allclose(own[0], [0.5, 0.5, -0.25, 0.25])
+  # slot 1's to-go is the whole set's slot sum: its advantage is the
+  # sequence one whenever every row decomposes
+  scores["decomposable"][:] = 1
+  adv, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="answer_to_go")
+  seq, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="sequence")
+  assert adv[0, 1] == pytest.approx(seq[0]) and adv[1, 0] == pytest.approx(seq[1])
+  with pytest.raises(ValueError, match="credit_baseline='slot'"):
+    credit.rollout_advantages(
+      scores, 1, kind="drgrpo", credit="answer_to_go", baseline="pooled"
+    )

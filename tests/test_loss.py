@@ -274,18 +274,22 @@ def random_batch(seed, b=12, n=7):
   )
 
 
+def _token_weights(mask, agg, max_len_norm):
+  """Weight of each token in the aggregate ``agg``."""
+  m = np.asarray(mask, np.float64)
+  n_seq = (m.sum(1) > 0).sum()
+  return {
+    "token_mean": m / m.sum(),
+    "seq_mean_token_mean": m / np.maximum(m.sum(1, keepdims=True), 1) / n_seq,
+    "seq_mean_token_sum_norm": m / max_len_norm / n_seq,
+  }[agg]
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_ratio_one_gives_minus_advantage_and_its_gradient(agg):
   logp, _, adv, mask, _, _ = random_batch(1)
   cfg = cfg_for(agg, max_len_norm=9)
-  m = np.asarray(mask, np.float64)
-  n_seq = (m.sum(1) > 0).sum()
-  # Weight of each token in the aggregate.
-  w = {
-    "token_mean": m / m.sum(),
-    "seq_mean_token_mean": m / np.maximum(m.sum(1, keepdims=True), 1) / n_seq,
-    "seq_mean_token_sum_norm": m / 9 / n_seq,
-  }[agg]
+  w = _token_weights(mask, agg, 9)
   f = lambda lp: loss.pg_loss(lp, logp, adv, mask, cfg)[0]
   value, grad = jax.value_and_grad(f)(logp)
   a = np.asarray(adv, np.float64)[:, None]
@@ -301,13 +305,7 @@ def test_per_token_advantages_at_ratio_one(agg):
   logp, _, _, mask, _, _ = random_batch(1)
   a = np.random.default_rng(7).normal(size=logp.shape)
   cfg = cfg_for(agg, max_len_norm=9)
-  m = np.asarray(mask, np.float64)
-  n_seq = (m.sum(1) > 0).sum()
-  w = {
-    "token_mean": m / m.sum(),
-    "seq_mean_token_mean": m / np.maximum(m.sum(1, keepdims=True), 1) / n_seq,
-    "seq_mean_token_sum_norm": m / 9 / n_seq,
-  }[agg]
+  w = _token_weights(mask, agg, 9)
   adv = jnp.asarray(a, jnp.float32)
   f = lambda lp: loss.pg_loss(lp, logp, adv, mask, cfg)[0]
   value, grad = jax.value_and_grad(f)(logp)
