@@ -315,11 +315,13 @@ def plot_curves(path, hist: dict[str, list]) -> bool:
   if not series or not keys:
     return False
   fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3))
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colour = {n: cycle[i % len(cycle)] for i, n in enumerate(series)}
   for ax, (k, t) in zip(np.atleast_1d(axes), keys, strict=True):
-    for name, (steps, rows) in series.items():
+    for name, (steps, rows) in series.items():  # one colour per group
       ys = [[np.nan if r[k] is None else r[k] for r in rr] for rr in rows]
       if not np.all(np.isnan(ys)):
-        _band(ax, steps, ys, name)
+        _band(ax, steps, ys, name, color=colour[name])
     ax.set_xlabel("RL step")
     ax.set_title(t, fontsize=9)
   np.atleast_1d(axes)[0].legend(fontsize=7)
