@@ -18,7 +18,7 @@ from configs import base
 
 def get_config(arg=None):
   c = base.get_config(arg)
-  c.steps = 10
+  c.steps = 12
   c.model.path = "smollm2"
   c.data.name = "countries"
   c.data.prompts_per_step = 2
@@ -28,6 +28,10 @@ def get_config(arg=None):
   c.sampler.temperature = 1.0
   c.reward.mode = "multi_rlcr"
   c.reward.num_answers = 3
+  c.reward.correctness = "count"  # the paper's r_acc: distinct correct answers
+  c.reward.preset = "paper"  # correctness - set Brier
+  c.reward.format_penalty = -1.0  # below every valid completion (STUDY.md)
+  c.reward.confidence_sum_le_one = False  # several true answers at once
   c.reward.require_think = False  # a 135M model: answers without reasoning
   c.warmup.steps = 8
   c.warmup.lr = 5e-5
@@ -38,11 +42,11 @@ def get_config(arg=None):
   c.rl.micro_batches = 1
   c.optim.lr = 5e-6
   c.optim.warmup_frac = 0.0
-  c.ckpt.every_steps = 5
+  c.ckpt.every_steps = 6
   c.eval.every_steps = 0
   c.eval.num_prompts = 32
   c.eval.num_generations = 2
-  c.eval.temperature = 0.7
+  c.eval.temperature = 1.0  # the sampling temperature of training
   c.export.hf_dir = "hf"
   c.export.report = True
   return c

@@ -306,11 +306,16 @@ def plot_curves(path, hist: dict[str, list]) -> bool:
   for name, members in groups(hist).items():
     steps = [tuple(s for s, _ in hist[m]) for m in members]
     if len(steps[0]) >= 3 and all(st == steps[0] for st in steps):
-      series[name] = (list(steps[0]), [[r for _, r in hist[m]] for m in members])
+      series[name] = (
+        list(steps[0]),
+        [[r for _, r in hist[m]] for m in members],
+      )
   keys = [
     (k, t)
     for k, t in CURVES
-    if any(r[k] is not None for _, rs in series.values() for rr in rs for r in rr)
+    if any(
+      r[k] is not None for _, rs in series.values() for rr in rs for r in rr
+    )
   ]
   if not series or not keys:
     return False
@@ -381,8 +386,11 @@ def write(runs_spec: dict[str, str], out: str, tag: str = "after") -> dict:
     "",
     table(runs),
     "",
-    *(["Held-out figures per RL step (0: after the warm-up):", "", curves, ""]
-      if curves else []),  # fmt: skip
+    *(
+      ["Held-out figures per RL step (0: after the warm-up):", "", curves, ""]
+      if curves
+      else []
+    ),  # fmt: skip
     *[f"![{p}]({p})" for p in pics],
     "",
     "Sources:",

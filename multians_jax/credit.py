@@ -73,7 +73,9 @@ def _token_of_char(prefix: _PrefixLengths, c: int) -> int:
   return bisect.bisect_right(prefix, c, lo=0, hi=len(prefix)) - 1
 
 
-def row_slots(tokenizer, ids, text: str, cfg: reward.RewardConfig) -> np.ndarray:
+def row_slots(
+  tokenizer, ids, text: str, cfg: reward.RewardConfig
+) -> np.ndarray:
   """int32 [len(ids)]: the answer slot (0..A-1) of each token, -1 shared.
 
   Slot i's tokens are those whose decoded characters overlap the content
@@ -211,7 +213,9 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
   slot = jnp.asarray(scores["slot"], jnp.float32)
   if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
     if baseline != "slot":
-      raise ValueError("rl.credit='answer_to_go' needs rl.credit_baseline='slot'")
+      raise ValueError(
+        "rl.credit='answer_to_go' needs rl.credit_baseline='slot'"
+      )
     slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
   valid = jnp.asarray(scores["decomposable"]) > 0
   g, a = slot.shape[0] // p, slot.shape[1]

@@ -149,7 +149,9 @@ def test_gdpo_hand_computed():
   # GRPO on the weighted total f + 2·D = (5, 1, 1, 0) lets D's larger
   # scale dominate: the format failure (row 3) is barely below rows 1–2,
   # where GDPO puts it 2 below them.
-  grpo, _ = advantage.advantages(jnp.asarray(comps @ np.array([1.0, 2.0])), "grpo")
+  grpo, _ = advantage.advantages(
+    jnp.asarray(comps @ np.array([1.0, 2.0])), "grpo"
+  )
   g = np.asarray(grpo[0])
   assert (g[1] - g[3]) / (g[0] - g[1]) == pytest.approx(1 / 4, rel=1e-5)
   a = np.asarray(adv[0])

@@ -93,7 +93,9 @@ def test_slot_parts_sum_to_total_property():
   for preset, w_f in (("paper", 0.0), ("reference", 0.5)):
     for corr in ("count", "count_over_k"):
       for mode, t in (("multi_rlcr", rlcr), ("multi_rlvr", rlvr)):
-        cfg = _cfg(preset=preset, correctness=corr, mode=mode, format_penalty=-1.0)
+        cfg = _cfg(
+          preset=preset, correctness=corr, mode=mode, format_penalty=-1.0
+        )
         sc = reward.score_texts(t, gold, cfg)
         ok = sc["decomposable"] > 0
         assert 0.3 < ok.mean() < 0.95  # both kinds present
@@ -130,7 +132,9 @@ def test_slot_advantages_by_hand():
   std = np.sqrt((want**2).sum(0) / 2)  # unbiased, per slot
   np.testing.assert_allclose(grpo[0], want / (std + 1e-6), atol=1e-5)
   rloo_p = advantage.slot_advantages(s, "rloo", baseline="pooled")
-  np.testing.assert_allclose(rloo_p[0], (np.array(s[0]) - 0.4) * 6 / 5, atol=1e-6)
+  np.testing.assert_allclose(
+    rloo_p[0], (np.array(s[0]) - 0.4) * 6 / 5, atol=1e-6
+  )
 
 
 def test_slot_advantages_no_signal_is_zero():
@@ -208,7 +212,7 @@ def test_row_slots_match_a_prefix_decoding_oracle(which):
   np.testing.assert_array_equal(got, _oracle_slots(tok, ids, back, cfg))
   assert set(got) == {-1, 0, 1, 2}
   for i in range(3):  # slot i's tokens decode to text holding its answer
-    piece = tok.decode([t for t, s in zip(ids, got) if s == i])
+    piece = tok.decode([t for t, s in zip(ids, got, strict=True) if s == i])
     assert text.split(f"<answer{i + 1}>")[1].split("<")[0] in piece
 
 
@@ -258,7 +262,9 @@ def test_rollout_advantages_sequence_and_answer():
     "decomposable": np.array([1.0, 1.0], np.float32),
     "token_slot": np.array([[-1, 0, 1], [0, 1, -2]], np.int32),
   }
-  seq, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="sequence")
+  seq, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="sequence"
+  )
   np.testing.assert_allclose(seq, [0.5, -0.5])
   adv, info = credit.rollout_advantages(
     scores, 1, kind="drgrpo", credit="answer"
@@ -311,10 +317,14 @@ def test_reward_components_rebuild_the_total(preset):
   if preset == "reference":
     np.testing.assert_allclose(comps @ np.array(w), sc["total"], atol=1e-6)
   else:
-    np.testing.assert_allclose(comps[f, 1] + comps[f, 2], sc["total"][f], atol=1e-6)
+    np.testing.assert_allclose(
+      comps[f, 1] + comps[f, 2], sc["total"][f], atol=1e-6
+    )
     np.testing.assert_array_equal(comps[~f], [[0, 0, -1]] * (~f).sum())
   rlvr = _cfg(mode="multi_rlvr", preset=preset)
-  comps2, w2 = credit.reward_components(reward.score_texts(texts, gold, rlvr), rlvr)
+  comps2, w2 = credit.reward_components(
+    reward.score_texts(texts, gold, rlvr), rlvr
+  )
   assert comps2.shape == (120, 2) and w2 == (0.5, 0.5)
 
 
@@ -370,9 +380,15 @@ def test_answer_to_go_sums_the_later_slots():
   # slot 1's to-go is the whole set's slot sum: its advantage is the
   # sequence one whenever every row decomposes
   scores["decomposable"][:] = 1
-  adv, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="answer_to_go")
-  seq, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="sequence")
-  assert adv[0, 1] == pytest.approx(seq[0]) and adv[1, 0] == pytest.approx(seq[1])
+  adv, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="answer_to_go"
+  )
+  seq, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="sequence"
+  )
+  assert adv[0, 1] == pytest.approx(seq[0]) and adv[1, 0] == pytest.approx(
+    seq[1]
+  )
   with pytest.raises(ValueError, match="credit_baseline='slot'"):
     credit.rollout_advantages(
       scores, 1, kind="drgrpo", credit="answer_to_go", baseline="pooled"

@@ -64,8 +64,9 @@ def test_answer_credit_learns_and_resumes_exactly(tmp_path):
   for step in ("14", "16"):
     shutil.rmtree(tmp_path / "b" / "checkpoints" / step)
   _toy_run(tmp_path / "b", 16, credit="answer")  # redoes steps 13-16
-  (sa, a), (sb, b) = toy_task.params(tmp_path / "a"), toy_task.params(
-    tmp_path / "b"
+  (sa, a), (sb, b) = (
+    toy_task.params(tmp_path / "a"),
+    toy_task.params(tmp_path / "b"),
   )
   assert sa["step"] == sb["step"] == 16
   for x, y in zip(a, b, strict=True):
@@ -76,15 +77,20 @@ def test_dynamic_sampling_refills_and_resumes_exactly(tmp_path):
   """rl.dynamic_sampling on the toy task (many all-fail groups at first):
   extra rounds are drawn, the stream advances past them, and a run resumed
   from step 4 ends where an uninterrupted one does."""
-  rows = _toy_run(tmp_path / "a", 6, dynamic_sampling=True, dynamic_max_rounds=2)
+  rows = _toy_run(
+    tmp_path / "a", 6, dynamic_sampling=True, dynamic_max_rounds=2
+  )
   assert max(r["dynamic/rounds"] for r in rows) >= 1
   assert 0 < np.mean([r["dynamic/filtered_frac"] for r in rows]) < 1
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
-  rows_b = _toy_run(tmp_path / "b", 6, dynamic_sampling=True, dynamic_max_rounds=2)
+  rows_b = _toy_run(
+    tmp_path / "b", 6, dynamic_sampling=True, dynamic_max_rounds=2
+  )
   assert rows_b[-2:] == rows[-2:]  # steps 5-6 redone: same metrics
-  (sa, a), (sb, b) = toy_task.params(tmp_path / "a"), toy_task.params(
-    tmp_path / "b"
+  (sa, a), (sb, b) = (
+    toy_task.params(tmp_path / "a"),
+    toy_task.params(tmp_path / "b"),
   )
   assert sa["data_state"] == sb["data_state"]
   extra = sum(r["dynamic/rounds"] for r in rows)

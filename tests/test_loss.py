@@ -405,12 +405,14 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens():
   for a in (1.0, -1.0):
     adv = jnp.asarray([a], jnp.float32)
     cfg = cfg_for("token_mean", kind="cispo")
-    f = lambda lp, c=cfg: loss.pg_loss(lp, old, adv, mask, c)[0]
+    f = lambda lp, c=cfg, a_=adv: loss.pg_loss(lp, old, a_, mask, c)[0]
     v, g = jax.value_and_grad(f)(logp)
     w = np.clip(ratio, 0.8, 1.2)
     np.testing.assert_allclose(g[0], -w * a / 3, rtol=1e-6)
     assert float(v) == pytest.approx(float(-(w * a * np.log(0.5)).mean()))
-    ppo = jax.grad(lambda lp: loss.pg_loss(lp, old, adv, mask, cfg_for())[0])
+    ppo = jax.grad(
+      lambda lp, a_=adv: loss.pg_loss(lp, old, a_, mask, cfg_for())[0]
+    )
     assert np.sum(np.asarray(ppo(logp)) == 0) == 1  # PPO drops one token
     _, met = loss.pg_loss(logp, old, adv, mask, cfg)
     assert float(met["clip_frac"]) == pytest.approx(2 / 3)

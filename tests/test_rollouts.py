@@ -33,7 +33,9 @@ def _round(acc, t, tag):
 def test_flat_groups_use_the_binary_outcome_not_the_total():
   sc = _round([1, 0, 0, 0, 2, 1], 4, 0).scores
   # group 1 fails everywhere although its totals differ (0.2 vs 0.3)
-  np.testing.assert_array_equal(rollouts.flat_groups(sc, G), [False, True, True])
+  np.testing.assert_array_equal(
+    rollouts.flat_groups(sc, G), [False, True, True]
+  )
 
 
 def test_refill_from_a_second_round():
@@ -57,7 +59,9 @@ def test_refill_from_a_second_round():
     np.asarray(out.rollout.tokens)[:, 0], [100, 101, 202, 203, 204, 205]
   )
   np.testing.assert_array_equal(out.scores["acc"], [1, 0, 0, 1, 1, 0])
-  np.testing.assert_allclose(out.scores["total"], [1.0, 0.1, 0.2, 1.3, 1.4, 0.5])
+  np.testing.assert_allclose(
+    out.scores["total"], [1.0, 0.1, 0.2, 1.3, 1.4, 0.5]
+  )
   # Round 1's prompts are left-padded to round 2's length 6.
   pm = np.asarray(out.rollout.prompt_mask)
   assert pm.shape == (6, 6)
@@ -98,4 +102,6 @@ def test_max_rounds_zero_only_masks():
   )
   np.testing.assert_array_equal(live, [1, 1, 0, 0])
   # the kept group moves first, the dropped one fills
-  np.testing.assert_array_equal(np.asarray(out.rollout.tokens)[:, 0], [102, 103, 100, 101])
+  np.testing.assert_array_equal(
+    np.asarray(out.rollout.tokens)[:, 0], [102, 103, 100, 101]
+  )
