@@ -151,7 +151,7 @@ def _select(rounds: list[Scored], picks, g: int, live: np.ndarray) -> Scored:
   ).astype(np.int32)
   t = max(s.rollout.prompt_tokens.shape[1] for s in rounds)
   cat = _concat([_pad_prompts(s.rollout, t) for s in rounds])
-  rollout = _take(cat, jnp.asarray(rows), jnp.asarray(live))
+  rollout = _take(cat, rows, live)  # host arrays: replicated jit inputs
   keys = rounds[0].scores.keys()
   scores = {
     k: np.concatenate([np.asarray(s.scores[k]) for s in rounds])[rows]
