@@ -113,9 +113,9 @@ def dynamic_fill(
 
   Returns:
     ``(scored, live, info)``: P groups (``seconds`` summed over the
-    rounds); ``live`` bool [B] is False on the
-    rows of groups kept only to fill a shortfall (their mask is zeroed
-    here, their advantages must be zeroed by the caller); ``info`` holds
+    rounds); ``live`` bool [B] is False on the rows of groups kept only
+    to fill a shortfall (their mask is zeroed here, their advantages must
+    be zeroed by the caller); ``info`` holds
     ``dynamic/filtered_frac`` (flat groups among all sampled),
     ``dynamic/rounds`` (extra rounds used) and ``dynamic/filler_frac``.
   """
@@ -145,7 +145,6 @@ def dynamic_fill(
 
 def _select(rounds: list[Scored], picks, g: int, live: np.ndarray) -> Scored:
   """Concatenates the picked groups (round, group) of several rounds."""
-  p = len(picks)
   rows = np.concatenate(
     [np.arange(i * g, (i + 1) * g) + _offset(rounds, r) for r, i in picks]
   ).astype(np.int32)
@@ -157,7 +156,6 @@ def _select(rounds: list[Scored], picks, g: int, live: np.ndarray) -> Scored:
     k: np.concatenate([np.asarray(s.scores[k]) for s in rounds])[rows]
     for k in keys
   }
-  assert len(rows) == p * g
   secs = tuple(sum(x.seconds[i] for x in rounds) for i in range(2))
   return Scored(rollout, scores, secs)
 
