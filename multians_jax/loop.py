@@ -94,7 +94,7 @@ class RLConfig:
   logprob_chunk: int = 128
   sample_chunk: int = 0  # prompts per sampler call (0 = all)
   share_prompt: bool = True  # update step: each prompt once per group
-  credit: str = "sequence"  # sequence | answer (per-answer credit)
+  credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
   credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
   dynamic_sampling: bool = False  # drop groups with a flat binary outcome
   dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
