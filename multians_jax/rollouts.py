@@ -64,9 +64,7 @@ def sample_chunked(model, batch, key, scfg, g, mesh, chunk) -> sampler.Rollout:
     )
     for i in range(0, p, chunk)
   ]
-  if len(parts) == 1:
-    return parts[0]
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+  return _concat(parts)
 
 
 def sample_and_score(run, model, batch, tok, scfg, key, mesh) -> Scored:
@@ -177,6 +175,7 @@ def _pad_prompts(ro: sampler.Rollout, t: int) -> sampler.Rollout:
 
 
 def _concat(parts: list[sampler.Rollout]) -> sampler.Rollout:
+  """Rows of several rollouts (equal prompt widths) in order."""
   if len(parts) == 1:
     return parts[0]
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
