@@ -31,6 +31,7 @@ EXTRAS = {
     "ruff>=0.17",
     "torch==2.13.0",
     "accelerate>=1.10",  # transformers' own GGUF loader (parity tests)
+    "peft==0.21.2",  # LoRA export test: our PEFT layout loads in peft
   ],
   # Packages whose data the built-in TFDS builders read (see README).
   # fanoutqa is installed with --no-deps (its declared deps pull spaCy).

@@ -25,6 +25,9 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"  # float32 = fp32 master weights
   c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU)
   c.model.remat = "none"  # none | full | dots
+  c.model.lora_rank = 0  # > 0: train rank-r LoRA adapters alone (base frozen)
+  c.model.lora_alpha = 16.0  # LoRA update scale = alpha / rank
+  c.model.lora_targets = "all"  # projections: all, or e.g. "wq,wv" / "q_proj"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "countries"  # TFDS builder name (datasets.BUILDERS)

@@ -5,6 +5,8 @@ Layout of a checkpoint directory (local path or ``gs://``)::
     DIR/model_config.json     ModelConfig fields (architecture, dtypes)
     DIR/tokenizer/            tokenizer files (``save_pretrained``), optional
     DIR/<step>/params/        Orbax PyTree of the model's parameters
+    DIR/base/                 under LoRA: the frozen base, written once;
+                              each step's params/ then holds the adapters
     DIR/<step>/<item>/        further PyTree items (optimizer state, …)
     DIR/<step>/meta/          JSON: step, PRNG key, data-iterator state, …
 
@@ -32,6 +34,7 @@ from multians_jax import model as model_lib
 
 CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
+BASE_DIR = "base"
 
 
 def is_checkpoint(path: str) -> bool:
@@ -62,13 +65,16 @@ def read_model_config(path: str, **overrides) -> model_lib.ModelConfig:
 def abstract_params(cfg, mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
   """(graphdef, abstract state, pure dict of sharded ShapeDtypeStructs)."""
   graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
+  return graphdef, abs_state, _target(abs_state, mesh, rules)
+
+
+def _target(abs_state, mesh, rules):
   shardings = model_lib.state_shardings(abs_state, mesh, rules)
-  target = jax.tree.map(
+  return jax.tree.map(
     lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-    abs_state.to_pure_dict(),
-    shardings.to_pure_dict(),
+    nnx.to_pure_dict(abs_state),
+    nnx.to_pure_dict(shardings),
   )
-  return graphdef, abs_state, target
 
 
 class Checkpointer:
@@ -84,6 +90,7 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
     )
     self.manager = ocp.CheckpointManager(self.path, options=opts)
+    self._base_saved = False
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -101,12 +108,28 @@ class Checkpointer:
       write_model_config(self.path, model.cfg)
       if tokenizer is not None:
         tokenizer.save_pretrained(str(epath.Path(self.path) / TOKENIZER_DIR))
-    state = nnx.state(model, nnx.Param).to_pure_dict()
-    args = {"params": ocp.args.StandardSave(state)}
+    state = nnx.state(model, nnx.Param)
+    if model.cfg.lora_rank:  # the adapters; the frozen base once
+      state, base = nnx.split_state(state, nnx.LoRAParam, ...)
+      self._save_base(base)
+    args = {"params": ocp.args.StandardSave(nnx.to_pure_dict(state))}
     for name, tree in (items or {}).items():
       args[name] = ocp.args.StandardSave(tree)
     args["meta"] = ocp.args.JsonSave({"step": step, **(meta or {})})
     self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def _save_base(self, base) -> None:
+    """Writes DIR/base once (synchronously, before the first step that
+    needs it, so a step on disk always has its base)."""
+    if self._base_saved:
+      return
+    where = epath.Path(self.path) / BASE_DIR
+    if not where.exists():
+      saver = ocp.StandardCheckpointer()
+      saver.save(where, nnx.to_pure_dict(base))
+      saver.wait_until_finished()
+      saver.close()
+    self._base_saved = True
 
   def quarantine(self, step: int) -> str:
     """Moves an unreadable step aside (kept for inspection, out of the way
@@ -140,7 +163,12 @@ class Checkpointer:
       step = self.manager.latest_step()
       if step is None:
         raise FileNotFoundError(f"no checkpoint steps in {self.path}")
-    graphdef, abs_state, target = abstract_params(cfg, mesh, rules)
+    graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
+    base = None
+    if cfg.lora_rank:
+      abs_state, abs_base = nnx.split_state(abs_state, nnx.LoRAParam, ...)
+      base = self._restore_base(abs_base, mesh, rules)
+    target = _target(abs_state, mesh, rules)
     args = {"params": ocp.args.StandardRestore(target)}
     for name, tree in (items or {}).items():
       args[name] = ocp.args.StandardRestore(tree)
@@ -149,9 +177,28 @@ class Checkpointer:
     params = out["params"]
     _check_restored(params, target, self.path, step)
     nnx.replace_by_pure_dict(abs_state, params)
+    if base is not None:
+      abs_state = nnx.merge_state(abs_state, base)
     model = nnx.merge(graphdef, abs_state)
     rest = {k: out[k] for k in (items or {})}
     return model, dict(out["meta"]), rest
+
+  def _restore_base(self, abs_base, mesh, rules):
+    where = epath.Path(self.path) / BASE_DIR
+    if not where.exists():
+      raise FileNotFoundError(
+        f"{self.path}: a LoRA checkpoint (model_config.json has lora_rank "
+        f"> 0) needs its frozen base in {where}, which is missing"
+      )
+    target = _target(abs_base, mesh, rules)
+    saver = ocp.StandardCheckpointer()
+    try:
+      params = saver.restore(where, target)
+    finally:
+      saver.close()
+    _check_restored(params, target, str(where), "base")
+    nnx.replace_by_pure_dict(abs_base, params)
+    return abs_base
 
 
 def _check_restored(params, target, path, step) -> None:

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from multians_jax import lora
 from multians_jax import model as model_lib
 
 # ---------------------------------------------------------------------------
@@ -496,7 +497,13 @@ def save(
   max_shard_bytes: int = 2 << 30,
   dtype: str | None = None,
 ) -> None:
-  """Writes an HF directory that ``from_pretrained`` loads as it is."""
+  """Writes an HF directory that ``from_pretrained`` loads as it is.
+
+  A model with LoRA adapters is written merged (``lora.merge``): the base
+  architecture with W + (alpha / r)·A·B; ``save_adapters`` writes the
+  adapters alone.
+  """
+  model = lora.merge(model)
   cfg = model.cfg
   os.makedirs(out, exist_ok=True)
   np_dtype = None if dtype is None else np.dtype(model_lib.DTYPES[dtype])
@@ -538,6 +545,66 @@ def save(
   _write_json(os.path.join(out, "generation_config.json"), gen)
   if tokenizer is not None:
     tokenizer.save_pretrained(out)
+
+
+def adapter_tensors(model: model_lib.Transformer, dtype=None):
+  """Yields (PEFT name, numpy array) for every adapter: our A [L, I..., r]
+  and B [L, r, O...] as PEFT's ``lora_A.weight`` [r, in] and
+  ``lora_B.weight`` [out, r] of the HF projection (its in / out flattened
+  the way ``_to_hf`` flattens the weight, so ΔW_hf = B_peft·A_peft·scale)."""
+  cfg = model.cfg
+  layers = model.layers.arrays()
+  by_ours = {k.ours: k for k in KEY_TABLE}
+  for name in cfg.lora_targets:
+    proj = by_ours[f"layers.{name}"].hf.removesuffix(".weight")
+    a = np.asarray(jax.device_get(layers[f"{name}_lora_a"]))
+    b = np.asarray(jax.device_get(layers[f"{name}_lora_b"]))
+    if dtype is not None:
+      a, b = a.astype(dtype), b.astype(dtype)
+    r = cfg.lora_rank
+    for i in range(cfg.num_layers):
+      pre = "base_model.model." + proj.format(i=i)
+      yield f"{pre}.lora_A.weight", np.ascontiguousarray(a[i].reshape(-1, r).T)
+      yield f"{pre}.lora_B.weight", np.ascontiguousarray(b[i].reshape(r, -1).T)
+
+
+def save_adapters(
+  model: model_lib.Transformer,
+  out: str,
+  base_model: str = "",
+  dtype: str | None = None,
+) -> None:
+  """Writes the adapters alone in PEFT's layout (``adapter_config.json`` +
+  ``adapter_model.safetensors``), loadable with
+  ``peft.PeftModel.from_pretrained(base, out)`` on the base model."""
+  cfg = model.cfg
+  if not cfg.lora_rank:
+    raise ValueError("the model has no LoRA adapters (model.lora_rank = 0)")
+  os.makedirs(out, exist_ok=True)
+  np_dtype = None if dtype is None else np.dtype(model_lib.DTYPES[dtype])
+  hf_names = {v: k for k, v in model_lib.HF_PROJ.items()}
+  write_safetensors(
+    os.path.join(out, "adapter_model.safetensors"),
+    dict(adapter_tensors(model, np_dtype)),
+  )
+  _write_json(
+    os.path.join(out, "adapter_config.json"),
+    {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model or None,
+      "r": cfg.lora_rank,
+      "lora_alpha": cfg.lora_alpha,
+      "lora_dropout": 0.0,
+      "target_modules": [hf_names[t] for t in cfg.lora_targets],
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "use_rslora": False,
+      "use_dora": False,
+      "init_lora_weights": True,
+      "inference_mode": True,
+    },
+  )
 
 
 def _write_json(path: str, obj) -> None:

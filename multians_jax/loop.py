@@ -43,6 +43,7 @@ from multians_jax import (
   datasets,
   evaluate,
   hf,
+  lora,
   loss,
   metrics,
   report,
@@ -69,6 +70,9 @@ class ModelSource:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
+  lora_rank: int = 0  # > 0: train rank-r adapters alone (lora.py)
+  lora_alpha: float = 16.0
+  lora_targets: str = "all"  # comma-separated projections, or all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +177,10 @@ class RunConfig:
     ev = dict(c["eval"])
     m = dict(c["model"])
     m["arch"] = tuple(sorted(dict(m["arch"]).items()))
+    _check(m.get("lora_rank", 0) >= 0, "model.lora_rank must be >= 0")
+    if m.get("lora_rank", 0):
+      _check(m.get("lora_alpha", 16.0) > 0, "model.lora_alpha must be > 0")
+      model_lib.lora_targets(m.get("lora_targets", "all"))  # names checked
     rw = dict(c["reward"])
     rw["weights"] = tuple(rw["weights"])
     _warn_format_penalty(rw)
@@ -278,7 +286,13 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
-  """(model, tokenizer) from the configured source, in training sharding."""
+  """(model, tokenizer) from the configured source, in training sharding.
+
+  With ``model.lora_rank`` > 0 the policy is the source + fresh adapters
+  (a source that already holds different adapters has them merged first);
+  a source with the same adapter shape (a LoRA run's checkpoint) is used
+  as it is.
+  """
   over = dict(param_dtype=src.param_dtype, dtype=src.dtype, remat=src.remat)
   if src.path == "random":
     if tokenizer is None and not src.tokenizer:
@@ -286,12 +300,22 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
     tok = tokenizer or checkpoint.load_any_tokenizer(src.tokenizer)
     cfg = model_lib.ModelConfig(**{**dict(src.arch), **over})
     m = model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES, seed=seed)
-    return m, tok
-  m, _, tok = checkpoint.load_model(
-    src.path, mesh, sharding.TRAIN_RULES, **over
+  else:
+    m, _, tok = checkpoint.load_model(
+      src.path, mesh, sharding.TRAIN_RULES, **over
+    )
+    if tok is None:
+      raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
+  want = (
+    src.lora_rank,
+    float(src.lora_alpha),
+    model_lib.lora_targets(src.lora_targets) if src.lora_rank else (),
   )
-  if tok is None:
-    raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
+  have = (m.cfg.lora_rank, float(m.cfg.lora_alpha), m.cfg.lora_targets)
+  if m.cfg.lora_rank and have != want:
+    m = lora.merge(m)
+  if src.lora_rank and not m.cfg.lora_rank:
+    m = lora.add(m, *want, seed=seed)
   return m, tok
 
 
@@ -382,7 +406,9 @@ def train(
   if jax.process_index() == 0:  # rows after the checkpoint are redone
     telemetry.truncate_after(os.path.join(workdir, "metrics.jsonl"), start)
   writer = telemetry.Writer(workdir, run.tensorboard)
-  ref_params = _reference(run, mesh, tok) if run.loss.kl_beta > 0 else None
+  ref_of = None
+  if run.loss.kl_beta > 0:
+    ref_of = _reference(run, mesh, tok, state.params)
   stop_ids = tuple(policy.cfg.eos_ids) or (tok.eos_token_id,)
   pad_id = policy.cfg.pad_token_id if policy.cfg.pad_token_id is not None else 0
   # The data pipeline already buckets prompt lengths (data.min_bucket · 2^n).
@@ -462,7 +488,7 @@ def train(
         scfg,
         jax.random.fold_in(key, step),
         mesh,
-        ref_params,
+        ref_of,
         stream=stream,
       )
       if int(state.skipped) >= run.rl.max_nonfinite:
@@ -518,7 +544,7 @@ def _warmup(run, graphdef, params, source, tok, writer):
   )
   it = data.PromptIterator(source, tok, pcfg)
   tx = warmup_lib.optimizer(wc)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init)(lora.partition(params)[0])
   for i in tqdm.trange(wc.steps, desc="warm-up", disable=not writer.active):
     b = warmup_lib.make_batch(
       next(it),
@@ -541,7 +567,7 @@ def _take(source, n):
     yield source[i]
 
 
-def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params,
+def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
              stream=None):  # fmt: skip
   """One RL iteration; returns (state, metrics).
 
@@ -596,9 +622,10 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params,
       ub = ub.replace(
         old_logp=train_lib.completion_logprobs(graphdef, state.params, ub, ucfg)
       )
-    if ref_params is not None:
+    if ref_of is not None:
+      ref = ref_of(state.params)
       ub = ub.replace(
-        ref_logp=train_lib.completion_logprobs(graphdef, ref_params, ub, ucfg)
+        ref_logp=train_lib.completion_logprobs(graphdef, ref, ub, ucfg)
       )
     for _ in range(run.rl.num_iterations):
       state, um = train_lib.update_step(graphdef, state, ub, tx=tx, cfg=ucfg)
@@ -622,10 +649,16 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_params,
   return state, out
 
 
-def _reference(run, mesh, tok):
-  """Frozen initial policy (for the KL term): reloaded from the source."""
+def _reference(run, mesh, tok, params):
+  """The frozen initial policy (for the KL term) as a function of the
+  current parameters: reloaded once from the source, or under LoRA the
+  current base with the adapters off (no second copy of the weights; taken
+  fresh each step, since the update step donates the policy's arrays)."""
+  if lora.has_adapters(params):
+    return lora.zero_adapters
   ref, _ = load_policy(run.model, mesh, run.seed, tokenizer=tok)
-  return nnx.state(ref, nnx.Param)
+  fixed = nnx.state(ref, nnx.Param)
+  return lambda _: fixed
 
 
 def _save(ckpt, step, graphdef, state, stream, tok, run):

@@ -28,6 +28,17 @@ from multians_jax import sharding
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FAMILIES = ("llama", "qwen2", "qwen3")
 REMAT = ("none", "full", "dots")
+# Projections that take low-rank adapters, and their Hugging Face names.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+HF_PROJ = {
+  "q_proj": "wq",
+  "k_proj": "wk",
+  "v_proj": "wv",
+  "o_proj": "wo",
+  "gate_proj": "w_gate",
+  "up_proj": "w_up",
+  "down_proj": "w_down",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +70,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
   remat: str = "none"  # none | full | dots (save matmul outputs)
+  # LoRA: rank r > 0 adds adapters A [in, r], B [r, out] to each target
+  # projection, y = x·W + (alpha / r)·(x·A)·B (lora.py; B starts at zero).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS  # ours or HF names ("q_proj")
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -75,6 +91,13 @@ class ModelConfig:
         raise ValueError(f"model.{f} must be one of {tuple(DTYPES)}")
     if self.remat not in REMAT:
       raise ValueError(f"model.remat must be one of {REMAT}: {self.remat}")
+    object.__setattr__(self, "lora_targets", lora_targets(self.lora_targets))
+    if self.lora_rank < 0:
+      raise ValueError(f"model.lora_rank must be >= 0: {self.lora_rank}")
+    if self.lora_rank and not self.lora_alpha > 0:
+      raise ValueError(f"model.lora_alpha must be > 0: {self.lora_alpha}")
+    if self.lora_rank and not self.lora_targets:
+      raise ValueError("model.lora_targets is empty: name the projections")
 
   def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
@@ -83,6 +106,26 @@ class ModelConfig:
   def eos_ids(self) -> tuple[int, ...]:
     e = self.eos_token_id
     return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+
+def lora_targets(targets) -> tuple[str, ...]:
+  """Target projections (a sequence, or one comma-separated string; ``all``
+  = every projection) → our names in canonical order."""
+  if isinstance(targets, str):
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  names = set()
+  for t in targets:
+    if t == "all":
+      names.update(LORA_TARGETS)
+      continue
+    name = HF_PROJ.get(t, t)
+    if name not in LORA_TARGETS:
+      raise ValueError(
+        f"model.lora_targets: unknown projection {t!r}; known: "
+        f"{LORA_TARGETS} or {tuple(HF_PROJ)}"
+      )
+    names.add(name)
+  return tuple(n for n in LORA_TARGETS if n in names)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -297,6 +340,21 @@ def dense(x: jax.Array, w: jax.Array, out_shape: tuple[int, ...]):
   return y.reshape(b, t, *out_shape)
 
 
+def project(cfg: ModelConfig, x, p, name: str, out_shape: tuple[int, ...]):
+  """x · p[name] (+ the LoRA update (alpha / r)·(x·A)·B when p holds the
+  projection's adapters): the weights are never merged, so the sampler and
+  the update step read the same base arrays every step."""
+  dt = DTYPES[cfg.dtype]
+  y = dense(x, p[name].astype(dt), out_shape)
+  a = p.get(f"{name}_lora_a")
+  if a is None:
+    return y
+  r = cfg.lora_rank
+  low = sharding.constrain(dense(x, a.astype(dt), (r,)), ("batch", None, None))
+  scale = jnp.asarray(cfg.lora_alpha / r, dt)
+  return y + scale * dense(low, p[f"{name}_lora_b"].astype(dt), out_shape)
+
+
 def _qkv(cfg: ModelConfig, x, p, positions, inv_freq):
   """Attention norm, projections, bias / q-k norm, RoPE of x [B,T,D]:
   q [B,T,N,H]; k, v head-major [B,K,T,H]."""
@@ -304,9 +362,9 @@ def _qkv(cfg: ModelConfig, x, p, positions, inv_freq):
   c = lambda w: w.astype(dt)
   n, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  q = dense(h, c(p["wq"]), (n, hd))
-  k = dense(h, c(p["wk"]), (kh, hd))
-  v = dense(h, c(p["wv"]), (kh, hd))
+  q = project(cfg, h, p, "wq", (n, hd))
+  k = project(cfg, h, p, "wk", (kh, hd))
+  v = project(cfg, h, p, "wv", (kh, hd))
   if cfg.qkv_bias:
     q, k, v = q + c(p["bq"]), k + c(p["bk"]), v + c(p["bv"])
   if cfg.qk_norm:
@@ -320,17 +378,16 @@ def _qkv(cfg: ModelConfig, x, p, positions, inv_freq):
 
 def _out_and_mlp(cfg: ModelConfig, x, o, p):
   """Output projection of attention o [B,T,N,H], residual, MLP block."""
-  dt = DTYPES[cfg.dtype]
-  c = lambda w: w.astype(dt)
   # (N, H) flattened into one contraction: a plain [B·T, N·H] × [N·H, D]
   # matmul on the weight as stored (no per-call transposed copy of wo).
-  x = x + dense(o.reshape(*o.shape[:2], -1), c(p["wo"]), (cfg.d_model,))
+  o = o.reshape(*o.shape[:2], -1)
+  x = x + project(cfg, o, p, "wo", (cfg.d_model,))
   x = sharding.constrain(x, ("batch", None, "act_embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  g = dense(h, c(p["w_gate"]), (cfg.d_ff,))
-  u = dense(h, c(p["w_up"]), (cfg.d_ff,))
+  g = project(cfg, h, p, "w_gate", (cfg.d_ff,))
+  u = project(cfg, h, p, "w_up", (cfg.d_ff,))
   a = sharding.constrain(jax.nn.silu(g) * u, ("batch", None, "act_mlp"))
-  x = x + dense(a, c(p["w_down"]), (cfg.d_model,))
+  x = x + project(cfg, a, p, "w_down", (cfg.d_model,))
   return sharding.constrain(x, ("batch", None, "act_embed"))
 
 
@@ -376,13 +433,21 @@ def shared_layer_fn(cfg: ModelConfig, xs, p, ctx):
 
 
 def _param(rngs, shape, axes, dtype, init="normal"):
+  kind = nnx.Param
   if init == "normal":
     value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "lora_a":  # PEFT's default: U(±1/√fan_in), fan_in = in dims
+    kind = nnx.LoRAParam
+    bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+    value = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+  elif init == "lora_b":
+    kind = nnx.LoRAParam
+    value = jnp.zeros(shape, jnp.float32)
   elif init == "ones":
     value = jnp.ones(shape, jnp.float32)
   else:
     value = jnp.zeros(shape, jnp.float32)
-  return nnx.Param(value.astype(dtype), logical_axes=axes)
+  return kind(value.astype(dtype), logical_axes=axes)
 
 
 def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
@@ -407,7 +472,28 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
   if cfg.qk_norm:
     specs["q_norm"] = ((h,), ("head_dim",), "ones")
     specs["k_norm"] = ((h,), ("head_dim",), "ones")
+  if cfg.lora_rank:
+    specs.update(lora_param_specs(cfg, specs))
   return specs
+
+
+def lora_param_specs(cfg: ModelConfig, base: dict) -> dict:
+  """Adapters of each target projection W [I..., O...]: ``{name}_lora_a``
+  [I..., r] and ``{name}_lora_b`` [r, O...] (``nnx.LoRAParam``). The rank
+  axis is replicated; the others shard like W's."""
+  r = cfg.lora_rank
+  out = {}
+  for name in cfg.lora_targets:
+    shape, axes, _ = base[name]
+    n_in = 2 if name == "wo" else 1  # wo contracts (N, H)
+    out[f"{name}_lora_a"] = (
+      (*shape[:n_in], r),
+      (*axes[:n_in], "lora_rank"),
+      "lora_a",
+    )
+    out[f"{name}_lora_b"] = (
+      (r, *shape[n_in:]), ("lora_rank", *axes[n_in:]), "lora_b")  # fmt: skip
+  return out
 
 
 class Layers(nnx.Module):
@@ -417,7 +503,9 @@ class Layers(nnx.Module):
     pdt = DTYPES[cfg.param_dtype]
     for name, (shape, axes, init) in layer_param_specs(cfg).items():
       full = (cfg.num_layers, *shape)
-      setattr(self, name, _param(rngs, full, ("layers", *axes), pdt, init))
+      # Adapters are float32 master weights whatever the base's dtype.
+      dt = jnp.float32 if init.startswith("lora") else pdt
+      setattr(self, name, _param(rngs, full, ("layers", *axes), dt, init))
 
   def arrays(self) -> dict[str, jax.Array]:
     return {

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from multians_jax import advantage, loss, sharding
+from multians_jax import advantage, lora, loss, sharding
 from multians_jax import model as model_lib
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -111,14 +111,18 @@ def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: nnx.State  # the policy's parameters (param_dtype)
-  opt_state: optax.OptState
+  opt_state: optax.OptState  # of the trainable ones (``lora.partition``)
   skipped: jax.Array  # int32: consecutive non-finite updates
 
 
 def init_state(model: model_lib.Transformer, tx) -> TrainState:
-  """Fresh state; optimizer moments get their parameter's sharding."""
+  """Fresh state; optimizer moments get their parameter's sharding. Under
+  LoRA the optimizer holds the adapters alone."""
   params = nnx.state(model, nnx.Param)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings(params, tx))(params)
+  trainable, _ = lora.partition(params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings(trainable, tx))(
+    trainable
+  )
   mesh = jax.tree.leaves(params)[0].sharding.mesh
   zero = jax.device_put(
     jnp.zeros((), jnp.int32),
@@ -240,12 +244,19 @@ def _split(x, m):
   jax.jit, static_argnames=("graphdef", "tx", "cfg"), donate_argnums=(1,)
 )
 def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
-  """One optimizer step on the whole batch (micro-batched, exact)."""
+  """One optimizer step on the whole batch (micro-batched, exact).
+
+  Gradients are taken with respect to the trainable parameters only (the
+  adapters under LoRA; ``lora.partition``): the frozen ones enter as
+  constants, so no gradient or moment buffer of their size exists.
+  """
   lcfg = cfg.loss
   den = loss.loss_denominator(batch.comp_mask, lcfg, batch.truncated)
   micro = jax.tree.map(lambda x: _split(x, cfg.micro_batches), batch)
+  trainable, frozen = lora.partition(state.params)
 
-  def objective(params, mb):
+  def objective(train_params, mb):
+    params = lora.combine(train_params, frozen)
     logp, ent = _completion_logp(graphdef, params, mb, cfg)
     num, sums = loss.pg_loss_terms(
       logp,
@@ -263,25 +274,25 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
 
   def accumulate(carry, mb):
     g_acc, l_acc, s_acc = carry
-    (lv, sums), g = grad_fn(state.params, mb)
+    (lv, sums), g = grad_fn(trainable, mb)
     g_acc = jax.tree.map(jnp.add, g_acc, g)
     s_acc = jax.tree.map(jnp.add, s_acc, sums)
     return (g_acc, l_acc + lv, s_acc), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  (l0, s0), g0 = grad_fn(state.params, first)
+  (l0, s0), g0 = grad_fn(trainable, first)
   rest = jax.tree.map(lambda x: x[1:], micro)
   (grads, value, sums), _ = jax.lax.scan(accumulate, (g0, l0, s0), rest)
   gnorm = optax.tree.norm(grads)
   finite = jnp.isfinite(value) & jnp.isfinite(gnorm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   keep = lambda new, old: jax.tree.map(
     lambda a, b: jnp.where(finite, a, b), new, old
   )
   new_state = TrainState(
     step=state.step + finite.astype(jnp.int32),
-    params=keep(params, state.params),
+    params=lora.combine(keep(new_trainable, trainable), frozen),
     opt_state=keep(opt_state, state.opt_state),
     skipped=jnp.where(finite, 0, state.skipped + 1),
   )

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from multians_jax import loss, prompts
+from multians_jax import lora, loss, prompts
 
 ANSWERS = ("gold", "distribution")
 CONFIDENCES = ("fixed", "random")
@@ -168,18 +168,24 @@ def make_batch(
 )
 def sft_step(graphdef, params, opt_state, tokens, mask, positions, tmask, *,
              tx, chunk=128):  # fmt: skip
-  """One step of mean next-token cross-entropy on the target tokens."""
-  start = tokens.shape[1] - tmask.shape[1] - 1
+  """One step of mean next-token cross-entropy on the target tokens.
 
-  def objective(params):
-    m = nnx.merge(graphdef, params)
+  ``opt_state`` is of the trainable parameters (``lora.partition``): under
+  LoRA the warm-up, like RL, trains the adapters alone.
+  """
+  start = tokens.shape[1] - tmask.shape[1] - 1
+  trainable, frozen = lora.partition(params)
+
+  def objective(train_params):
+    m = nnx.merge(graphdef, lora.combine(train_params, frozen))
     logp = loss.token_logprobs(m, tokens, positions, mask, chunk=chunk,
                                start=start)  # fmt: skip
     return -jnp.sum(logp * tmask) / jnp.maximum(jnp.sum(tmask), 1)
 
-  value, grads = jax.value_and_grad(objective)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, value
+  value, grads = jax.value_and_grad(objective)(trainable)
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  return lora.combine(trainable, frozen), opt_state, value
 
 
 def optimizer(cfg: WarmupConfig):

@@ -77,6 +77,30 @@ def test_fsdp_shards_are_one_sixteenth():
   assert mem.estimate(one)["params"][1] == total
 
 
+def test_lora_plan_counts_adapters_for_gradients_and_moments():
+  """Qwen3-8B, rank 16 on all seven projections, bf16 base: the adapters
+  (by hand: r·(in + out) per projection) are float32 and are all that the
+  gradients, moments and update temporaries hold."""
+  c = _qwen8b_config()
+  c.model.lora_rank = 16
+  plan = mem.plan_from_config(c, (1, 1, 1))
+  d, kv, f = 4096, 8 * 128, 12288
+  per_layer = 16 * (2 * (d + d) + 2 * (d + kv) + 3 * (d + f))
+  n_adapters = 36 * per_layer
+  assert n_adapters == 43_646_976
+  assert model_lib.param_count(plan.model) == 8_190_735_360 + n_adapters
+  est = mem.estimate(plan)
+  assert est["params"][0] == 8_190_735_360 * 2 + n_adapters * 4
+  assert est["optimizer state"][0] == pytest.approx(2 * 4 * n_adapters, abs=64)
+  copies = 2 if plan.micro_batches > 1 else 1  # M > 1: + accumulator
+  assert est["gradients"][0] == copies * 4 * n_adapters
+  assert est["optimizer update temps"][0] == 4 * n_adapters
+  c.model.lora_targets = "q_proj,v_proj"
+  qv = mem.plan_from_config(c, (1, 1, 1))
+  n_qv = 36 * 16 * ((d + d) + (d + kv))
+  assert mem.estimate(qv)["optimizer update temps"][0] == 4 * n_qv
+
+
 def test_kv_cache_bytes_by_hand():
   c = _qwen8b_config()
   c.sampler.cache_dtype = "bfloat16"
@@ -135,6 +159,9 @@ def test_formula_matches_compiled_update_step():
   pf, tf = measured(num_layers=4, remat="full")
   assert mem.update_temps(pf) == pytest.approx(tf, rel=0.20)
   assert tf < t4 / 2  # remat is real in the compiled step too
+  pl, tl = measured(num_layers=4, lora_rank=8)  # no base-sized gradients
+  assert mem.update_temps(pl) == pytest.approx(tl, rel=0.20)
+  assert tl < t4
 
 
 def test_cli_prints_table_and_verdict():

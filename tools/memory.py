@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multians_jax import data, sharding, train  # noqa: E402
+from multians_jax import data, lora, sharding, train  # noqa: E402
 from multians_jax import model as model_lib  # noqa: E402
 
 GiB = 1024**3
@@ -159,6 +159,14 @@ def abstract_params(cfg: model_lib.ModelConfig, sizes: dict[str, int]):
   )
 
 
+def trainable_params(params: dict) -> dict:
+  """The parameters the update step differentiates and the optimizer holds:
+  the LoRA adapters when there are any (``lora.partition``), else all."""
+  layers = params["layers"]
+  adapters = {k: v for k, v in layers.items() if "_lora_" in k}
+  return {"layers": adapters} if adapters else params
+
+
 def tree_bytes(tree, sizes: dict[str, int]) -> tuple[int, float]:
   """(total bytes, bytes per device) of sharded ShapeDtypeStructs."""
   total = per_device = 0
@@ -254,7 +262,8 @@ def compiled_memory(plan: Plan):
   i32 = lambda *shape: sds(shape, jnp.int32)
   f32 = lambda *shape: sds(shape, jnp.float32)
   b, s = plan.rows, plan.prompt_bucket + plan.new_tokens
-  ts = train.TrainState(i32(), state, jax.eval_shape(tx.init, state), i32())
+  trainable, _ = lora.partition(state)
+  ts = train.TrainState(i32(), state, jax.eval_shape(tx.init, trainable), i32())
   batch = train.UpdateBatch(
     i32(b, s), i32(b, s), sds((b, s), bool), sds((b, plan.new_tokens), bool),
     f32(b, plan.new_tokens), f32(b), sds((b,), bool),
@@ -281,13 +290,17 @@ def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
   """name → (total bytes, bytes per device) of every memory component."""
   params = abstract_params(plan.model, plan.mesh)
   p_total, p_dev = tree_bytes(params, plan.mesh)
-  o_total, o_dev = tree_bytes(opt_state(params), plan.mesh)
+  # Gradients, moments and update temporaries exist for the trainable
+  # parameters only: the adapters under LoRA.
+  trainable = trainable_params(params)
+  t_total, t_dev = tree_bytes(trainable, plan.mesh)
+  o_total, o_dev = tree_bytes(opt_state(trainable), plan.mesh)
   grad_copies = 2 if plan.micro_batches > 1 else 1  # + accumulator
   out = {
     "params": (p_total, p_dev),
     "optimizer state": (o_total, o_dev),
-    "gradients": (grad_copies * p_total, grad_copies * p_dev),
-    "optimizer update temps": (p_total, p_dev),
+    "gradients": (grad_copies * t_total, grad_copies * t_dev),
+    "optimizer update temps": (t_total, t_dev),
     "kv cache (sampling)": kv_cache_bytes(plan),
   }
   # Decode reads weights in the sampling layout (replicated over the batch
@@ -319,7 +332,8 @@ def format_report(plan: Plan, device_gb: float) -> str:
     f"model {plan.model.num_layers}L d={plan.model.d_model} "
     f"params={model_lib.param_count(plan.model):,} "
     f"param_dtype={plan.model.param_dtype} dtype={plan.model.dtype} "
-    f"remat={plan.model.remat}",
+    f"remat={plan.model.remat}"
+    + (f" lora_rank={plan.model.lora_rank}" if plan.model.lora_rank else ""),
     f"mesh {mesh} ({plan.devices} devices); batch P={plan.prompts} "
     f"G={plan.generations} B={plan.rows} M={plan.micro_batches} "
     f"T={plan.prompt_bucket} L={plan.new_tokens}",
@@ -351,7 +365,14 @@ def format_report(plan: Plan, device_gb: float) -> str:
 def model_config(c) -> model_lib.ModelConfig:
   """Shapes of the config's model: its arch (path=random) or its preset."""
   m = c.model
-  over = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+  over = dict(
+    param_dtype=m.param_dtype,
+    dtype=m.dtype,
+    remat=m.remat,
+    lora_rank=m.get("lora_rank", 0),
+    lora_alpha=m.get("lora_alpha", 16.0),
+    lora_targets=m.get("lora_targets", "all"),
+  )
   arch = dict(m.get("arch", {}) or {})
   if m.path == "random" and arch:
     return model_lib.ModelConfig(**{**arch, **over})

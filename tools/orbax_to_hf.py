@@ -2,11 +2,15 @@ r"""Exports a checkpoint step to a Hugging Face ``transformers`` directory.
 
 Usage:
   python tools/orbax_to_hf.py --ckpt=DIR [--step=N] --out=DIR [--dtype=bfloat16]
+      [--adapters=DIR]
 
 Writes config.json, generation_config.json, model.safetensors (sharded with an
 index above --max_shard_gb) and the tokenizer files, loadable with
 ``AutoModelForCausalLM.from_pretrained(DIR)`` / ``AutoTokenizer``. Works on
 imported checkpoints and on training checkpoints (default: latest step).
+A LoRA run's checkpoint is exported merged (W + (alpha / r)·A·B);
+``--adapters=DIR`` also writes the adapters alone in PEFT's layout
+(``peft.PeftModel.from_pretrained(base, DIR)``).
 """
 
 from absl import app, flags, logging
@@ -20,6 +24,9 @@ _DTYPE = flags.DEFINE_enum(
   "dtype", None, ["float32", "bfloat16"], "Export dtype (default: as stored)."
 )
 _SHARD = flags.DEFINE_float("max_shard_gb", 2.0, "Max size of one file (GB).")
+_ADAPTERS = flags.DEFINE_string(
+  "adapters", None, "Also write a LoRA checkpoint's adapters here (PEFT)."
+)
 flags.mark_flags_as_required(["ckpt", "out"])
 
 
@@ -38,6 +45,11 @@ def main(argv):
     dtype=_DTYPE.value,
   )
   print(f"wrote {_OUT.value} ({cfg.family}, {cfg.num_layers} layers)")
+  if _ADAPTERS.value:
+    if not cfg.lora_rank:
+      raise app.UsageError(f"--adapters: {_CKPT.value} has no LoRA adapters")
+    hf.save_adapters(model, _ADAPTERS.value, dtype=_DTYPE.value)
+    print(f"wrote {_ADAPTERS.value} (LoRA rank {cfg.lora_rank}, PEFT layout)")
 
 
 if __name__ == "__main__":
