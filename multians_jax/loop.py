@@ -177,6 +177,12 @@ class RunConfig:
     ev = dict(c["eval"])
     m = dict(c["model"])
     m["arch"] = tuple(sorted(dict(m["arch"]).items()))
+    lora_in_arch = sorted(k for k, _ in m["arch"] if k.startswith("lora_"))
+    _check(
+      not lora_in_arch,
+      f"model.arch must not set {lora_in_arch}: use model.lora_rank, "
+      "model.lora_alpha and model.lora_targets",
+    )
     _check(m.get("lora_rank", 0) >= 0, "model.lora_rank must be >= 0")
     if m.get("lora_rank", 0):
       _check(m.get("lora_alpha", 16.0) > 0, "model.lora_alpha must be > 0")

@@ -90,6 +90,10 @@ def test_bad_lora_config_is_named():
   c.model.lora_targets = "wq,mlp"
   with pytest.raises(ValueError, match="unknown projection 'mlp'"):
     loop.RunConfig.from_dict(c.to_dict())
+  c.model.lora_targets = "all"
+  c.model.arch.lora_rank = 4
+  with pytest.raises(ValueError, match="use model.lora_rank"):
+    loop.RunConfig.from_dict(c.to_dict())
 
 
 def _rollout(b=8, t=6, n=5, seed=0):
