@@ -54,7 +54,8 @@ def init_distributed() -> None:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
+  if not flags.FLAGS["verbosity"].present:  # Orbax, TFDS chatty at INFO
+    logging.set_verbosity(logging.WARNING)
   init_distributed()
   from multians_jax import loop
 

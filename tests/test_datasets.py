@@ -475,3 +475,19 @@ def test_cli_convert_then_build(tmp_path, capsys):
     cwd=os.path.join(os.path.dirname(__file__), ".."),
   ).stdout
   assert "convert" in help_text and "build" in help_text
+
+
+@pytest.mark.parametrize("verbosity", ["warning", "info"])
+def test_build_is_quiet_unless_info_is_asked_for(tmp_path, capfd, verbosity):
+  from absl import logging
+
+  old = logging.get_verbosity()
+  logging.set_verbosity(verbosity)
+  try:
+    datasets.build("countries", str(tmp_path))
+  finally:
+    logging.set_verbosity(old)
+  out, err = capfd.readouterr()
+  chatter = "Downloading and preparing" in out + err
+  assert chatter == (verbosity == "info"), (out + err)[-400:]
+  assert ("examples/s" in err) == (verbosity == "info")

@@ -13,11 +13,14 @@ the record schema of ``schema`` (SPEC §7) with ``train``/``test`` splits.
 ``"hpo_ddx/small"`` in ``load``, ``config="small"`` in ``build``).
 """
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from multians_jax.datasets import (
   countries,
@@ -69,7 +72,7 @@ def build(
   existed = os.path.exists(dataset_dir)
   try:
     builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
-    with tempfile.TemporaryDirectory() as downloads:
+    with tempfile.TemporaryDirectory() as downloads, _tfds_output():
       config = tfds.download.DownloadConfig(manual_dir=manual_dir)
       builder.download_and_prepare(
         download_dir=downloads, download_config=config
@@ -79,6 +82,21 @@ def build(
       shutil.rmtree(dataset_dir, ignore_errors=True)
     raise
   return builder
+
+
+@contextlib.contextmanager
+def _tfds_output():
+  """TFDS's progress bars and "Downloading and preparing" lines only when
+  absl logs at INFO or more (``--verbosity=0``); otherwise silent."""
+  if logging.get_verbosity() >= logging.INFO:
+    yield
+    return
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)
 
 
 class Records:
