@@ -24,6 +24,7 @@ collectively by Orbax.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -37,6 +38,7 @@ from flax import nnx
 
 from multians_jax import (
   advantage,
+  card,
   checkpoint,
   credit,
   data,
@@ -729,7 +731,18 @@ def _finish(run, workdir, graphdef, state, tok, evals):
     return
   if run.export_hf:
     out = os.path.join(workdir, run.export_hf)
-    hf.save(nnx.merge(graphdef, params), out, tokenizer=tok)
+    policy = nnx.merge(graphdef, params)
+    hf.save(policy, out, tokenizer=tok)
+    run_config, _, _ = card.from_workdir(workdir)  # main.py's config.json
+    if run_config is None:  # trained from Python: the typed config
+      run_config = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    card.write(
+      out,
+      policy.cfg,
+      run_config=run_config,
+      summaries={k: v.summary for k, v in evals.items()},
+      step=run.steps,
+    )
     logging.info("exported %s", out)
   if run.report:
     report.write(workdir, evals, run.eval.num_generations)

@@ -5,17 +5,20 @@ Usage:
       [--adapters=DIR]
 
 Writes config.json, generation_config.json, model.safetensors (sharded with an
-index above --max_shard_gb) and the tokenizer files, loadable with
-``AutoModelForCausalLM.from_pretrained(DIR)`` / ``AutoTokenizer``. Works on
+index above --max_shard_gb), the tokenizer files and a model card (README.md:
+the run's config and evaluations when the checkpoint is a run's), loadable
+with ``AutoModelForCausalLM.from_pretrained(DIR)`` / ``AutoTokenizer``. Works on
 imported checkpoints and on training checkpoints (default: latest step).
 A LoRA run's checkpoint is exported merged (W + (alpha / r)·A·B);
 ``--adapters=DIR`` also writes the adapters alone in PEFT's layout
 (``peft.PeftModel.from_pretrained(base, DIR)``).
 """
 
+import os
+
 from absl import app, flags, logging
 
-from multians_jax import checkpoint, hf, sharding
+from multians_jax import card, checkpoint, hf, sharding
 
 _CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory.")
 _STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest).")
@@ -43,6 +46,19 @@ def main(argv):
     tokenizer=tok,
     max_shard_bytes=int(_SHARD.value * 2**30),
     dtype=_DTYPE.value,
+  )
+  _, path = checkpoint.resolve(_CKPT.value)
+  workdir = os.path.dirname(os.path.abspath(path))  # a run's WORKDIR
+  run_config, summaries, step = card.from_workdir(workdir)
+  if summaries and _STEP.value not in (None, step):  # not the evaluated step
+    summaries = {k: v for k, v in summaries.items() if k != "after"}
+    step = _STEP.value
+  card.write(
+    _OUT.value,
+    cfg,
+    run_config=run_config,
+    summaries=summaries,
+    step=step,
   )
   print(f"wrote {_OUT.value} ({cfg.family}, {cfg.num_layers} layers)")
   if _ADAPTERS.value:
