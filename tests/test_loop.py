@@ -244,3 +244,19 @@ def test_evaluate_tool_on_a_training_checkpoint(straight, tmp_path):
   assert m["num_prompts"] == 4 and "coverage@6" in m
   assert b["num_prompts"] == 4 and "coverage@3" in b
   assert (out / "coverage_vs_k.png").exists()
+
+
+def test_a_workdir_is_a_checkpoint_path(tmp_path):
+  """Every tool's --ckpt / --model goes through checkpoint.resolve: a
+  training WORKDIR names its checkpoints/ directory (latest step)."""
+  from multians_jax import checkpoint
+  from multians_jax import model as model_lib
+
+  ck = tmp_path / "run" / "checkpoints"
+  checkpoint.write_model_config(
+    str(ck), model_lib.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48)
+  )
+  assert checkpoint.resolve(str(tmp_path / "run")) == ("checkpoint", str(ck))
+  assert checkpoint.resolve(str(ck)) == ("checkpoint", str(ck))
+  with pytest.raises(FileNotFoundError, match="not a checkpoint dir"):
+    checkpoint.resolve(str(tmp_path / "missing"))
