@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from multians_jax import advantage, lora, loss, sharding
+from multians_jax import lora, loss, sharding
 from multians_jax import model as model_lib
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -304,14 +304,6 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
     entropy=sums["entropy"] / jnp.maximum(sums["tokens"], 1.0),
   )
   return new_state, metrics
-
-
-def group_advantages(rewards, p: int, kind: str, std_ddof: int = 1):
-  """[B] rewards (prompt-major) → ([B] advantages, info)."""
-  adv, info = advantage.advantages(
-    jnp.reshape(rewards, (p, -1)), kind, std_ddof=std_ddof
-  )
-  return adv.reshape(-1), info
 
 
 def place_batch(batch: UpdateBatch, mesh, rules=sharding.TRAIN_RULES):

@@ -54,7 +54,15 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from multians_jax import checkpoint, hf, reward, sampler, sharding, train  # noqa: E402
+from multians_jax import (  # noqa: E402
+  advantage,
+  checkpoint,
+  hf,
+  reward,
+  sampler,
+  sharding,
+  train,
+)
 from multians_jax import model as model_lib  # noqa: E402
 
 FULL = {
@@ -415,7 +423,8 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
     texts = _texts(tok, roll)
     t1 = time.perf_counter()
     scores = reward.score_texts(texts, gold, rcfg)
-    adv, _ = train.group_advantages(jnp.asarray(scores["total"]), p, "drgrpo")
+    totals = jnp.reshape(jnp.asarray(scores["total"]), (p, -1))
+    adv, _ = advantage.advantages(totals, "drgrpo")  # [P, G], make_batch
     t2 = time.perf_counter()
     batch = train.make_batch(roll, adv)
     state, m = train.update_step(graphdef, state, batch, tx=tx, cfg=ucfg)
