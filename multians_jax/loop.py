@@ -24,6 +24,7 @@ collectively by Orbax.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -125,6 +126,9 @@ class RunConfig:
   ckpt_keep: int = 3
   log_every: int = 1
   tensorboard: bool = True
+  wandb_project: str = ""
+  wandb_entity: str = ""
+  wandb_mode: str = "online"
   export_hf: str = ""
   report: bool = False
   warmup: warmup_lib.WarmupConfig = warmup_lib.WarmupConfig()
@@ -192,6 +196,11 @@ class RunConfig:
     rw = dict(c["reward"])
     rw["weights"] = tuple(rw["weights"])
     _warn_format_penalty(rw)
+    _check(
+      c["log"]["wandb_mode"] in ("online", "offline", "disabled"),
+      "log.wandb_mode must be 'online', 'offline' or 'disabled': "
+      f"{c['log']['wandb_mode']!r}",
+    )
     return cls(
       seed=c["seed"],
       steps=c["steps"],
@@ -226,6 +235,9 @@ class RunConfig:
       ckpt_keep=c["ckpt"]["keep"],
       log_every=c["log"]["every_steps"],
       tensorboard=c["log"]["tensorboard"],
+      wandb_project=c["log"]["wandb_project"],
+      wandb_entity=c["log"]["wandb_entity"],
+      wandb_mode=c["log"]["wandb_mode"],
       export_hf=c["export"]["hf_dir"],
       report=c["export"]["report"],
       warmup=warmup_lib.WarmupConfig(**c.get("warmup", {})),
@@ -413,7 +425,14 @@ def train(
   start = int(state.step)
   if jax.process_index() == 0:  # rows after the checkpoint are redone
     telemetry.truncate_after(os.path.join(workdir, "metrics.jsonl"), start)
-  writer = telemetry.Writer(workdir, run.tensorboard)
+  writer = telemetry.Writer(
+    workdir,
+    run.tensorboard,
+    wandb_project=run.wandb_project,
+    wandb_entity=run.wandb_entity,
+    wandb_mode=run.wandb_mode,
+    config=dataclasses.asdict(run),  # the W&B run config
+  )
   ref_of = None
   if run.loss.kl_beta > 0:
     ref_of = _reference(run, mesh, tok, state.params)
@@ -532,6 +551,11 @@ def train(
     else:
       do_eval("after", run.steps)
   _finish(run, workdir, graphdef, state, tok, evals)
+  if run.report:  # the report's plots, to the W&B run if there is one
+    for d in [workdir, *sorted(glob.glob(os.path.join(workdir, "eval_*")))]:
+      sub = "" if d == workdir else os.path.basename(d) + "/"
+      pngs = sorted(glob.glob(os.path.join(d, "*.png")))
+      writer.log_files(pngs, step=run.steps, prefix=f"report/{sub}")
   writer.close()
   ckpt.close()
   out = {"final": last}
