@@ -124,7 +124,7 @@ class Checkpointer:
     if self._base_saved:
       return
     where = epath.Path(self.path) / BASE_DIR
-    if not where.exists():
+    if not _base_complete(where):
       saver = ocp.StandardCheckpointer()
       saver.save(where, nnx.to_pure_dict(base))
       saver.wait_until_finished()
@@ -199,6 +199,24 @@ class Checkpointer:
     _check_restored(params, target, str(where), "base")
     nnx.replace_by_pure_dict(abs_base, params)
     return abs_base
+
+
+def _base_complete(where) -> bool:
+  """Whether DIR/base holds a finished write, decided on process 0 (on
+  gs:// an unfinished write already has its directory) and agreed by all
+  processes, which then all save or all skip (the save is collective). An
+  unfinished one (a preempted first save) is removed, to be rewritten."""
+  done = 0
+  if jax.process_index() == 0 and where.exists():
+    done = int(ocp.utils.is_checkpoint_finalized(where))
+    if not done:
+      where.rmtree()
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+  return bool(done)
 
 
 def _check_restored(params, target, path, step) -> None:

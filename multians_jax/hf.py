@@ -475,7 +475,9 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 def hf_tensors(model: model_lib.Transformer, dtype=None):
-  """Yields (HF name, numpy array) for every parameter, gathered to host."""
+  """Yields (HF name, numpy array) for every parameter, gathered to host
+  (a LoRA model's merged weights)."""
+  model = lora.merge(model)
   cfg = model.cfg
   state = nnx.state(model, nnx.Param)
   flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
@@ -501,9 +503,10 @@ def save(
 
   A model with LoRA adapters is written merged (``lora.merge``): the base
   architecture with W + (alpha / r)·A·B; ``save_adapters`` writes the
-  adapters alone.
+  adapters alone. Merged with ``dtype="float32"``, a bfloat16 base keeps
+  updates below bfloat16's resolution that a bfloat16 merge rounds away.
   """
-  model = lora.merge(model)
+  model = lora.merge(model, dtype)
   cfg = model.cfg
   os.makedirs(out, exist_ok=True)
   np_dtype = None if dtype is None else np.dtype(model_lib.DTYPES[dtype])

@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
@@ -421,6 +422,10 @@ def train(
   )
   source = train_source or open_data(run.data, workdir, run.data.train_split)
   stream = data.PromptIterator(source, tok, pcfg)
+  ref_of = None
+  if run.loss.kl_beta > 0:  # from the source, before resuming
+    ref_of = _reference(run, mesh, tok, state.params)
+  _check_same_adapters(ckpt.path, policy.cfg)
   state, meta = _resume(ckpt, state, graphdef, tx, mesh, stream)
   start = int(state.step)
   if jax.process_index() == 0:  # rows after the checkpoint are redone
@@ -433,9 +438,6 @@ def train(
     wandb_mode=run.wandb_mode,
     config=dataclasses.asdict(run),  # the W&B run config
   )
-  ref_of = None
-  if run.loss.kl_beta > 0:
-    ref_of = _reference(run, mesh, tok, state.params)
   stop_ids = tuple(policy.cfg.eos_ids) or (tok.eos_token_id,)
   pad_id = policy.cfg.pad_token_id if policy.cfg.pad_token_id is not None else 0
   # The data pipeline already buckets prompt lengths (data.min_bucket · 2^n).
@@ -540,7 +542,11 @@ def train(
       if stop.requested:
         ckpt.wait()
         logging.warning("stopped at step %d (checkpoint saved)", step + 1)
+        writer.close()
         return {"stopped_at": step + 1, **last}
+  except BaseException:
+    writer.close()  # the W&B run ends too (the finally below saves)
+    raise
   finally:
     stop.restore()
     bar.close()
@@ -681,13 +687,36 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
   return state, out
 
 
-def _reference(run, mesh, tok, params):
+def _check_same_adapters(path: str, cfg) -> None:
+  """A WORKDIR's checkpoints were written with the run's LoRA settings: a
+  resume with other ones would not restore (rank, targets) or would train
+  with a scale the saved model config does not record (alpha)."""
+  if not checkpoint.is_checkpoint(path):
+    return
+  saved = checkpoint.read_model_config(path)
+  fields = ("lora_rank", "lora_alpha", "lora_targets")
+  have = {f: getattr(saved, f) for f in fields}
+  want = {f: getattr(cfg, f) for f in fields}
+  if not saved.lora_rank and not cfg.lora_rank:
+    return
+  if have != want:
+    raise ValueError(
+      f"config: the checkpoints in {path} were written with {have}, this "
+      f"run asks for {want}; use the same model.lora_* or a new WORKDIR"
+    )
+
+
+def _reference(run, mesh, tok, initial):
   """The frozen initial policy (for the KL term) as a function of the
-  current parameters: reloaded once from the source, or under LoRA the
-  current base with the adapters off (no second copy of the weights; taken
-  fresh each step, since the update step donates the policy's arrays)."""
-  if lora.has_adapters(params):
-    return lora.zero_adapters
+  current parameters. ``initial``: the policy's parameters as loaded from
+  the source, before any update. Under LoRA it is the current (frozen)
+  base with a copy of the initial adapters, zero B unless the source held
+  trained ones (no second copy of the weights; combined fresh each step,
+  since the update step donates the policy's arrays); else the source is
+  reloaded once."""
+  if lora.has_adapters(initial):
+    adapters = jax.tree.map(jnp.copy, lora.partition(initial)[0])
+    return lambda params: lora.combine(adapters, lora.partition(params)[1])
   ref, _ = load_policy(run.model, mesh, run.seed, tokenizer=tok)
   fixed = nnx.state(ref, nnx.Param)
   return lambda _: fixed
@@ -764,7 +793,10 @@ def _finish(run, workdir, graphdef, state, tok, evals):
       out,
       policy.cfg,
       run_config=run_config,
-      summaries={k: v.summary for k, v in evals.items()},
+      summaries={  # evaluations of earlier sessions of a resumed run too
+        **(card.from_workdir(workdir)[1] or {}),
+        **{k: v.summary for k, v in evals.items()},
+      },
       step=run.steps,
     )
     logging.info("exported %s", out)

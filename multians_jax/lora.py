@@ -109,8 +109,9 @@ def add(
   return nnx.merge(graphdef, nnx.merge_state(adapters, base))
 
 
-def merged_weight(cfg, w, a, b) -> jax.Array:
-  """W + (alpha / r)·A·B in W's shape and dtype (products in float32)."""
+def merged_weight(cfg, w, a, b, dtype=None) -> jax.Array:
+  """W + (alpha / r)·A·B in W's shape and dtype, or ``dtype`` (products in
+  float32)."""
   r = cfg.lora_rank
   n_layers, n_in = a.shape[0], math.prod(a.shape[1:-1])
   delta = jnp.einsum(
@@ -120,12 +121,14 @@ def merged_weight(cfg, w, a, b) -> jax.Array:
   )
   scale = cfg.lora_alpha / r
   merged = w.astype(jnp.float32) + scale * delta.reshape(w.shape)
-  return merged.astype(w.dtype)
+  return merged.astype(dtype or w.dtype)
 
 
-def merge(model: model_lib.Transformer) -> model_lib.Transformer:
+def merge(model: model_lib.Transformer, dtype=None) -> model_lib.Transformer:
   """The model with its adapters folded into the weights (``lora_rank`` 0):
-  the same function, in the base architecture (HF export)."""
+  the same function, in the base architecture (HF export). The merged
+  weights are in the base's dtype, or ``dtype`` ("float32": a bfloat16
+  base would round away updates below its resolution, ≈ 2⁻⁸ relative)."""
   cfg = model.cfg
   if not cfg.lora_rank:
     return model
@@ -137,12 +140,13 @@ def merge(model: model_lib.Transformer) -> model_lib.Transformer:
   state = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(state)
   layers = dict(pure["layers"])
+  dt = None if dtype is None else model_lib.DTYPES[dtype]
   for name in cfg.lora_targets:
     a = layers.pop(f"{name}_lora_a")
     b = layers.pop(f"{name}_lora_b")
     w = layers[name]
     place = {"out_shardings": w.sharding} if hasattr(w, "sharding") else {}
-    fold = jax.jit(lambda w, a, b: merged_weight(cfg, w, a, b), **place)
+    fold = jax.jit(lambda w, a, b: merged_weight(cfg, w, a, b, dt), **place)
     layers[name] = fold(w, a, b)
   pure["layers"] = layers
   nnx.replace_by_pure_dict(abs_state, pure)

@@ -121,7 +121,8 @@ class Writer:
       self._wandb_run.log(images, step=None if step is None else int(step))
 
   def close(self) -> None:
-    if self.active:
+    """Closes the files and ends the W&B run; a second call does nothing."""
+    if self.active and not self._file.closed:
       self._file.close()
       if self._tb is not None:
         self._tb.close()

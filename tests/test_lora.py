@@ -312,3 +312,50 @@ def test_lora_learning_test_fails_without_the_adapter_path(
   jax.clear_caches()  # no step compiled with the real forward is reused
   rewards = _toy_lora(tmp_path)
   assert np.mean(rewards[-4:]) <= np.mean(rewards[:4]) + 0.15, rewards
+
+
+def test_kl_reference_is_the_initial_policy(tmp_path, one_device_mesh):
+  """Under LoRA the KL reference is the current base with the adapters the
+  run started from: zero B for fresh adapters (the base model), the
+  source's trained ones when a LoRA checkpoint is continued."""
+  base = model_lib.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, 1)
+  trained = _perturbed(lora.add(base, 4, 8.0, "all", seed=2))
+  graphdef = nnx.graphdef(trained)
+  params = nnx.state(trained, nnx.Param)
+  ref_of = loop._reference(None, one_device_mesh, None, params)
+  later = _perturbed(trained, seed=11)  # the policy after some updates
+  ref = nnx.merge(graphdef, ref_of(nnx.state(later, nnx.Param)))
+  np.testing.assert_array_equal(_logits(ref), _logits(trained))
+  fresh = lora.add(base, 4, 8.0, "all", seed=2)
+  ref_of = loop._reference(None, one_device_mesh, None, nnx.state(fresh))
+  ref = nnx.merge(graphdef, ref_of(nnx.state(later, nnx.Param)))
+  np.testing.assert_allclose(_logits(ref), _logits(base), atol=1e-6)
+
+
+def test_resume_with_other_lora_settings_is_refused(tmp_path, one_device_mesh):
+  base = model_lib.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, 1)
+  m = lora.add(base, 4, 8.0, "all", seed=2)
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  ck.save(1, m)
+  ck.close()
+  loop._check_same_adapters(str(tmp_path / "ck"), m.cfg)  # the same: fine
+  for other in (m.cfg.replace(lora_alpha=16.0), base.cfg):
+    with pytest.raises(ValueError, match="use the same model.lora_"):
+      loop._check_same_adapters(str(tmp_path / "ck"), other)
+
+
+def test_float32_merge_keeps_updates_a_bfloat16_merge_rounds(one_device_mesh):
+  cfg = CFG.replace(param_dtype="bfloat16")
+  base = model_lib.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES, 1)
+  m = _perturbed(lora.add(base, 4, 8.0, "wq", seed=2), scale=1e-4)
+  exact = lora.merged_weight(
+    m.cfg, *(m.layers.arrays()[k] for k in ("wq", "wq_lora_a", "wq_lora_b")),
+    jnp.float32,
+  )  # fmt: skip
+  merged32 = lora.merge(m, "float32").layers.wq[...]
+  merged16 = lora.merge(m).layers.wq[...]
+  assert merged32.dtype == jnp.float32 and merged16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(merged32), np.asarray(exact))
+  w = np.asarray(base.layers.wq[...], np.float32)
+  kept = lambda x: np.mean(np.asarray(x, np.float32) != w)
+  assert kept(merged32) > 0.9 > 0.5 > kept(merged16)

@@ -47,9 +47,11 @@ def main(argv):
     max_shard_bytes=int(_SHARD.value * 2**30),
     dtype=_DTYPE.value,
   )
-  _, path = checkpoint.resolve(_CKPT.value)
-  workdir = os.path.dirname(os.path.abspath(path))  # a run's WORKDIR
-  run_config, summaries, step = card.from_workdir(workdir)
+  kind, path = checkpoint.resolve(_CKPT.value)
+  run_config = summaries = step = None
+  path = os.path.abspath(path)
+  if kind == "checkpoint" and os.path.basename(path) == "checkpoints":
+    run_config, summaries, step = card.from_workdir(os.path.dirname(path))
   if summaries and _STEP.value not in (None, step):  # not the evaluated step
     summaries = {k: v for k, v in summaries.items() if k != "after"}
     step = _STEP.value
