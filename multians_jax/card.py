@@ -13,7 +13,7 @@ import glob
 import json
 import os
 
-from multians_jax import report
+from multians_jax import checkpoint, report
 
 # Model sources with a known Hub id and licence.
 KNOWN_BASES = {
@@ -49,13 +49,9 @@ def base_model(source: str) -> tuple[str | None, str | None]:
   built-in SmolLM2, or a source written as a Hub id (``org/name``)."""
   if source in KNOWN_BASES:
     return KNOWN_BASES[source]
-  looks_like_id = (
-    source.count("/") == 1
-    and "://" not in source
-    and not source.startswith((".", "/"))
-    and not os.path.exists(source)
-  )
-  return (source.split("@")[0], None) if looks_like_id else (None, None)
+  if checkpoint.is_hub_id(source):
+    return source.split("@")[0], None
+  return None, None
 
 
 def render(

@@ -190,10 +190,14 @@ class RunConfig:
       f"model.arch must not set {lora_in_arch}: use model.lora_rank, "
       "model.lora_alpha and model.lora_targets",
     )
-    _check(m.get("lora_rank", 0) >= 0, "model.lora_rank must be >= 0")
-    if m.get("lora_rank", 0):
-      _check(m.get("lora_alpha", 16.0) > 0, "model.lora_alpha must be > 0")
-      model_lib.lora_targets(m.get("lora_targets", "all"))  # names checked
+    try:  # before any loading: the checks ModelConfig makes
+      model_lib.check_lora(
+        m.get("lora_rank", 0),
+        m.get("lora_alpha", 16.0),
+        m.get("lora_targets", "all"),
+      )
+    except ValueError as e:
+      raise ValueError(f"config: {e}") from None
     rw = dict(c["reward"])
     rw["weights"] = tuple(rw["weights"])
     _warn_format_penalty(rw)
@@ -327,15 +331,10 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
     )
     if tok is None:
       raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
-  want = (
-    src.lora_rank,
-    float(src.lora_alpha),
-    model_lib.lora_targets(src.lora_targets) if src.lora_rank else (),
-  )
-  have = (m.cfg.lora_rank, float(m.cfg.lora_alpha), m.cfg.lora_targets)
-  if m.cfg.lora_rank and have != want:
+  want = lora.settings(src)
+  if m.cfg.lora_rank and lora.settings(m.cfg) != want:
     m = lora.merge(m)
-  if src.lora_rank and not m.cfg.lora_rank:
+  if want and not m.cfg.lora_rank:
     m = lora.add(m, *want, seed=seed)
   return m, tok
 
@@ -693,16 +692,14 @@ def _check_same_adapters(path: str, cfg) -> None:
   with a scale the saved model config does not record (alpha)."""
   if not checkpoint.is_checkpoint(path):
     return
-  saved = checkpoint.read_model_config(path)
-  fields = ("lora_rank", "lora_alpha", "lora_targets")
-  have = {f: getattr(saved, f) for f in fields}
-  want = {f: getattr(cfg, f) for f in fields}
-  if not saved.lora_rank and not cfg.lora_rank:
-    return
+  have = lora.settings(checkpoint.read_model_config(path))
+  want = lora.settings(cfg)
   if have != want:
+    show = lambda x: f"LoRA (rank, alpha, targets) = {x}" if x else "no LoRA"
     raise ValueError(
-      f"config: the checkpoints in {path} were written with {have}, this "
-      f"run asks for {want}; use the same model.lora_* or a new WORKDIR"
+      f"config: the checkpoints in {path} were written with {show(have)}, "
+      f"this run asks for {show(want)}; use the same model.lora_* or a new "
+      "WORKDIR"
     )
 
 
@@ -786,15 +783,16 @@ def _finish(run, workdir, graphdef, state, tok, evals):
     out = os.path.join(workdir, run.export_hf)
     policy = nnx.merge(graphdef, params)
     hf.save(policy, out, tokenizer=tok)
-    run_config, _, _ = card.from_workdir(workdir)  # main.py's config.json
+    # main.py's config.json; evaluations of earlier sessions of a resumed run
+    run_config, earlier, _ = card.from_workdir(workdir)
     if run_config is None:  # trained from Python: the typed config
       run_config = json.loads(json.dumps(dataclasses.asdict(run), default=str))
     card.write(
       out,
       policy.cfg,
       run_config=run_config,
-      summaries={  # evaluations of earlier sessions of a resumed run too
-        **(card.from_workdir(workdir)[1] or {}),
+      summaries={
+        **(earlier or {}),
         **{k: v.summary for k, v in evals.items()},
       },
       step=run.steps,

@@ -47,16 +47,14 @@ def combine(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
   return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
-def zero_adapters(params: nnx.State) -> nnx.State:
-  """The same parameters with every B set to zero: the base model's
-  function, sharing the base arrays (the KL reference under LoRA)."""
-  zero_b = lambda path, x: jnp.zeros_like(x) if _is_b(path) else x
-  return jax.tree_util.tree_map_with_path(zero_b, params)
-
-
-def _is_b(path) -> bool:
-  names = (str(getattr(k, "key", getattr(k, "name", ""))) for k in path)
-  return any(n.endswith("_lora_b") for n in names)
+def settings(cfg) -> tuple:
+  """The LoRA settings of a ``ModelConfig`` or ``loop.ModelSource`` as
+  (rank, alpha, targets), () when LoRA is off: what a source, a run and a
+  WORKDIR's checkpoints must agree on."""
+  if not cfg.lora_rank:
+    return ()
+  targets = model_lib.lora_targets(cfg.lora_targets)
+  return (cfg.lora_rank, float(cfg.lora_alpha), targets)
 
 
 def _shardings(state: nnx.State, like) -> nnx.State:

@@ -91,13 +91,8 @@ class ModelConfig:
         raise ValueError(f"model.{f} must be one of {tuple(DTYPES)}")
     if self.remat not in REMAT:
       raise ValueError(f"model.remat must be one of {REMAT}: {self.remat}")
-    object.__setattr__(self, "lora_targets", lora_targets(self.lora_targets))
-    if self.lora_rank < 0:
-      raise ValueError(f"model.lora_rank must be >= 0: {self.lora_rank}")
-    if self.lora_rank and not self.lora_alpha > 0:
-      raise ValueError(f"model.lora_alpha must be > 0: {self.lora_alpha}")
-    if self.lora_rank and not self.lora_targets:
-      raise ValueError("model.lora_targets is empty: name the projections")
+    targets = check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+    object.__setattr__(self, "lora_targets", targets)
 
   def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
@@ -106,6 +101,18 @@ class ModelConfig:
   def eos_ids(self) -> tuple[int, ...]:
     e = self.eos_token_id
     return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+
+def check_lora(rank: int, alpha: float, targets) -> tuple[str, ...]:
+  """Validates ``model.lora_*``; returns the targets in canonical form."""
+  names = lora_targets(targets)
+  if rank < 0:
+    raise ValueError(f"model.lora_rank must be >= 0: {rank}")
+  if rank and not alpha > 0:
+    raise ValueError(f"model.lora_alpha must be > 0: {alpha}")
+  if rank and not names:
+    raise ValueError("model.lora_targets is empty: name the projections")
+  return names
 
 
 def lora_targets(targets) -> tuple[str, ...]:

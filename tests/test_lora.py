@@ -26,12 +26,17 @@ def _logits(m):
   return np.asarray(m(TOKENS, POS, MASK)[0])
 
 
+def _is_b(path) -> bool:
+  names = (str(getattr(k, "key", getattr(k, "name", ""))) for k in path)
+  return any(n.endswith("_lora_b") for n in names)
+
+
 def _perturbed(m, seed=3, scale=0.05):
   """The model with random non-zero B matrices (a trained adapter)."""
   rng = np.random.default_rng(seed)
   bump = lambda path, x: (
     x + scale * jnp.asarray(rng.normal(size=x.shape), x.dtype)
-    if lora._is_b(path)
+    if _is_b(path)
     else x
   )
   state = jax.tree_util.tree_map_with_path(bump, nnx.state(m, nnx.Param))
