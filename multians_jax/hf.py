@@ -3,23 +3,29 @@
 ``KEY_TABLE`` maps each of our parameters to its HF tensor name and the
 reshape between layouts; import and export both read it, and both assert that
 every key is used and every shape matches. Tensors come from a *source*
-(``keys() / shape(name) / get(name)``): a safetensors directory here, a GGUF
-file in ``gguf.py``. Import builds each parameter with
-``jax.make_array_from_callback`` so every device reads only its own shard and
-the host holds one HF tensor at a time.
+(``keys() / shape(name) / get(name)``): a safetensors directory here (local,
+or any ``epath`` URI such as ``gs://``), a GGUF file in ``gguf.py``. Import
+builds each parameter from the blocks this process's devices hold: each HF
+tensor is read once, and from a safetensors source only the rows those
+blocks cover (``read_blocks``), so a process of a pod slice reads its own
+part of a tensor split along HF's leading axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import fnmatch
 import json
+import math
 import os
+import tempfile
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
+from absl import logging
+from etils import epath
 from flax import nnx
 
 from multians_jax import lora
@@ -300,6 +306,90 @@ def check_source(source, cfg: model_lib.ModelConfig, plan) -> None:
       )
 
 
+# For each kind: (our axis that becomes HF's leading axis, our axis that
+# must be whole for a slice of the first to be a contiguous HF row range, or
+# None). HF rows per unit of the first axis = the size of the second.
+_ROWS = {
+  "same": (0, None),  # [..] → [..]
+  "linear": (1, None),  # ours [in, out], HF [out, in]
+  "heads_in": (1, 2),  # ours [d, n, h], HF [n*h, d]
+  "heads_out": (2, None),  # ours [n, h, d], HF [d, n*h]
+  "heads_bias": (0, 1),  # ours [n, h], HF [n*h]
+}
+
+
+def read_blocks(source, name: str, kind: str, shape: tuple, indices) -> list:
+  """The float32, our-layout blocks ``indices`` (tuples of slices) of the
+  HF tensor ``name``, whose whole shape in our layout is ``shape``. The
+  tensor is read once: from a source that reads rows (``source.reads_rows``)
+  only the HF rows covering every block, else all of it."""
+  axis, inner = _ROWS[kind]
+  n = shape[axis]
+  spans = [index[axis].indices(n) for index in indices]
+  rows = getattr(source, "reads_rows", False) and all(
+    step == 1
+    and (
+      inner is None or idx[inner].indices(shape[inner]) == (0, shape[inner], 1)
+    )
+    for (_, _, step), idx in zip(spans, indices, strict=True)
+  )
+  lo, hi = (
+    (min(s[0] for s in spans), max(s[1] for s in spans)) if rows else (0, n)
+  )
+  if rows and (lo, hi) != (0, n):
+    per = 1 if inner is None else shape[inner]
+    x = source.get(name, rows=(lo * per, hi * per))
+  else:
+    x = source.get(name)
+  part = list(shape)
+  part[axis] = hi - lo
+  y = _to_ours(kind, np.asarray(x, np.float32), tuple(part))
+  out = []
+  for index, (a, b, step) in zip(indices, spans, strict=True):
+    block = list(index)
+    block[axis] = slice(a - lo, b - lo, step)
+    out.append(y[tuple(block)])
+  return out
+
+
+def _index_key(index) -> tuple:
+  return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _build(source, key: Key, shape: tuple, sharding, dtype) -> jax.Array:
+  """One parameter as a sharded array. Each distinct block this process's
+  devices hold is assembled once; each HF tensor (each layer's, for stacked
+  parameters) is read once, only as far as those blocks reach."""
+  held = sharding.addressable_devices_indices_map(shape)
+  blocks: dict[tuple, tuple[tuple, np.ndarray]] = {}
+  for index in held.values():
+    k = _index_key(index)
+    if k not in blocks:
+      sub = tuple(len(range(d)[s]) for d, s in zip(shape, index, strict=True))
+      blocks[k] = (index, np.empty(sub, dtype))
+  todo = list(blocks.values())
+  if key.ours.startswith("layers."):
+    for i in range(shape[0]):
+      mine = [(idx, buf) for idx, buf in todo if i in range(shape[0])[idx[0]]]
+      if not mine:
+        continue
+      name = key.hf.format(i=i)
+      got = read_blocks(
+        source, name, key.kind, shape[1:], [idx[1:] for idx, _ in mine]
+      )
+      for (idx, buf), g in zip(mine, got, strict=True):
+        buf[range(shape[0])[idx[0]].index(i)] = g
+  else:
+    got = read_blocks(source, key.hf, key.kind, shape, [i for i, _ in todo])
+    for (_, buf), g in zip(todo, got, strict=True):
+      buf[...] = g
+  arrays = [
+    jax.device_put(blocks[_index_key(index)][1], device)
+    for device, index in held.items()
+  ]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def load_params(source, cfg: model_lib.ModelConfig, mesh, rules):
   """Builds the model from an HF-named tensor source, shard by shard."""
   abstract = model_lib.abstract_model(cfg)
@@ -309,27 +399,10 @@ def load_params(source, cfg: model_lib.ModelConfig, mesh, rules):
   shardings = model_lib.state_shardings(abs_state, mesh, rules)
   flat_sh = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(shardings)}
   dtype = model_lib.DTYPES[cfg.param_dtype]
-
-  @functools.lru_cache(maxsize=4)
-  def tensor(name: str, kind: str, shape: tuple) -> np.ndarray:
-    return _to_ours(kind, np.asarray(source.get(name), np.float32), shape)
-
-  arrays = {}
-  for key, shape in plan:
-    layered = key.ours.startswith("layers.")
-
-    def cb(index, key=key, shape=shape, layered=layered):
-      if not layered:
-        return tensor(key.hf, key.kind, shape)[index].astype(dtype)
-      rows = range(shape[0])[index[0]]
-      parts = [
-        tensor(key.hf.format(i=i), key.kind, shape[1:])[index[1:]] for i in rows
-      ]
-      return np.stack(parts).astype(dtype)
-
-    arrays[key.ours] = jax.make_array_from_callback(
-      shape, flat_sh[key.ours], cb
-    )
+  arrays = {
+    key.ours: _build(source, key, shape, flat_sh[key.ours], dtype)
+    for key, shape in plan
+  }
   state = nnx.from_flat_state(
     [(tuple(k.split(".")), v) for k, v in _flat_with(abs_state, arrays)]
   )
@@ -344,30 +417,71 @@ def _flat_with(abs_state, arrays):
   return out
 
 
+def is_remote(path) -> bool:
+  """A URI (``gs://``, ``s3://``, …) read through ``etils.epath``."""
+  return "://" in os.fspath(path)
+
+
 def load(path: str, mesh, rules, **overrides):
-  """HF directory or ``.gguf`` file → (model, config, tokenizer or None)."""
+  """HF directory (local or an ``epath`` URI such as ``gs://bucket/dir``) or
+  local ``.gguf`` file → (model, config, tokenizer or None)."""
   if path.endswith(".gguf"):
     from multians_jax import gguf
 
     source = gguf.GGUFSource(path)
     cfg = from_hf_config(source.hf_config, **overrides)
     return load_params(source, cfg, mesh, rules), cfg, source.tokenizer()
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no HF model directory or .gguf file at {path}")
-  with open(os.path.join(path, "config.json")) as f:
-    cfg = from_hf_config(json.load(f), **overrides)
-  source = SafetensorsSource(path)
-  return load_params(source, cfg, mesh, rules), cfg, load_tokenizer(path)
+  conf = epath.Path(path) / "config.json"
+  if not conf.exists():
+    raise FileNotFoundError(
+      f"no HF model directory (config.json) or .gguf file at {path}"
+    )
+  try:
+    hf_cfg = json.loads(conf.read_text())
+  except ValueError as e:
+    raise ValueError(f"{conf}: not valid JSON ({e})") from None
+  cfg = from_hf_config(hf_cfg, **overrides)
+  with SafetensorsSource(path) as source:
+    model = load_params(source, cfg, mesh, rules)
+  if source.remote:
+    logging.info(
+      "read %.1f MB of %.1f MB of weights from %s",
+      source.bytes_read / 1e6,
+      source.nbytes / 1e6,
+      path,
+    )
+  return model, cfg, load_tokenizer(path)
+
+
+# Tokenizer files of an HF directory (the Hub fetch takes these too).
+TOKENIZER_FILES = (
+  "tokenizer*",
+  "special_tokens_map.json",
+  "chat_template.jinja",
+  "vocab.json",
+  "merges.txt",
+)
 
 
 def load_tokenizer(path: str):
-  """The tokenizer saved in ``path`` or None if there is none."""
+  """The tokenizer saved in ``path`` or None if there is none. From a remote
+  directory its small files (``TOKENIZER_FILES`` and ``config.json``) are
+  copied to a temporary directory first: ``transformers`` reads local files
+  only."""
+  root = epath.Path(path)
   names = ("tokenizer.json", "tokenizer_config.json")
-  if not any(os.path.exists(os.path.join(path, n)) for n in names):
+  if not any((root / n).exists() for n in names):
     return None
   from transformers import AutoTokenizer
 
-  return AutoTokenizer.from_pretrained(path)
+  if not is_remote(path):
+    return AutoTokenizer.from_pretrained(path)
+  wanted = (*TOKENIZER_FILES, "config.json")
+  with tempfile.TemporaryDirectory(prefix="multians_tokenizer_") as tmp:
+    for f in root.iterdir():
+      if any(fnmatch.fnmatch(f.name, w) for w in wanted):
+        (epath.Path(tmp) / f.name).write_bytes(f.read_bytes())
+    return AutoTokenizer.from_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -385,24 +499,43 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsSource:
-  """HF tensors of a directory (single file or sharded with an index)."""
+  """HF tensors of a directory (single file or sharded with an index),
+  local or any ``epath`` URI (``gs://``, ``s3://``, …). Local files are
+  memory-mapped; remote ones are read by byte range through open handles,
+  ``get(name, rows=(a, b))`` reading rows a..b of the leading axis only.
+  ``bytes_read`` counts the tensor bytes read from a remote directory."""
+
+  reads_rows = True
 
   def __init__(self, path: str):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
+    root = epath.Path(path)
+    self.remote = is_remote(path)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+      try:
+        files = sorted(
+          set(json.loads(index.read_text())["weight_map"].values())
+        )
+      except (ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+    elif (root / "model.safetensors").exists():
       files = ["model.safetensors"]
     else:
       raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}")
-    self._where: dict[str, tuple[str, dict, int]] = {}
+    self._where: dict[str, tuple[Any, dict, int]] = {}
+    self._handles: dict[str, Any] = {}
+    self.bytes_read = 0
+    self.nbytes = 0
     for fname in files:
-      full = os.path.join(path, fname)
+      full = root / fname
+      if not full.exists():
+        raise FileNotFoundError(f"{full}: named by the index but missing")
       header, start = _read_header(full)
       for name, info in header.items():
         if name != "__metadata__":
           self._where[name] = (full, info, start)
+          b, e = info["data_offsets"]
+          self.nbytes += e - b
 
   def keys(self) -> list[str]:
     return list(self._where)
@@ -410,19 +543,50 @@ class SafetensorsSource:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name][1]["shape"])
 
-  def get(self, name: str) -> np.ndarray:
+  def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
     full, info, start = self._where[name]
     b, e = info["data_offsets"]
     dt = np.dtype(_ST_DTYPES[info["dtype"]])
-    mm = np.memmap(
-      full, dtype=np.uint8, mode="r", offset=start + b, shape=(e - b,)
-    )
-    return mm.view(dt).reshape(info["shape"])
+    shape = list(info["shape"])
+    if rows is not None and shape:
+      lo, hi = rows
+      if not 0 <= lo <= hi <= shape[0]:
+        raise IndexError(f"{name}: rows {rows} outside [0, {shape[0]}]")
+      row = dt.itemsize * math.prod(shape[1:])
+      b, e = b + lo * row, b + hi * row
+      shape[0] = hi - lo
+    if not self.remote:
+      mm = np.memmap(
+        os.fspath(full), dtype=np.uint8, mode="r", offset=start + b,
+        shape=(e - b,),
+      )  # fmt: skip
+      return mm.view(dt).reshape(shape)
+    f = self._handles.get(str(full))
+    if f is None:
+      f = self._handles[str(full)] = full.open("rb")
+    f.seek(start + b)
+    data = f.read(e - b)
+    if len(data) != e - b:
+      raise ValueError(f"{full}: truncated while reading tensor {name}")
+    self.bytes_read += len(data)
+    return np.frombuffer(data, dt).reshape(shape)
+
+  def close(self) -> None:
+    for f in self._handles.values():
+      f.close()
+    self._handles.clear()
+
+  def __enter__(self) -> SafetensorsSource:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
-def _read_header(path: str) -> tuple[dict, int]:
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+def _read_header(path) -> tuple[dict, int]:
+  path = epath.Path(path)
+  size = path.stat().length
+  with path.open("rb") as f:
     raw = f.read(8)
     if len(raw) < 8:
       raise ValueError(f"{path}: not a safetensors file (too short)")
