@@ -1,6 +1,8 @@
 """Defaults shared by every experiment config (each field commented once).
 
 Experiment files call ``base.get_config()`` and override what differs.
+The values are ``multians_jax.config.RunConfig``'s defaults, key for key
+(tests/test_config.py holds the two equal).
 """
 
 import ml_collections
@@ -65,6 +67,10 @@ def get_config(arg=None):
   c.warmup.lr = 1e-4  # warm-up learning rate (AdamW, constant)
   c.warmup.max_target_len = 96  # warm-up target tokens
   c.warmup.batch_prompts = 8  # prompts per warm-up step
+  c.warmup.answers = "gold"  # targets: gold answers | distribution (lab)
+  c.warmup.confidences = "fixed"  # target confidences: fixed | random
+  c.warmup.flatten = 0.5  # distribution targets: exponent τ of p
+  c.warmup.distractor_weight = 0.05  # distribution targets: distractor w
 
   c.rl = ml_collections.ConfigDict()
   c.rl.num_generations = 32  # G completions per prompt

@@ -1,10 +1,11 @@
 """The RL training loop: sample → reward → advantage → update → log → save.
 
-``RunConfig`` is the typed, validated form of an experiment config (the
-``ConfigDict`` stops in ``main.py``). ``train(run, workdir)`` resumes from
-the latest complete checkpoint in ``WORKDIR/checkpoints`` when there is one
-(falling back to older steps if the latest cannot be restored), saves on
-SIGTERM/SIGINT and exits cleanly, and evaluates before and after.
+``RunConfig`` (``config.py``) is the typed, validated form of an
+experiment config (the ``ConfigDict`` stops in ``main.py``).
+``train(run, workdir)`` resumes from the latest complete checkpoint in
+``WORKDIR/checkpoints`` when there is one (falling back to older steps if
+the latest cannot be restored), saves on SIGTERM/SIGINT and exits cleanly,
+and evaluates before and after.
 
 Multi-process (one process per host, ``jax.distributed``): every process
 reads the same global prompt stream (so batches, bucket lengths and the
@@ -39,7 +40,6 @@ from absl import logging
 from flax import nnx
 
 from multians_jax import (
-  advantage,
   card,
   checkpoint,
   credit,
@@ -48,263 +48,16 @@ from multians_jax import (
   evaluate,
   hf,
   lora,
-  loss,
   metrics,
   report,
-  reward,
   rollouts,
-  sampler,
   sharding,
   telemetry,
 )
 from multians_jax import model as model_lib
 from multians_jax import train as train_lib
 from multians_jax import warmup as warmup_lib
-
-# ---------------------------------------------------------------------------
-# Typed configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-  path: str = "smollm2"
-  preset: str = "smollm2_135m"
-  tokenizer: str = ""
-  arch: tuple = ()  # ModelConfig overrides for path='random'
-  param_dtype: str = "float32"
-  dtype: str = "float32"
-  remat: str = "none"
-  lora_rank: int = 0  # > 0: train rank-r adapters alone (lora.py)
-  lora_alpha: float = 16.0
-  lora_targets: str = "all"  # comma-separated projections, or all
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  name: str = "countries"
-  data_dir: str = ""
-  jsonl: str = ""
-  family: str = "qa"
-  train_split: str = "train"
-  eval_split: str = "test"
-  prompts_per_step: int = 24
-  max_prompt_len: int = 512
-  min_bucket: int = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-  num_generations: int = 32
-  advantage: str = "drgrpo"
-  num_iterations: int = 1
-  micro_batches: int = 1
-  max_nonfinite: int = 5
-  logprob_chunk: int = 128
-  sample_chunk: int = 0  # prompts per sampler call (0 = all)
-  share_prompt: bool = True  # update step: each prompt once per group
-  credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
-  credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
-  dynamic_sampling: bool = False  # drop groups with a flat binary outcome
-  dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  seed: int
-  steps: int
-  mesh: tuple[int, int, int]
-  model: ModelSource
-  data: DataConfig
-  sampling: sampler.SamplingConfig
-  reward: reward.RewardConfig
-  rl: RLConfig
-  loss: loss.LossConfig
-  optim: train_lib.OptimConfig
-  eval: evaluate.EvalConfig
-  eval_every: int = 0
-  before_after: bool = True
-  ckpt_every: int = 50
-  ckpt_keep: int = 3
-  log_every: int = 1
-  tensorboard: bool = True
-  wandb_project: str = ""
-  wandb_entity: str = ""
-  wandb_mode: str = "online"
-  export_hf: str = ""
-  report: bool = False
-  warmup: warmup_lib.WarmupConfig = warmup_lib.WarmupConfig()
-
-  @classmethod
-  def from_dict(cls, c: dict) -> RunConfig:
-    """Validates a config dict (``ConfigDict.to_dict()``); errors name keys."""
-    sections = set(
-      "seed steps mesh model data sampler reward warmup rl optim ckpt eval "
-      "log export".split()
-    )
-    unknown = sorted(set(c) - sections)
-    if unknown:
-      raise ValueError(f"unknown config key(s): {unknown}")
-    _check(
-      c["steps"] >= 0, "steps must be >= 0 (0: warm-up and evaluation only)"
-    )
-    rl, sm = dict(c["rl"]), dict(c["sampler"])
-    lkeys = (
-      "clip_eps_low",
-      "clip_eps_high",
-      "loss_agg",
-      "kl_beta",
-      "mask_truncated",
-      "gspo_clip_low",
-      "gspo_clip_high",
-    )
-    lcfg = loss.LossConfig(
-      **{k: rl.pop(k) for k in lkeys if k in rl},
-      kind=rl.pop("loss", "ppo"),
-      max_len_norm=sm["max_new_tokens"],
-    )
-    rlc = RLConfig(**rl)
-    _check(rlc.num_generations >= 1, "rl.num_generations must be >= 1")
-    _check(rlc.num_iterations >= 1, "rl.num_iterations must be >= 1")
-    _check(
-      isinstance(rlc.share_prompt, bool), "rl.share_prompt must be True/False"
-    )
-    _check_credit(rlc, c["reward"])
-    _check(
-      isinstance(rlc.dynamic_sampling, bool),
-      "rl.dynamic_sampling must be True/False",
-    )
-    _check(rlc.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
-    p = c["data"]["prompts_per_step"]
-    _check(
-      (p * rlc.num_generations) % rlc.micro_batches == 0,
-      "rl.micro_batches must divide prompts_per_step * num_generations",
-    )
-    o = dict(c["optim"])
-    warm = int(round(o.pop("warmup_frac") * c["steps"]))
-    ev = dict(c["eval"])
-    m = dict(c["model"])
-    m["arch"] = tuple(sorted(dict(m["arch"]).items()))
-    lora_in_arch = sorted(k for k, _ in m["arch"] if k.startswith("lora_"))
-    _check(
-      not lora_in_arch,
-      f"model.arch must not set {lora_in_arch}: use model.lora_rank, "
-      "model.lora_alpha and model.lora_targets",
-    )
-    try:  # before any loading: the checks ModelConfig makes
-      model_lib.check_lora(
-        m.get("lora_rank", 0),
-        m.get("lora_alpha", 16.0),
-        m.get("lora_targets", "all"),
-      )
-    except ValueError as e:
-      raise ValueError(f"config: {e}") from None
-    rw = dict(c["reward"])
-    rw["weights"] = tuple(rw["weights"])
-    _warn_format_penalty(rw)
-    _check(
-      c["log"]["wandb_mode"] in ("online", "offline", "disabled"),
-      "log.wandb_mode must be 'online', 'offline' or 'disabled': "
-      f"{c['log']['wandb_mode']!r}",
-    )
-    return cls(
-      seed=c["seed"],
-      steps=c["steps"],
-      mesh=(c["mesh"]["data"], c["mesh"]["fsdp"], c["mesh"]["tensor"]),
-      model=ModelSource(**m),
-      data=DataConfig(**c["data"]),
-      sampling=sampler.SamplingConfig(
-        max_new_tokens=sm["max_new_tokens"],
-        temperature=sm["temperature"],
-        top_p=sm["top_p"],
-        top_k=sm["top_k"],
-        cache_dtype=sm["cache_dtype"],
-      ),
-      reward=reward.RewardConfig(**rw),
-      rl=rlc,
-      loss=lcfg,
-      optim=train_lib.OptimConfig(
-        warmup_steps=warm, total_steps=max(c["steps"], 1), **o
-      ),
-      eval=evaluate.EvalConfig(
-        num_prompts=ev["num_prompts"],
-        num_generations=ev["num_generations"],
-        temperature=ev["temperature"],
-        max_new_tokens=sm["max_new_tokens"],
-        max_prompt_len=c["data"]["max_prompt_len"],
-        min_bucket=c["data"]["min_bucket"],
-        family=c["data"]["family"],
-      ),
-      eval_every=ev["every_steps"],
-      before_after=ev["before_after"],
-      ckpt_every=c["ckpt"]["every_steps"],
-      ckpt_keep=c["ckpt"]["keep"],
-      log_every=c["log"]["every_steps"],
-      tensorboard=c["log"]["tensorboard"],
-      wandb_project=c["log"]["wandb_project"],
-      wandb_entity=c["log"]["wandb_entity"],
-      wandb_mode=c["log"]["wandb_mode"],
-      export_hf=c["export"]["hf_dir"],
-      report=c["export"]["report"],
-      warmup=warmup_lib.WarmupConfig(**c.get("warmup", {})),
-    )
-
-
-def _warn_format_penalty(rw: dict) -> None:
-  """Under the paper preset a valid RLCR completion can score down to -1
-  (r_acc - B with r_acc = 0 and B = 1); a format failure scoring above that
-  rewards breaking the format (seen in the lab: STUDY.md)."""
-  floor = -1.0
-  if (
-    rw.get("preset") == "paper"
-    and str(rw.get("mode", "")).endswith("rlcr")
-    and float(rw.get("format_penalty", 0.0)) > floor
-  ):
-    logging.warning(
-      "reward.format_penalty=%s is above %s, the lowest reward of a valid "
-      "%s completion under preset=paper: a policy can gain by breaking the "
-      "format (set --config.reward.format_penalty=%s)",
-      rw.get("format_penalty"),
-      floor,
-      rw.get("mode"),
-      floor,
-    )
-
-
-def _check_credit(rlc: RLConfig, rw: dict) -> None:
-  _check(
-    rlc.advantage in advantage.ADVANTAGES,
-    f"rl.advantage must be one of {advantage.ADVANTAGES}: {rlc.advantage!r}",
-  )
-  _check(
-    rlc.advantage != "gdpo" or rlc.credit == "sequence",
-    "rl.advantage='gdpo' normalises whole-sequence reward components; "
-    "use it with rl.credit='sequence'",
-  )
-  _check(
-    rlc.credit in credit.CREDITS,
-    f"rl.credit must be one of {credit.CREDITS}: {rlc.credit!r}",
-  )
-  _check(
-    rlc.credit_baseline in ("slot", "pooled"),
-    f"rl.credit_baseline must be 'slot' or 'pooled': {rlc.credit_baseline!r}",
-  )
-  _check(
-    rlc.credit != "answer_to_go" or rlc.credit_baseline == "slot",
-    "rl.credit='answer_to_go' sums each slot's parts with the later slots'; "
-    "its baseline is per slot: rl.credit_baseline='slot'",
-  )
-  _check(
-    rlc.credit == "sequence" or rw.get("correctness") != "any",
-    f"rl.credit={rlc.credit!r} needs an additive correctness term "
-    "(reward.correctness='count' or 'count_over_k'); "
-    "reward.correctness='any' gives one correct slot the whole reward",
-  )
-
-
-def _check(ok: bool, msg: str) -> None:
-  if not ok:
-    raise ValueError(f"config: {msg}")
-
+from multians_jax.config import DataConfig, ModelSource, RunConfig
 
 # ---------------------------------------------------------------------------
 # Set-up
@@ -397,13 +150,13 @@ def train(
 ) -> dict:
   """Trains; returns the final metrics (and eval summaries)."""
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(*run.mesh)
+  mesh = sharding.make_mesh(*run.mesh.shape)
   policy, tok = load_policy(run.model, mesh, run.seed, tokenizer)
   tok = tokenizer or tok
   graphdef = nnx.graphdef(policy)
-  tx = train_lib.optimizer(run.optim)
+  tx = train_lib.optimizer(run.optim_config)
   ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt_keep
+    os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt.keep
   )
   state = train_lib.init_state(policy, tx)
   if run.data.prompts_per_step % jax.process_count():
@@ -431,11 +184,11 @@ def train(
     telemetry.truncate_after(os.path.join(workdir, "metrics.jsonl"), start)
   writer = telemetry.Writer(
     workdir,
-    run.tensorboard,
-    wandb_project=run.wandb_project,
-    wandb_entity=run.wandb_entity,
-    wandb_mode=run.wandb_mode,
-    config=dataclasses.asdict(run),  # the W&B run config
+    run.log.tensorboard,
+    wandb_project=run.log.wandb_project,
+    wandb_entity=run.log.wandb_entity,
+    wandb_mode=run.log.wandb_mode,
+    config=run.to_dict(),  # the W&B run config
   )
   stop_ids = tuple(policy.cfg.eos_ids) or (tok.eos_token_id,)
   pad_id = policy.cfg.pad_token_id if policy.cfg.pad_token_id is not None else 0
@@ -445,7 +198,7 @@ def train(
   )
   evals = {}
   eval_records = None
-  if run.before_after or run.eval_every:
+  if run.eval.before_after or run.eval.every_steps:
     eval_records = list(
       _take(
         eval_source or open_data(run.data, workdir, run.data.eval_split),
@@ -460,8 +213,8 @@ def train(
       tok,
       eval_records,
       run.reward,
-      run.eval,
-      seed=run.seed + 1,
+      run.eval_config,
+      seed=run.eval_seed,
       mesh=mesh,
       stop_ids=stop_ids,
       pad_id=pad_id,
@@ -484,12 +237,12 @@ def train(
         num_generations=run.eval.num_generations,
       )
 
-  if run.before_after and start == 0:
+  if run.eval.before_after and start == 0:
     do_eval("before", 0)
   if run.warmup.steps and start == 0 and not meta:  # not yet warmed up
     params = _warmup(run, graphdef, state.params, source, tok, writer)
     state = train_lib.init_state(nnx.merge(graphdef, params), tx)
-    if run.before_after:
+    if run.eval.before_after:
       do_eval("warmup", 0)
     if run.steps == 0:  # the warmed-up model is the result
       _save(ckpt, 0, graphdef, state, stream, tok, run)
@@ -525,7 +278,7 @@ def train(
           " lower optim.lr, check the data, or raise rl.max_nonfinite"
         )
       last.update(data_dropped=stream.num_dropped, step=step + 1)
-      if (step + 1) % run.log_every == 0:
+      if (step + 1) % run.log.every_steps == 0:
         writer.write(step + 1, last)
       bar.update(1)
       bar.set_postfix(
@@ -534,9 +287,10 @@ def train(
         loss=f"{last['loss']:.4f}",
       )
       final = step + 1 == run.steps
-      if stop.requested or final or (step + 1) % run.ckpt_every == 0:
+      if stop.requested or final or (step + 1) % run.ckpt.every_steps == 0:
         _save(ckpt, step + 1, graphdef, state, stream, tok, run)
-      if run.eval_every and (step + 1) % run.eval_every == 0 and not final:
+      every = run.eval.every_steps
+      if every and (step + 1) % every == 0 and not final:
         do_eval(f"step{step + 1}", step + 1)
       if stop.requested:
         ckpt.wait()
@@ -550,13 +304,13 @@ def train(
     stop.restore()
     bar.close()
     ckpt.wait()
-  if run.before_after:
+  if run.eval.before_after:
     if run.steps == 0 and "warmup" in evals:
       keep_eval("after", 0, evals["warmup"])  # the same model
     else:
       do_eval("after", run.steps)
   _finish(run, workdir, graphdef, state, tok, evals)
-  if run.report:  # the report's plots, to the W&B run if there is one
+  if run.export.report:  # the report's plots, to the W&B run if there is one
     for d in [workdir, *sorted(glob.glob(os.path.join(workdir, "eval_*")))]:
       sub = "" if d == workdir else os.path.basename(d) + "/"
       pngs = sorted(glob.glob(os.path.join(d, "*.png")))
@@ -650,7 +404,7 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
   ucfg = train_lib.UpdateConfig(
     loss=run.loss,
     micro_batches=run.rl.micro_batches,
-    temperature=max(run.sampling.temperature, 1e-6),
+    temperature=max(run.sampler.temperature, 1e-6),
     logprob_chunk=run.rl.logprob_chunk,
     group_size=g if run.rl.share_prompt else 1,
   )
@@ -681,7 +435,7 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
     time_step=t3 - t0,
     tokens_per_sec=n_tok / max(first.seconds[0], 1e-9),
     truncation_rate=float(np.mean(truncated)),
-    lr=float(train_lib.schedule(run.optim)(int(state.step) - 1)),
+    lr=float(train_lib.schedule(run.optim_config)(int(state.step) - 1)),
   )
   return state, out
 
@@ -775,18 +529,18 @@ def _resume(ckpt, state, graphdef, tx, mesh, stream) -> tuple[Any, dict]:
 
 def _finish(run, workdir, graphdef, state, tok, evals):
   params = state.params
-  if run.export_hf and jax.process_count() > 1:  # collective: all processes
+  if run.export.hf_dir and jax.process_count() > 1:  # collective: all processes
     params = jax.tree.map(sharding.host_array, params)
   if jax.process_index() != 0:
     return
-  if run.export_hf:
-    out = os.path.join(workdir, run.export_hf)
+  if run.export.hf_dir:
+    out = os.path.join(workdir, run.export.hf_dir)
     policy = nnx.merge(graphdef, params)
     hf.save(policy, out, tokenizer=tok)
     # main.py's config.json; evaluations of earlier sessions of a resumed run
     run_config, earlier, _ = card.from_workdir(workdir)
     if run_config is None:  # trained from Python: the typed config
-      run_config = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+      run_config = json.loads(json.dumps(run.to_dict(), default=str))
     card.write(
       out,
       policy.cfg,
@@ -798,5 +552,5 @@ def _finish(run, workdir, graphdef, state, tok, evals):
       step=run.steps,
     )
     logging.info("exported %s", out)
-  if run.report:
+  if run.export.report:
     report.write(workdir, evals, run.eval.num_generations)

@@ -57,10 +57,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax, TFDS chatty at INFO
     logging.set_verbosity(logging.WARNING)
   init_distributed()
-  from multians_jax import loop
+  from multians_jax import config, loop
 
   cfg = _CONFIG.value
-  run = loop.RunConfig.from_dict(cfg.to_dict())
+  run = config.RunConfig.from_dict(cfg.to_dict())
   workdir = _WORKDIR.value
   import jax
 

@@ -36,9 +36,16 @@ PRESETS = ("paper", "reference")
 SUM_TOL = 1e-5
 
 
+# The paper's reward (arXiv 2603.24844): r_acc = D, R = r_acc - B, Σq <= 1
+# gate. RewardConfig's defaults are the training defaults (configs/base.py:
+# the reference code's ``any`` / ``reference``, no Σq gate);
+# ``RewardConfig(**PAPER)`` is the paper's.
+PAPER = dict(correctness="count", preset="paper", confidence_sum_le_one=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """Reward settings (SPEC §3).
+  """Reward settings (SPEC §3); the defaults are training's (``PAPER``).
 
   Attributes:
     mode: output format, one of ``prompts.MODES``.
@@ -66,10 +73,10 @@ class RewardConfig:
 
   mode: str = "multi_rlcr"
   num_answers: int = 3
-  correctness: str = "count"
-  preset: str = "paper"
+  correctness: str = "any"
+  preset: str = "reference"
   require_distinct: bool = True
-  confidence_sum_le_one: bool = True
+  confidence_sum_le_one: bool = False
   require_think: bool = True
   accept_percent: bool = False
   format_penalty: float = 0.0

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from multians_jax import prompts, reward
 
-CFG = reward.RewardConfig(mode="multi_rlcr", num_answers=3)
+
+def _paper(**kw):
+  """The paper's reward (the hand-computed figures below use it)."""
+  return reward.RewardConfig(**{**reward.PAPER, **kw})
+
+
+CFG = _paper(mode="multi_rlcr", num_answers=3)
 
 
 def _good(**kw):
@@ -64,25 +70,25 @@ def test_parse_rejects(text, reason):
 
 
 def test_percent_and_require_think_options():
-  pct = reward.RewardConfig(accept_percent=True)
+  pct = _paper(accept_percent=True)
   p = reward.parse(_good(confs=["70%", "20 %", "0.1"]), pct)
   assert p.format_ok
   np.testing.assert_allclose(p.confidences, [0.7, 0.2, 0.1])
   no_think = _good(think=None)
   assert not reward.parse(no_think, CFG).format_ok
-  lax = reward.RewardConfig(require_think=False)
+  lax = _paper(require_think=False)
   assert reward.parse(no_think, lax).format_ok
 
 
 def test_single_answer_modes():
-  rlcr = reward.RewardConfig(mode="rlcr")
+  rlcr = _paper(mode="rlcr")
   text = prompts.format_completion("rlcr", ["Paris"], [0.9])
   p = reward.parse(text, rlcr)
   assert p.format_ok and p.answers == ("Paris",) and p.confidences == (0.9,)
   # rlcr wants analysis before confidence.
   swapped = "<think>t</think><answer>Paris</answer><confidence>0.9</confidence>"
   assert not reward.parse(swapped + "<analysis>a</analysis>", rlcr).format_ok
-  rlvr = reward.RewardConfig(mode="rlvr")
+  rlvr = _paper(mode="rlvr")
   p = reward.parse("<think>t</think> <answer>Paris</answer>", rlvr)
   assert p.format_ok and math.isnan(p.confidences[0])
 
@@ -120,14 +126,14 @@ def test_register_matcher_and_unknown_names():
   reward.register_matcher(
     "first_letter", lambda a, g, t: 0 if a[:1] == "x" else -1, key=str.lower
   )
-  cfg = reward.RewardConfig(mode="multi_rlvr", matcher="first_letter")
+  cfg = _paper(mode="multi_rlvr", matcher="first_letter")
   text = "<think>t</think><answer1>xa</answer1><answer2>XA</answer2>"
   text += "<answer3>b</answer3>"
   out = reward.score_texts([text], [[["anything"]]], cfg)
   assert out["correct"].tolist() == [[1, 0, 0]]
   assert out["distinct"].tolist() == [0]  # "xa" and "XA" share a key
   with pytest.raises(ValueError, match="nope"):
-    reward.score_texts([text], [[]], reward.RewardConfig(matcher="nope"))
+    reward.score_texts([text], [[]], _paper(matcher="nope"))
   with pytest.raises(ValueError, match="callable"):
     reward.register_matcher("bad", 3)
 
@@ -147,19 +153,19 @@ def test_register_matcher_and_unknown_names():
 )
 def test_config_errors_name_the_field(field, value):
   with pytest.raises(ValueError, match=field):
-    reward.RewardConfig(**{field: value})
+    _paper(**{field: value})
 
 
 def test_score_texts_hand_computed():
   gold = [[["Paris"]], [["Paris"]]]
-  cfg = reward.RewardConfig(mode="rlcr")
+  cfg = _paper(mode="rlcr")
   texts = [
     prompts.format_completion("rlcr", ["paris"], [0.8]),
     prompts.format_completion("rlcr", ["Lyon"], [0.8]),
   ]
   out = reward.score_texts(texts, gold, cfg)
   np.testing.assert_allclose(out["total"], [1 - 0.04, -0.64], rtol=1e-6)
-  ref = reward.RewardConfig(mode="rlcr", preset="reference")
+  ref = _paper(mode="rlcr", preset="reference")
   out = reward.score_texts(texts, gold, ref)
   np.testing.assert_allclose(out["total"], [0.5 + 0.5 + 0.48, 0.5 + 0.18])
   with pytest.raises(ValueError, match="gold"):
@@ -294,7 +300,7 @@ def test_well_formed_round_trip(mode, answers, confs):
   if not prompts.is_multi(mode):
     answers = answers[:1]
   k = len(answers)
-  cfg = reward.RewardConfig(mode=mode, num_answers=k)
+  cfg = _paper(mode=mode, num_answers=k)
   conf_text = [repr(q) for q in confs[:k]]
   text = prompts.format_completion(mode, answers, conf_text)
   p = reward.parse(text, cfg)

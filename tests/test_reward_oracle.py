@@ -154,7 +154,11 @@ def test_score_texts_equals_oracle(mode):
     reward.PRESETS, reward.CORRECTNESS
   ):
     cfg = reward.RewardConfig(
-      mode=mode, num_answers=k, preset=preset, correctness=correctness
+      mode=mode,
+      num_answers=k,
+      preset=preset,
+      correctness=correctness,
+      confidence_sum_le_one=True,  # the oracle's gates below
     )
     out = reward.score_texts([r[0] for r in rows], [_POOL] * len(rows), cfg)
     np.testing.assert_array_equal(out["format_ok"], [r[3] for r in rows])

@@ -86,13 +86,13 @@ def test_rows_config_and_images_reach_the_offline_run(offline):
 
   work = offline / "work"
   run = _tiny_run(wandb_project="test", wandb_mode="offline")
-  assert (run.wandb_project, run.wandb_mode) == ("test", "offline")
+  assert (run.log.wandb_project, run.log.wandb_mode) == ("test", "offline")
   w = telemetry.Writer(
     str(work),
     tensorboard=False,
-    wandb_project=run.wandb_project,
-    wandb_entity=run.wandb_entity,
-    wandb_mode=run.wandb_mode,
+    wandb_project=run.log.wandb_project,
+    wandb_entity=run.log.wandb_entity,
+    wandb_mode=run.log.wandb_mode,
     config=dataclasses.asdict(run),  # what loop.train passes
   )
   w.write(1, {"loss": 1.5, "diverged": math.nan})
@@ -110,8 +110,8 @@ def test_rows_config_and_images_reach_the_offline_run(offline):
   assert (rec.run_id, rec.project) == (run_id, "test")
   config = {u.key: json.loads(u.value_json) for u in rec.config.update}
   assert config["seed"] == run.seed
-  assert config["mesh"] == list(run.mesh)
-  assert config["wandb_mode"] == "offline"
+  assert config["mesh"] == run.to_dict()["mesh"]
+  assert config["log"]["wandb_mode"] == "offline"
   assert history[1] == {"loss": 1.5, "eval/coverage@4": 0.25}  # no None
   assert history[2]["loss"] == 0.5
   image = history[2]["eval/reliability"]
@@ -178,7 +178,7 @@ def test_a_project_without_wandb_names_the_extra(offline, monkeypatch):
 
 
 def test_wandb_mode_is_validated():
-  assert _tiny_run().wandb_project == ""  # off by default
-  assert _tiny_run().wandb_mode == "online"
+  assert _tiny_run().log.wandb_project == ""  # off by default
+  assert _tiny_run().log.wandb_mode == "online"
   with pytest.raises(ValueError, match="log.wandb_mode"):
     _tiny_run(wandb_mode="cloud")

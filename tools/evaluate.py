@@ -17,8 +17,8 @@ figures equal the run's own in-training evaluation (``eval/after.json``)
 for the same checkpoint, and the flags --data, --split, --mode,
 --num_answers, --family, --num_prompts, --num_generations, --temperature,
 --max_new_tokens, --require_think and --seed must not be given with it.
-Without --config, the reward is ``reward.RewardConfig``'s defaults (the
-paper's: ``count``, ``paper``, Σq <= 1 gate) with the given mode.
+Without --config, the reward is ``reward.RewardConfig``'s defaults, the
+training defaults of ``configs/base.py``, with the given mode.
 --data: a dataset name (built into --data_dir on first use) or a .jsonl
 file in the project schema. Writes DIR/eval.json (read by
 tools/compare.py), DIR/metrics.json, DIR/reliability.png and
@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from multians_jax import (
   checkpoint,
+  config,
   datasets,
   evaluate,
   loop,
@@ -85,7 +86,7 @@ class Settings:
   data: str
   split: str
   seed: int
-  data_config: loop.DataConfig | None = None  # from --config
+  data_config: config.DataConfig | None = None  # from --config
 
 
 def settings() -> Settings:
@@ -110,13 +111,12 @@ def settings() -> Settings:
     raise app.UsageError(
       f"{', '.join(given)} conflict with --config (use --config.<key>=...)"
     )
-  run = loop.RunConfig.from_dict(_CONFIG.value.to_dict())
+  run = config.RunConfig.from_dict(_CONFIG.value.to_dict())
   dc = dataclasses.replace(
     run.data, data_dir=run.data.data_dir or os.path.abspath(_DATA_DIR.value)
   )
-  # the training loop evaluates with seed + 1 (loop.train's do_eval)
   return Settings(
-    run.reward, run.eval, dc.name, dc.eval_split, run.seed + 1, dc
+    run.reward, run.eval_config, dc.name, dc.eval_split, run.eval_seed, dc
   )
 
 

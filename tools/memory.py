@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multians_jax import data, lora, sharding, train  # noqa: E402
+from multians_jax import config, data, lora, sharding, train  # noqa: E402
 from multians_jax import model as model_lib  # noqa: E402
 
 GiB = 1024**3
@@ -362,21 +362,27 @@ def format_report(plan: Plan, device_gb: float) -> str:
 # Config → Plan
 
 
+def run_config(c) -> config.RunConfig:
+  """The typed run config of a ``ConfigDict`` (or a ``RunConfig``)."""
+  if isinstance(c, config.RunConfig):
+    return c
+  return config.RunConfig.from_dict(c.to_dict())
+
+
 def model_config(c) -> model_lib.ModelConfig:
   """Shapes of the config's model: its arch (path=random) or its preset."""
-  m = c.model
+  m = run_config(c).model
   over = dict(
     param_dtype=m.param_dtype,
     dtype=m.dtype,
     remat=m.remat,
-    lora_rank=m.get("lora_rank", 0),
-    lora_alpha=m.get("lora_alpha", 16.0),
-    lora_targets=m.get("lora_targets", "all"),
+    lora_rank=m.lora_rank,
+    lora_alpha=m.lora_alpha,
+    lora_targets=m.lora_targets,
   )
-  arch = dict(m.get("arch", {}) or {})
-  if m.path == "random" and arch:
-    return model_lib.ModelConfig(**{**arch, **over})
-  preset = m.get("preset") or ("smollm2_135m" if m.path == "smollm2" else "")
+  if m.path == "random" and m.arch:
+    return model_lib.ModelConfig(**{**dict(m.arch), **over})
+  preset = m.preset or ("smollm2_135m" if m.path == "smollm2" else "")
   if not preset:
     raise ValueError(
       "config.model.preset is required to size a model without loading it "
@@ -386,22 +392,22 @@ def model_config(c) -> model_lib.ModelConfig:
 
 
 def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
-  spec = mesh or (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  min_bucket = c.data.get("min_bucket", 16)
+  run = run_config(c)
+  d = run.data
   return Plan(
-    model=model_config(c),
-    mesh=mesh_sizes(tuple(spec), num_devices),
-    prompts=c.data.prompts_per_step,
-    generations=c.rl.num_generations,
+    model=model_config(run),
+    mesh=mesh_sizes(tuple(mesh or run.mesh.shape), num_devices),
+    prompts=d.prompts_per_step,
+    generations=run.rl.num_generations,
     # The data pipeline's bucket (min_bucket·2^n, capped at max_prompt_len).
     prompt_bucket=data.bucket_length(
-      c.data.max_prompt_len, min_bucket, c.data.max_prompt_len
+      d.max_prompt_len, d.min_bucket, d.max_prompt_len
     ),
-    new_tokens=c.sampler.max_new_tokens,
-    micro_batches=c.rl.micro_batches,
-    chunk=c.rl.get("logprob_chunk", 128),
-    cache_dtype=c.sampler.cache_dtype,
-    sample_chunk=c.rl.get("sample_chunk", 0),
+    new_tokens=run.sampler.max_new_tokens,
+    micro_batches=run.rl.micro_batches,
+    chunk=run.rl.logprob_chunk,
+    cache_dtype=run.sampler.cache_dtype,
+    sample_chunk=run.rl.sample_chunk,
   )
 
 

@@ -1,0 +1,424 @@
+"""The run configuration: one tree of frozen dataclasses, one set of defaults.
+
+``RunConfig``'s sections mirror the experiment ``ConfigDict`` one to one
+(``mesh model data sampler reward warmup rl optim ckpt eval log export``,
+plus ``seed`` and ``steps``), and their field defaults are *the* defaults:
+``configs/base.py`` writes the same values with a comment per field, and a
+test holds the two equal (``RunConfig.from_dict(base.get_config().to_dict())
+== RunConfig()``). ``from_dict`` is generic: every key of every section is
+checked against the section's fields (an unknown one is an error naming
+it) and against its type. The settings other modules take are derived here
+once (``sampling``, ``loss``, ``optim_config``, ``eval_config``).
+
+The reward and warm-up sections are the library's own
+``reward.RewardConfig`` and ``warmup.WarmupConfig``: evaluation, sampling
+and training all read the reward from here, so they score alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any
+
+from absl import logging
+
+from multians_jax import advantage, credit, evaluate, sampler
+from multians_jax import loss as loss_lib
+from multians_jax import model as model_lib
+from multians_jax import reward as reward_lib
+from multians_jax import train as train_lib
+from multians_jax import warmup as warmup_lib
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ValueError(f"config: {msg}")
+
+
+def _choice(name: str, value, choices) -> None:
+  _check(value in choices, f"{name} must be one of {tuple(choices)}: {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  data: int = 1  # data-parallel replicas
+  fsdp: int = -1  # parameter sharding; -1 = the remaining devices
+  tensor: int = 1  # tensor parallelism over heads / MLP / vocab
+
+  def __post_init__(self):
+    for k in ("data", "tensor"):
+      _check(getattr(self, k) >= 1, f"mesh.{k} must be >= 1")
+    _check(self.fsdp >= 1 or self.fsdp == -1, "mesh.fsdp must be >= 1 or -1")
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  path: str = "smollm2"
+  preset: str = "smollm2_135m"  # shapes for tools/memory.py without loading
+  tokenizer: str = ""  # tokenizer source with path='random'
+  arch: tuple = ()  # ModelConfig overrides for path='random' (sorted items)
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+  lora_rank: int = 0  # > 0: train rank-r adapters alone (lora.py)
+  lora_alpha: float = 16.0
+  lora_targets: str = "all"  # comma-separated projections, or all
+
+  def __post_init__(self):
+    lora_in_arch = sorted(k for k, _ in self.arch if k.startswith("lora_"))
+    _check(
+      not lora_in_arch,
+      f"model.arch must not set {lora_in_arch}: use model.lora_rank, "
+      "model.lora_alpha and model.lora_targets",
+    )
+    _choice("model.param_dtype", self.param_dtype, model_lib.DTYPES)
+    _choice("model.dtype", self.dtype, model_lib.DTYPES)
+    try:  # before any loading: the checks ModelConfig makes
+      model_lib.check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+    except ValueError as e:
+      raise ValueError(f"config: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  name: str = "countries"
+  data_dir: str = ""
+  jsonl: str = ""
+  family: str = "qa"
+  train_split: str = "train"
+  eval_split: str = "test"
+  prompts_per_step: int = 24
+  max_prompt_len: int = 512
+  min_bucket: int = 64
+
+  def __post_init__(self):
+    _check(self.prompts_per_step >= 1, "data.prompts_per_step must be >= 1")
+    _check(self.min_bucket >= 1, "data.min_bucket must be >= 1")
+    _check(
+      self.max_prompt_len >= self.min_bucket,
+      "data.max_prompt_len must be >= data.min_bucket",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSection:
+  max_new_tokens: int = 1536
+  temperature: float = 0.7
+  top_p: float = 1.0
+  top_k: int = 0
+  cache_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  num_generations: int = 32
+  advantage: str = "drgrpo"
+  num_iterations: int = 1
+  micro_batches: int = 1
+  sample_chunk: int = 0  # prompts per sampler call (0 = all)
+  share_prompt: bool = True  # update step: each prompt once per group
+  credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
+  credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
+  dynamic_sampling: bool = False  # drop groups with a flat binary outcome
+  dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
+  loss: str = "ppo"  # ppo | gspo | cispo (loss.LossConfig.kind)
+  clip_eps_low: float = 0.2
+  clip_eps_high: float = 0.2
+  gspo_clip_low: float = 3e-4
+  gspo_clip_high: float = 4e-4
+  loss_agg: str = "token_mean"
+  kl_beta: float = 0.0
+  mask_truncated: bool = False
+  logprob_chunk: int = 128
+  max_nonfinite: int = 5
+
+  def __post_init__(self):
+    _check(self.num_generations >= 1, "rl.num_generations must be >= 1")
+    _check(self.num_iterations >= 1, "rl.num_iterations must be >= 1")
+    _check(self.micro_batches >= 1, "rl.micro_batches must be >= 1")
+    _check(self.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
+    _choice("rl.advantage", self.advantage, advantage.ADVANTAGES)
+    _choice("rl.credit", self.credit, credit.CREDITS)
+    _choice("rl.credit_baseline", self.credit_baseline, ("slot", "pooled"))
+    _check(
+      self.advantage != "gdpo" or self.credit == "sequence",
+      "rl.advantage='gdpo' normalises whole-sequence reward components; "
+      "use it with rl.credit='sequence'",
+    )
+    _check(
+      self.credit != "answer_to_go" or self.credit_baseline == "slot",
+      "rl.credit='answer_to_go' sums each slot's parts with the later "
+      "slots'; its baseline is per slot: rl.credit_baseline='slot'",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+  lr: float = 1e-6
+  schedule: str = "constant"
+  warmup_frac: float = 0.05
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0
+
+  def __post_init__(self):
+    _check(0 <= self.warmup_frac <= 1, "optim.warmup_frac must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class CkptSection:
+  every_steps: int = 50
+  keep: int = 3
+
+  def __post_init__(self):
+    _check(self.every_steps >= 1, "ckpt.every_steps must be >= 1")
+    _check(self.keep >= 1, "ckpt.keep must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+  every_steps: int = 100  # 0 = only before and after training
+  num_prompts: int = 64
+  num_generations: int = 4
+  temperature: float = 0.7
+  before_after: bool = True
+
+  def __post_init__(self):
+    _check(self.every_steps >= 0, "eval.every_steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+  every_steps: int = 1
+  tensorboard: bool = True
+  wandb_project: str = ""
+  wandb_entity: str = ""
+  wandb_mode: str = "online"
+
+  def __post_init__(self):
+    _check(self.every_steps >= 1, "log.every_steps must be >= 1")
+    modes = ("online", "offline", "disabled")
+    _choice("log.wandb_mode", self.wandb_mode, modes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+  hf_dir: str = ""  # '' = no export; relative paths are under WORKDIR
+  report: bool = False
+
+
+SECTIONS = {
+  "mesh": MeshSection,
+  "model": ModelSource,
+  "data": DataConfig,
+  "sampler": SamplerSection,
+  "reward": reward_lib.RewardConfig,
+  "warmup": warmup_lib.WarmupConfig,
+  "rl": RLConfig,
+  "optim": OptimSection,
+  "ckpt": CkptSection,
+  "eval": EvalSection,
+  "log": LogSection,
+  "export": ExportSection,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  seed: int = 43
+  steps: int = 500
+  mesh: MeshSection = MeshSection()
+  model: ModelSource = ModelSource()
+  data: DataConfig = DataConfig()
+  sampler: SamplerSection = SamplerSection()
+  reward: reward_lib.RewardConfig = reward_lib.RewardConfig()
+  warmup: warmup_lib.WarmupConfig = warmup_lib.WarmupConfig()
+  rl: RLConfig = RLConfig()
+  optim: OptimSection = OptimSection()
+  ckpt: CkptSection = CkptSection()
+  eval: EvalSection = EvalSection()
+  log: LogSection = LogSection()
+  export: ExportSection = ExportSection()
+
+  def __post_init__(self):
+    _check(
+      self.steps >= 0, "steps must be >= 0 (0: warm-up and evaluation only)"
+    )
+    _check(
+      self.rl.credit == "sequence" or self.reward.correctness != "any",
+      f"rl.credit={self.rl.credit!r} needs an additive correctness term "
+      "(reward.correctness='count' or 'count_over_k'); "
+      "reward.correctness='any' gives one correct slot the whole reward",
+    )
+    p, g = self.data.prompts_per_step, self.rl.num_generations
+    _check(
+      (p * g) % self.rl.micro_batches == 0,
+      "rl.micro_batches must divide prompts_per_step * num_generations",
+    )
+    # the derived configs' own checks, at load time
+    for derived in ("sampling", "loss", "optim_config", "eval_config"):
+      try:
+        getattr(self, derived)
+      except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if "config" in msg else f"config: {msg}") from None
+
+  # -- the settings other modules take, derived in one place ---------------
+
+  @property
+  def sampling(self) -> sampler.SamplingConfig:
+    s = self.sampler
+    return sampler.SamplingConfig(
+      max_new_tokens=s.max_new_tokens,
+      temperature=s.temperature,
+      top_p=s.top_p,
+      top_k=s.top_k,
+      cache_dtype=s.cache_dtype,
+    )
+
+  @property
+  def loss(self) -> loss_lib.LossConfig:
+    rl = self.rl
+    return loss_lib.LossConfig(
+      kind=rl.loss,
+      clip_eps_low=rl.clip_eps_low,
+      clip_eps_high=rl.clip_eps_high,
+      gspo_clip_low=rl.gspo_clip_low,
+      gspo_clip_high=rl.gspo_clip_high,
+      loss_agg=rl.loss_agg,
+      kl_beta=rl.kl_beta,
+      mask_truncated=rl.mask_truncated,
+      max_len_norm=self.sampler.max_new_tokens,  # Dr.GRPO's constant
+    )
+
+  @property
+  def optim_config(self) -> train_lib.OptimConfig:
+    o = self.optim
+    return train_lib.OptimConfig(
+      lr=o.lr,
+      schedule=o.schedule,
+      warmup_steps=int(round(o.warmup_frac * self.steps)),
+      total_steps=max(self.steps, 1),
+      b1=o.b1,
+      b2=o.b2,
+      weight_decay=o.weight_decay,
+      grad_clip=o.grad_clip,
+    )
+
+  @property
+  def eval_config(self) -> evaluate.EvalConfig:
+    """Evaluation samples as training does: the same token limit and
+    prompt bucketing, its own prompts, generations and temperature."""
+    e = self.eval
+    return evaluate.EvalConfig(
+      num_prompts=e.num_prompts,
+      num_generations=e.num_generations,
+      temperature=e.temperature,
+      max_new_tokens=self.sampler.max_new_tokens,
+      max_prompt_len=self.data.max_prompt_len,
+      min_bucket=self.data.min_bucket,
+    )
+
+  @property
+  def eval_seed(self) -> int:
+    """The evaluation's PRNG seed (training's is ``seed``)."""
+    return self.seed + 1
+
+  # -- dicts ---------------------------------------------------------------
+
+  @classmethod
+  def from_dict(cls, c: dict) -> RunConfig:
+    """Validates a config dict (``ConfigDict.to_dict()``): every key known,
+    every value of its field's type; errors name the key."""
+    c = dict(c)
+    unknown = sorted(set(c) - set(SECTIONS) - {"seed", "steps"})
+    _check(not unknown, f"unknown key(s): {unknown}")
+    kw: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for k in ("seed", "steps"):
+      if k in c:
+        kw[k] = _coerce(k, hints[k], c[k])
+    for name, section in SECTIONS.items():
+      if name in c:
+        kw[name] = _section(name, section, c[name])
+    run = cls(**kw)
+    _warn_format_penalty(run.reward)
+    return run
+
+  def to_dict(self) -> dict:
+    """The ConfigDict-shaped dict (``from_dict(run.to_dict()) == run``)."""
+    out = dataclasses.asdict(self)
+    out["model"]["arch"] = dict(self.model.arch)
+    return out
+
+
+def _section(name: str, cls, d) -> Any:
+  if not isinstance(d, dict):
+    raise ValueError(f"config: {name} must be a section, got {d!r}")
+  names = {f.name for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(d) - names)
+  _check(
+    not unknown,
+    f"unknown key(s) in {name}: {', '.join(f'{name}.{k}' for k in unknown)}",
+  )
+  hints = typing.get_type_hints(cls)
+  kw = {k: _coerce(f"{name}.{k}", hints[k], v) for k, v in d.items()}
+  try:
+    return cls(**kw)
+  except ValueError as e:
+    msg = str(e)
+    if not msg.startswith("config:"):
+      msg = f"config: {name}: {msg}"
+    raise ValueError(msg) from None
+
+
+def _coerce(key: str, want, value):
+  """``value`` as the field's type: ints where ints go (not bools), floats
+  from ints, tuples from lists (and a dict's sorted items)."""
+  origin = typing.get_origin(want) or want
+  if origin is bool:
+    _check(isinstance(value, bool), f"{key} must be True or False: {value!r}")
+  elif origin is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    _check(ok, f"{key} must be an integer: {value!r}")
+  elif origin is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    _check(ok, f"{key} must be a finite number: {value!r}")
+    value = float(value)
+  elif origin is str:
+    _check(isinstance(value, str), f"{key} must be a string: {value!r}")
+  elif origin is tuple:
+    if isinstance(value, dict):
+      value = tuple(sorted(value.items()))
+    _check(isinstance(value, (list, tuple)), f"{key} must be a list: {value!r}")
+    value = tuple(value)
+  return value
+
+
+def _warn_format_penalty(rw: reward_lib.RewardConfig) -> None:
+  """Under the paper preset a valid RLCR completion can score down to -1
+  (r_acc - B with r_acc = 0 and B = 1); a format failure scoring above that
+  rewards breaking the format (seen in the lab: STUDY.md)."""
+  floor = -1.0
+  if (
+    rw.preset == "paper"
+    and rw.mode.endswith("rlcr")
+    and float(rw.format_penalty) > floor
+  ):
+    logging.warning(
+      "reward.format_penalty=%s is above %s, the lowest reward of a valid "
+      "%s completion under preset=paper: a policy can gain by breaking the "
+      "format (set --config.reward.format_penalty=%s)",
+      rw.format_penalty,
+      floor,
+      rw.mode,
+      floor,
+    )
