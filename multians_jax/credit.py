@@ -112,7 +112,7 @@ def token_slots(tokenizer, rollout, texts, format_ok, cfg) -> np.ndarray:
   Args:
     tokenizer: the tokenizer that decoded ``texts``.
     rollout: ``sampler.Rollout`` rows (``tokens`` [B, L], ``lengths`` [B]).
-    texts: B decoded completions (``evaluate.decode``).
+    texts: B decoded completions (``rollouts.decode``).
     format_ok: [B] format flags from scoring.
     cfg: ``reward.RewardConfig``.
   """
@@ -171,19 +171,19 @@ def reward_components(scores: dict, cfg: reward.RewardConfig):
 
 
 def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
-                       baseline: str = "slot",
+                       baseline: str = "slot", token_slot=None,
                        reward_cfg: reward.RewardConfig | None = None,
                        ) -> tuple[np.ndarray, dict]:  # fmt: skip
   """The advantages the update step reads, from a batch's gathered scores.
 
   Args:
-    scores: every row's scores (prompt-major, ``reward.score_texts`` keys);
-      with ``credit='answer'`` also ``token_slot`` [B, L] (``token_slots``).
+    scores: every row's scores (prompt-major, ``reward.score_texts`` keys).
     p: prompts in the batch (groups of B / p rows).
     kind: ``rl.advantage``.
     credit: ``sequence`` ([B] advantages), ``answer`` or ``answer_to_go``
       ([B, L]).
     baseline: ``rl.credit_baseline`` (``advantage.slot_advantages``).
+    token_slot: int32 [B, L] (``token_slots``); needed by answer credit.
     reward_cfg: the reward settings; needed by ``kind='gdpo'``
       (``reward_components``).
 
@@ -222,7 +222,9 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
   slot_adv = advantage.slot_advantages(
     slot.reshape(p, g, a), kind, baseline=baseline
   ).reshape(-1, a)
-  slots = jnp.asarray(scores["token_slot"])
+  if token_slot is None:
+    raise ValueError(f"rl.credit={credit!r} needs token_slot")
+  slots = jnp.asarray(token_slot)
   adv = token_advantages(seq, slot_adv, slots, valid)
   real = np.asarray(slots) != PAD
   used = (np.asarray(slots) >= 0) & np.asarray(valid)[:, None]

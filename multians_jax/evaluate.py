@@ -4,9 +4,10 @@ Shape letters: P prompts, G generations pooled per prompt, B = P·G, A
 answer slots (K of the paper).
 
 Multi-process: every process reads the same records and samples them as
-one global batch; each decodes and scores its own whole groups of rows
-(``sharding.row_bounds``) and the numeric scores are gathered, so the
-summary covers every row on every process (process 0 writes it).
+one global batch, scored as training scores (``rollouts.score_rollout``:
+each process decodes and scores its own groups of rows, the numeric scores
+are gathered), so the summary covers every row on every process (process 0
+writes it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import jax
 import numpy as np
 
-from multians_jax import data, metrics, reward, sampler, sharding
+from multians_jax import data, metrics, reward, rollouts, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,7 @@ def run(
     pad_id=pad_id,
   )
   g = cfg.num_generations
-  known = any((r.get("meta") or {}).get("distribution") for r in records)
-  texts, gold, tests, parts, probs = [], [], [], [], []
+  texts, gold, parts, probs = [], [], [], []
   key = jax.random.key(seed)
   for i, batch in enumerate(it):
     r = sampler.sample(
@@ -90,26 +90,25 @@ def run(
       num_samples=g,
       mesh=mesh,
     )
-    bounds = sharding.row_bounds(len(batch.gold), g)
-    local = jax.tree.map(lambda x, b=bounds: sharding.local_rows(x, b), r)
-    mine = decode(tokenizer, local)
-    bgold = [gs for gs in batch.gold for _ in range(g)]
-    btests = [ts for ts in batch.tests for _ in range(g)]
-    sc = score_rows(mine, bgold, btests, rcfg, bounds)
-    sc["lengths"] = np.asarray(local.lengths)
-    if known:  # p(a_i|q) of each answer, from the records' distributions
-      lo = bounds[jax.process_index()]
-      metas = [m for m in batch.metas for _ in range(g)][lo : lo + len(mine)]
-      sc["answer_p"] = answer_probs(mine, metas, rcfg)
-      probs += [(m.get("distribution") or {}).get("probs", []) for m in
-                batch.metas]  # fmt: skip
-    parts.append(gather_scores(sc, bounds))
-    texts += mine
-    gold += bgold
-    tests += btests
-  scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  lengths = scores.pop("lengths")
-  answer_p = scores.pop("answer_p", None)
+    rw = rollouts.score_rollout(
+      tokenizer, r, batch.gold, batch.tests, rcfg, g, metas=batch.metas
+    )
+    parts.append(rw)
+    texts += rw.texts
+    gold += [gs for gs in batch.gold for _ in range(g)]
+    probs += [(m.get("distribution") or {}).get("probs", []) for m in
+              batch.metas]  # fmt: skip
+  known = any(p.answer_p is not None for p in parts)
+  scores = {
+    k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores
+  }
+  lengths = np.concatenate([p.lengths for p in parts])
+  answer_p = None
+  if known:  # p(a_i|q) of each answer, from the records' distributions
+    zeros = lambda p: np.zeros(p.scores["entry_id"].shape, np.float32)  # noqa: E731
+    answer_p = np.concatenate(
+      [p.answer_p if p.answer_p is not None else zeros(p) for p in parts]
+    )
   num_gold = np.array([len(x) for x in gold[::g]])
   a = np.asarray(scores["entry_id"]).shape[1]
   ks = [a * n for n in range(1, g + 1)]
@@ -159,24 +158,6 @@ def _details(scores, g: int, calibrated: bool) -> dict:
   return out
 
 
-def answer_probs(texts, metas, rcfg: reward.RewardConfig) -> np.ndarray:
-  """[B, A] p(a_i|q) of each parsed answer under its record's known
-  distribution (``meta["distribution"]``); 0 for an answer outside it, a
-  missing answer or a record without one."""
-  matcher = reward.get_matcher(rcfg.matcher)
-  out = np.zeros((len(texts), rcfg.slots), np.float32)
-  for i, (text, meta) in enumerate(zip(texts, metas, strict=True)):
-    dist = (meta or {}).get("distribution")
-    if not dist:
-      continue
-    entries = [[name] for name in dist["answers"]]
-    for j, ans in enumerate(reward.parse(text, rcfg).answers):
-      e = matcher.match(ans, entries, None) if ans else -1
-      if e >= 0:
-        out[i, j] = dist["probs"][e]
-  return out
-
-
 def to_json(result: EvalResult, **info) -> dict:
   """The evaluation file layout read by ``tools/compare.py``: ``info``
   (tag, step, mode, num_answers, seed, ...), ``summary`` and ``details``."""
@@ -202,46 +183,6 @@ def _finite(x):
   if isinstance(x, np.integer):
     return int(x)
   return x
-
-
-def score_rows(texts, gold, tests, rcfg, bounds) -> dict:
-  """``score_texts`` of this process's rows (``texts``) against the rows
-  ``bounds[i]:bounds[i+1]`` of the batch-wide ``gold`` / ``tests``."""
-  lo = bounds[jax.process_index()]
-  if not texts:  # more processes than groups: an empty block, same keys
-    sc = reward.score_texts([""], gold[:1], rcfg, tests=tests[:1])
-    return {k: v[:0] for k, v in sc.items()}
-  hi = lo + len(texts)
-  return reward.score_texts(texts, gold[lo:hi], rcfg, tests=tests[lo:hi])
-
-
-def gather_scores(scores: dict, bounds) -> dict:
-  """Every process's ``score_texts`` rows, in row order, on every process.
-
-  ``answer_key`` ids are numbered per scoring call; each block's are
-  shifted past the previous blocks' so keys stay distinct across blocks
-  (metrics compare keys only within a group, which never spans blocks).
-  """
-  out = sharding.gather_rows(scores, bounds)
-  if len(bounds) == 2:
-    return out
-  keys = np.asarray(out["answer_key"]).copy()
-  offset = 0
-  for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-    block = keys[lo:hi]
-    block[block >= 0] += offset
-    offset = max(offset, int(block.max(initial=-1)) + 1)
-  out["answer_key"] = keys
-  return out
-
-
-def decode(tokenizer, rollout: sampler.Rollout) -> list[str]:
-  """Completion texts (special tokens dropped), one per row."""
-  toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
-  return tokenizer.batch_decode(
-    [t[:n].tolist() for t, n in zip(toks, lengths, strict=True)],
-    skip_special_tokens=True,
-  )
 
 
 def plots(result: EvalResult, out_dir: str, g: int) -> list[str]:

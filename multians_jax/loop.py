@@ -383,12 +383,11 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
     scored, live, dinfo = rollouts.dynamic_fill(
       first, more, g, run.rl.dynamic_max_rounds
     )
-  scores = dict(first.scores)
-  lengths, truncated = scores.pop("lengths"), scores.pop("truncated")
-  scores.pop("token_slot", None)
+  lengths, truncated = first.rewards.lengths, first.rewards.truncated
   adv, ainfo = credit.rollout_advantages(  # host value, equal everywhere
-    scored.scores,
+    scored.rewards.scores,
     len(batch.gold),
+    token_slot=scored.rewards.token_slot,
     kind=run.rl.advantage,
     credit=run.rl.credit,
     baseline=run.rl.credit_baseline,
@@ -422,7 +421,7 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
       state, um = train_lib.update_step(graphdef, state, ub, tx=tx, cfg=ucfg)
   um = jax.device_get(um)
   t3 = time.perf_counter()
-  out = metrics.summarize(scores, lengths, group_size=g)
+  out = metrics.summarize(first.rewards.scores, lengths, group_size=g)
   out.update({k: float(v) for k, v in um.items()})
   out.update(
     {k if "/" in k else f"adv/{k}": float(v) for k, v in ainfo.items()}

@@ -260,14 +260,14 @@ def test_rollout_advantages_sequence_and_answer():
     "total": np.array([1.0, 0.0], np.float32),
     "slot": np.array([[1.0, 0.0], [0.0, 0.0]], np.float32),
     "decomposable": np.array([1.0, 1.0], np.float32),
-    "token_slot": np.array([[-1, 0, 1], [0, 1, -2]], np.int32),
   }
+  slots = np.array([[-1, 0, 1], [0, 1, -2]], np.int32)
   seq, _ = credit.rollout_advantages(
     scores, 1, kind="drgrpo", credit="sequence"
   )
   np.testing.assert_allclose(seq, [0.5, -0.5])
   adv, info = credit.rollout_advantages(
-    scores, 1, kind="drgrpo", credit="answer"
+    scores, 1, kind="drgrpo", credit="answer", token_slot=slots
   )
   # slot 0: parts (1, 0) → ±0.5; slot 1: (0, 0) → no signal, 0
   np.testing.assert_allclose(adv, [[0.5, 0.5, 0.0], [-0.5, 0.0, -0.5]])
@@ -365,23 +365,25 @@ def test_answer_to_go_sums_the_later_slots():
     "total": np.array([1.5, 0.5], np.float32),
     "slot": np.array([[1.0, 0.0, 0.5], [0.0, 0.5, 0.0]], np.float32),
     "decomposable": np.array([1.0, 0.0], np.float32),
-    "token_slot": np.array([[-1, 0, 1, 2], [0, 1, 2, -2]], np.int32),
   }
+  slots = np.array([[-1, 0, 1, 2], [0, 1, 2, -2]], np.int32)
   adv, _ = credit.rollout_advantages(
-    scores, 1, kind="drgrpo", credit="answer_to_go"
+    scores, 1, kind="drgrpo", credit="answer_to_go", token_slot=slots
   )
   # to-go: row 0 (1.5, 0.5, 0.5), row 1 (0.5, 0.5, 0.0); slot means
   # (1.0, 0.5, 0.25) → row 0 (0.5, 0, 0.25). Row 1 does not decompose:
   # every token keeps the sequence advantage −0.5.
   np.testing.assert_allclose(adv[0], [0.5, 0.5, 0.0, 0.25])
   np.testing.assert_allclose(adv[1], [-0.5, -0.5, -0.5, -0.5])
-  own, _ = credit.rollout_advantages(scores, 1, kind="drgrpo", credit="answer")
+  own, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="answer", token_slot=slots
+  )
   np.testing.assert_allclose(own[0], [0.5, 0.5, -0.25, 0.25])
   # slot 1's to-go is the whole set's slot sum: its advantage is the
   # sequence one whenever every row decomposes
   scores["decomposable"][:] = 1
   adv, _ = credit.rollout_advantages(
-    scores, 1, kind="drgrpo", credit="answer_to_go"
+    scores, 1, kind="drgrpo", credit="answer_to_go", token_slot=slots
   )
   seq, _ = credit.rollout_advantages(
     scores, 1, kind="drgrpo", credit="sequence"

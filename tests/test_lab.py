@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from multians_jax import compare, evaluate, metrics, prompts, reward, warmup
+from multians_jax import (
+  compare,
+  metrics,
+  prompts,
+  reward,
+  rollouts,
+  warmup,
+)
 from multians_jax.datasets import distlab, schema
 
 CFG = distlab.DistlabConfig(name="t", num_questions=4, train_per_question=32)
@@ -141,7 +148,7 @@ def test_answer_probs_matches_answers_to_the_distribution():
     "<answer1>Croup</answer1><answer2>lupus</answer2>",
     "<answer1>asthma</answer1>",  # one answer missing
   ]
-  out = evaluate.answer_probs(texts, [meta, meta], cfg)
+  out = rollouts.answer_probs(texts, [meta, meta], cfg)
   np.testing.assert_allclose(out, [[0.3, 0.0], [0.7, 0.0]])
 
 

@@ -27,11 +27,14 @@ def _round(acc, t, tag):
     "acc": np.asarray(acc, np.float32),
     "total": np.asarray(acc, np.float32) + 0.1 * np.arange(b),
   }
-  return rollouts.Scored(ro, scores, (1.0, 0.5))
+  rewards = rollouts.Rewards(
+    scores, np.full((b,), 3), np.zeros((b,), bool), texts=("x",) * b
+  )
+  return rollouts.Scored(ro, rewards, (1.0, 0.5))
 
 
 def test_flat_groups_use_the_binary_outcome_not_the_total():
-  sc = _round([1, 0, 0, 0, 2, 1], 4, 0).scores
+  sc = _round([1, 0, 0, 0, 2, 1], 4, 0).rewards
   # group 1 fails everywhere although its totals differ (0.2 vs 0.3)
   np.testing.assert_array_equal(
     rollouts.flat_groups(sc, G), [False, True, True]
@@ -58,9 +61,9 @@ def test_refill_from_a_second_round():
   np.testing.assert_array_equal(
     np.asarray(out.rollout.tokens)[:, 0], [100, 101, 202, 203, 204, 205]
   )
-  np.testing.assert_array_equal(out.scores["acc"], [1, 0, 0, 1, 1, 0])
+  np.testing.assert_array_equal(out.rewards.scores["acc"], [1, 0, 0, 1, 1, 0])
   np.testing.assert_allclose(
-    out.scores["total"], [1.0, 0.1, 0.2, 1.3, 1.4, 0.5]
+    out.rewards.scores["total"], [1.0, 0.1, 0.2, 1.3, 1.4, 0.5]
   )
   # Round 1's prompts are left-padded to round 2's length 6.
   pm = np.asarray(out.rollout.prompt_mask)

@@ -55,10 +55,11 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from multians_jax import (  # noqa: E402
-  advantage,
   checkpoint,
+  credit,
   hf,
   reward,
+  rollouts,
   sampler,
   sharding,
   train,
@@ -387,13 +388,12 @@ def bench_update(model, shapes: dict, peak: float) -> dict:
 # One RL iteration
 
 
-def _texts(tok, rollout) -> list[str]:
-  rows = np.asarray(rollout.tokens)
-  lengths = np.asarray(rollout.lengths)
-  ids = [r[:n].tolist() for r, n in zip(rows, lengths, strict=True)]
-  if tok is None:
+class _IdTokenizer:
+  """The random ``tiny`` model's stand-in tokenizer: ids as text."""
+
+  def batch_decode(self, ids, skip_special_tokens=True):
+    del skip_special_tokens
     return [" ".join(map(str, r)) for r in ids]
-  return tok.batch_decode(ids, skip_special_tokens=True)
 
 
 def rl_iteration(model, tok, shapes: dict) -> dict:
@@ -410,7 +410,7 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
     min_prompt_bucket=0,
   )
   rcfg = reward.RewardConfig(mode="multi_rlcr", num_answers=3)
-  gold = [[["France"], ["Spain"]]] * (p * g)
+  gold, tests = [[["France"], ["Spain"]]] * p, [[]] * p
   tx = train.optimizer(train.OptimConfig(lr=1e-6))
   graphdef, _ = nnx.split(model)
   state = train.init_state(_copy(model), tx)
@@ -420,11 +420,15 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
     t0 = time.perf_counter()
     policy = nnx.merge(graphdef, state.params)
     roll = sampler.sample(policy, ids, mask, jax.random.key(it), scfg, g)
-    texts = _texts(tok, roll)
+    jax.block_until_ready(roll)
     t1 = time.perf_counter()
-    scores = reward.score_texts(texts, gold, rcfg)
-    totals = jnp.reshape(jnp.asarray(scores["total"]), (p, -1))
-    adv, _ = advantage.advantages(totals, "drgrpo")  # [P, G], make_batch
+    # the training loop's scoring and advantages (rollouts, credit)
+    rw = rollouts.score_rollout(
+      tok or _IdTokenizer(), roll, gold, tests, rcfg, g
+    )
+    adv, _ = credit.rollout_advantages(
+      rw.scores, p, kind="drgrpo", credit="sequence"
+    )
     t2 = time.perf_counter()
     batch = train.make_batch(roll, adv)
     state, m = train.update_step(graphdef, state, batch, tx=tx, cfg=ucfg)
