@@ -2,7 +2,7 @@
 
 With ``ModelConfig.lora_rank = r > 0`` every target projection W [I, O]
 (``model.lora_targets``) gets ``nnx.LoRAParam`` adapters A [I, r] and
-B [r, O], and computes ``x·W + (alpha / r)·(x·A)·B`` (``model.project``).
+B [r, O], and computes ``x·W + (alpha / r)·(x·A)·B`` (``layers.project``).
 A starts as PEFT's default, U(±1/√I); B starts at zero, so a fresh adapter
 leaves the model's function unchanged. Adapters are float32 whatever
 ``param_dtype`` is (a bfloat16 base with float32 adapters is the usual way

@@ -183,7 +183,7 @@ def _check_head_args(temperature, chunk):
 
 def _scaled_logits(w, h, temperature):
   """h [B, C, D] × w [D, V] → float32 logits / temperature [B, C, V], as one
-  2-D matmul (``model.dense``)."""
+  2-D matmul (``layers.dense``)."""
   b, c, d = h.shape
   z = jnp.matmul(
     h.reshape(b * c, d), w, preferred_element_type=jnp.float32

@@ -10,9 +10,10 @@ Flow (one ``jax.jit`` per (P, G, T, settings)):
   3. decode in a ``lax.while_loop`` that stops when every row has emitted a
      stop token or L tokens are written. The cache lives inside the jitted
      computation as a loop carry in the decode layout (one buffer per layer,
-     ``KVCache.unstacked``) with per-layer weights (``unstack_layers``), so
-     each step writes one slot per layer in place and copies neither the
-     cache nor the weights (checked on the compiled HLO in the tests).
+     ``KVCache.unstacked``) with per-layer weights
+     (``layers.unstack_layers``), so each step writes one slot per layer in
+     place and copies neither the cache nor the weights (checked on the
+     compiled HLO in the tests).
 
 Prompt lengths are bucketed to powers of two (``bucket_length``), so the
 number of compilations is bounded by the number of buckets.
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from multians_jax import layers as layers_lib
 from multians_jax import model as model_lib
 from multians_jax import sharding
 
@@ -195,7 +197,7 @@ def _sample(graphdef, state, tokens, mask, key, *, cfg, num_samples):
   last = m.logits(h[:, -1])  # [P, V]: no logits for other prompt positions
   # Decode layout: per-layer cache buffers and weights (see model.KVCache).
   cache = _constrain_cache(_repeat_cache(cache.unstacked(), g))
-  layers = model_lib.unstack_layers(m.layers.arrays())
+  layers = layers_lib.unstack_layers(m.layers.arrays())
   last = jnp.repeat(last, g, axis=0)
   next_pos = jnp.repeat(positions[:, -1] + 1, g)  # [B]
   key, sub = jax.random.split(key)

@@ -13,7 +13,16 @@ import pytest
 import toy_task
 from flax import nnx
 
-from multians_jax import checkpoint, hf, loop, lora, sharding, telemetry, train
+from multians_jax import (
+  checkpoint,
+  hf,
+  layers,
+  loop,
+  lora,
+  sharding,
+  telemetry,
+  train,
+)
 from multians_jax import model as model_lib
 
 CFG = model_lib.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48)
@@ -71,7 +80,7 @@ def test_adapters_compute_the_low_rank_update(one_device_mesh):
   p = m.layers.arrays()
   x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 3, 32)), jnp.float32)
   pl = {k: v[0] for k, v in p.items()}
-  got = model_lib.project(m.cfg, x, pl, "wq", (4, 8))
+  got = layers.project(m.cfg, x, pl, "wq", (4, 8))
   a, b, w = np.asarray(pl["wq_lora_a"]), np.asarray(pl["wq_lora_b"]), pl["wq"]
   want = np.einsum("btd,dnh->btnh", x, w) + 3.0 * np.einsum(
     "btd,dr,rnh->btnh", x, a, b
@@ -308,12 +317,12 @@ def test_lora_learning_test_fails_without_the_adapter_path(
 ):
   """The learning test's guard: with the adapter term dropped from the
   forward (so adapters get no gradient), the reward does not rise."""
-  plain = model_lib.dense
+  plain = layers.dense
 
   def no_adapters(cfg, x, p, name, out_shape):
     return plain(x, p[name].astype(model_lib.DTYPES[cfg.dtype]), out_shape)
 
-  monkeypatch.setattr(model_lib, "project", no_adapters)
+  monkeypatch.setattr(layers, "project", no_adapters)
   jax.clear_caches()  # no step compiled with the real forward is reused
   rewards = _toy_lora(tmp_path)
   assert np.mean(rewards[-4:]) <= np.mean(rewards[:4]) + 0.15, rewards

@@ -20,7 +20,7 @@ S = T + L, C log-prob chunk; model D, N, K, H, F, V, and NL layers.
 Activations of the update step are a formula (``activation_bytes``) over the
 per-device shapes of one micro-batch, per decoder layer (saved residuals for
 the backward pass) plus the LM-head chunk. Its coefficients count the arrays
-``model.layer_fn`` keeps per token (D-, head- and F-sized, and the
+``layers.layer_fn`` keeps per token (D-, head- and F-sized, and the
 [N, S, S] attention probabilities in float32 + compute dtype); they were
 checked against ``memory_analysis()`` of the compiled ``train.update_step`` on
 CPU (``--measure``, tests/test_memory.py): per-layer activations within
@@ -65,7 +65,7 @@ DEVICE_GB = {
   "h200": 141,
   "a100": 80,
 }
-# Arrays kept per token per decoder layer without remat (model.layer_fn):
+# Arrays kept per token per decoder layer without remat (layers.layer_fn):
 # D-sized (x, norms, residuals), per query / KV head dim, per MLP unit.
 C_D, C_Q, C_K, C_F = 7.0, 4.5, 4.5, 6.0
 
