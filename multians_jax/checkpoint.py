@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from multians_jax import hf
+from multians_jax import hf, tensorfile
 from multians_jax import model as model_lib
 
 CONFIG_FILE = "model_config.json"
@@ -298,7 +298,7 @@ def resolve(path: str) -> tuple[str, str]:
     from multians_jax import gguf
 
     path = gguf.smollm2_gguf_path()
-  if hf.is_remote(path):
+  if tensorfile.is_remote(path):
     try:
       epath.Path(path).exists()
     except ImportError as e:
@@ -311,7 +311,7 @@ def resolve(path: str) -> tuple[str, str]:
     path = in_workdir
   if is_checkpoint(path):
     return "checkpoint", path
-  if hf.is_remote(path):
+  if tensorfile.is_remote(path):
     if path.endswith(".gguf"):
       raise ValueError(f"{path}: .gguf files are read from local disk only")
     if (epath.Path(path) / "config.json").exists():

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multians_jax import advantage, prompts, reward
+from multians_jax import advantage, parsing, prompts, reward
 
 CREDITS = ("sequence", "answer", "answer_to_go")
 SHARED, PAD = -1, -2  # token_slots values that are not a slot index
@@ -39,7 +39,7 @@ SHARED, PAD = -1, -2  # token_slots values that are not a slot index
 def _content_spans(text: str, tag: str) -> tuple[int, int] | None:
   """Character span of the content of the first ``<tag>...</tag>``."""
   start = None
-  for closing, name, s, e in reward._tags(text):  # noqa: SLF001
+  for closing, name, s, e in parsing._tags(text):  # noqa: SLF001
     if name != tag:
       continue
     if not closing and start is None:

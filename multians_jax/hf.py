@@ -1,4 +1,7 @@
-"""Hugging Face interop: config, one key table used both ways, safetensors.
+"""Hugging Face interop: one key table used both ways, import and export.
+
+The config translation is in ``hf_config.py``, safetensors I/O in
+``tensorfile.py``.
 
 ``KEY_TABLE`` maps each of our parameters to its HF tensor name and the
 reshape between layouts; import and export both read it, and both assert that
@@ -16,177 +19,18 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import math
 import os
 import tempfile
-from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
 
-from multians_jax import lora
+from multians_jax import lora, tensorfile
 from multians_jax import model as model_lib
-
-# ---------------------------------------------------------------------------
-# Config: HF dict ↔ ModelConfig (strict).
-
-# Fields that carry no architecture information (or that we check by value).
-_IGNORED = set(
-  """
-    _name_or_path architectures model_type transformers_version dtype
-    torch_dtype use_cache initializer_range id2label label2id
-    output_attentions output_hidden_states return_dict problem_type
-    chunk_size_feed_forward is_encoder_decoder attention_dropout
-    max_window_layers sliding_window tokenizer_class bos_token_id
-    eos_token_id pad_token_id max_position_embeddings hidden_act
-    pretraining_tp mlp_bias use_sliding_window layer_types attention_bias
-    rope_parameters rope_theta rope_scaling head_dim tie_word_embeddings
-    vocab_size hidden_size intermediate_size num_hidden_layers
-    num_attention_heads num_key_value_heads rms_norm_eps embd_pdrop
-    resid_pdrop tie_encoder_decoder add_cross_attention tf_legacy_loss
-    use_bfloat16 cross_attention_hidden_size finetuning_task prefix
-    sep_token_id decoder_start_token_id task_specific_params torchscript
-    pruned_heads bad_words_ids output_scores return_dict_in_generate
-    is_decoder
-    """.split()
-)
-_ARCH = {
-  "llama": "LlamaForCausalLM",
-  "qwen2": "Qwen2ForCausalLM",
-  "qwen3": "Qwen3ForCausalLM",
-}
-
-
-def _rope(cfg: dict) -> dict:
-  rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-  if "rope_theta" not in rp:
-    rp["rope_theta"] = cfg.get("rope_theta", 10000.0)
-  rp.setdefault("rope_type", rp.pop("type", "default"))
-  return rp
-
-
-def from_hf_config(cfg: dict, **overrides) -> model_lib.ModelConfig:
-  """HF ``config.json`` dict → ModelConfig; rejects what we do not model."""
-  family = cfg.get("model_type")
-  if family not in model_lib.FAMILIES:
-    raise ValueError(
-      f"unsupported model_type {family!r}; supported: {model_lib.FAMILIES}"
-    )
-  unknown = sorted(set(cfg) - _IGNORED)
-  if unknown:
-    raise ValueError(f"unsupported HF config field(s) {unknown} for {family}")
-
-  def require(key, ok, why):
-    if key in cfg and cfg[key] is not None and not ok(cfg[key]):
-      raise ValueError(f"unsupported HF config: {key}={cfg[key]!r} ({why})")
-
-  require("hidden_act", lambda v: v == "silu", "only SwiGLU/silu is modelled")
-  require("pretraining_tp", lambda v: v == 1, "tensor-parallel slicing")
-  require("mlp_bias", lambda v: not v, "MLP biases are not modelled")
-  require("attention_bias", lambda v: not v, "o_proj bias is not modelled")
-  require("use_sliding_window", lambda v: not v, "sliding windows")
-  require(
-    "layer_types",
-    lambda v: all(t == "full_attention" for t in v),
-    "only full attention layers",
-  )
-  rp = _rope(cfg)
-  rtype = rp.get("rope_type", "default")
-  if rtype not in ("default", "llama3"):
-    raise ValueError(
-      f"unsupported rope scaling type {rtype!r} (rope_parameters)"
-    )
-  known_rope = {
-    "rope_type",
-    "rope_theta",
-    "factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "original_max_position_embeddings",
-  }
-  extra = sorted(set(rp) - known_rope)
-  if extra:
-    raise ValueError(f"unsupported rope_parameters field(s) {extra}")
-  n = cfg["num_attention_heads"]
-  kw = dict(
-    family=family,
-    vocab_size=cfg["vocab_size"],
-    d_model=cfg["hidden_size"],
-    num_layers=cfg["num_hidden_layers"],
-    num_heads=n,
-    num_kv_heads=cfg.get("num_key_value_heads") or n,
-    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n,
-    d_ff=cfg["intermediate_size"],
-    rope_theta=float(rp["rope_theta"]),
-    norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-    qkv_bias=family == "qwen2",
-    qk_norm=family == "qwen3",
-    max_seq_len=int(cfg.get("max_position_embeddings") or 4096),
-    bos_token_id=cfg.get("bos_token_id"),
-    eos_token_id=_eos(cfg.get("eos_token_id")),
-    pad_token_id=cfg.get("pad_token_id"),
-  )
-  if rtype == "llama3":
-    kw.update(
-      rope_type="llama3",
-      rope_factor=float(rp["factor"]),
-      rope_low_freq_factor=float(rp["low_freq_factor"]),
-      rope_high_freq_factor=float(rp["high_freq_factor"]),
-      rope_original_max_pos=int(rp["original_max_position_embeddings"]),
-    )
-  kw.update(overrides)
-  return model_lib.ModelConfig(**kw)
-
-
-def _eos(e):
-  return tuple(e) if isinstance(e, list) else e
-
-
-def to_hf_config(cfg: model_lib.ModelConfig) -> dict:
-  """ModelConfig → HF ``config.json`` dict (transformers 5 field names)."""
-  rp: dict[str, Any] = {
-    "rope_type": cfg.rope_type,
-    "rope_theta": cfg.rope_theta,
-  }
-  if cfg.rope_type == "llama3":
-    rp.update(
-      factor=cfg.rope_factor,
-      low_freq_factor=cfg.rope_low_freq_factor,
-      high_freq_factor=cfg.rope_high_freq_factor,
-      original_max_position_embeddings=cfg.rope_original_max_pos,
-    )
-  eos = cfg.eos_token_id
-  out = {
-    "architectures": [_ARCH[cfg.family]],
-    "model_type": cfg.family,
-    "vocab_size": cfg.vocab_size,
-    "hidden_size": cfg.d_model,
-    "intermediate_size": cfg.d_ff,
-    "num_hidden_layers": cfg.num_layers,
-    "num_attention_heads": cfg.num_heads,
-    "num_key_value_heads": cfg.num_kv_heads,
-    "head_dim": cfg.head_dim,
-    "hidden_act": "silu",
-    "rms_norm_eps": cfg.norm_eps,
-    "rope_parameters": rp,
-    "tie_word_embeddings": cfg.tie_embeddings,
-    "max_position_embeddings": cfg.max_seq_len,
-    "bos_token_id": cfg.bos_token_id,
-    "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
-    "pad_token_id": cfg.pad_token_id,
-    "dtype": cfg.param_dtype,
-  }
-  if cfg.family == "qwen3":
-    out["attention_bias"] = False
-  if cfg.family == "llama":
-    out.update(attention_bias=False, mlp_bias=False)
-  return out
-
+from multians_jax.hf_config import from_hf_config, to_hf_config
 
 # ---------------------------------------------------------------------------
 # The key table: (our name, HF name template, kind). Kinds fix the layouts.
@@ -417,11 +261,6 @@ def _flat_with(abs_state, arrays):
   return out
 
 
-def is_remote(path) -> bool:
-  """A URI (``gs://``, ``s3://``, …) read through ``etils.epath``."""
-  return "://" in os.fspath(path)
-
-
 def load(path: str, mesh, rules, **overrides):
   """HF directory (local or an ``epath`` URI such as ``gs://bucket/dir``) or
   local ``.gguf`` file → (model, config, tokenizer or None)."""
@@ -441,7 +280,7 @@ def load(path: str, mesh, rules, **overrides):
   except ValueError as e:
     raise ValueError(f"{conf}: not valid JSON ({e})") from None
   cfg = from_hf_config(hf_cfg, **overrides)
-  with SafetensorsSource(path) as source:
+  with tensorfile.SafetensorsSource(path) as source:
     model = load_params(source, cfg, mesh, rules)
   if source.remote:
     logging.info(
@@ -474,7 +313,7 @@ def load_tokenizer(path: str):
     return None
   from transformers import AutoTokenizer
 
-  if not is_remote(path):
+  if not tensorfile.is_remote(path):
     return AutoTokenizer.from_pretrained(path)
   wanted = (*TOKENIZER_FILES, "config.json")
   with tempfile.TemporaryDirectory(prefix="multians_tokenizer_") as tmp:
@@ -482,156 +321,6 @@ def load_tokenizer(path: str):
       if any(fnmatch.fnmatch(f.name, w) for w in wanted):
         (epath.Path(tmp) / f.name).write_bytes(f.read_bytes())
     return AutoTokenizer.from_pretrained(tmp)
-
-
-# ---------------------------------------------------------------------------
-# safetensors, read lazily with memory maps and written directly.
-
-_ST_DTYPES = {
-  "F32": np.float32,
-  "F16": np.float16,
-  "BF16": ml_dtypes.bfloat16,
-  "F64": np.float64,
-  "I64": np.int64,
-  "I32": np.int32,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-class SafetensorsSource:
-  """HF tensors of a directory (single file or sharded with an index),
-  local or any ``epath`` URI (``gs://``, ``s3://``, …). Local files are
-  memory-mapped; remote ones are read by byte range through open handles,
-  ``get(name, rows=(a, b))`` reading rows a..b of the leading axis only.
-  ``bytes_read`` counts the tensor bytes read from a remote directory."""
-
-  reads_rows = True
-
-  def __init__(self, path: str):
-    root = epath.Path(path)
-    self.remote = is_remote(path)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-      try:
-        files = sorted(
-          set(json.loads(index.read_text())["weight_map"].values())
-        )
-      except (ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
-    elif (root / "model.safetensors").exists():
-      files = ["model.safetensors"]
-    else:
-      raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}")
-    self._where: dict[str, tuple[Any, dict, int]] = {}
-    self._handles: dict[str, Any] = {}
-    self.bytes_read = 0
-    self.nbytes = 0
-    for fname in files:
-      full = root / fname
-      if not full.exists():
-        raise FileNotFoundError(f"{full}: named by the index but missing")
-      header, start = _read_header(full)
-      for name, info in header.items():
-        if name != "__metadata__":
-          self._where[name] = (full, info, start)
-          b, e = info["data_offsets"]
-          self.nbytes += e - b
-
-  def keys(self) -> list[str]:
-    return list(self._where)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._where[name][1]["shape"])
-
-  def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-    full, info, start = self._where[name]
-    b, e = info["data_offsets"]
-    dt = np.dtype(_ST_DTYPES[info["dtype"]])
-    shape = list(info["shape"])
-    if rows is not None and shape:
-      lo, hi = rows
-      if not 0 <= lo <= hi <= shape[0]:
-        raise IndexError(f"{name}: rows {rows} outside [0, {shape[0]}]")
-      row = dt.itemsize * math.prod(shape[1:])
-      b, e = b + lo * row, b + hi * row
-      shape[0] = hi - lo
-    if not self.remote:
-      mm = np.memmap(
-        os.fspath(full), dtype=np.uint8, mode="r", offset=start + b,
-        shape=(e - b,),
-      )  # fmt: skip
-      return mm.view(dt).reshape(shape)
-    f = self._handles.get(str(full))
-    if f is None:
-      f = self._handles[str(full)] = full.open("rb")
-    f.seek(start + b)
-    data = f.read(e - b)
-    if len(data) != e - b:
-      raise ValueError(f"{full}: truncated while reading tensor {name}")
-    self.bytes_read += len(data)
-    return np.frombuffer(data, dt).reshape(shape)
-
-  def close(self) -> None:
-    for f in self._handles.values():
-      f.close()
-    self._handles.clear()
-
-  def __enter__(self) -> SafetensorsSource:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-def _read_header(path) -> tuple[dict, int]:
-  path = epath.Path(path)
-  size = path.stat().length
-  with path.open("rb") as f:
-    raw = f.read(8)
-    if len(raw) < 8:
-      raise ValueError(f"{path}: not a safetensors file (too short)")
-    n = int.from_bytes(raw, "little")
-    if n > size - 8:
-      raise ValueError(f"{path}: truncated safetensors header")
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-  end = max(
-    (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-    default=0,
-  )
-  if 8 + n + end > size:
-    raise ValueError(
-      f"{path}: truncated safetensors file ({size} bytes, header says "
-      f"{8 + n + end}); re-download or re-export it"
-    )
-  for k, v in header.items():
-    if k != "__metadata__" and v["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {k} has unsupported dtype {v['dtype']}")
-  return header, 8 + n
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-  off = 0
-  for name, x in tensors.items():
-    nbytes = x.nbytes
-    header[name] = {
-      "dtype": _ST_NAMES[x.dtype],
-      "shape": list(x.shape),
-      "data_offsets": [off, off + nbytes],
-    }
-    off += nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for x in tensors.values():
-      f.write(np.ascontiguousarray(x).tobytes())
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -691,13 +380,15 @@ def save(
     if stale.startswith("model") and stale.endswith((".safetensors", ".json")):
       os.remove(os.path.join(out, stale))
   if len(shards) == 1:
-    write_safetensors(os.path.join(out, "model.safetensors"), shards[0])
+    tensorfile.write_safetensors(
+      os.path.join(out, "model.safetensors"), shards[0]
+    )
   else:
     n = len(shards)
     weight_map = {}
     for i, shard in enumerate(shards):
       fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-      write_safetensors(os.path.join(out, fname), shard)
+      tensorfile.write_safetensors(os.path.join(out, fname), shard)
       weight_map.update(dict.fromkeys(shard, fname))
     _write_json(
       os.path.join(out, "model.safetensors.index.json"),
@@ -750,7 +441,7 @@ def save_adapters(
   os.makedirs(out, exist_ok=True)
   np_dtype = None if dtype is None else np.dtype(model_lib.DTYPES[dtype])
   hf_names = {v: k for k, v in model_lib.HF_PROJ.items()}
-  write_safetensors(
+  tensorfile.write_safetensors(
     os.path.join(out, "adapter_model.safetensors"),
     dict(adapter_tensors(model, np_dtype)),
   )

@@ -1,8 +1,9 @@
-"""Parse, normalise and match on host; the set-reward kernel on device.
+"""The reward: its settings, the set-reward kernel on device, and scoring.
 
-SPEC §2-§4. Host code turns completion strings into arrays (``parse`` →
-matcher ``key`` / ``match``); ``set_reward_kernel`` computes every reward
-component for the whole batch at once. ``score_texts`` chains both.
+SPEC §2-§4. Host code turns completion strings into arrays (``parsing.parse``
+→ the matcher's ``key`` / ``match``, ``matchers.py``);
+``set_reward_kernel`` computes every reward component for the whole batch
+at once. ``score_texts`` chains both.
 
 Shape letters: B completions, A answer slots (the paper's K; 1 in the
 single-answer modes ``rlcr`` / ``rlvr``).
@@ -19,15 +20,14 @@ import dataclasses
 import functools
 import math
 import os
-import re
-import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multians_jax import prompts
+from multians_jax import matchers, prompts
+from multians_jax.parsing import Parsed, parse
 
 CORRECTNESS = ("count", "count_over_k", "any")
 PRESETS = ("paper", "reference")
@@ -67,8 +67,8 @@ class RewardConfig:
     format_penalty: total reward of a format failure in the ``paper``
       preset.
     weights: (w_f, w_a, w_b) of the ``reference`` preset.
-    matcher: name of a registered matcher (``exact``, ``numeric``,
-      ``code`` or one added with ``register_matcher``).
+    matcher: a name in ``matchers.MATCHERS`` (``exact``, ``numeric``,
+      ``code``) or a ``matchers.Matcher`` object (your own).
   """
 
   mode: str = "multi_rlcr"
@@ -81,7 +81,7 @@ class RewardConfig:
   accept_percent: bool = False
   format_penalty: float = 0.0
   weights: tuple = (0.5, 0.5, 0.5)
-  matcher: str = "exact"
+  matcher: str | matchers.Matcher = "exact"
 
   def __post_init__(self):
     _check_choice("mode", self.mode, prompts.MODES)
@@ -98,8 +98,7 @@ class RewardConfig:
     if len(w) != 3 or not all(math.isfinite(x) for x in w):
       raise ValueError(f"weights must be 3 finite floats: {self.weights}")
     object.__setattr__(self, "weights", w)
-    if not isinstance(self.matcher, str) or not self.matcher:
-      raise ValueError(f"matcher must be a non-empty name: {self.matcher!r}")
+    matchers.get(self.matcher)  # a known name or a Matcher
 
   @property
   def slots(self) -> int:
@@ -130,259 +129,6 @@ _BOOL_FIELDS = (
 def _check_choice(field: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"{field} must be one of {choices}, got {value!r}")
-
-
-# ----------------------------------------------------------------- parsing
-
-
-@dataclasses.dataclass(frozen=True)
-class Parsed:
-  """One parsed completion.
-
-  Attributes:
-    answers: A answer strings, stripped; None where the tag is missing.
-    confidences: A floats; NaN where missing or invalid.
-    format_ok: f, the strict format check of SPEC §2.
-    error: why the format check failed ('' when it passed).
-  """
-
-  answers: tuple
-  confidences: tuple
-  format_ok: bool
-  error: str = ""
-
-
-_TAG_RE = re.compile(r"<(/?)(think|analysis|answer|confidence)(\d*)>")
-_FLOAT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def parse_confidence(text: str | None, accept_percent: bool) -> float:
-  """A confidence in [0, 1], or NaN when ``text`` is not a valid one."""
-  if text is None:
-    return math.nan
-  s = text.strip()
-  scale = 1.0
-  if accept_percent and s.endswith("%"):
-    s, scale = s[:-1].rstrip(), 0.01
-  if len(s) > 64 or not _FLOAT_RE.fullmatch(s):
-    return math.nan
-  v = float(s) * scale
-  return v if 0.0 <= v <= 1.0 else math.nan
-
-
-def _tags(text: str) -> list[tuple[bool, str, int, int]]:
-  return [
-    (m.group(1) == "/", m.group(2) + m.group(3), m.start(), m.end())
-    for m in _TAG_RE.finditer(text)
-  ]
-
-
-def _extract(text: str, tags, name: str) -> str | None:
-  """Content of the first ``<name>...</name>`` pair, leniently."""
-  start = None
-  for closing, tag, s, e in tags:
-    if tag != name:
-      continue
-    if not closing and start is None:
-      start = e
-    elif closing and start is not None:
-      return text[start:s].strip()
-  return None
-
-
-def _blocks(text: str, tags) -> tuple[list[str], str]:
-  """Block names when tags form open/close pairs separated by whitespace."""
-  if len(tags) % 2:
-    return [], "unbalanced tags"
-  names, prev_end = [], 0
-  for j in range(0, len(tags), 2):
-    (c1, n1, s1, _), (c2, n2, _, e2) = tags[j], tags[j + 1]
-    if c1 or not c2 or n1 != n2:
-      return [], f"tag <{n1}> not closed before <{'/' if c2 else ''}{n2}>"
-    if text[prev_end:s1].strip():
-      return [], f"text outside tags before <{n1}>"
-    names.append(n1)
-    prev_end = e2
-  if text[prev_end:].strip():
-    return [], "text outside tags at the end"
-  return names, ""
-
-
-def _order_error(names: list[str], text: str, tags, cfg) -> str:
-  if names and names[0] == prompts.THINK:
-    if not text[tags[0][3] : tags[1][2]].strip():
-      return "empty <think>"
-    names = names[1:]
-  elif cfg.require_think:
-    return "missing <think> first"
-  if cfg.mode == "multi_rlcr":
-    if names.count(prompts.ANALYSIS) != 1:
-      return "<analysis> must appear once"
-    names = [n for n in names if n != prompts.ANALYSIS]
-  if names not in prompts.block_orders(cfg.mode, cfg.num_answers):
-    return f"tags out of order or missing: {names[:12]}"
-  return ""
-
-
-def parse(text, cfg: RewardConfig) -> Parsed:
-  """Parses one completion (never raises; non-strings parse as invalid).
-
-  Args:
-    text: the completion text.
-    cfg: reward settings (mode, K, ``require_think``, ``accept_percent``).
-
-  Returns:
-    ``Parsed`` with answers and confidences extracted leniently and the
-    strict format flag f.
-  """
-  if not isinstance(text, str):
-    text = ""
-  tags = _tags(text)
-  a_tags = prompts.answer_tags(cfg.mode, cfg.num_answers)
-  c_tags = prompts.confidence_tags(cfg.mode, cfg.num_answers)
-  answers = tuple(_extract(text, tags, t) for t in a_tags)
-  confs = tuple(
-    parse_confidence(_extract(text, tags, t), cfg.accept_percent)
-    for t in c_tags
-  ) or (math.nan,) * len(a_tags)
-  names, error = _blocks(text, tags)
-  if not error:
-    error = _order_error(names, text, tags, cfg)
-  if not error and any(not a for a in answers):
-    error = "empty answer"
-  if not error and c_tags and any(math.isnan(q) for q in confs):
-    error = "invalid confidence"
-  return Parsed(answers, confs, not error, error)
-
-
-# ---------------------------------------------------------------- matchers
-
-
-@dataclasses.dataclass(frozen=True)
-class Matcher:
-  """A named answer matcher.
-
-  Attributes:
-    match: ``(answer, entries, tests) -> int``, the index of the gold entry
-      the answer matches, or -1. ``entries`` is a list of alias lists.
-    key: ``answer -> str``, the normalised form used for distinctness.
-    own_entry: every passing answer is its own entry (code): the entry id
-      becomes the answer's key, so equal keys count once.
-    parallel: run ``match`` calls in a thread pool (slow matchers).
-  """
-
-  match: Callable[[str, Sequence[Sequence[str]], str | None], int]
-  key: Callable[[str], str]
-  own_entry: bool = False
-  parallel: bool = False
-
-
-_MATCHERS: dict[str, Matcher] = {}
-
-
-def register_matcher(
-  name: str,
-  fn: Callable[[str, Sequence[Sequence[str]], str | None], int],
-  *,
-  key: Callable[[str], str] | None = None,
-  own_entry: bool = False,
-  parallel: bool = False,
-) -> None:
-  """Registers ``fn`` as matcher ``name`` (see ``Matcher``).
-
-  ``key`` defaults to SQuAD normalisation (``normalize_answer``).
-  """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"matcher name must be a non-empty string: {name!r}")
-  if not callable(fn):
-    raise ValueError(f"matcher {name!r}: fn is not callable")
-  _MATCHERS[name] = Matcher(fn, key or normalize_answer, own_entry, parallel)
-
-
-def get_matcher(name: str) -> Matcher:
-  """The matcher registered as ``name``; ValueError naming it otherwise."""
-  if name not in _MATCHERS and name == "code":
-    from multians_jax import sandbox  # noqa: F401  (registers "code")
-  if name not in _MATCHERS:
-    raise ValueError(f"unknown matcher {name!r}; have {sorted(_MATCHERS)}")
-  return _MATCHERS[name]
-
-
-_PUNCT = frozenset(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def normalize_answer(s: str) -> str:
-  """SQuAD normalisation: lowercase, drop punctuation and articles, spaces."""
-  s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
-  return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def _alias_index(entries: tuple) -> dict[str, int]:
-  index = {}
-  for e, aliases in enumerate(entries):
-    for alias in aliases:
-      index.setdefault(normalize_answer(str(alias)), e)
-  return index
-
-
-def _freeze(entries) -> tuple:
-  return tuple(tuple(str(a) for a in aliases) for aliases in entries)
-
-
-def exact_match(answer: str, entries, tests=None) -> int:
-  """Entry whose normalised alias equals the normalised answer, else -1."""
-  del tests
-  key = normalize_answer(answer)
-  return _alias_index(_freeze(entries)).get(key, -1) if key else -1
-
-
-_NUM_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_FRAC_RE = re.compile(r"([-+]?\d+)\s*/\s*(\d+)")
-
-
-def parse_number(s: str) -> float | None:
-  """A number from ``s``: thousands separators, simple fractions, else the
-  last number in the text; None when there is none."""
-  t = s.strip().replace(",", "").replace("$", "").rstrip(".").strip()
-  if len(t) > 256:
-    return None
-  frac = _FRAC_RE.fullmatch(t)
-  if frac:
-    den = int(frac.group(2))
-    return int(frac.group(1)) / den if den else None
-  found = _NUM_RE.findall(t)
-  if not found:
-    return None
-  v = float(found[-1])
-  return v if math.isfinite(v) else None
-
-
-def numeric_match(answer: str, entries, tests=None, rel_tol=1e-6) -> int:
-  """Entry with an alias numerically equal to the answer (tolerance), else
-  the exact match for non-numeric text."""
-  del tests
-  v = parse_number(answer)
-  if v is None:
-    return exact_match(answer, entries)
-  for e, aliases in enumerate(entries):
-    for alias in aliases:
-      g = parse_number(str(alias))
-      if g is not None and math.isclose(v, g, rel_tol=rel_tol, abs_tol=1e-9):
-        return e
-  return -1
-
-
-def numeric_key(answer: str) -> str:
-  """Canonical number text (``1,000`` and ``1000.0`` share a key)."""
-  v = parse_number(answer)
-  return normalize_answer(answer) if v is None else repr(float(v))
-
-
-register_matcher("exact", exact_match)
-register_matcher("numeric", numeric_match, key=numeric_key)
 
 
 # ------------------------------------------------------------------ kernel
@@ -563,7 +309,7 @@ def encode(parsed: Sequence[Parsed], gold, cfg, tests=None) -> dict:
     batch-global ids of normalised answers, -1 for a missing answer),
     ``confidences`` (float32 [B, A]) and ``format_ok`` (bool [B]).
   """
-  matcher = get_matcher(cfg.matcher)
+  matcher = matchers.get(cfg.matcher)
   answers = [p.answers for p in parsed]
   ids = np.array(_match_all(matcher, answers, gold, tests), np.int32)
   ids = ids.reshape(len(parsed), cfg.slots)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from multians_jax import credit, reward, sampler, sharding
+from multians_jax import credit, matchers, parsing, reward, sampler, sharding
 
 
 @struct.dataclass
@@ -150,14 +150,14 @@ def answer_probs(texts, metas, rcfg: reward.RewardConfig) -> np.ndarray:
   """[B, A] p(a_i|q) of each parsed answer under its record's known
   distribution (``meta["distribution"]``); 0 for an answer outside it, a
   missing answer or a record without one."""
-  matcher = reward.get_matcher(rcfg.matcher)
+  matcher = matchers.get(rcfg.matcher)
   out = np.zeros((len(texts), rcfg.slots), np.float32)
   for i, (text, meta) in enumerate(zip(texts, metas, strict=True)):
     dist = (meta or {}).get("distribution")
     if not dist:
       continue
     entries = [[name] for name in dist["answers"]]
-    for j, ans in enumerate(reward.parse(text, rcfg).answers):
+    for j, ans in enumerate(parsing.parse(text, rcfg).answers):
       e = matcher.match(ans, entries, None) if ans else -1
       if e >= 0:
         out[i, j] = dist["probs"][e]

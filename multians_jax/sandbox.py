@@ -53,8 +53,6 @@ import tempfile
 import time
 import warnings
 
-from multians_jax import reward
-
 TIMEOUT_S = 5.0
 MEMORY_MB = 512
 NOBODY = 65534
@@ -349,8 +347,3 @@ def code_match(answer: str, entries, tests: str | None) -> int:
   if not tests:
     raise ValueError("code matcher: the task has no tests")
   return 0 if run_tests(answer, tests).passed else -1
-
-
-reward.register_matcher(
-  "code", code_match, key=code_key, own_entry=True, parallel=True
-)

@@ -10,7 +10,7 @@ import torch
 import transformers as tr
 from hf_models import hf_logits, ragged_batch, tiny_hf
 
-from multians_jax import checkpoint, hf, sharding
+from multians_jax import checkpoint, hf, sharding, tensorfile
 
 
 @pytest.mark.parametrize(
@@ -121,10 +121,10 @@ def test_truncated_safetensors_is_named(tmp_path, one_device_mesh):
 
 def test_missing_and_misshaped_tensors_are_named(tmp_path, one_device_mesh):
   tiny_hf("llama").save_pretrained(tmp_path)
-  src = hf.SafetensorsSource(str(tmp_path))
+  src = tensorfile.SafetensorsSource(str(tmp_path))
   tensors = {k: np.array(src.get(k)) for k in src.keys()}
   del tensors["model.layers.1.mlp.up_proj.weight"]
-  hf.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
+  tensorfile.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
   with pytest.raises(ValueError, match="layers.1.mlp.up_proj"):
     hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES)
   cfg = json.loads((tmp_path / "config.json").read_text())
@@ -134,7 +134,7 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path, one_device_mesh):
     tensors["model.layers.1.mlp.up_proj.weight"] = tensors[
       "model.layers.0.mlp.up_proj.weight"
     ]
-    hf.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    tensorfile.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
     hf.load(str(tmp_path), one_device_mesh, sharding.TRAIN_RULES)
 
 

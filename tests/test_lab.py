@@ -11,6 +11,7 @@ import pytest
 from multians_jax import (
   compare,
   metrics,
+  parsing,
   prompts,
   reward,
   rollouts,
@@ -84,7 +85,7 @@ def test_lab_tokenizer_round_trips_every_format(mode):
     1 if prompts.has_confidence(mode) else 0
   )
   cfg = reward.RewardConfig(mode=mode, num_answers=3, require_think=False)
-  parsed = reward.parse(tok.decode(ids, skip_special_tokens=True), cfg)
+  parsed = parsing.parse(tok.decode(ids, skip_special_tokens=True), cfg)
   assert parsed.format_ok, parsed.error
   assert list(parsed.answers) == answers
   if prompts.has_confidence(mode):
@@ -164,7 +165,7 @@ def test_warmup_distribution_targets():
     text = warmup.target_text(
       rec["answers"], [], "multi_rlcr", 3, rng, wc, rec["meta"]
     )
-    parsed = reward.parse(text, cfg)
+    parsed = parsing.parse(text, cfg)
     assert parsed.format_ok, parsed.error
     assert len(set(parsed.answers)) == 3
     assert set(parsed.answers) <= set(distlab.NAMES)
@@ -183,7 +184,7 @@ def test_warmup_distribution_prefers_likely_answers():
   wc = warmup.WarmupConfig(answers="distribution", flatten=0.5)
   cfg = reward.RewardConfig(mode="rlvr", require_think=False)
   counts = collections.Counter(
-    reward.parse(
+    parsing.parse(
       warmup.target_text([], [], "rlvr", 1, rng, wc, rec["meta"]), cfg
     ).answers[0]
     for _ in range(3000)

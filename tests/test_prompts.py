@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from multians_jax import prompts, reward
+from multians_jax import parsing, prompts, reward
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,7 +64,7 @@ def test_format_completion_parses(mode):
   k = 3 if prompts.is_multi(mode) else 1
   answers = ["x", "y", "z"][:k]
   text = prompts.format_completion(mode, answers, [0.1] * k)
-  parsed = reward.parse(text, reward.RewardConfig(mode=mode, num_answers=k))
+  parsed = parsing.parse(text, reward.RewardConfig(mode=mode, num_answers=k))
   assert parsed.format_ok and parsed.answers == tuple(answers)
 
 

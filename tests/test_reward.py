@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from multians_jax import prompts, reward
+from multians_jax import matchers, parsing, prompts, reward
 
 
 def _paper(**kw):
@@ -30,7 +30,7 @@ def _good(**kw):
 
 
 def test_parse_well_formed_and_grouped_layouts():
-  p = reward.parse(_good(), CFG)
+  p = parsing.parse(_good(), CFG)
   assert p.format_ok and p.answers == ("a1", "b2", "c3")
   assert p.confidences == (0.5, 0.3, 0.2)
   grouped = (
@@ -39,7 +39,7 @@ def test_parse_well_formed_and_grouped_layouts():
     "</confidence1><confidence2>0.2</confidence2><confidence3>0.3"
     "</confidence3>"
   )
-  p = reward.parse(grouped, CFG)
+  p = parsing.parse(grouped, CFG)
   assert p.format_ok and p.answers == ("x", "y", "z")
   assert p.confidences == (0.1, 0.2, 0.3)
 
@@ -64,38 +64,38 @@ def test_parse_well_formed_and_grouped_layouts():
   ],
 )
 def test_parse_rejects(text, reason):
-  p = reward.parse(text, CFG)
+  p = parsing.parse(text, CFG)
   assert not p.format_ok
   assert re.search(reason, p.error), p.error
 
 
 def test_percent_and_require_think_options():
   pct = _paper(accept_percent=True)
-  p = reward.parse(_good(confs=["70%", "20 %", "0.1"]), pct)
+  p = parsing.parse(_good(confs=["70%", "20 %", "0.1"]), pct)
   assert p.format_ok
   np.testing.assert_allclose(p.confidences, [0.7, 0.2, 0.1])
   no_think = _good(think=None)
-  assert not reward.parse(no_think, CFG).format_ok
+  assert not parsing.parse(no_think, CFG).format_ok
   lax = _paper(require_think=False)
-  assert reward.parse(no_think, lax).format_ok
+  assert parsing.parse(no_think, lax).format_ok
 
 
 def test_single_answer_modes():
   rlcr = _paper(mode="rlcr")
   text = prompts.format_completion("rlcr", ["Paris"], [0.9])
-  p = reward.parse(text, rlcr)
+  p = parsing.parse(text, rlcr)
   assert p.format_ok and p.answers == ("Paris",) and p.confidences == (0.9,)
   # rlcr wants analysis before confidence.
   swapped = "<think>t</think><answer>Paris</answer><confidence>0.9</confidence>"
-  assert not reward.parse(swapped + "<analysis>a</analysis>", rlcr).format_ok
+  assert not parsing.parse(swapped + "<analysis>a</analysis>", rlcr).format_ok
   rlvr = _paper(mode="rlvr")
-  p = reward.parse("<think>t</think> <answer>Paris</answer>", rlvr)
+  p = parsing.parse("<think>t</think> <answer>Paris</answer>", rlvr)
   assert p.format_ok and math.isnan(p.confidences[0])
 
 
 def test_parse_never_raises_on_non_strings():
   for bad in (None, 3, b"<think>", ["x"]):
-    assert not reward.parse(bad, CFG).format_ok
+    assert not parsing.parse(bad, CFG).format_ok
 
 
 # ----------------------------------------------------------------- matchers
@@ -103,39 +103,41 @@ def test_parse_never_raises_on_non_strings():
 
 def test_exact_matcher_normalises():
   gold = [["United States", "USA"], ["The Netherlands"]]
-  assert reward.exact_match("the united states!", gold) == 0
-  assert reward.exact_match("U.S.A.", gold) == 0
-  assert reward.exact_match("netherlands", gold) == 1
-  assert reward.exact_match("Canada", gold) == -1
-  assert reward.exact_match("   ", gold) == -1
-  assert reward.normalize_answer("  An  Apple, a day.") == "apple day"
+  assert matchers.exact_match("the united states!", gold) == 0
+  assert matchers.exact_match("U.S.A.", gold) == 0
+  assert matchers.exact_match("netherlands", gold) == 1
+  assert matchers.exact_match("Canada", gold) == -1
+  assert matchers.exact_match("   ", gold) == -1
+  assert matchers.normalize_answer("  An  Apple, a day.") == "apple day"
 
 
 def test_numeric_matcher():
   gold = [["1,000"], ["0.75"], ["Seven"]]
-  assert reward.numeric_match("1000.0", gold) == 0
-  assert reward.numeric_match("3/4", gold) == 1
-  assert reward.numeric_match("The answer is $1,000.", gold) == 0
-  assert reward.numeric_match("0.7500001", gold) == 1
-  assert reward.numeric_match("0.76", gold) == -1
-  assert reward.numeric_match("seven", gold) == 2
-  assert reward.numeric_key("1,000") == reward.numeric_key("1000.00")
+  assert matchers.numeric_match("1000.0", gold) == 0
+  assert matchers.numeric_match("3/4", gold) == 1
+  assert matchers.numeric_match("The answer is $1,000.", gold) == 0
+  assert matchers.numeric_match("0.7500001", gold) == 1
+  assert matchers.numeric_match("0.76", gold) == -1
+  assert matchers.numeric_match("seven", gold) == 2
+  assert matchers.numeric_key("1,000") == matchers.numeric_key("1000.00")
 
 
-def test_register_matcher_and_unknown_names():
-  reward.register_matcher(
-    "first_letter", lambda a, g, t: 0 if a[:1] == "x" else -1, key=str.lower
+def test_a_custom_matcher_is_an_object_not_a_registration():
+  first = matchers.Matcher(
+    lambda a, g, t: 0 if a[:1] == "x" else -1, key=str.lower
   )
-  cfg = _paper(mode="multi_rlvr", matcher="first_letter")
+  cfg = _paper(mode="multi_rlvr", matcher=first)
   text = "<think>t</think><answer1>xa</answer1><answer2>XA</answer2>"
   text += "<answer3>b</answer3>"
   out = reward.score_texts([text], [[["anything"]]], cfg)
   assert out["correct"].tolist() == [[1, 0, 0]]
   assert out["distinct"].tolist() == [0]  # "xa" and "XA" share a key
+  assert "first" not in matchers.MATCHERS  # nothing global changed
+  assert matchers.Matcher(first.match).key("The Cat") == "cat"  # default
   with pytest.raises(ValueError, match="nope"):
-    reward.score_texts([text], [[]], _paper(matcher="nope"))
+    _paper(matcher="nope")
   with pytest.raises(ValueError, match="callable"):
-    reward.register_matcher("bad", 3)
+    matchers.Matcher(3)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +277,7 @@ _SETTINGS = settings(
 @_SETTINGS
 @given(st.one_of(_TAGGY, st.text(max_size=300)), _CFGS)
 def test_parse_never_raises_and_rewards_in_bounds(text, cfg):
-  p = reward.parse(text, cfg)
+  p = parsing.parse(text, cfg)
   assert len(p.answers) == cfg.slots == len(p.confidences)
   out = reward.score_texts([text, _good()], [[["a1"]], [["a1"]]], cfg)
   lo, hi = _bounds(cfg)
@@ -303,7 +305,7 @@ def test_well_formed_round_trip(mode, answers, confs):
   cfg = _paper(mode=mode, num_answers=k)
   conf_text = [repr(q) for q in confs[:k]]
   text = prompts.format_completion(mode, answers, conf_text)
-  p = reward.parse(text, cfg)
+  p = parsing.parse(text, cfg)
   assert p.format_ok, p.error
   assert p.answers == tuple(a.strip() for a in answers)
   if prompts.has_confidence(mode):

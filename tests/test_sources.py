@@ -18,7 +18,7 @@ from etils import epath
 from flax import nnx
 from hf_models import tiny_hf
 
-from multians_jax import checkpoint, hf, loop, sharding
+from multians_jax import checkpoint, hf, loop, sharding, tensorfile
 from multians_jax import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -143,7 +143,7 @@ def test_remote_dir_loads_in_place_reading_each_byte_once(
   ids = tok("red, blue")["input_ids"]
   assert ids == want_tok("red, blue")["input_ids"] and tok.chat_template
   # Every tensor byte is read once, though several devices hold copies.
-  with hf.SafetensorsSource(URI) as src:
+  with tensorfile.SafetensorsSource(URI) as src:
     tensor_bytes = src.nbytes
   read = sum(n for p, n in fs.reads.items() if p.endswith(".safetensors"))
   headers = read - tensor_bytes
@@ -159,8 +159,8 @@ def test_read_blocks_reads_only_the_rows_its_blocks_cover(
   conf = json.loads((tmp_path / "local" / "config.json").read_text())
   cfg = hf.from_hf_config(conf)
   _, abs_state = nnx.split(model_lib.abstract_model(cfg))
-  local = hf.SafetensorsSource(str(tmp_path / "local"))
-  with hf.SafetensorsSource(URI) as src:
+  local = tensorfile.SafetensorsSource(str(tmp_path / "local"))
+  with tensorfile.SafetensorsSource(URI) as src:
     for key, shape in hf._plan(cfg, abs_state):
       per = shape[1:] if key.ours.startswith("layers.") else shape
       name = key.hf.format(i=1)

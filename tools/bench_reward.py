@@ -12,7 +12,7 @@ import json
 import random
 import time
 
-from multians_jax import prompts, reward
+from multians_jax import matchers, prompts, reward
 
 _WORDS = (
   "the patient presents with fever cough and shortness of breath so we "
@@ -56,7 +56,7 @@ def bench_reward(num: int = 1024, chars: int = 1000, k: int = 3) -> dict:
   first = time.perf_counter() - start
   times = []
   for _ in range(5):
-    reward.normalize_answer.cache_clear()
+    matchers.normalize_answer.cache_clear()
     start = time.perf_counter()
     reward.score_texts(texts, gold, cfg)
     times.append(time.perf_counter() - start)

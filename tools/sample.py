@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from multians_jax import checkpoint, prompts, reward, sampler, sharding
+from multians_jax import checkpoint, parsing, prompts, reward, sampler, sharding
 
 _MODEL = flags.DEFINE_string("model", "smollm2", "Model path or 'smollm2'.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable).")
@@ -109,7 +109,7 @@ def main(argv):
     if tok is not None:
       out["completion"] = tok.decode(toks[b, :n], skip_special_tokens=True)
     if rcfg is not None:
-      parsed = reward.parse(out.get("completion", ""), rcfg)
+      parsed = parsing.parse(out.get("completion", ""), rcfg)
       out.update(
         answers=list(parsed.answers),
         confidences=list(parsed.confidences),

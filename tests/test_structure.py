@@ -1,0 +1,72 @@
+"""The package's shape: modules under the size cap, no import cycle."""
+
+import ast
+import pathlib
+
+PKG = pathlib.Path(__file__).resolve().parent.parent / "multians_jax"
+MAX_LINES = 600
+
+
+def _modules():
+  for path in sorted(PKG.rglob("*.py")):
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    name = ".".join(rel.parts).removesuffix(".__init__")
+    yield name, path
+
+
+def test_no_module_over_the_size_cap():
+  big = {
+    n: len(p.read_text().splitlines())
+    for n, p in _modules()
+    if len(p.read_text().splitlines()) > MAX_LINES
+  }
+  assert not big, big
+
+
+def _runtime_imports(path: pathlib.Path, pkg: str) -> set[str]:
+  """Package modules imported when ``path`` runs (``TYPE_CHECKING``-only
+  imports excluded)."""
+  tree = ast.parse(path.read_text())
+  skip = set()
+  for node in ast.walk(tree):
+    test = getattr(node, "test", None)
+    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(test):
+      skip |= {id(n) for n in ast.walk(node)}
+  out = set()
+  for node in ast.walk(tree):
+    if id(node) in skip:
+      continue
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == pkg:  # from multians_jax import x, y
+        out |= {f"{pkg}.{a.name}" for a in node.names}
+      elif node.module.startswith(pkg + "."):
+        out.add(node.module)
+    elif isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith(pkg + ".")}
+  return out
+
+
+def test_no_import_cycle():
+  mods = dict(_modules())
+  graph = {
+    n: {m for m in _runtime_imports(p, "multians_jax") if m in mods and m != n}
+    for n, p in mods.items()
+  }
+  for n in graph:  # a package's own submodules are not a cycle through it
+    if mods[n].name == "__init__.py":
+      graph[n] = {m for m in graph[n] if not m.startswith(n + ".")}
+  state, cycles = {}, []
+
+  def visit(n, path):
+    state[n] = "open"
+    for m in sorted(graph[n]):
+      if state.get(m) == "open":
+        cycles.append(path[path.index(m) :] + [m])
+      elif m not in state:
+        visit(m, path + [m])
+    state[n] = "done"
+
+  for n in sorted(graph):
+    if n not in state:
+      visit(n, [n])
+  assert not cycles, cycles
