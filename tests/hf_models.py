@@ -1,7 +1,21 @@
-"""Tiny random `transformers` models for parity tests (no download)."""
+"""Tiny random `transformers` models for parity tests (no download).
 
-import torch
+``torch`` here is imported on first use: without torch (a test extra), a
+test that needs it skips and its module's pure-JAX tests still run.
+"""
+
+import pytest
 import transformers as tr
+
+
+class _LazyTorch:
+  def __getattr__(self, name):
+    if name.startswith("__") or name == "pytestmark":  # pytest's probes
+      raise AttributeError(name)
+    return getattr(pytest.importorskip("torch"), name)
+
+
+torch = _LazyTorch()
 
 FAMILY_CONFIGS = {
   "llama": tr.LlamaConfig,

@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gguf
 import numpy as np
 import pytest
-import torch
 import transformers
 from gguf import GGMLQuantizationType as QType
+from hf_models import torch
 
 from multians_jax import gguf as mgguf
 
@@ -278,6 +278,7 @@ def _k_blocks(rng, rows, cols, qtype):
 
 @pytest.mark.parametrize("qtype", list(_K_SCALE_OFFSETS))
 def test_k_quants_against_torch_dequantiser(tmp_path, qtype):
+  pytest.importorskip("torch")
   from transformers.integrations.gguf import dequant
 
   model = _tiny_model(
@@ -554,6 +555,7 @@ def test_smollm2_chat_template_and_save(smollm2_tokenizers, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_tensors_match_transformers(smollm2):
+  pytest.importorskip("torch")
   from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
   d, b = os.path.split(smollm2.path)
@@ -572,6 +574,7 @@ def test_smollm2_tensors_match_transformers(smollm2):
 
 def test_smollm2_q4_1_against_torch_dequantiser(smollm2):
   """Our (gguf-py) Q4_1 values equal transformers' own torch dequantiser."""
+  pytest.importorskip("torch")
   from transformers.integrations.gguf import dequant
 
   t = next(

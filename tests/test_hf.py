@@ -6,9 +6,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers as tr
-from hf_models import hf_logits, ragged_batch, tiny_hf
+from hf_models import hf_logits, ragged_batch, tiny_hf, torch
 
 from multians_jax import checkpoint, hf, sharding, tensorfile
 

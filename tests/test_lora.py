@@ -231,8 +231,8 @@ def test_load_policy_adds_keeps_or_replaces_adapters(tmp_path, one_device_mesh):
 def test_merged_and_peft_exports_match_transformers(tmp_path, one_device_mesh):
   """The merged export loads in transformers with our logits; the PEFT
   export on the base model (peft.PeftModel) gives them too."""
-  import peft
-  import torch
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
   import transformers as tr
   from hf_models import hf_logits, ragged_batch
 

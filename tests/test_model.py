@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers as tr
-from hf_models import hf_logits, ragged_batch, tiny_hf
+from hf_models import hf_logits, ragged_batch, tiny_hf, torch
 
 from multians_jax import hf, model, sharding
 

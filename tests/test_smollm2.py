@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from hf_models import torch
 
 from multians_jax import gguf, hf, sampler, sharding
 
