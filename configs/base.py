@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.reward.accept_percent = False  # '70%' → 0.7
   c.reward.format_penalty = 0.0  # paper preset: reward of a format failure
   c.reward.weights = (0.5, 0.5, 0.5)  # reference preset: format, acc, brier
-  c.reward.matcher = "exact"  # exact | numeric | code | a registered name
+  c.reward.matcher = "exact"  # exact | numeric | code | a matchers.Matcher
 
   c.warmup = ml_collections.ConfigDict()
   c.warmup.steps = 0  # supervised format warm-up steps before RL (0 = off)

@@ -1,6 +1,6 @@
 """Shared settings of the paper reproduction configs (Qwen3-8B on DDXPlus).
 
-Reference hyperparameters (SPEC §5): G=32, 24 prompts per step, lr 1e-6,
+Reference hyperparameters (METHOD §5): G=32, 24 prompts per step, lr 1e-6,
 warmup 5 %, temperature 0.7, top-p 1, prompts ≤ 3072 tokens, completions
 ≤ 1536, β=0, Dr.GRPO advantages, token-mean loss, ε=0.2, one epoch
 (≈500 steps), seed 43.
@@ -52,7 +52,7 @@ def get_paper_config(mode: str, hardware: str | None):
   c.reward.correctness = "any"
   c.reward.preset = "reference"
   # A differential holds several true answers at once: the Σq ≤ 1 gate would
-  # break properness (SPEC §3).
+  # break properness (METHOD §3).
   c.reward.confidence_sum_le_one = False
   c.rl.num_generations = 32
   c.rl.advantage = "drgrpo"

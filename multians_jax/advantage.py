@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC §5): pure functions of reward arrays.
+"""Group-relative advantages (METHOD §5): pure functions of reward arrays.
 
 Shape letters: P prompts, G generations per prompt (one group each).
 
@@ -107,7 +107,7 @@ def slot_advantages(
   baseline: str = "slot",
   std_ddof: int = 1,
 ) -> jax.Array:
-  """Per-answer advantages from each slot's part of the reward (SPEC §10).
+  """Per-answer advantages from each slot's part of the reward (METHOD §10).
 
   Slot i of completion g gets s_gi minus a baseline from its group:
 

@@ -1,4 +1,4 @@
-"""Per-answer credit (``rl.credit='answer'``, SPEC §10, docs/CREDIT.md).
+"""Per-answer credit (``rl.credit='answer'``, METHOD §10, docs/CREDIT.md).
 
 With K answers in one generation, sequence credit gives every token the
 advantage of the whole set. Under answer credit the tokens of answer span i

@@ -1,4 +1,4 @@
-"""Token log-probs and the clipped policy-gradient objective (SPEC §5).
+"""Token log-probs and the clipped policy-gradient objective (METHOD §5).
 
 Shape letters: B completions (rows, B = P·G), T tokens of a row (prompt and
 completion), L completion tokens, D model dim, V vocab, C chunk of T.
@@ -253,7 +253,7 @@ _chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Settings of the clipped policy-gradient loss (SPEC §5, ``rl.*``).
+  """Settings of the clipped policy-gradient loss (METHOD §5, ``rl.*``).
 
   Attributes:
     clip_eps_low: ε_low, the ratio is clipped below at 1 − ε_low; in [0, 1).

@@ -1,4 +1,4 @@
-"""Evaluation and telemetry metrics of SPEC §6 as pure numpy functions.
+"""Evaluation and telemetry metrics of METHOD §6 as pure numpy functions.
 
 Shape letters: P prompts, G generations per prompt, A answer slots per
 generation (the paper's K; 1 for single-answer models), N (q, c) pairs.
@@ -178,7 +178,7 @@ def summarize(
 
   Returns:
     Means of every [B] component (``reward/<name>``, with ``_std`` for the
-    total) and the SPEC §6 metrics. Coverage-style metrics count only
+    total) and the METHOD §6 metrics. Coverage-style metrics count only
     format-valid generations; calibration uses format-valid generations of
     RLCR modes (``brier`` not NaN).
   """

@@ -22,7 +22,7 @@ class Parsed:
   Attributes:
     answers: A answer strings, stripped; None where the tag is missing.
     confidences: A floats; NaN where missing or invalid.
-    format_ok: f, the strict format check of SPEC §2.
+    format_ok: f, the strict format check of METHOD §2.
     error: why the format check failed ('' when it passed).
   """
 

@@ -1,4 +1,4 @@
-"""Output formats, tag strings and system prompts (SPEC §2).
+"""Output formats, tag strings and system prompts (METHOD §2).
 
 Four modes: ``multi_rlcr`` and ``multi_rlvr`` ask for A candidate answers in
 one generation (the paper's K; ``num_answers``), ``rlcr`` and ``rlvr`` for one.

@@ -1,6 +1,6 @@
 """The reward: its settings, the set-reward kernel on device, and scoring.
 
-SPEC §2-§4. Host code turns completion strings into arrays (``parsing.parse``
+METHOD §2-§4. Host code turns completion strings into arrays (``parsing.parse``
 → the matcher's ``key`` / ``match``, ``matchers.py``);
 ``set_reward_kernel`` computes every reward component for the whole batch
 at once. ``score_texts`` chains both.
@@ -8,7 +8,7 @@ at once. ``score_texts`` chains both.
 Shape letters: B completions, A answer slots (the paper's K; 1 in the
 single-answer modes ``rlcr`` / ``rlvr``).
 
-Symbols (SPEC §3): c_i correct, e_i matched entry id (-1 none),
+Symbols (METHOD §3): c_i correct, e_i matched entry id (-1 none),
 D = |{e_i : e_i >= 0}| distinct correct, f format flag, u distinctness flag,
 q_i confidences (missing read as 0), B = (1/A) Σ_i (q_i - c_i)².
 """
@@ -45,7 +45,7 @@ PAPER = dict(correctness="count", preset="paper", confidence_sum_le_one=True)
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """Reward settings (SPEC §3); the defaults are training's (``PAPER``).
+  """Reward settings (METHOD §3); the defaults are training's (``PAPER``).
 
   Attributes:
     mode: output format, one of ``prompts.MODES``.
@@ -149,7 +149,7 @@ def set_reward_kernel(
   format_penalty=0.0,
   weights=(0.5, 0.5, 0.5),
 ) -> dict:
-  """Every SPEC §3 reward component for a batch, vectorised.
+  """Every METHOD §3 reward component for a batch, vectorised.
 
   ``mode``, ``correctness`` and ``preset`` are static (they change the
   computation); the gates, penalty and weights are traced, so changing them
@@ -244,7 +244,7 @@ def _slot_parts(
   first, c, q, acc_gated, brier_gated, f, total, *, a, correctness, preset,
   calibrated, weights,
 ):  # fmt: skip
-  """Each answer slot's own part of the total (per-answer credit, SPEC §10).
+  """Each answer slot's own part of the total (per-answer credit, METHOD §10).
 
   ``slot`` [B, A] is slot i's correctness term (``first_i`` for ``count``,
   ``first_i / A`` for ``count_over_k``; times w_a under ``reference``) plus
@@ -333,7 +333,7 @@ def encode(parsed: Sequence[Parsed], gold, cfg, tests=None) -> dict:
 
 
 def score_texts(texts, gold, cfg: RewardConfig, tests=None) -> dict:
-  """Parses, matches and scores completions (SPEC §3).
+  """Parses, matches and scores completions (METHOD §3).
 
   Args:
     texts: B completion strings.

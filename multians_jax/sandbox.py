@@ -1,4 +1,4 @@
-"""Sandboxed execution of candidate Python code against tests (SPEC §4).
+"""Sandboxed execution of candidate Python code against tests (METHOD §4).
 
 The policy is an adversary of its grader, so the design keeps the candidate
 away from everything that decides the grade:

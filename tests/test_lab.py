@@ -291,7 +291,7 @@ def _check_multi(mw, ma):
 
 
 def _check_single(sw, sa):
-  """RLVR: collapses onto one answer, nearer the mode (SPEC §9)."""
+  """RLVR: collapses onto one answer, nearer the mode (METHOD §9)."""
   assert sw["unique@30"] > 8, sw
   assert sa["unique@30"] < 2.5, sa
   assert sa["dist/top1_p"] > sw["dist/top1_p"] + 0.1, (sw, sa)

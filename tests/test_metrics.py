@@ -1,4 +1,4 @@
-"""SPEC §6 metrics on hand-computed examples and brute-force references."""
+"""METHOD §6 metrics on hand-computed examples and brute-force references."""
 
 import itertools
 import math

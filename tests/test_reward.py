@@ -206,7 +206,7 @@ def test_properness_independent_answers():
   qs = _grid(3)
   er = _expected_reward((cs, probs), qs, 3, sum_gate=False)
   np.testing.assert_allclose(qs[np.argmax(er)], p)
-  want = p.sum() - (p * (1 - p)).sum() / 3  # SPEC §3 closed form
+  want = p.sum() - (p * (1 - p)).sum() / 3  # METHOD §3 closed form
   assert er.max() == pytest.approx(want, abs=1e-5)
   # Σp = 1.4 > 1: the sum gate makes honest confidences a bad choice.
   er_gated = _expected_reward((cs, probs), qs, 3, sum_gate=True)

@@ -1,4 +1,4 @@
-"""The set-reward kernel against a slow, literal Python oracle of SPEC §3."""
+"""The set-reward kernel against a slow, literal Python oracle of METHOD §3."""
 
 import itertools
 import math
@@ -16,7 +16,7 @@ STATIC = list(itertools.product(MODES, reward.PRESETS, reward.CORRECTNESS))
 
 
 def oracle(entry_ids, keys, confs, f, mode, correctness, preset, gates):
-  """SPEC §3 for one completion, written out line by line."""
+  """METHOD §3 for one completion, written out line by line."""
   require_distinct, sum_le_one, penalty, (w_f, w_a, w_b) = gates
   k = len(entry_ids)
   c = [1.0 if e >= 0 else 0.0 for e in entry_ids]

@@ -2,7 +2,7 @@
 
 Builders (``BUILDERS``) write array_record files; readers use
 ``tfds.data_source`` (random access, no TensorFlow). Every dataset follows
-the record schema of ``schema`` (SPEC §7) with ``train``/``test`` splits.
+the record schema of ``schema`` (METHOD §7) with ``train``/``test`` splits.
 
   from multians_jax import datasets
   datasets.build("countries", "/data/tfds")

@@ -1,4 +1,4 @@
-"""``multians_jsonl``: a user's own data in the SPEC §7 JSONL schema.
+"""``multians_jsonl``: a user's own data in the METHOD §7 JSONL schema.
 
 One JSON object per line::
 
@@ -56,7 +56,7 @@ class MultiansJsonl(base.RecordBuilder):
   CITATION = ""
   LICENSE = "Whatever licence the user's source data carries."
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-    "Place *.jsonl files in the SPEC §7 schema in the manual dir (names "
+    "Place *.jsonl files in the METHOD §7 schema in the manual dir (names "
     "starting with train/test/validation select the split), or pass "
     "jsonl=[paths] to the builder."
   )

@@ -1,4 +1,4 @@
-"""The record schema shared by every builder (SPEC §7), and its validation.
+"""The record schema shared by every builder (METHOD §7), and its validation.
 
 One example (a *record*) has seven text features:
 
@@ -77,7 +77,7 @@ def validate(obj, where: str, default_family: str = "qa") -> dict:
   """Checks one JSON object against the schema and returns an encoded record.
 
   Args:
-    obj: a parsed JSON object in the SPEC §7 layout (``answers`` as a list,
+    obj: a parsed JSON object in the METHOD §7 layout (``answers`` as a list,
       ``meta`` as an object; ``family`` optional).
     where: location used in error messages, e.g. ``"file.jsonl:12"``.
     default_family: family used when ``obj`` has none.
