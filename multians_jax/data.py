@@ -1,22 +1,19 @@
-"""Prompt pipeline: records → shuffled, sharded, chat-templated PromptBatch.
+"""Prompt pipeline: records → shuffled, chat-templated PromptBatch.
 
-Shape letters: P prompts per batch (on this process), T prompt length (a
-bucket).
+Shape letters: P prompts per batch, T prompt length (a bucket).
 
-Stream, per process:
+The stream is global: every process builds the same batches (the trainer
+samples them as one batch sharded over the mesh), so there is no
+per-process sharding of the records.
 
 1. Epoch order: a permutation of the N records seeded by (seed, epoch)
-   (identity when ``shuffle=False``), the same on every process.
-2. Sharding: process i of n takes order[i::n], so each epoch is partitioned
-   across processes without overlap or loss (shards differ by at most one
-   record; each process repeats its own shard, so every process can always
-   produce another batch and hosts stay in lockstep).
-3. Rendering: ``prompts.build_messages`` → the tokenizer's chat template
+   (identity when ``shuffle=False``).
+2. Rendering: ``prompts.build_messages`` → the tokenizer's chat template
    (``add_generation_prompt=True``) → token ids (``add_special_tokens=False``:
    the template already holds BOS/role tokens).
-4. Prompts longer than ``max_prompt_len`` tokens are dropped and counted
+3. Prompts longer than ``max_prompt_len`` tokens are dropped and counted
    (``num_dropped``), never truncated.
-5. Batching: P prompts, left-padded to a length bucket: the smallest
+4. Batching: P prompts, left-padded to a length bucket: the smallest
    ``min_bucket * 2**i`` that fits the longest prompt, capped at
    ``max_prompt_len`` (so the shapes, hence compilations, are at most
    ``log2(max_prompt_len / min_bucket) + 2``). Batches run on across epoch
@@ -26,12 +23,12 @@ The mask comes from the token counts, never from ``tokens != pad_id``
 (SmolLM2's pad token ``<|im_end|>`` occurs inside every ChatML prompt).
 
 Resumption: the iterator is a pure function of (records, tokenizer, config,
-state); ``get_state()`` is a small JSON-able dict (epoch, position in this
-process's shard, counters, seed, sharding) saved with the checkpoint, and
-``set_state()`` resumes so that the following batches equal those of an
-uninterrupted run. A plain per-epoch permutation is used rather than grain:
-the drop counter and the epoch-spanning batches then live in one small,
-version-independent state dict, and the logic is a few lines.
+state); ``get_state()`` is a small JSON-able dict (epoch, position in the
+epoch order, counters, seed) saved with the checkpoint, and ``set_state()``
+resumes so that the following batches equal those of an uninterrupted run.
+A plain per-epoch permutation is used rather than grain: the drop counter
+and the epoch-spanning batches then live in one small, version-independent
+state dict, and the logic is a few lines.
 """
 
 import dataclasses
@@ -39,7 +36,7 @@ import dataclasses
 import flax.struct
 import numpy as np
 
-from multians_jax import datasets, prompts
+from multians_jax import prompts
 
 STATE_VERSION = 1
 
@@ -54,9 +51,7 @@ class PromptBatch:
     positions: [P, T] int32, 0 at each prompt's first real token (0 on pads).
     gold: P gold sets (lists of entries, each a list of aliases).
     tests: P test strings ("" when none).
-    ids: P record ids.
-    questions: P question texts.
-    families: P task families (``qa`` | ``ddx`` | ``code``).
+    ids: P record ids (which records a batch holds).
     metas: P record ``meta`` dicts (e.g. the lab's answer distribution).
   """
 
@@ -66,8 +61,6 @@ class PromptBatch:
   gold: list = flax.struct.field(pytree_node=False)
   tests: list = flax.struct.field(pytree_node=False)
   ids: list = flax.struct.field(pytree_node=False)
-  questions: list = flax.struct.field(pytree_node=False)
-  families: list = flax.struct.field(pytree_node=False)
   metas: list = flax.struct.field(pytree_node=False, default=None)
 
 
@@ -75,7 +68,7 @@ class PromptBatch:
 class PipelineConfig:
   """Settings of the prompt pipeline (unpacked from ``config.data``)."""
 
-  batch_size: int  # P, prompts per batch on this process.
+  batch_size: int  # P, prompts per batch.
   mode: str  # reward mode, selects the system prompt (prompts.MODES).
   num_answers: int  # A, answers asked for per generation.
   max_prompt_len: int  # longer prompts are dropped and counted.
@@ -83,17 +76,10 @@ class PipelineConfig:
   seed: int = 0  # shuffle seed.
   shuffle: bool = True  # False: records in source order (evaluation).
   num_epochs: int | None = None  # None: repeat forever.
-  process_index: int = 0  # jax.process_index()
-  process_count: int = 1  # jax.process_count()
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_prompt_len < 1 or self.min_bucket < 1:
       raise ValueError(f"sizes must be positive: {self}")
-    if not 0 <= self.process_index < self.process_count:
-      raise ValueError(
-        f"process_index {self.process_index} not in "
-        f"[0, process_count={self.process_count})"
-      )
     prompts.check_mode(self.mode)
 
 
@@ -155,37 +141,32 @@ class PromptIterator:
   def __init__(self, source, tokenizer, cfg: PipelineConfig):
     self.source, self.tokenizer, self.cfg = source, tokenizer, cfg
     self.num_examples = len(source)
-    if self.num_examples < cfg.process_count:
-      raise ValueError(
-        f"{self.num_examples} records cannot feed {cfg.process_count} processes"
-      )
+    if not self.num_examples:
+      raise ValueError("the record source is empty")
     self.pad_id = _pad_id(tokenizer)
     self.epoch = self.position = 0
     self.num_dropped = self.num_prompts = self.num_batches = 0
-    self._shard = (None, None)
+    self._order = (None, None)
 
-  def shard(self, epoch: int) -> np.ndarray:
-    """Record indices of this process for ``epoch``, in stream order."""
-    if self._shard[0] != epoch:
+  def order(self, epoch: int) -> np.ndarray:
+    """Record indices of ``epoch`` in stream order."""
+    if self._order[0] != epoch:
       n = self.num_examples
       if self.cfg.shuffle:
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
       else:
         order = np.arange(n)
-      shard = order[self.cfg.process_index :: self.cfg.process_count]
-      self._shard = (epoch, shard)
-    return self._shard[1]
+      self._order = (epoch, order)
+    return self._order[1]
 
   def _next_record(self) -> dict | None:
     """The next record of the stream (advancing the state), None at end."""
-    shard = self.shard(self.epoch)
-    if self.position == len(shard):
+    if self.position == self.num_examples:
       self.epoch, self.position = self.epoch + 1, 0
-      shard = self.shard(self.epoch)
     if self.cfg.num_epochs is not None and self.epoch >= self.cfg.num_epochs:
       return None
     self.position += 1
-    return self.source[int(shard[self.position - 1])]
+    return self.source[int(self.order(self.epoch)[self.position - 1])]
 
   def _collect(self):
     records, rows, dropped_run = [], [], 0
@@ -199,7 +180,7 @@ class PromptIterator:
         dropped_run += 1
         # A run of drops can span an epoch end (tail of one epoch, head of
         # the next), so only 2 epochs' worth proves every prompt too long.
-        if dropped_run >= 2 * len(self.shard(self.epoch)):
+        if dropped_run >= 2 * self.num_examples:
           raise ValueError(
             f"every prompt is longer than max_prompt_len="
             f"{self.cfg.max_prompt_len}"
@@ -230,8 +211,6 @@ class PromptIterator:
       gold=[r["answers"] for r in records],
       tests=[r["tests"] for r in records],
       ids=[r["id"] for r in records],
-      questions=[r["question"] for r in records],
-      families=[r["family"] for r in records],
       metas=[r.get("meta") or {} for r in records],
     )
 
@@ -241,8 +220,6 @@ class PromptIterator:
       "version": STATE_VERSION,
       "seed": self.cfg.seed,
       "shuffle": self.cfg.shuffle,
-      "process_index": self.cfg.process_index,
-      "process_count": self.cfg.process_count,
       "num_examples": self.num_examples,
       "epoch": self.epoch,
       "position": self.position,
@@ -254,7 +231,7 @@ class PromptIterator:
   def set_state(self, state: dict) -> None:
     """Restores ``get_state()`` output; rejects a state of another stream."""
     mine = self.get_state()
-    for key in ("version", "seed", "shuffle", "process_index", "process_count"):
+    for key in ("version", "seed", "shuffle"):
       if state.get(key) != mine[key]:
         raise ValueError(
           f"iterator state has {key}={state.get(key)!r} but this pipeline "
@@ -266,16 +243,9 @@ class PromptIterator:
         f"source has {self.num_examples}"
       )
     position, epoch = int(state["position"]), int(state["epoch"])
-    if not 0 <= position <= len(self.shard(epoch)):
+    if not 0 <= position <= self.num_examples:
       raise ValueError(f"iterator state position {position} out of range")
     self.epoch, self.position = epoch, position
     self.num_dropped = int(state["num_dropped"])
     self.num_prompts = int(state["num_prompts"])
     self.num_batches = int(state["num_batches"])
-
-
-def from_tfds(
-  name: str, split: str, data_dir: str, tokenizer, cfg: PipelineConfig
-) -> PromptIterator:
-  """A ``PromptIterator`` over a built dataset (see ``datasets.load``)."""
-  return PromptIterator(datasets.load(name, split, data_dir), tokenizer, cfg)

@@ -31,7 +31,6 @@ class EvalConfig:
   max_new_tokens: int = 256
   max_prompt_len: int = 512
   min_bucket: int = 64
-  family: str = "qa"
 
   def __post_init__(self):
     if self.num_prompts < 1 or self.num_generations < 1:

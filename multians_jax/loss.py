@@ -499,26 +499,6 @@ def reduce_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
-def pg_loss(
-  logp: jax.Array,
-  old_logp: jax.Array,
-  adv: jax.Array,
-  mask: jax.Array,
-  cfg: LossConfig,
-  *,
-  ref_logp: jax.Array | None = None,
-  truncated: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Loss of one whole batch: ``pg_loss_terms`` / ``loss_denominator``.
-
-  Returns ``(loss scalar, reduce_metrics(sums))``.
-  """
-  num, sums = pg_loss_terms(
-    logp, old_logp, adv, mask, cfg, ref_logp=ref_logp, truncated=truncated
-  )
-  return num / loss_denominator(mask, cfg, truncated), reduce_metrics(sums)
-
-
 def _check_shapes(logp, old_logp, adv, mask, ref_logp):
   named = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp}
   for name, x in named.items():

@@ -160,6 +160,16 @@ def _grouped(x, p: int) -> np.ndarray:
   return x.reshape((p, x.shape[0] // p) + x.shape[1:])
 
 
+def _pass_at(ids, k: int) -> np.ndarray:
+  """pass@k per prompt. Single-answer (A = 1): the unbiased estimator over
+  all G samples; multi-answer: any correct among the first k/A pooled
+  generations (a generation's K answers are not exchangeable samples)."""
+  if ids.shape[-1] == 1:
+    correct = (ids[..., 0] >= 0).sum(-1)
+    return pass_at_k_unbiased(ids.shape[1], correct, k)
+  return pass_at_k(ids, k)
+
+
 def summarize(
   scores: dict,
   lengths=None,
@@ -178,7 +188,8 @@ def summarize(
 
   Returns:
     Means of every [B] component (``reward/<name>``, with ``_std`` for the
-    total) and the METHOD §6 metrics. Coverage-style metrics count only
+    total) and the METHOD §6 metrics (single-answer pass@k: the unbiased
+    estimator over all G samples). Coverage-style metrics count only
     format-valid generations; calibration uses format-valid generations of
     RLCR modes (``brier`` not NaN).
   """
@@ -198,7 +209,7 @@ def summarize(
   ks = ks or [a * g for g in _powers(group_size)]
   for k in ks:
     out[f"coverage@{k}"] = float(coverage_at_k(ids, k).mean())
-    out[f"pass@{k}"] = float(pass_at_k(ids, k).mean())
+    out[f"pass@{k}"] = float(_pass_at(ids, k).mean())
     out[f"unique@{k}"] = float(unique_answers(keys, k).mean())
     if num_gold is not None:
       out[f"recall@{k}"] = float(recall_at_k(ids, k, num_gold).mean())

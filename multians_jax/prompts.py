@@ -189,13 +189,6 @@ def build_messages(
   ]
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-  """Applies a tokenizer's chat template, ready for generation."""
-  return tokenizer.apply_chat_template(
-    messages, tokenize=False, add_generation_prompt=True
-  )
-
-
 def _fmt_conf(q) -> str:
   return q if isinstance(q, str) else f"{float(q):.4g}"
 

@@ -19,6 +19,16 @@ AGGS = loss.LOSS_AGGS
 L = np.log
 
 
+def pg_loss(logp, old_logp, adv, mask, cfg, *, ref_logp=None, truncated=None):
+  """The loss of one whole batch, as the update step assembles it:
+  ``pg_loss_terms`` / ``loss_denominator``, with reduced metrics."""
+  num, sums = loss.pg_loss_terms(
+    logp, old_logp, adv, mask, cfg, ref_logp=ref_logp, truncated=truncated
+  )
+  den = loss.loss_denominator(mask, cfg, truncated)
+  return num / den, loss.reduce_metrics(sums)
+
+
 def cfg_for(agg="token_mean", **kw):
   if agg == "seq_mean_token_sum_norm":
     kw.setdefault("max_len_norm", 4)
@@ -98,7 +108,7 @@ def test_per_token_clip_table_asymmetric():
 def test_clip_metrics_and_token_mean():
   logp = jnp.asarray(np.tile(L(RHO), (2, 1)), jnp.float32)
   mask = jnp.ones((2, 3), bool)
-  value, m = loss.pg_loss(
+  value, m = pg_loss(
     logp, jnp.zeros_like(logp), jnp.asarray(ADV), mask, cfg_for()
   )
   assert float(value) == pytest.approx((-0.5 - 1 - 1.2 + 1.6 + 2 + 3) / 6)
@@ -138,7 +148,7 @@ def test_aggregation_hand_computed(agg):
     jnp.asarray(ADV),
     jnp.asarray(RAGGED_MASK),
   )
-  value, _ = loss.pg_loss(*args, cfg_for(agg))
+  value, _ = pg_loss(*args, cfg_for(agg))
   assert float(value) == pytest.approx(AGG_EXPECTED[agg], rel=1e-6)
   den = loss.loss_denominator(jnp.asarray(RAGGED_MASK), cfg_for(agg))
   assert float(den) == AGG_DEN[agg]
@@ -153,7 +163,7 @@ def test_sum_norm_uses_the_constant():
     jnp.asarray(RAGGED_MASK),
   )
   cfg = cfg_for("seq_mean_token_sum_norm", max_len_norm=10)
-  value, _ = loss.pg_loss(*args, cfg)
+  value, _ = pg_loss(*args, cfg)
   assert float(value) == pytest.approx(1.9 / 10 / 2, rel=1e-6)
 
 
@@ -178,7 +188,7 @@ def test_k3_values_and_penalty():
     lambda lp: loss.per_token_loss(lp, logp, jnp.zeros(1), cfg, ref).sum()
   )(logp)
   np.testing.assert_allclose(g, 0.1 * (1 - np.exp(d)), rtol=1e-5, atol=1e-7)
-  value, m = loss.pg_loss(
+  value, m = pg_loss(
     logp, logp, jnp.zeros(1), jnp.ones((1, 3), bool), cfg, ref_logp=ref
   )
   assert float(value) == pytest.approx(0.1 * sum(k3) / 3, rel=1e-5)
@@ -188,13 +198,13 @@ def test_k3_values_and_penalty():
 def test_kl_reported_without_penalty_and_required_with_it():
   logp = jnp.zeros((1, 2))
   ref = jnp.asarray([[L(2.0), 0.0]], jnp.float32)
-  value, m = loss.pg_loss(
+  value, m = pg_loss(
     logp, logp, jnp.ones(1), jnp.ones((1, 2), bool), cfg_for(), ref_logp=ref
   )
   assert float(value) == pytest.approx(-1.0)  # β = 0: KL not in the loss
   assert float(m["kl_mean"]) == pytest.approx((1 - L(2.0)) / 2, rel=1e-5)
   with pytest.raises(ValueError, match="ref_logp"):
-    loss.pg_loss(
+    pg_loss(
       logp, logp, jnp.ones(1), jnp.ones((1, 2), bool), cfg_for(kl_beta=0.1)
     )
 
@@ -205,7 +215,7 @@ def test_mask_truncated_hand_computed():
   adv, mask = jnp.asarray([1.0, 5.0, -2.0]), jnp.ones((3, 2), bool)
   trunc = jnp.asarray([False, True, False])
   keep = lambda agg, mt: float(
-    loss.pg_loss(
+    pg_loss(
       logp, logp, adv, mask, cfg_for(agg, mask_truncated=mt), truncated=trunc
     )[0]
   )
@@ -217,18 +227,16 @@ def test_mask_truncated_hand_computed():
   )
   cfg = cfg_for(mask_truncated=True)
   assert float(loss.loss_denominator(mask, cfg, trunc)) == 4
-  _, m = loss.pg_loss(logp, logp, adv, mask, cfg, truncated=trunc)
+  _, m = pg_loss(logp, logp, adv, mask, cfg, truncated=trunc)
   assert float(m["tokens"]) == 4
   with pytest.raises(ValueError, match="truncated"):
-    loss.pg_loss(logp, logp, adv, mask, cfg)
+    pg_loss(logp, logp, adv, mask, cfg)
 
 
 def test_empty_batch_is_zero_not_nan():
   z = jnp.zeros((2, 3))
   for agg in AGGS:
-    value, m = loss.pg_loss(
-      z, z, jnp.ones(2), jnp.zeros((2, 3), bool), cfg_for(agg)
-    )
+    value, m = pg_loss(z, z, jnp.ones(2), jnp.zeros((2, 3), bool), cfg_for(agg))
     assert float(value) == 0.0 and float(m["clip_frac"]) == 0.0
 
 
@@ -290,7 +298,7 @@ def test_ratio_one_gives_minus_advantage_and_its_gradient(agg):
   logp, _, adv, mask, _, _ = random_batch(1)
   cfg = cfg_for(agg, max_len_norm=9)
   w = _token_weights(mask, agg, 9)
-  f = lambda lp: loss.pg_loss(lp, logp, adv, mask, cfg)[0]
+  f = lambda lp: pg_loss(lp, logp, adv, mask, cfg)[0]
   value, grad = jax.value_and_grad(f)(logp)
   a = np.asarray(adv, np.float64)[:, None]
   assert float(value) == pytest.approx(
@@ -307,12 +315,12 @@ def test_per_token_advantages_at_ratio_one(agg):
   cfg = cfg_for(agg, max_len_norm=9)
   w = _token_weights(mask, agg, 9)
   adv = jnp.asarray(a, jnp.float32)
-  f = lambda lp: loss.pg_loss(lp, logp, adv, mask, cfg)[0]
+  f = lambda lp: pg_loss(lp, logp, adv, mask, cfg)[0]
   value, grad = jax.value_and_grad(f)(logp)
   assert float(value) == pytest.approx(float(np.sum(-a * w)), rel=1e-5)
   np.testing.assert_allclose(grad, -a * w, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match=r"adv must be \[B\]"):
-    loss.pg_loss(logp, logp, adv[:, :2], mask, cfg)
+    pg_loss(logp, logp, adv[:, :2], mask, cfg)
 
 
 @pytest.mark.parametrize("mask_truncated", [False, True])
@@ -332,7 +340,7 @@ def test_micro_batch_splits_sum_to_full_batch_loss(agg, kind, mask_truncated):
     agg, kl_beta=0.05, mask_truncated=mask_truncated, max_len_norm=7,
     kind=kind,
   )  # fmt: skip
-  full, full_m = loss.pg_loss(
+  full, full_m = pg_loss(
     logp, old, adv, mask, cfg, ref_logp=ref, truncated=trunc
   )
   den = loss.loss_denominator(mask, cfg, trunc)
@@ -379,7 +387,7 @@ def test_gspo_value_and_gradient_are_the_sequence_objective():
     clipped = jnp.clip(s, 1 - 3e-4, 1 + 4e-4)
     return -jnp.mean(jnp.minimum(s * adv, clipped * adv))
 
-  f = lambda lp: loss.pg_loss(lp, old, adv, mask, cfg)[0]
+  f = lambda lp: pg_loss(lp, old, adv, mask, cfg)[0]
   v, g = jax.value_and_grad(f)(logp)
   rv, rg = jax.value_and_grad(reference)(logp)
   assert float(v) == pytest.approx(float(rv), rel=1e-6)
@@ -391,7 +399,7 @@ def test_gspo_value_and_gradient_are_the_sequence_objective():
   want = -(s * np.asarray(adv))[:, None] * m / lens[:, None] / b
   want[2:4] = 0
   np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-9)
-  _, met = loss.pg_loss(logp, old, adv, mask, cfg)
+  _, met = pg_loss(logp, old, adv, mask, cfg)
   assert float(met["clip_frac"]) == pytest.approx((4 + 1) / lens.sum())
 
 
@@ -405,16 +413,14 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens():
   for a in (1.0, -1.0):
     adv = jnp.asarray([a], jnp.float32)
     cfg = cfg_for("token_mean", kind="cispo")
-    f = lambda lp, c=cfg, a_=adv: loss.pg_loss(lp, old, a_, mask, c)[0]
+    f = lambda lp, c=cfg, a_=adv: pg_loss(lp, old, a_, mask, c)[0]
     v, g = jax.value_and_grad(f)(logp)
     w = np.clip(ratio, 0.8, 1.2)
     np.testing.assert_allclose(g[0], -w * a / 3, rtol=1e-6)
     assert float(v) == pytest.approx(float(-(w * a * np.log(0.5)).mean()))
-    ppo = jax.grad(
-      lambda lp, a_=adv: loss.pg_loss(lp, old, a_, mask, cfg_for())[0]
-    )
+    ppo = jax.grad(lambda lp, a_=adv: pg_loss(lp, old, a_, mask, cfg_for())[0])
     assert np.sum(np.asarray(ppo(logp)) == 0) == 1  # PPO drops one token
-    _, met = loss.pg_loss(logp, old, adv, mask, cfg)
+    _, met = pg_loss(logp, old, adv, mask, cfg)
     assert float(met["clip_frac"]) == pytest.approx(2 / 3)
 
 

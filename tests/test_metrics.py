@@ -88,6 +88,22 @@ def test_tokens_per_distinct_correct_and_rates():
   assert metrics.format_valid_rate([1, 0, 1, 1]) == 0.75
 
 
+def test_single_answer_pass_at_k_is_the_unbiased_estimate():
+  """RLVR, G = 4 samples per prompt, correct = [1, 0, 0, 0] and
+  [0, 0, 1, 1]: pass@1 = mean(1/4, 2/4); pass@2 = mean(1 - C(3,2)/C(4,2),
+  1 - C(2,2)/C(4,2)) = mean(1/2, 5/6) (the first two samples alone would
+  say mean(1, 0))."""
+  cfg = reward.RewardConfig(mode="rlvr", num_answers=1)
+  right = prompts.format_completion("rlvr", ["Paris"], None)
+  wrong = prompts.format_completion("rlvr", ["Nice"], None)
+  texts = [right, wrong, wrong, wrong, wrong, wrong, right, right]
+  scores = reward.score_texts(texts, [[["Paris"]]] * 8, cfg)
+  out = metrics.summarize(scores, group_size=4, ks=[1, 2, 4])
+  assert out["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+  assert out["pass@2"] == pytest.approx((1 / 2 + 5 / 6) / 2)
+  assert out["pass@4"] == 1.0
+
+
 def test_summarize_from_score_texts(tmp_path):
   cfg = reward.RewardConfig(mode="multi_rlcr", num_answers=2)
   gold = [[["Paris"], ["Lyon"]]] * 2 + [[["Rome"]]] * 2

@@ -66,13 +66,3 @@ def test_format_completion_parses(mode):
   text = prompts.format_completion(mode, answers, [0.1] * k)
   parsed = parsing.parse(text, reward.RewardConfig(mode=mode, num_answers=k))
   assert parsed.format_ok and parsed.answers == tuple(answers)
-
-
-def test_render_prompt_applies_chat_template():
-  class Tok:
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-      assert tokenize is False and add_generation_prompt is True
-      return "|".join(m["content"] for m in messages)
-
-  msgs = prompts.build_messages("Q", "rlvr", "code", 1)
-  assert prompts.render_prompt(Tok(), msgs).endswith("|Q")
