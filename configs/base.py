@@ -21,7 +21,7 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "smollm2"  # checkpoint / HF dir / .gguf / smollm2 / random
-  c.model.preset = "smollm2_135m"  # shapes for 'random' and tools/memory.py
+  c.model.arch_name = "smollm2_135m"  # model.ARCHS entry sizing tools/memory.py
   c.model.tokenizer = ""  # tokenizer source when path='random'
   c.model.arch = ml_collections.ConfigDict()  # ModelConfig overrides (random)
   c.model.param_dtype = "float32"  # float32 = fp32 master weights

@@ -33,7 +33,7 @@ def get_paper_config(mode: str, hardware: str | None):
   c.steps = 500
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
   c.model.path = "Qwen3-8B"  # a local HF directory: --config.model.path=DIR
-  c.model.preset = "qwen3_8b"
+  c.model.arch_name = "qwen3_8b"
   c.model.param_dtype = "float32"  # fp32 master weights
   c.model.dtype = "bfloat16"
   c.model.remat = "full"

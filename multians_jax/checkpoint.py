@@ -183,6 +183,36 @@ class Checkpointer:
     rest = {k: out[k] for k in (items or {})}
     return model, dict(out["meta"]), rest
 
+  def restore_newest(
+    self, mesh, rules, items: dict[str, Any] | None = None
+  ) -> tuple[int, model_lib.Transformer, dict, dict] | None:
+    """``(step, model, meta, items)`` of the newest step that restores, or
+    None when there is none. A step that fails to restore (a torn write, a
+    corrupt file) is skipped with a warning, and every step newer than the
+    one restored is moved aside (``quarantine``), so new saves go on from
+    a good state and nothing on disk is deleted."""
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        model, meta, rest = self.restore(mesh, rules, step=step, items=items)
+      except Exception as e:  # noqa: BLE001 - any unreadable step falls back
+        logging.warning(
+          "checkpoint step %d unreadable (%s: %s); trying an older one",
+          step,
+          type(e).__name__,
+          e,
+        )
+        continue
+      for bad in [s for s in steps if s > step]:
+        where = self.quarantine(bad)
+        logging.warning("moved unreadable checkpoint step %d to %s", bad, where)
+      return step, model, meta, rest
+    if steps:
+      logging.warning(
+        "no restorable checkpoint in %s: starting fresh", self.path
+      )
+    return None
+
   def _restore_base(self, abs_base, mesh, rules):
     where = epath.Path(self.path) / BASE_DIR
     if not where.exists():

@@ -60,7 +60,7 @@ class MeshSection:
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
   path: str = "smollm2"
-  preset: str = "smollm2_135m"  # shapes for tools/memory.py without loading
+  arch_name: str = "smollm2_135m"  # model.ARCHS entry: tools/memory.py sizes
   tokenizer: str = ""  # tokenizer source with path='random'
   arch: tuple = ()  # ModelConfig overrides for path='random' (sorted items)
   param_dtype: str = "float32"

@@ -32,11 +32,13 @@ state dict, and the logic is a few lines.
 """
 
 import dataclasses
+import os
 
 import flax.struct
+import jax
 import numpy as np
 
-from multians_jax import prompts
+from multians_jax import datasets, prompts
 
 STATE_VERSION = 1
 
@@ -108,7 +110,7 @@ def render(record: dict, tokenizer, cfg: PipelineConfig) -> list[int]:
   return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def pad_left(rows: list[list[int]], length: int, pad_id: int):
+def left_pad_rows(rows: list[list[int]], length: int, pad_id: int):
   """[P, T] tokens, mask, positions for ``rows`` left-padded to ``length``."""
   p = len(rows)
   tokens = np.full((p, length), pad_id, np.int32)
@@ -201,7 +203,7 @@ class PromptIterator:
     length = bucket_length(
       max(map(len, rows)), self.cfg.min_bucket, self.cfg.max_prompt_len
     )
-    tokens, mask, positions = pad_left(rows, length, self.pad_id)
+    tokens, mask, positions = left_pad_rows(rows, length, self.pad_id)
     self.num_prompts += len(rows)
     self.num_batches += 1
     return PromptBatch(
@@ -249,3 +251,30 @@ class PromptIterator:
     self.num_dropped = int(state["num_dropped"])
     self.num_prompts = int(state["num_prompts"])
     self.num_batches = int(state["num_batches"])
+
+
+def open_split(dc, workdir: str, split: str):
+  """The records of ``split`` of the configured dataset (``dc``: the run's
+  ``config.DataConfig``), built on first use into ``dc.data_dir`` (or
+  ``WORKDIR/data``)."""
+  data_dir = os.path.abspath(dc.data_dir or os.path.join(workdir, "data"))
+  kwargs = {}
+  if dc.jsonl:
+    kwargs = {
+      "jsonl": [p.strip() for p in dc.jsonl.split(",") if p.strip()],
+      "family": dc.family,
+    }
+  name, _, config = dc.name.partition("/")
+  if config:
+    kwargs["config"] = config
+  # Process 0 builds first (a shared data_dir is built once); the others
+  # then find it built, or build their own copy on a host-local disk.
+  if jax.process_index() == 0:
+    datasets.build(name, data_dir, **kwargs)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("multians_jax data built")
+    if jax.process_index() != 0:
+      datasets.build(name, data_dir, **kwargs)
+  return datasets.load(dc.name, split, data_dir)

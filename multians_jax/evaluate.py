@@ -77,66 +77,74 @@ def run(
     pad_id=pad_id,
   )
   g = cfg.num_generations
-  texts, gold, parts, probs = [], [], [], []
+  parts, batches = [], []
   key = jax.random.key(seed)
   for i, batch in enumerate(it):
+    k = jax.random.fold_in(key, i)
     r = sampler.sample(
-      model,
-      batch.tokens,
-      batch.mask,
-      jax.random.fold_in(key, i),
-      scfg,
-      num_samples=g,
-      mesh=mesh,
+      model, batch.tokens, batch.mask, k, scfg, num_samples=g, mesh=mesh
     )
-    rw = rollouts.score_rollout(
-      tokenizer, r, batch.gold, batch.tests, rcfg, g, metas=batch.metas
+    parts.append(
+      rollouts.score_rollout(
+        tokenizer, r, batch.gold, batch.tests, rcfg, g, metas=batch.metas
+      )
     )
-    parts.append(rw)
-    texts += rw.texts
-    gold += [gs for gs in batch.gold for _ in range(g)]
-    probs += [(m.get("distribution") or {}).get("probs", []) for m in
-              batch.metas]  # fmt: skip
-  known = any(p.answer_p is not None for p in parts)
+    batches.append(batch)
   scores = {
     k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores
   }
   lengths = np.concatenate([p.lengths for p in parts])
-  answer_p = None
-  if known:  # p(a_i|q) of each answer, from the records' distributions
-    zeros = lambda p: np.zeros(p.scores["entry_id"].shape, np.float32)  # noqa: E731
-    answer_p = np.concatenate(
-      [p.answer_p if p.answer_p is not None else zeros(p) for p in parts]
-    )
-  num_gold = np.array([len(x) for x in gold[::g]])
-  a = np.asarray(scores["entry_id"]).shape[1]
+  gold = [gs for b in batches for gs in b.gold]
+  a = np.asarray(scores["entry_id"]).shape[1]  # answer slots (1 in rlvr)
   ks = [a * n for n in range(1, g + 1)]
   summary = metrics.summarize(
-    scores, lengths, group_size=g, num_gold=num_gold, ks=ks
+    scores,
+    lengths,
+    group_size=g,
+    num_gold=np.array([len(x) for x in gold]),
+    ks=ks,
   )
   summary.update(
-    num_prompts=len(gold) // g,
+    num_prompts=len(gold),
     num_dropped=it.num_dropped,
     truncation_rate=float(np.mean(lengths >= cfg.max_new_tokens)),
   )
   calibrated = not np.all(np.isnan(scores["brier"]))
-  if answer_p is not None:
-    width = max(map(len, probs))
-    padded = np.array([list(p) + [0.0] * (width - len(p)) for p in probs])
-    summary.update(
-      metrics.distribution_summary(
-        answer_p,
-        scores["answer_key"],
-        scores["format_ok"],
-        scores["confidence"],
-        padded,
-        group_size=g,
-        ks=ks,
-        calibrated=calibrated,
-      )
-    )
-  return EvalResult(
-    summary, scores, texts, lengths, _details(scores, g, calibrated)
+  if any(p.answer_p is not None for p in parts):
+    summary.update(_known_distribution(parts, batches, scores, g, ks))
+  texts = [t for p in parts for t in p.texts]
+  details = _details(scores, g, calibrated)
+  return EvalResult(summary, scores, texts, lengths, details)
+
+
+def _known_distribution(parts, batches, scores, g, ks) -> dict:
+  """``metrics.distribution_summary`` from the records' answer
+  distributions (``meta["distribution"]``; records without one count as
+  p = 0 for every answer)."""
+  answer_p = np.concatenate(
+    [
+      p.answer_p
+      if p.answer_p is not None
+      else np.zeros(p.scores["entry_id"].shape, np.float32)
+      for p in parts
+    ]
+  )
+  probs = [
+    (m.get("distribution") or {}).get("probs", [])
+    for b in batches
+    for m in b.metas
+  ]
+  width = max(map(len, probs))
+  padded = np.array([list(p) + [0.0] * (width - len(p)) for p in probs])
+  return metrics.distribution_summary(
+    answer_p,
+    scores["answer_key"],
+    scores["format_ok"],
+    scores["confidence"],
+    padded,
+    group_size=g,
+    ks=ks,
+    calibrated=not np.all(np.isnan(scores["brier"])),
   )
 
 

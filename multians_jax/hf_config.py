@@ -11,19 +11,14 @@ from typing import Any
 
 from multians_jax import model as model_lib
 
-# Fields that carry no architecture information (or that we check by value).
-_IGNORED = set(
+# Fields that carry no architecture information.
+_METADATA = set(
   """
     _name_or_path architectures model_type transformers_version dtype
     torch_dtype use_cache initializer_range id2label label2id
     output_attentions output_hidden_states return_dict problem_type
     chunk_size_feed_forward is_encoder_decoder attention_dropout
-    max_window_layers sliding_window tokenizer_class bos_token_id
-    eos_token_id pad_token_id max_position_embeddings hidden_act
-    pretraining_tp mlp_bias use_sliding_window layer_types attention_bias
-    rope_parameters rope_theta rope_scaling head_dim tie_word_embeddings
-    vocab_size hidden_size intermediate_size num_hidden_layers
-    num_attention_heads num_key_value_heads rms_norm_eps embd_pdrop
+    max_window_layers sliding_window tokenizer_class embd_pdrop
     resid_pdrop tie_encoder_decoder add_cross_attention tf_legacy_loss
     use_bfloat16 cross_attention_hidden_size finetuning_task prefix
     sep_token_id decoder_start_token_id task_specific_params torchscript
@@ -31,6 +26,25 @@ _IGNORED = set(
     is_decoder
     """.split()
 )
+# Fields read into ModelConfig, or checked by value (``_check_supported``).
+_READ = set(
+  """
+    bos_token_id eos_token_id pad_token_id max_position_embeddings
+    rope_parameters rope_theta rope_scaling head_dim tie_word_embeddings
+    vocab_size hidden_size intermediate_size num_hidden_layers
+    num_attention_heads num_key_value_heads rms_norm_eps
+    hidden_act pretraining_tp mlp_bias use_sliding_window layer_types
+    attention_bias
+    """.split()
+)
+_ROPE_FIELDS = {
+  "rope_type",
+  "rope_theta",
+  "factor",
+  "low_freq_factor",
+  "high_freq_factor",
+  "original_max_position_embeddings",
+}
 _ARCH = {
   "llama": "LlamaForCausalLM",
   "qwen2": "Qwen2ForCausalLM",
@@ -46,14 +60,13 @@ def _rope(cfg: dict) -> dict:
   return rp
 
 
-def from_hf_config(cfg: dict, **overrides) -> model_lib.ModelConfig:
-  """HF ``config.json`` dict → ModelConfig; rejects what we do not model."""
-  family = cfg.get("model_type")
+def _check_supported(cfg: dict, family) -> dict:
+  """Raises on what we do not model; returns the RoPE parameters."""
   if family not in model_lib.FAMILIES:
     raise ValueError(
       f"unsupported model_type {family!r}; supported: {model_lib.FAMILIES}"
     )
-  unknown = sorted(set(cfg) - _IGNORED)
+  unknown = sorted(set(cfg) - _METADATA - _READ)
   if unknown:
     raise ValueError(f"unsupported HF config field(s) {unknown} for {family}")
 
@@ -72,22 +85,21 @@ def from_hf_config(cfg: dict, **overrides) -> model_lib.ModelConfig:
     "only full attention layers",
   )
   rp = _rope(cfg)
-  rtype = rp.get("rope_type", "default")
-  if rtype not in ("default", "llama3"):
+  if rp["rope_type"] not in ("default", "llama3"):
     raise ValueError(
-      f"unsupported rope scaling type {rtype!r} (rope_parameters)"
+      f"unsupported rope scaling type {rp['rope_type']!r} (rope_parameters)"
     )
-  known_rope = {
-    "rope_type",
-    "rope_theta",
-    "factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "original_max_position_embeddings",
-  }
-  extra = sorted(set(rp) - known_rope)
+  extra = sorted(set(rp) - _ROPE_FIELDS)
   if extra:
     raise ValueError(f"unsupported rope_parameters field(s) {extra}")
+  return rp
+
+
+def from_hf_config(cfg: dict, **overrides) -> model_lib.ModelConfig:
+  """HF ``config.json`` dict → ModelConfig; rejects what we do not model."""
+  family = cfg.get("model_type")
+  rp = _check_supported(cfg, family)
+  rtype = rp["rope_type"]
   n = cfg["num_attention_heads"]
   kw = dict(
     family=family,

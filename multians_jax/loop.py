@@ -30,6 +30,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,13 +45,13 @@ from multians_jax import (
   checkpoint,
   credit,
   data,
-  datasets,
   evaluate,
   hf,
   lora,
   metrics,
   report,
   rollouts,
+  sampler,
   sharding,
   telemetry,
 )
@@ -92,31 +93,6 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
   return m, tok
 
 
-def open_data(dc: DataConfig, workdir: str, split: str):
-  """Builds the dataset on first use and opens ``split``."""
-  data_dir = os.path.abspath(dc.data_dir or os.path.join(workdir, "data"))
-  kwargs = {}
-  if dc.jsonl:
-    kwargs = {
-      "jsonl": [p.strip() for p in dc.jsonl.split(",") if p.strip()],
-      "family": dc.family,
-    }
-  name, _, config = dc.name.partition("/")
-  if config:
-    kwargs["config"] = config
-  # Process 0 builds first (a shared data_dir is built once); the others
-  # then find it built, or build their own copy on a host-local disk.
-  if jax.process_index() == 0:
-    datasets.build(name, data_dir, **kwargs)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("multians_jax data built")
-    if jax.process_index() != 0:
-      datasets.build(name, data_dir, **kwargs)
-  return datasets.load(dc.name, split, data_dir)
-
-
 # ---------------------------------------------------------------------------
 # The loop
 
@@ -140,6 +116,30 @@ class _Stop:
       signal.signal(sig, old)
 
 
+@dataclasses.dataclass
+class Session:
+  """What every part of one training run shares, built once by ``_setup``.
+
+  ``state`` is not here: each part takes the train state and returns the
+  new one, so no closure holds a stale copy.
+  """
+
+  run: RunConfig
+  workdir: str
+  mesh: Any
+  graphdef: Any  # the policy's nnx.GraphDef
+  tx: Any  # the optax optimizer
+  tok: Any
+  source: Any  # the training records
+  stream: data.PromptIterator  # the training prompt stream
+  sampling: sampler.SamplingConfig
+  ckpt: checkpoint.Checkpointer
+  writer: telemetry.Writer
+  ref_of: Callable | None = None  # params → reference params (KL)
+  eval_records: list | None = None
+  evals: dict = dataclasses.field(default_factory=dict)  # tag → EvalResult
+
+
 def train(
   run: RunConfig,
   workdir: str,
@@ -148,40 +148,59 @@ def train(
   eval_source=None,
   tokenizer=None,
 ) -> dict:
-  """Trains; returns the final metrics (and eval summaries)."""
+  """Trains; returns the final metrics (and eval summaries).
+
+  ``train_source`` / ``eval_source`` (record sequences) and ``tokenizer``
+  replace the configured dataset and the model's tokenizer.
+  """
+  # 1. Set-up: mesh, policy, data, logging; resume from the newest step.
+  s, state, resumed = _setup(run, workdir, train_source, eval_source, tokenizer)
+  try:
+    # 2. Before RL, on a fresh run: evaluation, then the format warm-up.
+    if int(state.step) == 0:
+      state = _before_rl(s, state, warm_up=not resumed)
+    # 3. RL steps; checkpoints and evaluations on schedule.
+    state, last, stopped = _rl_steps(s, state)
+    if stopped:
+      logging.warning("stopped at step %d (checkpoint saved)", last["step"])
+      return {"stopped_at": last["step"], **last}
+    # 4. After RL: evaluation, HF export with its model card, the report.
+    _after_rl(s, state)
+  finally:
+    s.writer.close()  # the W&B run ends too
+  s.ckpt.close()
+  return {"final": last, **{k: v.summary for k, v in s.evals.items()}}
+
+
+def _setup(run, workdir, train_source, eval_source, tokenizer):
+  """(Session, train state, resumed?) for ``train``."""
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(*run.mesh.shape)
-  policy, tok = load_policy(run.model, mesh, run.seed, tokenizer)
-  tok = tokenizer or tok
-  graphdef = nnx.graphdef(policy)
-  tx = train_lib.optimizer(run.optim_config)
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt.keep
-  )
-  state = train_lib.init_state(policy, tx)
   if run.data.prompts_per_step % jax.process_count():
     raise ValueError(
       f"config: data.prompts_per_step={run.data.prompts_per_step} must be a "
       f"multiple of the process count {jax.process_count()}"
     )
-  pcfg = data.PipelineConfig(  # the global stream, the same on every process
-    batch_size=run.data.prompts_per_step,
-    mode=run.reward.mode,
-    num_answers=run.reward.num_answers,
-    max_prompt_len=run.data.max_prompt_len,
-    min_bucket=run.data.min_bucket,
-    seed=run.seed,
-  )
-  source = train_source or open_data(run.data, workdir, run.data.train_split)
-  stream = data.PromptIterator(source, tok, pcfg)
+  mesh = sharding.make_mesh(*run.mesh.shape)
+  policy, tok = load_policy(run.model, mesh, run.seed, tokenizer)
+  tok = tokenizer or tok
+  graphdef = nnx.graphdef(policy)
+  tx = train_lib.optimizer(run.optim_config)
+  state = train_lib.init_state(policy, tx)
+  dc = run.data
+  source = train_source or data.open_split(dc, workdir, dc.train_split)
+  stream = data.PromptIterator(source, tok, _pipeline(run, run.data, run.seed))
   ref_of = None
   if run.loss.kl_beta > 0:  # from the source, before resuming
     ref_of = _reference(run, mesh, tok, state.params)
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt.keep
+  )
   _check_same_adapters(ckpt.path, policy.cfg)
-  state, meta = _resume(ckpt, state, graphdef, tx, mesh, stream)
-  start = int(state.step)
+  state, resumed = _resume(ckpt, state, mesh, stream)
   if jax.process_index() == 0:  # rows after the checkpoint are redone
-    telemetry.truncate_after(os.path.join(workdir, "metrics.jsonl"), start)
+    telemetry.truncate_after(
+      os.path.join(workdir, "metrics.jsonl"), int(state.step)
+    )
   writer = telemetry.Writer(
     workdir,
     run.log.tensorboard,
@@ -196,90 +215,75 @@ def train(
   scfg = dataclasses.replace(
     run.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
   )
-  evals = {}
   eval_records = None
   if run.eval.before_after or run.eval.every_steps:
-    eval_records = list(
-      _take(
-        eval_source or open_data(run.data, workdir, run.data.eval_split),
-        run.eval.num_prompts,
-      )
-    )
+    records = eval_source or data.open_split(dc, workdir, dc.eval_split)
+    eval_records = list(_take(records, run.eval.num_prompts))
+  session = Session(
+    run, workdir, mesh, graphdef, tx, tok, source, stream, scfg, ckpt,
+    writer, ref_of, eval_records,
+  )  # fmt: skip
+  return session, state, resumed
 
-  def do_eval(tag, step):
-    model = nnx.merge(graphdef, state.params)
-    res = evaluate.run(
-      model,
-      tok,
-      eval_records,
-      run.reward,
-      run.eval_config,
-      seed=run.eval_seed,
-      mesh=mesh,
-      stop_ids=stop_ids,
-      pad_id=pad_id,
-    )
-    writer.write(step, res.summary, prefix="eval/")
-    keep_eval(tag, step, res)
-    return res
 
-  def keep_eval(tag, step, res):
-    evals[tag] = res
-    if writer.active:  # process 0: WORKDIR/eval/<tag>.json (tools/compare.py)
-      evaluate.write_json(
-        os.path.join(workdir, "eval", f"{tag}.json"),
-        res,
-        tag=tag,
-        step=step,
-        mode=run.reward.mode,
-        num_answers=run.reward.num_answers,
-        seed=run.seed,
-        num_generations=run.eval.num_generations,
-      )
+def _pipeline(run: RunConfig, dc: DataConfig, seed: int, batch_size=None):
+  """The prompt pipeline's settings: global batches, the same stream on
+  every process."""
+  return data.PipelineConfig(
+    batch_size=batch_size or dc.prompts_per_step,
+    mode=run.reward.mode,
+    num_answers=run.reward.num_answers,
+    max_prompt_len=dc.max_prompt_len,
+    min_bucket=dc.min_bucket,
+    seed=seed,
+  )
 
-  if run.eval.before_after and start == 0:
-    do_eval("before", 0)
-  if run.warmup.steps and start == 0 and not meta:  # not yet warmed up
-    params = _warmup(run, graphdef, state.params, source, tok, writer)
-    state = train_lib.init_state(nnx.merge(graphdef, params), tx)
+
+def _before_rl(s: Session, state, *, warm_up: bool):
+  """Step 0: the "before" evaluation, then (unless resumed from a step-0
+  checkpoint, which is already warmed up) the warm-up and its evaluation."""
+  run = s.run
+  if run.eval.before_after:
+    _evaluate(s, state.params, "before", 0)
+  if run.warmup.steps and warm_up:
+    params = _warmup(s, state.params)
+    state = train_lib.init_state(nnx.merge(s.graphdef, params), s.tx)
     if run.eval.before_after:
-      do_eval("warmup", 0)
+      _evaluate(s, state.params, "warmup", 0)
     if run.steps == 0:  # the warmed-up model is the result
-      _save(ckpt, 0, graphdef, state, stream, tok, run)
+      _save(s, 0, state)
+  return state
+
+
+def _rl_steps(s: Session, state):
+  """RL steps from ``state.step`` to ``run.steps``; returns (state, last
+  metrics, stopped by a signal?). Each step is logged, saved every
+  ``ckpt.every_steps`` and at the end or on a signal, evaluated every
+  ``eval.every_steps``."""
+  run, start = s.run, int(state.step)
   stop = _Stop()
   key = jax.random.key(run.seed)
   bar = tqdm.tqdm(
     total=run.steps,
     initial=start,
-    disable=not writer.active,
+    disable=not s.writer.active,
     dynamic_ncols=True,
     desc="train",
   )
   last = {}
   try:
     for step in range(start, run.steps):
-      batch = next(stream)
       state, last = _rl_step(
-        run,
-        graphdef,
-        tx,
-        state,
-        batch,
-        tok,
-        scfg,
-        jax.random.fold_in(key, step),
-        mesh,
-        ref_of,
-        stream=stream,
+        s, state, next(s.stream), jax.random.fold_in(key, step)
       )
       if int(state.skipped) >= run.rl.max_nonfinite:
         raise FloatingPointError(
           f"{int(state.skipped)} non-finite updates in a row at step {step}:"
           " lower optim.lr, check the data, or raise rl.max_nonfinite"
         )
-      last.update(data_dropped=stream.num_dropped, step=step + 1)
+      last.update(data_dropped=s.stream.num_dropped, step=step + 1)
       if (step + 1) % run.log.every_steps == 0:
-        writer.write(step + 1, last)
+        s.writer.write(step + 1, last)
       bar.update(1)
       bar.set_postfix(
         reward=f"{last['reward/total']:.3f}",
@@ -288,68 +292,95 @@ def train(
       )
       final = step + 1 == run.steps
       if stop.requested or final or (step + 1) % run.ckpt.every_steps == 0:
-        _save(ckpt, step + 1, graphdef, state, stream, tok, run)
+        _save(s, step + 1, state)
       every = run.eval.every_steps
       if every and (step + 1) % every == 0 and not final:
-        do_eval(f"step{step + 1}", step + 1)
+        _evaluate(s, state.params, f"step{step + 1}", step + 1)
       if stop.requested:
-        ckpt.wait()
-        logging.warning("stopped at step %d (checkpoint saved)", step + 1)
-        writer.close()
-        return {"stopped_at": step + 1, **last}
-  except BaseException:
-    writer.close()  # the W&B run ends too (the finally below saves)
-    raise
+        break
   finally:
     stop.restore()
     bar.close()
-    ckpt.wait()
+    s.ckpt.wait()
+  return state, last, stop.requested
+
+
+def _after_rl(s: Session, state) -> None:
+  """The "after" evaluation, the HF export and model card, the report and
+  its plots (also to the W&B run, if there is one)."""
+  run = s.run
   if run.eval.before_after:
-    if run.steps == 0 and "warmup" in evals:
-      keep_eval("after", 0, evals["warmup"])  # the same model
+    if run.steps == 0 and "warmup" in s.evals:
+      _keep_eval(s, "after", 0, s.evals["warmup"])  # the same model
     else:
-      do_eval("after", run.steps)
-  _finish(run, workdir, graphdef, state, tok, evals)
-  if run.export.report:  # the report's plots, to the W&B run if there is one
-    for d in [workdir, *sorted(glob.glob(os.path.join(workdir, "eval_*")))]:
-      sub = "" if d == workdir else os.path.basename(d) + "/"
+      _evaluate(s, state.params, "after", run.steps)
+  _finish(s, state)
+  if run.export.report:
+    for d in [s.workdir, *sorted(glob.glob(os.path.join(s.workdir, "eval_*")))]:
+      sub = "" if d == s.workdir else os.path.basename(d) + "/"
       pngs = sorted(glob.glob(os.path.join(d, "*.png")))
-      writer.log_files(pngs, step=run.steps, prefix=f"report/{sub}")
-  writer.close()
-  ckpt.close()
-  out = {"final": last}
-  out.update({k: v.summary for k, v in evals.items()})
-  return out
+      s.writer.log_files(pngs, step=run.steps, prefix=f"report/{sub}")
 
 
-def _warmup(run, graphdef, params, source, tok, writer):
-  """Supervised format warm-up on training questions (see warmup.py)."""
-  wc = run.warmup
-  pcfg = data.PipelineConfig(  # global batches, the same on every process
-    batch_size=wc.batch_prompts,
-    mode=run.reward.mode,
-    num_answers=run.reward.num_answers,
-    max_prompt_len=run.data.max_prompt_len,
-    min_bucket=run.data.min_bucket,
-    seed=run.seed + 7,
+def _evaluate(s: Session, params, tag: str, step: int):
+  """Evaluates ``params`` on the held-out records, logs ``eval/*`` rows
+  and keeps the result under ``tag``."""
+  res = evaluate.run(
+    nnx.merge(s.graphdef, params),
+    s.tok,
+    s.eval_records,
+    s.run.reward,
+    s.run.eval_config,
+    seed=s.run.eval_seed,
+    mesh=s.mesh,
+    stop_ids=s.sampling.stop_ids,
+    pad_id=s.sampling.pad_id,
   )
-  it = data.PromptIterator(source, tok, pcfg)
+  s.writer.write(step, res.summary, prefix="eval/")
+  _keep_eval(s, tag, step, res)
+  return res
+
+
+def _keep_eval(s: Session, tag: str, step: int, res) -> None:
+  s.evals[tag] = res
+  if s.writer.active:  # process 0: WORKDIR/eval/<tag>.json (tools/compare.py)
+    evaluate.write_json(
+      os.path.join(s.workdir, "eval", f"{tag}.json"),
+      res,
+      tag=tag,
+      step=step,
+      mode=s.run.reward.mode,
+      num_answers=s.run.reward.num_answers,
+      seed=s.run.seed,
+      num_generations=s.run.eval.num_generations,
+    )
+
+
+def _warmup(s: Session, params):
+  """Supervised format warm-up on training questions (see warmup.py),
+  under the mesh's sharding rules like the RL update."""
+  run, wc = s.run, s.run.warmup
+  pcfg = _pipeline(run, run.data, run.seed + 7, batch_size=wc.batch_prompts)
+  it = data.PromptIterator(s.source, s.tok, pcfg)
   tx = warmup_lib.optimizer(wc)
   opt_state = jax.jit(tx.init)(lora.partition(params)[0])
-  for i in tqdm.trange(wc.steps, desc="warm-up", disable=not writer.active):
+  bar = tqdm.trange(wc.steps, desc="warm-up", disable=not s.writer.active)
+  for i in bar:
     b = warmup_lib.make_batch(
       next(it),
-      tok,
+      s.tok,
       run.reward.mode,
       run.reward.num_answers,
       wc.max_target_len,
       seed=run.seed + i,
       cfg=wc,
     )
-    params, opt_state, value = warmup_lib.sft_step(
-      graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk
-    )
-    writer.write(0, {"warmup/loss": value, "warmup/step": i + 1})
+    b = train_lib.place_batch(b, s.mesh)
+    with sharding.activate(s.mesh, sharding.TRAIN_RULES):
+      params, opt_state, value = warmup_lib.sft_step(
+        s.graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk
+      )
+    s.writer.write(0, {"warmup/loss": value, "warmup/step": i + 1})
   return params
 
 
@@ -358,32 +389,29 @@ def _take(source, n):
     yield source[i]
 
 
-def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
-             stream=None):  # fmt: skip
-  """One RL iteration; returns (state, metrics).
+def _rl_step(s: Session, state, batch, key):
+  """One RL iteration on ``batch``; returns (state, metrics).
 
-  With ``rl.dynamic_sampling`` further batches are drawn from ``stream``
+  With ``rl.dynamic_sampling`` further batches are drawn from the stream
   (``rollouts.dynamic_fill``). The reward and length metrics describe the
   first batch, what the policy does on the data stream, so they read the
   same with dynamic sampling on or off.
   """
+  run, g = s.run, s.run.rl.num_generations
   t0 = time.perf_counter()
-  g = run.rl.num_generations
-  model = nnx.merge(graphdef, state.params)
-  first = rollouts.sample_and_score(run, model, batch, tok, scfg, key, mesh)
+  model = nnx.merge(s.graphdef, state.params)
+  sample = lambda b, k: rollouts.sample_and_score(
+    run, model, b, s.tok, s.sampling, k, s.mesh
+  )
+  first = sample(batch, key)
   scored, live, dinfo = first, None, {}
   if run.rl.dynamic_sampling:
-
-    def more(r):
-      k = jax.random.fold_in(key, 1_000_003 * r)
-      return rollouts.sample_and_score(
-        run, model, next(stream), tok, scfg, k, mesh
-      )
-
+    more = lambda r: sample(
+      next(s.stream), jax.random.fold_in(key, 1_000_003 * r)
+    )
     scored, live, dinfo = rollouts.dynamic_fill(
       first, more, g, run.rl.dynamic_max_rounds
     )
-  lengths, truncated = first.rewards.lengths, first.rewards.truncated
   adv, ainfo = credit.rollout_advantages(  # host value, equal everywhere
     scored.rewards.scores,
     len(batch.gold),
@@ -395,48 +423,56 @@ def _rl_step(run, graphdef, tx, state, batch, tok, scfg, key, mesh, ref_of,
   )
   if live is not None:  # filler groups: no gradient
     adv = adv * (live[:, None] if adv.ndim == 2 else live)
-  ainfo.update(dinfo)
-  rollout = scored.rollout
   t1 = t0 + scored.seconds[0]  # sampling, every round
   t2 = time.perf_counter()
-  ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), mesh)
-  ucfg = train_lib.UpdateConfig(
-    loss=run.loss,
-    micro_batches=run.rl.micro_batches,
-    temperature=max(run.sampler.temperature, 1e-6),
-    logprob_chunk=run.rl.logprob_chunk,
-    group_size=g if run.rl.share_prompt else 1,
-  )
-  with sharding.activate(mesh, sharding.TRAIN_RULES):
-    if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly
-      ub = ub.replace(
-        old_logp=train_lib.completion_logprobs(graphdef, state.params, ub, ucfg)
-      )
-    if ref_of is not None:
-      ref = ref_of(state.params)
-      ub = ub.replace(
-        ref_logp=train_lib.completion_logprobs(graphdef, ref, ub, ucfg)
-      )
-    for _ in range(run.rl.num_iterations):
-      state, um = train_lib.update_step(graphdef, state, ub, tx=tx, cfg=ucfg)
-  um = jax.device_get(um)
+  state, um = _update(s, state, scored.rollout, adv)
   t3 = time.perf_counter()
+  lengths = first.rewards.lengths
   out = metrics.summarize(first.rewards.scores, lengths, group_size=g)
   out.update({k: float(v) for k, v in um.items()})
   out.update(
-    {k if "/" in k else f"adv/{k}": float(v) for k, v in ainfo.items()}
+    {
+      k if "/" in k else f"adv/{k}": float(v)
+      for k, v in {**ainfo, **dinfo}.items()
+    }
   )
-  n_tok = float(np.sum(lengths))
   out.update(
     time_sample=t1 - t0,
     time_reward=t2 - t1,
     time_update=t3 - t2,
     time_step=t3 - t0,
-    tokens_per_sec=n_tok / max(first.seconds[0], 1e-9),
-    truncation_rate=float(np.mean(truncated)),
+    tokens_per_sec=float(np.sum(lengths)) / max(first.seconds[0], 1e-9),
+    truncation_rate=float(np.mean(first.rewards.truncated)),
     lr=float(train_lib.schedule(run.optim_config)(int(state.step) - 1)),
   )
   return state, out
+
+
+def _update(s: Session, state, rollout, adv):
+  """The policy update on one rollout (``rl.num_iterations`` steps under
+  the mesh's sharding rules); returns (state, host metrics)."""
+  run = s.run
+  ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), s.mesh)
+  ucfg = train_lib.UpdateConfig(
+    loss=run.loss,
+    micro_batches=run.rl.micro_batches,
+    temperature=max(run.sampler.temperature, 1e-6),
+    logprob_chunk=run.rl.logprob_chunk,
+    group_size=run.rl.num_generations if run.rl.share_prompt else 1,
+  )
+  logprobs = lambda params: train_lib.completion_logprobs(
+    s.graphdef, params, ub, ucfg
+  )
+  with sharding.activate(s.mesh, sharding.TRAIN_RULES):
+    if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly
+      ub = ub.replace(old_logp=logprobs(state.params))
+    if s.ref_of is not None:
+      ub = ub.replace(ref_logp=logprobs(s.ref_of(state.params)))
+    for _ in range(run.rl.num_iterations):
+      state, um = train_lib.update_step(
+        s.graphdef, state, ub, tx=s.tx, cfg=ucfg
+      )
+  return state, jax.device_get(um)
 
 
 def _check_same_adapters(path: str, cfg) -> None:
@@ -472,13 +508,12 @@ def _reference(run, mesh, tok, initial):
   return lambda _: fixed
 
 
-def _save(ckpt, step, graphdef, state, stream, tok, run):
-  model = nnx.merge(graphdef, state.params)
-  ckpt.save(
+def _save(s: Session, step: int, state) -> None:
+  s.ckpt.save(
     step,
-    model,
-    tokenizer=tok,
-    meta={"data_state": stream.get_state(), "seed": run.seed},
+    nnx.merge(s.graphdef, state.params),
+    tokenizer=s.tok,
+    meta={"data_state": s.stream.get_state(), "seed": s.run.seed},
     items={
       "opt_state": state.opt_state,
       "train": {"step": state.step, "skipped": state.skipped},
@@ -486,47 +521,33 @@ def _save(ckpt, step, graphdef, state, stream, tok, run):
   )
 
 
-def _resume(ckpt, state, graphdef, tx, mesh, stream) -> tuple[Any, dict]:
-  """Restores the newest restorable step; older ones if the newest fails."""
-  steps = ckpt.steps()
+def _resume(ckpt, state, mesh, stream) -> tuple[Any, bool]:
+  """(state, resumed?): the newest restorable step and its data-stream
+  position, or ``state`` itself when there is none."""
   abstract = lambda t: jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
   )
-  for step in reversed(steps):
-    try:
-      model, meta, items = ckpt.restore(
-        mesh,
-        sharding.TRAIN_RULES,
-        step=step,
-        items={
-          "opt_state": abstract(state.opt_state),
-          "train": abstract({"step": state.step, "skipped": state.skipped}),
-        },
-      )
-    except Exception as e:  # noqa: BLE001 - any unreadable step falls back
-      logging.warning(
-        "checkpoint step %d unreadable (%s: %s); trying an older one",
-        step,
-        type(e).__name__,
-        e,
-      )
-      continue
-    for bad in [s for s in steps if s > step]:
-      where = ckpt.quarantine(bad)
-      logging.warning("moved unreadable checkpoint step %d to %s", bad, where)
-    stream.set_state(meta["data_state"])
-    t = items["train"]
-    state = train_lib.TrainState(
-      t["step"], nnx.state(model, nnx.Param), items["opt_state"], t["skipped"]
-    )
-    logging.info("resumed from step %d", step)
-    return state, meta
-  if steps:
-    logging.warning("no restorable checkpoint in %s: starting fresh", ckpt.path)
-  return state, {}
+  items = {
+    "opt_state": abstract(state.opt_state),
+    "train": abstract({"step": state.step, "skipped": state.skipped}),
+  }
+  got = ckpt.restore_newest(mesh, sharding.TRAIN_RULES, items)
+  if got is None:
+    return state, False
+  step, model, meta, items = got
+  stream.set_state(meta["data_state"])
+  t = items["train"]
+  state = train_lib.TrainState(
+    t["step"], nnx.state(model, nnx.Param), items["opt_state"], t["skipped"]
+  )
+  logging.info("resumed from step %d", step)
+  return state, True
 
 
-def _finish(run, workdir, graphdef, state, tok, evals):
+def _finish(s: Session, state) -> None:
+  """Process 0 writes the HF export (+ model card) and the report; the
+  export gathers the parameters collectively first."""
+  run, workdir, evals = s.run, s.workdir, s.evals
   params = state.params
   if run.export.hf_dir and jax.process_count() > 1:  # collective: all processes
     params = jax.tree.map(sharding.host_array, params)
@@ -534,8 +555,8 @@ def _finish(run, workdir, graphdef, state, tok, evals):
     return
   if run.export.hf_dir:
     out = os.path.join(workdir, run.export.hf_dir)
-    policy = nnx.merge(graphdef, params)
-    hf.save(policy, out, tokenizer=tok)
+    policy = nnx.merge(s.graphdef, params)
+    hf.save(policy, out, tokenizer=s.tok)
     # main.py's config.json; evaluations of earlier sessions of a resumed run
     run_config, earlier, _ = card.from_workdir(workdir)
     if run_config is None:  # trained from Python: the typed config

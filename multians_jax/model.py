@@ -137,44 +137,57 @@ def lora_targets(targets) -> tuple[str, ...]:
   return tuple(n for n in LORA_TARGETS if n in names)
 
 
-PRESETS: dict[str, ModelConfig] = {
-    "smollm2_135m": ModelConfig(
-        "llama", 49152, 576, 30, 9, 3, 64, 1536, rope_theta=1e5,
-        norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2),
-    "qwen3_0_6b": ModelConfig(
-        "qwen3", 151936, 1024, 28, 16, 8, 128, 3072, rope_theta=1e6,
-        tie_embeddings=True, qk_norm=True, max_seq_len=40960,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-    "qwen3_1_7b": ModelConfig(
-        "qwen3", 151936, 2048, 28, 16, 8, 128, 6144, rope_theta=1e6,
-        tie_embeddings=True, qk_norm=True, max_seq_len=40960,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-    "qwen3_8b": ModelConfig(
-        "qwen3", 151936, 4096, 36, 32, 8, 128, 12288, rope_theta=1e6,
-        qk_norm=True, max_seq_len=40960,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-    "qwen2_5_7b": ModelConfig(
-        "qwen2", 152064, 3584, 28, 28, 4, 128, 18944, rope_theta=1e6,
-        qkv_bias=True, max_seq_len=32768,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-    "llama3_8b": ModelConfig(
-        "llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5,
-        norm_eps=1e-5, max_seq_len=8192,
-        bos_token_id=128000, eos_token_id=128001),
-    "llama3_1_8b": ModelConfig(
-        "llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5,
-        rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
-        rope_high_freq_factor=4.0, rope_original_max_pos=8192,
-        norm_eps=1e-5, max_seq_len=131072,
-        bos_token_id=128000, eos_token_id=(128001, 128008, 128009)),
+_QWEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+_LLAMA3 = dict(
+  family="llama", vocab_size=128256, d_model=4096, num_layers=32,
+  num_heads=32, num_kv_heads=8, head_dim=128, d_ff=14336, rope_theta=5e5,
+  norm_eps=1e-5, bos_token_id=128000,
+)  # fmt: skip
+# Named architectures: shapes and token ids of models we know, for sizing a
+# model without its files (tools/memory.py, model.arch_name).
+ARCHS: dict[str, ModelConfig] = {
+  "smollm2_135m": ModelConfig(
+    family="llama", vocab_size=49152, d_model=576, num_layers=30,
+    num_heads=9, num_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5,
+    norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+  ),
+  "qwen3_0_6b": ModelConfig(
+    family="qwen3", vocab_size=151936, d_model=1024, num_layers=28,
+    num_heads=16, num_kv_heads=8, head_dim=128, d_ff=3072, rope_theta=1e6,
+    tie_embeddings=True, qk_norm=True, max_seq_len=40960, **_QWEN_IDS,
+  ),
+  "qwen3_1_7b": ModelConfig(
+    family="qwen3", vocab_size=151936, d_model=2048, num_layers=28,
+    num_heads=16, num_kv_heads=8, head_dim=128, d_ff=6144, rope_theta=1e6,
+    tie_embeddings=True, qk_norm=True, max_seq_len=40960, **_QWEN_IDS,
+  ),
+  "qwen3_8b": ModelConfig(
+    family="qwen3", vocab_size=151936, d_model=4096, num_layers=36,
+    num_heads=32, num_kv_heads=8, head_dim=128, d_ff=12288, rope_theta=1e6,
+    qk_norm=True, max_seq_len=40960, **_QWEN_IDS,
+  ),
+  "qwen2_5_7b": ModelConfig(
+    family="qwen2", vocab_size=152064, d_model=3584, num_layers=28,
+    num_heads=28, num_kv_heads=4, head_dim=128, d_ff=18944, rope_theta=1e6,
+    qkv_bias=True, max_seq_len=32768, **_QWEN_IDS,
+  ),
+  "llama3_8b": ModelConfig(
+    **_LLAMA3, max_seq_len=8192, eos_token_id=128001
+  ),
+  "llama3_1_8b": ModelConfig(
+    **_LLAMA3, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0, rope_original_max_pos=8192,
+    max_seq_len=131072, eos_token_id=(128001, 128008, 128009),
+  ),
 }  # fmt: skip
 
 
-def preset(name: str, **overrides) -> ModelConfig:
-  if name not in PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-  return PRESETS[name].replace(**overrides)
+def named_arch(name: str, **overrides) -> ModelConfig:
+  """``ARCHS[name]`` with ``overrides`` (dtypes, remat, LoRA, ...)."""
+  if name not in ARCHS:
+    raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHS)}")
+  return ARCHS[name].replace(**overrides)
 
 
 # ---------------------------------------------------------------------------

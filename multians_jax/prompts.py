@@ -13,7 +13,7 @@ the text changes, so that runs record which prompts they trained on.
 from __future__ import annotations
 
 MODES = ("multi_rlcr", "multi_rlvr", "rlcr", "rlvr")
-FAMILIES = ("qa", "ddx", "code")
+TASK_FAMILIES = ("qa", "ddx", "code")
 PROMPT_VERSION = "multians-prompts-v1"
 
 THINK = "think"
@@ -31,9 +31,11 @@ def check_mode(mode: str) -> None:
 
 
 def check_family(family: str) -> None:
-  """Raises ValueError naming ``family`` when it is not one of ``FAMILIES``."""
-  if family not in FAMILIES:
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+  """Raises ValueError naming ``family`` unless it is in ``TASK_FAMILIES``."""
+  if family not in TASK_FAMILIES:
+    raise ValueError(
+      f"unknown family {family!r}; expected one of {TASK_FAMILIES}"
+    )
 
 
 def is_multi(mode: str) -> bool:
@@ -120,7 +122,7 @@ def system_prompt(mode: str, family: str, num_answers: int) -> str:
 
   Args:
     mode: one of ``MODES``.
-    family: one of ``FAMILIES``.
+    family: one of ``TASK_FAMILIES``.
     num_answers: A, the number of candidate answers (multi modes).
 
   Returns:
@@ -175,7 +177,7 @@ def build_messages(
   Args:
     question: the question or task statement.
     mode: one of ``MODES``.
-    family: one of ``FAMILIES``.
+    family: one of ``TASK_FAMILIES``.
     num_answers: A.
     context: optional supporting text placed before the question.
 

@@ -134,6 +134,18 @@ def _check_choice(field: str, value, choices) -> None:
 # ------------------------------------------------------------------ kernel
 
 
+def _total(preset, f, acc, brier, brier_gated, calibrated, penalty, weights):
+  """R of the preset (METHOD §3, "Totals")."""
+  if preset == "paper":
+    total = acc - jnp.where(brier_gated, 1.0, brier) if calibrated else acc
+    return jnp.where(f, total, penalty)
+  w_f, w_a, w_b = weights
+  total = w_f * f + w_a * acc
+  if calibrated:
+    total = total + jnp.where(brier_gated, 0.0, w_b * (1.0 - brier))
+  return total
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "correctness", "preset"))
 def set_reward_kernel(
   entry_ids,
@@ -208,14 +220,9 @@ def set_reward_kernel(
     brier_gated = jnp.ones_like(f)
     brier = jnp.full_like(brier, jnp.nan)
 
-  if preset == "paper":
-    total = acc - jnp.where(brier_gated, 1.0, brier) if calibrated else acc
-    total = jnp.where(f, total, format_penalty)
-  else:
-    w_f, w_a, w_b = weights
-    total = w_f * f + w_a * acc
-    if calibrated:
-      total = total + jnp.where(brier_gated, 0.0, w_b * (1.0 - brier))
+  total = _total(
+    preset, f, acc, brier, brier_gated, calibrated, format_penalty, weights
+  )
   slot, decomposable = _slot_parts(
     first, c, q, acc_gated, brier_gated, f, total,
     a=a, correctness=correctness, preset=preset, calibrated=calibrated,

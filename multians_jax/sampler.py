@@ -15,7 +15,7 @@ Flow (one ``jax.jit`` per (P, G, T, settings)):
      place and copies neither the cache nor the weights (checked on the
      compiled HLO in the tests).
 
-Prompt lengths are bucketed to powers of two (``bucket_length``), so the
+Prompt lengths are bucketed to powers of two (``prompt_bucket``), so the
 number of compilations is bounded by the number of buckets.
 
 Log-probs. ``logprobs[b, i]`` is log softmax(logits / temperature) of the
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +82,12 @@ class Rollout:
   truncated: jax.Array  # bool [B]: hit L without a stop token
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
+def prompt_bucket(n: int, minimum: int = 16) -> int:
   """Smallest power of two ≥ max(n, minimum)."""
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def left_pad(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id=0):
+def pad_to_bucket(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id=0):
   """Left-pads [P, T] arrays to [P, length] (T ≤ length)."""
   p, t = tokens.shape
   if t > length:
@@ -183,72 +184,78 @@ def _constrain_cache(cache):
   return cache.replace(k=one(cache.k), v=one(cache.v))
 
 
+@struct.dataclass
+class _Decode:
+  """The decode loop's state. B = P·G rows, L = max_new_tokens."""
+
+  i: jax.Array  # int32 [], the output column written next
+  cache: Any  # model.KVCache, per-layer buffers
+  prev: jax.Array  # int32 [B], the token chosen last
+  tokens: jax.Array  # int32 [B, L], pad after a row stops
+  logprobs: jax.Array  # float32 [B, L], 0 after a row stops
+  done: jax.Array  # bool [B], the row has emitted a stop token
+  lengths: jax.Array  # int32 [B], tokens emitted (the stop token included)
+  key: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples"))
 def _sample(graphdef, state, tokens, mask, key, *, cfg, num_samples):
   m = nnx.merge(graphdef, state)
-  mcfg = m.cfg
   p, t = tokens.shape
   g, steps = num_samples, cfg.max_new_tokens
   b = p * g
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   dtype = model_lib.DTYPES[cfg.cache_dtype]
-  cache = model_lib.KVCache.zeros(mcfg, p, t + steps, dtype)
+  cache = model_lib.KVCache.zeros(m.cfg, p, t + steps, dtype)
   h, cache = m.hidden(tokens, positions, mask, _constrain_cache(cache))
   last = m.logits(h[:, -1])  # [P, V]: no logits for other prompt positions
   # Decode layout: per-layer cache buffers and weights (see model.KVCache).
   cache = _constrain_cache(_repeat_cache(cache.unstacked(), g))
   layers = layers_lib.unstack_layers(m.layers.arrays())
-  last = jnp.repeat(last, g, axis=0)
   next_pos = jnp.repeat(positions[:, -1] + 1, g)  # [B]
   key, sub = jax.random.split(key)
-  tok, lp = _choose(last, sub, cfg)
-  out_tok = jnp.full((b, steps), cfg.pad_id, jnp.int32).at[:, 0].set(tok)
-  out_lp = jnp.zeros((b, steps), jnp.float32).at[:, 0].set(lp)
-  done = _is_stop(tok, cfg)
-  lengths = jnp.ones((b,), jnp.int32)
+  tok, lp = _choose(jnp.repeat(last, g, axis=0), sub, cfg)
+  init = _Decode(
+    i=jnp.int32(1),
+    cache=cache,
+    prev=tok,
+    tokens=jnp.full((b, steps), cfg.pad_id, jnp.int32).at[:, 0].set(tok),
+    logprobs=jnp.zeros((b, steps), jnp.float32).at[:, 0].set(lp),
+    done=_is_stop(tok, cfg),
+    lengths=jnp.ones((b,), jnp.int32),
+    key=key,
+  )
 
-  def cond(c):
-    i, _, _, _, _, done, _, _ = c
-    return (i < steps) & ~jnp.all(done)
-
-  def body(c):
-    i, cache, prev, out_tok, out_lp, done, lengths, key = c
-    pos = (next_pos + i - 1)[:, None]
+  def body(s: _Decode) -> _Decode:
+    pos = (next_pos + s.i - 1)[:, None]
     one = jnp.ones((b, 1), bool)
-    h, cache = m.hidden_with(layers, prev[:, None], pos, one, cache)
-    logits = m.logits(h[:, 0])
-    key, sub = jax.random.split(key)
-    tok, lp = _choose(logits, sub, cfg)
-    tok = jnp.where(done, cfg.pad_id, tok)
-    lp = jnp.where(done, 0.0, lp)
-    out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, i, 1)
-    out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, lp, i, 1)
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | _is_stop(tok, cfg)
-    return (
-      i + 1,
-      _constrain_cache(cache),
-      tok,
-      out_tok,
-      out_lp,
-      done,
-      lengths,
-      key,
+    h, cache = m.hidden_with(layers, s.prev[:, None], pos, one, s.cache)
+    key, sub = jax.random.split(s.key)
+    tok, lp = _choose(m.logits(h[:, 0]), sub, cfg)
+    tok = jnp.where(s.done, cfg.pad_id, tok)
+    lp = jnp.where(s.done, 0.0, lp)
+    return _Decode(
+      i=s.i + 1,
+      cache=_constrain_cache(cache),
+      prev=tok,
+      tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.i, 1),
+      logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp, s.i, 1),
+      done=s.done | _is_stop(tok, cfg),
+      lengths=s.lengths + (~s.done).astype(jnp.int32),
+      key=key,
     )
 
-  init = (jnp.int32(1), cache, tok, out_tok, out_lp, done, lengths, key)
-  _, _, _, out_tok, out_lp, done, lengths, _ = jax.lax.while_loop(
-    cond, body, init
-  )
-  comp_mask = jnp.arange(steps)[None, :] < lengths[:, None]
+  cond = lambda s: (s.i < steps) & ~jnp.all(s.done)
+  out = jax.lax.while_loop(cond, body, init)
+  comp_mask = jnp.arange(steps)[None, :] < out.lengths[:, None]
   return Rollout(
     prompt_tokens=jnp.repeat(tokens, g, axis=0),
     prompt_mask=jnp.repeat(mask, g, axis=0),
-    tokens=out_tok,
-    logprobs=jnp.where(comp_mask, out_lp, 0.0),
+    tokens=out.tokens,
+    logprobs=jnp.where(comp_mask, out.logprobs, 0.0),
     mask=comp_mask,
-    lengths=lengths,
-    truncated=~done,
+    lengths=out.lengths,
+    truncated=~out.done,
   )
 
 
@@ -279,13 +286,13 @@ def sample(
     raise ValueError("prompts must be left-padded: last column all real tokens")
   t = tokens.shape[1]
   if cfg.min_prompt_bucket:
-    t = bucket_length(t, cfg.min_prompt_bucket)
+    t = prompt_bucket(t, cfg.min_prompt_bucket)
   if t + cfg.max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(
       f"prompt bucket {t} + max_new_tokens {cfg.max_new_tokens} exceeds "
       f"the model's max_seq_len {model.cfg.max_seq_len}"
     )
-  tokens, mask = left_pad(tokens, mask, t)
+  tokens, mask = pad_to_bucket(tokens, mask, t)
   graphdef, state = nnx.split(model)
   if mesh is None:
     return _sample(

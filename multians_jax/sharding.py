@@ -72,6 +72,31 @@ SAMPLE_RULES = Rules(
 RULE_SETS = {"train": TRAIN_RULES, "sample": SAMPLE_RULES}
 
 
+def fill_mesh(sizes: Sequence[int], num_devices: int | None) -> list[int]:
+  """``(data, fsdp, tensor)`` sizes with at most one -1, filled so that the
+  mesh spans ``num_devices`` (needed only when there is a -1)."""
+  sizes = list(sizes)
+  for name, size in zip(MESH_AXES, sizes, strict=True):
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  if -1 in sizes:
+    if not num_devices:
+      raise ValueError(
+        f"mesh {sizes} has a -1 axis: the number of devices to fill it is "
+        "needed (--num_devices)"
+      )
+    known = math.prod(s for s in sizes if s != -1)
+    if num_devices % known:
+      raise ValueError(
+        f"{num_devices} devices cannot be split into mesh {sizes} (they do "
+        "not fill it)"
+      )
+    sizes[sizes.index(-1)] = num_devices // known
+  return sizes
+
+
 def make_mesh(
   data: int = 1,
   fsdp: int = -1,
@@ -80,19 +105,7 @@ def make_mesh(
 ) -> Mesh:
   """Builds a ``(data, fsdp, tensor)`` mesh; one size may be -1 (= fill)."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, tensor]
-  for name, size in zip(MESH_AXES, sizes, strict=True):
-    if size == 0 or size < -1:
-      raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(
-        f"{len(devices)} devices cannot be split into mesh {sizes}"
-      )
-    sizes[sizes.index(-1)] = len(devices) // known
+  sizes = fill_mesh((data, fsdp, tensor), len(devices))
   if math.prod(sizes) != len(devices):
     raise ValueError(
       f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "

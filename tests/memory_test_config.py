@@ -9,7 +9,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # v5p
   c.model = ml_collections.ConfigDict()
   c.model.path = "random"  # shapes from arch below
-  c.model.preset = "qwen3_8b"  # used when arch is empty
+  c.model.arch_name = "qwen3_8b"  # used when arch is empty
   c.model.arch = ml_collections.ConfigDict(
     dict(family="qwen3", vocab_size=512, d_model=64, num_layers=2,
          num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128, qk_norm=True)

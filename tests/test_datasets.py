@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from multians_jax import datasets, prompts
+from multians_jax import datasets
 from multians_jax.datasets import base, convert, hpo_ddx, schema, splits
 
 PACKAGE_BUILDS = {  # TFDS name → build kwargs
@@ -39,14 +39,6 @@ def built(tmp_path_factory):
 def _split(data_dir: str, name: str, split: str) -> list[dict]:
   source = datasets.load(name, split, data_dir)
   return [source[i] for i in range(len(source))]
-
-
-def test_tensorflow_is_not_installed():
-  assert importlib.util.find_spec("tensorflow") is None
-
-
-def test_families_match_prompts():
-  assert schema.FAMILIES == prompts.FAMILIES
 
 
 def test_fresh_process_reads_with_tfds_data_source(built):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import toy_task
 
-from multians_jax import loop, telemetry
+from multians_jax import loop, sharding, telemetry
+from multians_jax import warmup as warmup_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +37,34 @@ def test_toy_task_reward_increases(tmp_path):
   assert len(rewards) == 16
   first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
   assert last > first + 0.15, rewards
+
+
+def test_warm_up_runs_under_the_mesh_sharding_rules(tmp_path, monkeypatch):
+  """The format warm-up traces its step as the RL update does: with the
+  mesh's activation rules active, on a batch sharded over the batch axes
+  (without them every activation constraint is silently off)."""
+  seen = []
+  real = warmup_lib.sft_step
+
+  def spy(graphdef, params, opt_state, tokens, *rest, **kw):
+    seen.append((sharding.active(), tokens.sharding.spec))
+    return real(graphdef, params, opt_state, tokens, *rest, **kw)
+
+  monkeypatch.setattr(warmup_lib, "sft_step", spy)
+  c = toy_task.config(0)
+  c.warmup.steps = 2
+  run = loop.RunConfig.from_dict(c.to_dict())
+  loop.train(
+    run,
+    str(tmp_path),
+    train_source=toy_task.records(8),
+    eval_source=toy_task.records(4),
+    tokenizer=toy_task.tokenizer(),
+  )
+  assert len(seen) == 2
+  for active, spec in seen:
+    assert active is not None and active[1] is sharding.TRAIN_RULES
+    assert active[0].shape["fsdp"] == 8 and spec[0] is not None
 
 
 def _toy_run(workdir, steps, **rl):
@@ -244,6 +273,39 @@ def test_evaluate_tool_on_a_training_checkpoint(straight, tmp_path):
   assert m["num_prompts"] == 4 and "coverage@6" in m
   assert b["num_prompts"] == 4 and "coverage@3" in b
   assert (out / "coverage_vs_k.png").exists()
+
+
+def test_sample_tool_with_the_run_config(straight):
+  """tools/sample.py --config prompts and samples as the run does: the
+  config's system prompt (mode, K, family) and sampler settings."""
+  from configs import tiny
+  from multians_jax import checkpoint, prompts
+
+  cmd = [
+    sys.executable, "tools/sample.py", f"--model={straight}",
+    "--config=configs/tiny.py", "--prompt=Name a country.",
+    "--num_samples=3", "--json",
+  ]  # fmt: skip
+  out = subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+  )
+  rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+  c = tiny.get_config()
+  tok = checkpoint.load_any_tokenizer(straight)
+  msgs = prompts.build_messages(
+    "Name a country.", c.reward.mode, c.data.family, c.reward.num_answers
+  )
+  want = tok.apply_chat_template(
+    msgs, add_generation_prompt=True, tokenize=False
+  )
+  assert len(rows) == 3 and all(r["prompt"] == want for r in rows)
+  assert all(len(r["token_ids"]) <= c.sampler.max_new_tokens for r in rows)
+  assert all("format_ok" in r for r in rows)
+  bad = subprocess.run(
+    [*cmd, "--temperature=0"], cwd=ROOT, capture_output=True, text=True,
+    timeout=300,
+  )  # fmt: skip
+  assert bad.returncode != 0 and "conflict with --config" in bad.stderr
 
 
 def test_a_workdir_is_a_checkpoint_path(tmp_path):

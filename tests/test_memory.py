@@ -1,6 +1,7 @@
-"""tools/memory.py: exact parameter bytes, sharded per-device figures, KV
-cache by hand, and the activation formula against the compiled update
-step's ``memory_analysis()`` on CPU."""
+"""The memory planner (multians_jax/memory.py, tools/memory.py): exact
+parameter bytes, sharded per-device figures, KV cache by hand, and the
+activation formula against the compiled update step's
+``memory_analysis()`` on CPU."""
 
 import dataclasses
 import importlib.util
@@ -11,23 +12,11 @@ import sys
 import ml_collections
 import pytest
 
+from multians_jax import memory as mem
 from multians_jax import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "memory_test_config.py"
-
-
-def _load_tool():
-  spec = importlib.util.spec_from_file_location(
-    "memory_tool", ROOT / "tools" / "memory.py"
-  )
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules["memory_tool"] = mod
-  spec.loader.exec_module(mod)
-  return mod
-
-
-mem = _load_tool()
 
 
 def _config():
@@ -119,8 +108,8 @@ def test_mesh_fill_and_errors():
     mem.plan_from_config(c)
   with pytest.raises(ValueError, match="do not fill"):
     mem.plan_from_config(c, (3, -1, 1), num_devices=8)
-  c.model.path, c.model.arch, c.model.preset = "/x", {}, ""
-  with pytest.raises(ValueError, match="model.preset"):
+  c.model.path, c.model.arch, c.model.arch_name = "/x", {}, ""
+  with pytest.raises(ValueError, match="model.arch_name"):
     mem.plan_from_config(c, (1, 1, 1))
 
 

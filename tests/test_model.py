@@ -142,7 +142,7 @@ PUBLISHED = {
 @pytest.mark.parametrize("family", sorted(PUBLISHED))
 def test_presets_parameter_counts_without_memory(family):
   name, published = PUBLISHED[family]
-  cfg = model.PRESETS[name]
+  cfg = model.ARCHS[name]
   assert model.param_count(cfg) == published
   # And the same count as transformers' own model built on the meta device.
   hf_cfg = tr.AutoConfig.for_model(**hf.to_hf_config(cfg))
@@ -152,7 +152,7 @@ def test_presets_parameter_counts_without_memory(family):
 
 
 def test_preset_shapes_from_eval_shape():
-  m = model.abstract_model(model.PRESETS["qwen3_8b"])
+  m = model.abstract_model(model.ARCHS["qwen3_8b"])
   assert m.layers.wq.shape == (36, 4096, 32, 128)
   from flax import nnx
 
@@ -165,5 +165,5 @@ def test_config_validation_names_the_field():
     model.ModelConfig("llama", 10, 8, 1, 3, 2, 4, 8)
   with pytest.raises(ValueError, match="family"):
     model.ModelConfig("gpt2", 10, 8, 1, 2, 2, 4, 8)
-  with pytest.raises(ValueError, match="preset"):
-    model.preset("nope")
+  with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+    model.named_arch("nope")

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.mark.parametrize("mode", prompts.MODES)
-@pytest.mark.parametrize("family", prompts.FAMILIES)
+@pytest.mark.parametrize("family", prompts.TASK_FAMILIES)
 def test_system_prompt_names_every_tag(mode, family):
   text = prompts.system_prompt(mode, family, 4)
   for tag in prompts.answer_tags(mode, 4) + prompts.confidence_tags(mode, 4):

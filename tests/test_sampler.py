@@ -164,4 +164,4 @@ def test_bad_inputs():
     sampler.SamplingConfig(top_p=0.0)
   with pytest.raises(ValueError, match="max_new_tokens"):
     sampler.SamplingConfig(max_new_tokens=0)
-  assert sampler.bucket_length(1) == 16 and sampler.bucket_length(17) == 32
+  assert sampler.prompt_bucket(1) == 16 and sampler.prompt_bucket(17) == 32

@@ -1,10 +1,12 @@
-"""The package's shape: modules under the size cap, no import cycle."""
+"""The package's shape: modules and functions under the size caps, no
+import cycle."""
 
 import ast
 import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "multians_jax"
 MAX_LINES = 600
+MAX_FUNCTION_LINES = 60  # of code, after the docstring
 
 
 def _modules():
@@ -19,6 +21,26 @@ def test_no_module_over_the_size_cap():
     n: len(p.read_text().splitlines())
     for n, p in _modules()
     if len(p.read_text().splitlines()) > MAX_LINES
+  }
+  assert not big, big
+
+
+def _function_lengths(path: pathlib.Path):
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+      first = node.body[0]
+      value = getattr(first, "value", None)
+      doc = isinstance(first, ast.Expr) and isinstance(value, ast.Constant)
+      start = first.end_lineno + 1 if doc else first.lineno
+      yield node.name, node.end_lineno - start + 1
+
+
+def test_no_function_over_the_size_cap():
+  big = {
+    f"{n}.{fn}": length
+    for n, p in _modules()
+    for fn, length in _function_lengths(p)
+    if length > MAX_FUNCTION_LINES
   }
   assert not big, big
 

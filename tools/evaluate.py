@@ -38,9 +38,9 @@ from ml_collections import config_flags
 from multians_jax import (
   checkpoint,
   config,
+  data,
   datasets,
   evaluate,
-  loop,
   prompts,
   reward,
   sharding,
@@ -61,7 +61,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "data", "TFDS data dir.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _MODE = flags.DEFINE_enum("mode", "multi_rlcr", list(prompts.MODES), "Format.")
 _K = flags.DEFINE_integer("num_answers", 3, "K answers per generation.")
-_FAMILY = flags.DEFINE_enum("family", "qa", list(prompts.FAMILIES), "Task.")
+_FAMILY = flags.DEFINE_enum(
+  "family", "qa", list(prompts.TASK_FAMILIES), "Task."
+)
 _N = flags.DEFINE_integer("num_prompts", 64, "Questions to evaluate.")
 _G = flags.DEFINE_integer("num_generations", 4, "Generations per question.")
 _TEMP = flags.DEFINE_float("temperature", 0.7, "Sampling temperature.")
@@ -87,6 +89,7 @@ class Settings:
   split: str
   seed: int
   data_config: config.DataConfig | None = None  # from --config
+  family: str = "qa"  # of .jsonl records that name none
 
 
 def settings() -> Settings:
@@ -100,11 +103,11 @@ def settings() -> Settings:
         num_generations=_G.value,
         temperature=_TEMP.value,
         max_new_tokens=_MAX.value,
-        family=_FAMILY.value,
       ),
       data=_DATA.value,
       split=_SPLIT.value,
       seed=_SEED.value,
+      family=_FAMILY.value,
     )
   given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
   if given:
@@ -122,9 +125,9 @@ def settings() -> Settings:
 
 def records(st: Settings):
   if st.data_config is not None:
-    return loop.open_data(st.data_config, ".", st.split)
+    return data.open_split(st.data_config, ".", st.split)
   if st.data.endswith(".jsonl"):
-    return schema.read_jsonl(st.data, default_family=st.eval.family)
+    return schema.read_jsonl(st.data, default_family=st.family)
   datasets.build(st.data.split("/")[0], _DATA_DIR.value)
   return datasets.load(st.data, st.split, _DATA_DIR.value)
 

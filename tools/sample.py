@@ -6,20 +6,49 @@ Usage:
   python tools/sample.py --model=DIR --prompt="Name a country bordering Peru." \
       --mode=multi_rlcr --num_answers=3 --num_samples=4 --temperature=0.7
   python tools/sample.py --model=DIR --prompt_ids=1,2,3 --json
+  # prompt, format and sampling settings of a training config:
+  python tools/sample.py --model=WORKDIR --config=configs/demo.py \
+      --prompt="Name a country bordering Peru." [--config.sampler.top_p=0.9]
 
+--config: an experiment config (``--config.x=y`` overrides): its reward
+format (mode, K, require_think), task family (data.family) and sampler
+settings (max_new_tokens, temperature, top_p, top_k, cache_dtype) are
+used, so prompts and completions are those of the run; --mode,
+--num_answers, --family, --max_new_tokens, --temperature, --top_p and
+--top_k must not be given with it. --model defaults to the config's
+model.path.
 --prompt is rendered with the tokenizer's chat template (with the mode's
 system prompt when --mode is given) unless --raw. --json prints one object
 per completion: prompt, completion, token_ids, logprobs (+ answers and
 confidences with --mode).
 """
 
+import dataclasses
 import json
+import os
+import sys
 
-import jax
-import numpy as np
-from absl import app, flags, logging
+# Config files import `configs.base`: make the repository root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multians_jax import checkpoint, parsing, prompts, reward, sampler, sharding
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from multians_jax import (  # noqa: E402
+  checkpoint,
+  config,
+  parsing,
+  prompts,
+  reward,
+  sampler,
+  sharding,
+)
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config: prompt and sample as that run does."
+)
 
 _MODEL = flags.DEFINE_string("model", "smollm2", "Model path or 'smollm2'.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable).")
@@ -34,18 +63,62 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per completion.")
 _MODE = flags.DEFINE_enum("mode", None, list(prompts.MODES), "Answer format.")
 _K = flags.DEFINE_integer("num_answers", 3, "K answers per completion.")
-_FAMILY = flags.DEFINE_enum("family", "qa", list(prompts.FAMILIES), "Task.")
+_FAMILY = flags.DEFINE_enum(
+  "family", "qa", list(prompts.TASK_FAMILIES), "Task."
+)
+
+_FROM_CONFIG = (  # flags whose values come from --config when it is given
+  "mode num_answers family max_new_tokens temperature top_p top_k"
+).split()
 
 
-def encode(tok):
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  model: str
+  rcfg: reward.RewardConfig | None  # None: no answer format
+  family: str
+  sampling: sampler.SamplingConfig  # stop and pad ids come from the model
+
+
+def settings() -> Settings:
+  if _CONFIG.value is None:
+    rcfg = None
+    if _MODE.value:
+      rcfg = reward.RewardConfig(
+        mode=_MODE.value, num_answers=_K.value, require_think=False
+      )
+    return Settings(
+      _MODEL.value,
+      rcfg,
+      _FAMILY.value,
+      sampler.SamplingConfig(
+        max_new_tokens=_MAX.value,
+        temperature=_TEMP.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+      ),
+    )
+  given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
+  if given:
+    raise app.UsageError(
+      f"{', '.join(given)} conflict with --config (use --config.<key>=...)"
+    )
+  run = config.RunConfig.from_dict(_CONFIG.value.to_dict())
+  model = _MODEL.value if flags.FLAGS["model"].present else run.model.path
+  return Settings(model, run.reward, run.data.family, run.sampling)
+
+
+def encode(tok, st: Settings):
   rows, shown = [], []
   for text in _PROMPT.value:
     if tok is None:
       raise app.UsageError("this model has no tokenizer: use --prompt_ids")
     if not _RAW.value:
       msgs = (
-        prompts.build_messages(text, _MODE.value, _FAMILY.value, _K.value)
-        if _MODE.value
+        prompts.build_messages(
+          text, st.rcfg.mode, st.family, st.rcfg.num_answers
+        )
+        if st.rcfg is not None
         else [{"role": "user", "content": text}]
       )
       text = tok.apply_chat_template(
@@ -69,19 +142,16 @@ def encode(tok):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  try:
+    st = settings()
+  except ValueError as e:
+    sys.exit(f"sample: {e}")
   mesh = sharding.make_mesh()
-  model, cfg, tok = checkpoint.load_model(
-    _MODEL.value, mesh, sharding.TRAIN_RULES
-  )
-  tokens, mask, shown = encode(tok)
+  model, cfg, tok = checkpoint.load_model(st.model, mesh, sharding.TRAIN_RULES)
+  tokens, mask, shown = encode(tok, st)
   stop = cfg.eos_ids or ((tok.eos_token_id,) if tok is not None else ())
-  scfg = sampler.SamplingConfig(
-    max_new_tokens=_MAX.value,
-    temperature=_TEMP.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
-    stop_ids=tuple(stop),
-    pad_id=cfg.pad_token_id or 0,
+  scfg = dataclasses.replace(
+    st.sampling, stop_ids=tuple(stop), pad_id=cfg.pad_token_id or 0
   )
   r = sampler.sample(
     model,
@@ -93,13 +163,7 @@ def main(argv):
     mesh=mesh,
   )
   toks, lps = np.asarray(r.tokens), np.asarray(r.logprobs)
-  rcfg = (
-    reward.RewardConfig(
-      mode=_MODE.value, num_answers=_K.value, require_think=False
-    )
-    if _MODE.value
-    else None
-  )
+  rcfg = st.rcfg
   for b, n in enumerate(np.asarray(r.lengths)):
     out = {
       "prompt": shown[b // _N.value],

@@ -25,7 +25,8 @@ import string
 
 import tensorflow_datasets as tfds
 
-FAMILIES = ("qa", "ddx", "code")
+from multians_jax.prompts import TASK_FAMILIES
+
 TEXT_FIELDS = ("id", "question", "answers", "context", "tests", "meta")
 FIELDS = TEXT_FIELDS + ("family",)
 
@@ -108,8 +109,10 @@ def validate(obj, where: str, default_family: str = "qa") -> dict:
     raise RecordError(f"{where}: 'meta' must be a JSON object")
   record["meta"] = json.dumps(meta, ensure_ascii=False, sort_keys=True)
   family = obj.get("family") or default_family
-  if family not in FAMILIES:
-    raise RecordError(f"{where}: unknown family {family!r}; one of {FAMILIES}")
+  if family not in TASK_FAMILIES:
+    raise RecordError(
+      f"{where}: unknown family {family!r}; one of {TASK_FAMILIES}"
+    )
   record["family"] = family
   return record
 
