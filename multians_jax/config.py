@@ -28,7 +28,7 @@ from multians_jax import advantage, credit, evaluate, sampler
 from multians_jax import loss as loss_lib
 from multians_jax import model as model_lib
 from multians_jax import reward as reward_lib
-from multians_jax import train as train_lib
+from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
 
 
@@ -299,9 +299,9 @@ class RunConfig:
     )
 
   @property
-  def optim_config(self) -> train_lib.OptimConfig:
+  def optim_config(self) -> update_lib.OptimConfig:
     o = self.optim
-    return train_lib.OptimConfig(
+    return update_lib.OptimConfig(
       lr=o.lr,
       schedule=o.schedule,
       warmup_steps=int(round(o.warmup_frac * self.steps)),

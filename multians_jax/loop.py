@@ -56,7 +56,7 @@ from multians_jax import (
   telemetry,
 )
 from multians_jax import model as model_lib
-from multians_jax import train as train_lib
+from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
 from multians_jax.config import DataConfig, ModelSource, RunConfig
 
@@ -184,8 +184,8 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   policy, tok = load_policy(run.model, mesh, run.seed, tokenizer)
   tok = tokenizer or tok
   graphdef = nnx.graphdef(policy)
-  tx = train_lib.optimizer(run.optim_config)
-  state = train_lib.init_state(policy, tx)
+  tx = update_lib.optimizer(run.optim_config)
+  state = update_lib.init_state(policy, tx)
   dc = run.data
   source = train_source or data.open_split(dc, workdir, dc.train_split)
   stream = data.PromptIterator(source, tok, _pipeline(run, run.data, run.seed))
@@ -247,7 +247,7 @@ def _before_rl(s: Session, state, *, warm_up: bool):
     _evaluate(s, state.params, "before", 0)
   if run.warmup.steps and warm_up:
     params = _warmup(s, state.params)
-    state = train_lib.init_state(nnx.merge(s.graphdef, params), s.tx)
+    state = update_lib.init_state(nnx.merge(s.graphdef, params), s.tx)
     if run.eval.before_after:
       _evaluate(s, state.params, "warmup", 0)
     if run.steps == 0:  # the warmed-up model is the result
@@ -375,7 +375,7 @@ def _warmup(s: Session, params):
       seed=run.seed + i,
       cfg=wc,
     )
-    b = train_lib.place_batch(b, s.mesh)
+    b = update_lib.place_batch(b, s.mesh)
     with sharding.activate(s.mesh, sharding.TRAIN_RULES):
       params, opt_state, value = warmup_lib.sft_step(
         s.graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk
@@ -443,7 +443,7 @@ def _rl_step(s: Session, state, batch, key):
     time_step=t3 - t0,
     tokens_per_sec=float(np.sum(lengths)) / max(first.seconds[0], 1e-9),
     truncation_rate=float(np.mean(first.rewards.truncated)),
-    lr=float(train_lib.schedule(run.optim_config)(int(state.step) - 1)),
+    lr=float(update_lib.schedule(run.optim_config)(int(state.step) - 1)),
   )
   return state, out
 
@@ -452,15 +452,15 @@ def _update(s: Session, state, rollout, adv):
   """The policy update on one rollout (``rl.num_iterations`` steps under
   the mesh's sharding rules); returns (state, host metrics)."""
   run = s.run
-  ub = train_lib.place_batch(train_lib.make_batch(rollout, adv), s.mesh)
-  ucfg = train_lib.UpdateConfig(
+  ub = update_lib.place_batch(update_lib.make_batch(rollout, adv), s.mesh)
+  ucfg = update_lib.UpdateConfig(
     loss=run.loss,
     micro_batches=run.rl.micro_batches,
     temperature=max(run.sampler.temperature, 1e-6),
     logprob_chunk=run.rl.logprob_chunk,
     group_size=run.rl.num_generations if run.rl.share_prompt else 1,
   )
-  logprobs = lambda params: train_lib.completion_logprobs(
+  logprobs = lambda params: update_lib.completion_logprobs(
     s.graphdef, params, ub, ucfg
   )
   with sharding.activate(s.mesh, sharding.TRAIN_RULES):
@@ -469,7 +469,7 @@ def _update(s: Session, state, rollout, adv):
     if s.ref_of is not None:
       ub = ub.replace(ref_logp=logprobs(s.ref_of(state.params)))
     for _ in range(run.rl.num_iterations):
-      state, um = train_lib.update_step(
+      state, um = update_lib.update_step(
         s.graphdef, state, ub, tx=s.tx, cfg=ucfg
       )
   return state, jax.device_get(um)
@@ -537,7 +537,7 @@ def _resume(ckpt, state, mesh, stream) -> tuple[Any, bool]:
   step, model, meta, items = got
   stream.set_state(meta["data_state"])
   t = items["train"]
-  state = train_lib.TrainState(
+  state = update_lib.TrainState(
     t["step"], nnx.state(model, nnx.Param), items["opt_state"], t["skipped"]
   )
   logging.info("resumed from step %d", step)

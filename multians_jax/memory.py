@@ -17,7 +17,7 @@ per-device shapes of one micro-batch, per decoder layer (saved residuals for
 the backward pass) plus the LM-head chunk. Its coefficients count the arrays
 ``layers.layer_fn`` keeps per token (D-, head- and F-sized, and the
 [N, S, S] attention probabilities in float32 + compute dtype); they were
-checked against ``memory_analysis()`` of the compiled ``train.update_step`` on
+checked against ``memory_analysis()`` of the compiled ``update.update_step`` on
 CPU (``--measure``, tests/test_memory.py): per-layer activations within
 10 % for every remat mode, the update step's temporaries (gradients,
 optimizer update, activations) within 20 % without remat and with full
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from multians_jax import checkpoint, config, data, lora, sharding, train
+from multians_jax import checkpoint, config, data, lora, sharding, update
 from multians_jax import model as model_lib
 
 GiB = 1024**3
@@ -145,11 +145,11 @@ def tree_bytes(tree, sizes: dict[str, int]) -> tuple[int, float]:
 
 
 def opt_state(params):
-  """AdamW state (train.optimizer) with each moment sharded like its
-  parameter (train.opt_shardings)."""
-  tx = train.optimizer(train.OptimConfig())
+  """AdamW state (update.optimizer) with each moment sharded like its
+  parameter (update.opt_shardings)."""
+  tx = update.optimizer(update.OptimConfig())
   state = jax.eval_shape(tx.init, params)
-  shard = train.opt_shardings(params, tx)
+  shard = update.opt_shardings(params, tx)
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     state,
@@ -221,25 +221,27 @@ def activation_bytes(plan: Plan, remat: str | None = None) -> dict[str, float]:
 
 
 def compiled_memory(plan: Plan):
-  """``memory_analysis()`` of ``train.update_step`` compiled for the plan's
+  """``memory_analysis()`` of ``update.update_step`` compiled for the plan's
   shapes on one local device (the mesh is ignored): the measured check of
   the formula, for small configs."""
   graphdef, state = nnx.split(model_lib.abstract_model(plan.model), nnx.Param)
-  tx = train.optimizer(train.OptimConfig())
+  tx = update.optimizer(update.OptimConfig())
   sds = jax.ShapeDtypeStruct
   i32 = lambda *shape: sds(shape, jnp.int32)
   f32 = lambda *shape: sds(shape, jnp.float32)
   b, s = plan.rows, plan.prompt_bucket + plan.new_tokens
   trainable, _ = lora.partition(state)
-  ts = train.TrainState(i32(), state, jax.eval_shape(tx.init, trainable), i32())
-  batch = train.UpdateBatch(
+  ts = update.TrainState(
+    i32(), state, jax.eval_shape(tx.init, trainable), i32()
+  )
+  batch = update.UpdateBatch(
     i32(b, s), i32(b, s), sds((b, s), bool), sds((b, plan.new_tokens), bool),
     f32(b, plan.new_tokens), f32(b), sds((b,), bool),
   )  # fmt: skip
-  ucfg = train.UpdateConfig(
+  ucfg = update.UpdateConfig(
     micro_batches=plan.micro_batches, logprob_chunk=plan.chunk
   )
-  lowered = train.update_step.lower(graphdef, ts, batch, tx=tx, cfg=ucfg)
+  lowered = update.update_step.lower(graphdef, ts, batch, tx=tx, cfg=ucfg)
   return lowered.compile().memory_analysis()
 
 

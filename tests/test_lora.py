@@ -21,7 +21,7 @@ from multians_jax import (
   lora,
   sharding,
   telemetry,
-  train,
+  update,
 )
 from multians_jax import model as model_lib
 
@@ -131,13 +131,13 @@ def _step(mesh, micro, tx, steps=1):
   base = model_lib.init_model(CFG, mesh, sharding.TRAIN_RULES, seed=1)
   m = lora.add(base, 4, 8.0, "all", seed=2)
   adv = jnp.asarray(np.random.default_rng(2).normal(size=8), jnp.float32)
-  batch = train.place_batch(train.make_batch(_rollout(), adv), mesh)
-  ucfg = train.UpdateConfig(micro_batches=micro, temperature=0.7)
-  state = train.init_state(m, tx)
+  batch = update.place_batch(update.make_batch(_rollout(), adv), mesh)
+  ucfg = update.UpdateConfig(micro_batches=micro, temperature=0.7)
+  state = update.init_state(m, tx)
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
   with sharding.activate(mesh, sharding.TRAIN_RULES):
     for _ in range(steps):
-      state, metrics = train.update_step(
+      state, metrics = update.update_step(
         nnx.graphdef(m), state, batch, tx=tx, cfg=ucfg
       )
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
@@ -145,7 +145,7 @@ def _step(mesh, micro, tx, steps=1):
 
 
 def test_update_trains_only_the_adapters(one_device_mesh):
-  tx = train.optimizer(train.OptimConfig(lr=1e-2))
+  tx = update.optimizer(update.OptimConfig(lr=1e-2))
   state, before, after, _ = _step(one_device_mesh, 2, tx, steps=2)
   changed = {
     k

@@ -22,7 +22,7 @@ import pytest
 import toy_task
 from jax.sharding import PartitionSpec as P
 
-from multians_jax import datasets, sharding, telemetry, train
+from multians_jax import datasets, sharding, telemetry, update
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +131,9 @@ def _wait(procs, timeout=300):
 def _opt_state(workdir, step):
   """AdamW state and step counters of a checkpoint, restored on 1 device."""
   model, _, _ = toy_task.restore(workdir, step)
-  state = train.init_state(model, train.optimizer(train.OptimConfig(lr=1e-3)))
+  state = update.init_state(
+    model, update.optimizer(update.OptimConfig(lr=1e-3))
+  )
   abstract = lambda t: jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
   )

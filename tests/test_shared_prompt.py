@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from multians_jax import loss, model, sampler, sharding, train
+from multians_jax import loss, model, sampler, sharding, update
 
 P, G, T, L = 2, 4, 6, 5
 CFGS = {
@@ -46,7 +46,7 @@ def _grouped_rollout(seed=0, p=P, g=G, vocab=64):
 
 def _batch(seed=0):
   adv = np.random.default_rng(seed + 1).normal(size=P * G)
-  return train.make_batch(_grouped_rollout(seed), jnp.asarray(adv, "float32"))
+  return update.make_batch(_grouped_rollout(seed), jnp.asarray(adv, "float32"))
 
 
 def _split(b, s):
@@ -116,17 +116,17 @@ def test_shared_logprobs_and_gradients_equal_plain(s, one_device_mesh):
 
 def _update(mesh, micro, group, tx):
   m = model.init_model(CFGS["llama"], mesh, sharding.TRAIN_RULES, seed=1)
-  batch = train.place_batch(_batch(seed=5), mesh)
-  ucfg = train.UpdateConfig(
+  batch = update.place_batch(_batch(seed=5), mesh)
+  ucfg = update.UpdateConfig(
     loss=loss.LossConfig(loss_agg="seq_mean_token_mean", max_len_norm=L),
     micro_batches=micro,
     temperature=0.7,
     logprob_chunk=3,
     group_size=group,
   )
-  state = train.init_state(m, tx)
+  state = update.init_state(m, tx)
   with sharding.activate(mesh, sharding.TRAIN_RULES):
-    new, metrics = train.update_step(
+    new, metrics = update.update_step(
       nnx.graphdef(m), state, batch, tx=tx, cfg=ucfg
     )
   flat = [np.asarray(x) for x in jax.tree.leaves(new.params)]
@@ -160,6 +160,6 @@ def test_sharded_shared_update_equals_single_device(one_device_mesh):
 
 def test_update_config_rejects_bad_group_size():
   with pytest.raises(ValueError, match="group_size"):
-    train.UpdateConfig(group_size=0)
+    update.UpdateConfig(group_size=0)
   with pytest.raises(ValueError, match="micro_batches"):
-    train.UpdateConfig(micro_batches=0)
+    update.UpdateConfig(micro_batches=0)

@@ -14,7 +14,7 @@ tokens, L new (completion) tokens, S = T + L sequence, M micro-batches.
   ``hf.save``) and the same settings in the same run, and decode FLOP/s as a
   fraction of the measured matmul peak.
 * ``train``: tokens/s and model FLOP utilisation (6·N·B·S / time / peak) of
-  ``train.update_step`` at B×S = 64×256 (P=8 prompts × G=8, prompt 128 +
+  ``update.update_step`` at B×S = 64×256 (P=8 prompts × G=8, prompt 128 +
   completion 128) against a ``transformers`` forward + backward + AdamW step
   of the same model and shapes. Ours runs twice on the same batch: with
   shared prompts (``group_size = G``, the trainer's default: each prompt
@@ -62,7 +62,7 @@ from multians_jax import (  # noqa: E402
   rollouts,
   sampler,
   sharding,
-  train,
+  update,
 )
 from multians_jax import model as model_lib  # noqa: E402
 
@@ -278,13 +278,13 @@ def _copy(model):
 
 
 def time_update(model, batch, micro: int, group: int) -> dict:
-  tx = train.optimizer(train.OptimConfig(lr=1e-6))
+  tx = update.optimizer(update.OptimConfig(lr=1e-6))
   graphdef, _ = nnx.split(model)
-  state = train.init_state(model, tx)
-  ucfg = train.UpdateConfig(
+  state = update.init_state(model, tx)
+  ucfg = update.UpdateConfig(
     micro_batches=micro, temperature=0.7, group_size=group
   )
-  step = lambda s: train.update_step(graphdef, s, batch, tx=tx, cfg=ucfg)
+  step = lambda s: update.update_step(graphdef, s, batch, tx=tx, cfg=ucfg)
   t0 = time.perf_counter()
   state, m = jax.block_until_ready(step(state))
   first = time.perf_counter() - t0
@@ -355,7 +355,7 @@ def bench_update(model, shapes: dict, peak: float) -> dict:
   t = n = s // 2
   rollout = _rollout(cfg, b, t, n, group=g)
   adv = jnp.asarray(np.random.default_rng(1).standard_normal(b), jnp.float32)
-  batch = train.make_batch(rollout, adv)
+  batch = update.make_batch(rollout, adv)
   with tempfile.TemporaryDirectory() as d:
     hf.save(model, d)  # before the donating update step
     hf_s = time_torch_update(d, batch, micro, n)
@@ -411,10 +411,10 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
   )
   rcfg = reward.RewardConfig(mode="multi_rlcr", num_answers=3)
   gold, tests = [[["France"], ["Spain"]]] * p, [[]] * p
-  tx = train.optimizer(train.OptimConfig(lr=1e-6))
+  tx = update.optimizer(update.OptimConfig(lr=1e-6))
   graphdef, _ = nnx.split(model)
-  state = train.init_state(_copy(model), tx)
-  ucfg = train.UpdateConfig(temperature=0.7, group_size=g)
+  state = update.init_state(_copy(model), tx)
+  ucfg = update.UpdateConfig(temperature=0.7, group_size=g)
   times = []
   for it in range(2):
     t0 = time.perf_counter()
@@ -430,8 +430,8 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
       rw.scores, p, kind="drgrpo", credit="sequence"
     )
     t2 = time.perf_counter()
-    batch = train.make_batch(roll, adv)
-    state, m = train.update_step(graphdef, state, batch, tx=tx, cfg=ucfg)
+    batch = update.make_batch(roll, adv)
+    state, m = update.update_step(graphdef, state, batch, tx=tx, cfg=ucfg)
     jax.block_until_ready(m)
     t3 = time.perf_counter()
     times.append(dict(sampling_s=t1 - t0, reward_s=t2 - t1, update_s=t3 - t2))

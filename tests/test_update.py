@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from multians_jax import loop, loss, model, sampler, sharding, train
+from multians_jax import loop, loss, model, sampler, sharding, update
 
 CFG = model.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48, qk_norm=False)
 
@@ -34,16 +34,16 @@ def _step(mesh, micro, tx, adv=None, agg="token_mean"):
   r = _rollout()
   if adv is None:
     adv = jnp.asarray(np.random.default_rng(2).normal(size=8), jnp.float32)
-  batch = train.place_batch(train.make_batch(r, adv), mesh)
-  ucfg = train.UpdateConfig(
+  batch = update.place_batch(update.make_batch(r, adv), mesh)
+  ucfg = update.UpdateConfig(
     loss=loss.LossConfig(loss_agg=agg, max_len_norm=5),
     micro_batches=micro,
     temperature=0.7,
     logprob_chunk=3,
   )
-  state = train.init_state(m, tx)
+  state = update.init_state(m, tx)
   with sharding.activate(mesh, sharding.TRAIN_RULES):
-    new, metrics = train.update_step(
+    new, metrics = update.update_step(
       nnx.graphdef(m), state, batch, tx=tx, cfg=ucfg
     )
   flat = [np.asarray(x) for x in jax.tree.leaves(new.params)]
@@ -62,7 +62,7 @@ def test_micro_batches_equal_full_batch(agg, one_device_mesh):
 
 
 def test_sharded_update_equals_single_device(one_device_mesh):
-  tx = train.optimizer(train.OptimConfig(lr=1e-2))
+  tx = update.optimizer(update.OptimConfig(lr=1e-2))
   _, single, ms = _step(one_device_mesh, 2, tx)
   new, sharded, mm = _step(sharding.make_mesh(2, 2, 2), 2, tx)
   assert not new.params["layers"]["w_up"][...].sharding.is_fully_replicated
@@ -95,7 +95,7 @@ def test_per_token_advantages_update(one_device_mesh):
 
 
 def test_non_finite_update_is_skipped(one_device_mesh):
-  tx = train.optimizer(train.OptimConfig(lr=1e-2))
+  tx = update.optimizer(update.OptimConfig(lr=1e-2))
   m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)
   before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
   adv = jnp.full((8,), jnp.nan)
@@ -107,21 +107,23 @@ def test_non_finite_update_is_skipped(one_device_mesh):
 
 
 def test_schedules_hand_computed():
-  s = train.schedule(
-    train.OptimConfig(lr=1.0, schedule="linear", warmup_steps=4, total_steps=14)
+  s = update.schedule(
+    update.OptimConfig(
+      lr=1.0, schedule="linear", warmup_steps=4, total_steps=14
+    )
   )
   np.testing.assert_allclose(
     [float(s(i)) for i in (0, 3, 4, 9, 14)],
     [0.25, 1.0, 1.0, 0.5, 0.0],
     atol=1e-6,
   )
-  c = train.schedule(
-    train.OptimConfig(lr=2.0, schedule="cosine", total_steps=10)
+  c = update.schedule(
+    update.OptimConfig(lr=2.0, schedule="cosine", total_steps=10)
   )
   np.testing.assert_allclose(
     [float(c(i)) for i in (0, 5, 10)], [2.0, 1.0, 0.0], atol=1e-6
   )
-  k = train.schedule(train.OptimConfig(lr=3.0))
+  k = update.schedule(update.OptimConfig(lr=3.0))
   assert float(k(0)) == float(k(100)) == 3.0
 
 
