@@ -48,6 +48,7 @@ from multians_jax import (
   evaluate,
   hf,
   lora,
+  loss,
   metrics,
   report,
   rollouts,
@@ -459,20 +460,40 @@ def _update(s: Session, state, rollout, adv):
     temperature=max(run.sampler.temperature, 1e-6),
     logprob_chunk=run.rl.logprob_chunk,
     group_size=run.rl.num_generations if run.rl.share_prompt else 1,
+    support=loss.Support(run.sampler.top_k, run.sampler.top_p),
   )
   logprobs = lambda params: update_lib.completion_logprobs(
     s.graphdef, params, ub, ucfg
   )
+  gap = None
   with sharding.activate(s.mesh, sharding.TRAIN_RULES):
     if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly
-      ub = ub.replace(old_logp=logprobs(state.params))
+      trainer = logprobs(state.params)
+      gap = _sampler_gap(trainer, ub.old_logp, ub.comp_mask)
+      ub = ub.replace(old_logp=trainer)
     if s.ref_of is not None:
       ub = ub.replace(ref_logp=logprobs(s.ref_of(state.params)))
-    for _ in range(run.rl.num_iterations):
+    for i in range(run.rl.num_iterations):
       state, um = update_lib.update_step(
         s.graphdef, state, ub, tx=s.tx, cfg=ucfg
       )
+      if i == 0 and gap is None:  # first iteration: π_old is the sampler's
+        gap = {k: um[k] for k in ("ratio_mean", "logp_diff_mean",
+                                  "logp_diff_max")}  # fmt: skip
+  um = {**um, **{f"sampler/{k}": v for k, v in gap.items()}}
   return state, jax.device_get(um)
+
+
+def _sampler_gap(trainer, sampler_lp, mask) -> dict:
+  """The trainer's log-probs of the sampled tokens against the sampler's:
+  the importance ratio before any update (1 on-policy) and |difference|."""
+  d = jnp.where(mask, trainer - sampler_lp, 0.0)
+  n = jnp.maximum(jnp.sum(mask), 1)
+  return {
+    "ratio_mean": jnp.sum(jnp.where(mask, jnp.exp(d), 0.0)) / n,
+    "logp_diff_mean": jnp.sum(jnp.abs(d)) / n,
+    "logp_diff_max": jnp.max(jnp.abs(d)),
+  }
 
 
 def _check_same_adapters(path: str, cfg) -> None:

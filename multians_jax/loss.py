@@ -60,6 +60,41 @@ DEFAULT_CHUNK = 128
 # Token log-probabilities
 
 
+@dataclasses.dataclass(frozen=True)
+class Support:
+  """The support of the sampling distribution: top-k, then nucleus (top-p)
+  truncation of softmax(logits / temperature) (``sampler.top_k`` /
+  ``top_p``). Log-probs under a truncated support are renormalised over
+  the kept tokens, so the sampler's and the trainer's agree and the
+  importance ratio stays 1 on-policy. The default keeps every token."""
+
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+
+  @property
+  def full(self) -> bool:
+    return not self.top_k and self.top_p >= 1.0
+
+
+def support_mask(z: jax.Array, support: Support) -> jax.Array:
+  """bool [..., V]: the tokens ``support`` keeps of scaled logits ``z``.
+
+  Top-k keeps the k largest (ties at the k-th value included); top-p then
+  keeps the smallest prefix of the remaining tokens, by descending
+  probability, whose mass reaches ``top_p`` (at least one token).
+  """
+  keep = jnp.ones(z.shape, bool)
+  if support.top_k:
+    keep = z >= jax.lax.top_k(z, support.top_k)[0][..., -1:]
+  if support.top_p < 1.0:
+    srt = jnp.sort(jnp.where(keep, z, -jnp.inf), axis=-1)[..., ::-1]
+    p = jax.nn.softmax(srt, axis=-1)
+    kept = (jnp.cumsum(p, axis=-1) - p) < support.top_p
+    cutoff = jnp.min(jnp.where(kept, srt, jnp.inf), axis=-1, keepdims=True)
+    keep = keep & (z >= cutoff)
+  return keep
+
+
 def token_logprobs(
   model,
   tokens: jax.Array,
@@ -70,13 +105,15 @@ def token_logprobs(
   chunk: int = DEFAULT_CHUNK,
   start: int = 0,
   return_entropy: bool = False,
+  support: Support = Support(),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """log π(tokens[:, t+1] | tokens[:, ≤t]) without [B, T, V] logits.
 
-  The distribution is softmax(logits / temperature): the sampler draws from
-  the temperature-scaled distribution and reports its log-probs *before*
-  top-k / top-p truncation, so these values equal the sampler's log-probs
-  (ρ = 1 at the first PPO iteration).
+  The distribution is the sampler's: softmax(logits / temperature) on
+  ``support`` (renormalised over the kept tokens; the target itself is
+  always kept, so a log-prob is finite even where the support moved), so
+  these values equal the sampler's log-probs (ρ = 1 at the first PPO
+  iteration).
 
   Args:
     model: a ``model.Transformer`` (``hidden`` and ``head_weight``).
@@ -89,8 +126,10 @@ def token_logprobs(
       completions after them, ``start = P - 1`` gives exactly the [B, L]
       completion log-probs.
     return_entropy: also return the entropy of the same distribution.
+    support: the sampler's top-k / top-p truncation.
 
-  ``chunk``, ``start`` and ``return_entropy`` are static under ``jit``;
+  ``chunk``, ``start``, ``return_entropy`` and ``support`` are static
+  under ``jit``;
   ``temperature`` may be static or an array.
 
   Returns:
@@ -105,8 +144,9 @@ def token_logprobs(
   h, _ = model.hidden(tokens, positions, mask)
   h, targets = h[:, start:-1], tokens[:, start + 1 :]  # [B, n, D], [B, n]
   return head_logprobs(
-    model, h, targets, temperature, chunk=chunk, return_entropy=return_entropy
-  )
+    model, h, targets, temperature, chunk=chunk,
+    return_entropy=return_entropy, support=support,
+  )  # fmt: skip
 
 
 def shared_prompt_logprobs(
@@ -121,6 +161,7 @@ def shared_prompt_logprobs(
   temperature: float = 1.0,
   chunk: int = DEFAULT_CHUNK,
   return_entropy: bool = False,
+  support: Support = Support(),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Completion log-probs of grouped rows, each prompt run once.
 
@@ -133,7 +174,7 @@ def shared_prompt_logprobs(
   Args:
     prompt_tokens, prompt_positions, prompt_mask: [P, T].
     tokens, positions, mask: [B, L] completions, B = P·s, prompt-major.
-    temperature, chunk, return_entropy: as in ``token_logprobs``.
+    temperature, chunk, return_entropy, support: as in ``token_logprobs``.
   """
   _check_head_args(temperature, chunk)  # before the decoder runs
   hp, h = model.hidden_shared(
@@ -143,15 +184,24 @@ def shared_prompt_logprobs(
   first = jnp.repeat(hp[:, -1:], s, axis=0)  # [B, 1, D]
   h = jnp.concatenate([first, h[:, :-1]], axis=1)  # h[:, j] predicts tok j
   return head_logprobs(
-    model, h, tokens, temperature, chunk=chunk, return_entropy=return_entropy
-  )
+    model, h, tokens, temperature, chunk=chunk,
+    return_entropy=return_entropy, support=support,
+  )  # fmt: skip
 
 
 def head_logprobs(
-  model, h, targets, temperature, *, chunk=DEFAULT_CHUNK, return_entropy=False
+  model,
+  h,
+  targets,
+  temperature,
+  *,
+  chunk=DEFAULT_CHUNK,
+  return_entropy=False,
+  support: Support = Support(),
 ):
-  """LM head + log-softmax + gather, chunked: h [B, n, D], targets [B, n]
-  → logp [B, n] (and entropy), never holding more than [B, C, V] logits."""
+  """LM head + log-softmax (on ``support``) + gather, chunked: h [B, n, D],
+  targets [B, n] → logp [B, n] (and entropy), never holding more than
+  [B, C, V] logits."""
   _check_head_args(temperature, chunk)
   b, n = targets.shape
   c = min(chunk, n)
@@ -165,7 +215,7 @@ def head_logprobs(
   temperature = jnp.asarray(temperature, jnp.float32)
 
   def body(carry, xs):
-    return carry, _chunk_logprobs(w, *xs, temperature, return_entropy)
+    return carry, _chunk_logprobs(w, *xs, temperature, return_entropy, support)
 
   _, (logp, ent) = jax.lax.scan(body, None, (h, targets))
   logp = logp.swapaxes(0, 1).reshape(b, k * c)[:, :n]
@@ -192,20 +242,32 @@ def _scaled_logits(w, h, temperature):
   return z / temperature
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunk_logprobs(w, h, targets, temperature, with_entropy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunk_logprobs(w, h, targets, temperature, with_entropy, support):
   """h [B, C, D], targets [B, C] → (logp [B, C], entropy [B, C] or 0).
 
   logp = z_y − lse and entropy H = lse − Σ p·z of the distribution
-  p = softmax(z), z = h·w / temperature.
+  p = softmax(z) on the kept tokens (``_kept``), z = h·w / temperature.
   """
-  return _chunk_fwd(w, h, targets, temperature, with_entropy)[0]
+  return _chunk_fwd(w, h, targets, temperature, with_entropy, support)[0]
 
 
-def _chunk_fwd(w, h, targets, temperature, with_entropy):
+def _kept(z, targets, support):
+  """The truncated support (plus each target), or None when it is full:
+  the mask is a constant of the derivative (piecewise constant in z)."""
+  if support.full:
+    return None
+  hit = jnp.arange(z.shape[-1]) == targets[..., None]
+  return support_mask(jax.lax.stop_gradient(z), support) | hit
+
+
+def _chunk_fwd(w, h, targets, temperature, with_entropy, support):
   z = _scaled_logits(w, h, temperature)
-  m = jnp.max(z, axis=-1, keepdims=True)
+  keep = _kept(z, targets, support)
+  m = jnp.max(z, axis=-1, keepdims=True)  # the top token is always kept
   e = jnp.exp(z - m)
+  if keep is not None:
+    e = jnp.where(keep, e, 0.0)
   s = jnp.sum(e, axis=-1)
   lse = m[..., 0] + jnp.log(s)
   picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
@@ -216,7 +278,7 @@ def _chunk_fwd(w, h, targets, temperature, with_entropy):
   return (picked - lse, ent), (w, h, targets, temperature, lse, ent)
 
 
-def _chunk_bwd(with_entropy, res, cot):
+def _chunk_bwd(with_entropy, support, res, cot):
   """Recomputes z once; with p = exp(z − lse) and one-hot y:
   ∂logp/∂z = y − p and ∂H/∂z = −p·(z − lse + H), so
   dz = g_logp·(y − p) − g_H·p·(z − lse + H); then dh = dz·wᵀ / T,
@@ -225,6 +287,9 @@ def _chunk_bwd(with_entropy, res, cot):
   g_logp, g_ent = cot
   z = _scaled_logits(w, h, temperature)
   p = jnp.exp(z - lse[..., None])
+  keep = _kept(z, targets, support)
+  if keep is not None:
+    p = jnp.where(keep, p, 0.0)
   hit = jnp.arange(z.shape[-1]) == targets[..., None]
   dz = jnp.where(hit, g_logp[..., None], 0.0) - p * g_logp[..., None]
   if with_entropy:
@@ -440,13 +505,15 @@ def pg_loss_terms(
   Returns:
     ``(numerator, sums)``: numerator / ``loss_denominator`` of the whole
     batch is this micro-batch's share of the loss. ``sums`` are *sums over
-    counted tokens* (so they add across micro-batches; ``reduce_metrics``
-    turns them into means): ``tokens`` (count), ``ratio`` (ρ; GSPO: the
-    sequence ratio s), ``clip_low`` (ρ < lower bound with A < 0: clipped
-    below, no gradient; CISPO: weight truncated below, whatever A),
+    counted tokens* (so they add across micro-batches, ``combine_sums``;
+    ``reduce_metrics`` turns them into means): ``tokens`` (count),
+    ``ratio`` (ρ; GSPO: the sequence ratio s), ``clip_low`` (ρ < lower
+    bound with A < 0: clipped below, no gradient; CISPO: weight truncated
+    below, whatever A),
     ``clip_high`` (ρ > upper bound with A > 0; CISPO: truncated above),
     ``clip`` (either), ``kl`` (k3, only with ``ref_logp``), ``pg_loss``
-    (the policy term alone).
+    (the policy term alone), ``logp_diff`` (|log π − log π_old|) and
+    ``logp_diff_max`` (its maximum, not a sum).
   """
   _check_shapes(logp, old_logp, adv, mask, ref_logp)
   m = counted_mask(mask, cfg, truncated)
@@ -458,6 +525,7 @@ def pg_loss_terms(
 def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
   logp, old_logp, ref_logp = jax.lax.stop_gradient((logp, old_logp, ref_logp))
   ratio, lo, hi = _ratio(logp, old_logp, cfg, m)
+  diff = jnp.abs(logp - old_logp)  # this policy vs π_old, per token
   a = _per_token(adv)
   if cfg.kind == "cispo":  # truncated weights (the gradient is kept)
     low, high = ratio < lo, ratio > hi
@@ -472,21 +540,34 @@ def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
     "clip_high": total(high),
     "clip": total(low | high),
     "pg_loss": total(per_token_loss(logp, old_logp, adv, pg_cfg, None, m)),
+    "logp_diff": total(diff),
+    "logp_diff_max": jnp.max(jnp.where(m > 0, diff, 0.0)),
   }
   if ref_logp is not None:
     sums["kl"] = total(k3_kl(ref_logp, logp))
   return sums
 
 
+def combine_sums(a: dict, b: dict) -> dict:
+  """Two micro-batches' metric sums as one: added, ``*_max`` by max."""
+  return {
+    k: jnp.maximum(a[k], b[k]) if k.endswith("_max") else a[k] + b[k] for k in a
+  }
+
+
 def reduce_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Token sums (added over micro-batches) → per-token means.
+  """Token sums (added over micro-batches; ``*_max`` keys combined by
+  max, ``combine_sums``) → per-token means.
 
   Keys: ``ratio_mean``, ``clip_low_frac``, ``clip_high_frac``,
-  ``clip_frac``, ``pg_loss_token_mean``, ``kl_mean`` (if present), and
+  ``clip_frac``, ``pg_loss_token_mean``, ``kl_mean`` (if present),
+  ``logp_diff_mean`` and ``logp_diff_max`` (|log π − log π_old| per
+  token: at the first iteration, the trainer against the sampler), and
   ``tokens`` (the count itself).
   """
   n = jnp.maximum(sums["tokens"], 1.0)
   names = {
+    "logp_diff": "logp_diff_mean",
     "ratio": "ratio_mean",
     "clip_low": "clip_low_frac",
     "clip_high": "clip_high_frac",
@@ -496,6 +577,7 @@ def reduce_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
   out = {names[k]: v / n for k, v in sums.items() if k in names}
   out["tokens"] = sums["tokens"]
+  out["logp_diff_max"] = sums["logp_diff_max"]
   return out
 
 

@@ -18,11 +18,13 @@ Flow (one ``jax.jit`` per (P, G, T, settings)):
 Prompt lengths are bucketed to powers of two (``prompt_bucket``), so the
 number of compilations is bounded by the number of buckets.
 
-Log-probs. ``logprobs[b, i]`` is log softmax(logits / temperature) of the
-sampled token, i.e. the temperature-scaled distribution *before* top-k /
-top-p truncation (the distribution ``loss.token_logprobs`` recomputes with the
-same temperature). With ``temperature == 0`` (greedy) they are taken at
-temperature 1.
+Log-probs. ``logprobs[b, i]`` is the log-prob of the sampled token under
+the distribution it was drawn from: softmax(logits / temperature) on the
+top-k / top-p support, renormalised over the kept tokens (what
+``loss.token_logprobs`` recomputes with ``support=loss.Support(top_k,
+top_p)``, so the importance ratio of the first update is 1, not the kept
+mass). With ``temperature == 0`` (greedy) they are taken at temperature 1
+on the full vocabulary.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import numpy as np
 from flax import nnx, struct
 
 from multians_jax import layers as layers_lib
+from multians_jax import loss, sharding
 from multians_jax import model as model_lib
-from multians_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,20 +102,14 @@ def pad_to_bucket(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id=0):
 
 
 def _filter_logits(logits, cfg: SamplingConfig):
-  """Temperature, top-k, top-p on [B, V] float32 logits."""
+  """Temperature, then top-k / top-p (``loss.support_mask``) on [B, V]
+  float32 logits: dropped tokens get the lowest float."""
   scaled = logits / cfg.temperature
-  neg = jnp.finfo(jnp.float32).min
-  if cfg.top_k:
-    kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
-    scaled = jnp.where(scaled < kth, neg, scaled)
-  if cfg.top_p < 1.0:
-    srt = jnp.sort(scaled, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (at least one token).
-    keep = (cum - jax.nn.softmax(srt, axis=-1)) < cfg.top_p
-    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    scaled = jnp.where(scaled < cutoff, neg, scaled)
-  return scaled
+  support = loss.Support(cfg.top_k, cfg.top_p)
+  if support.full:
+    return scaled
+  keep = loss.support_mask(scaled, support)
+  return jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
 
 
 def _categorical(key, logits, block: int = 256):
@@ -151,8 +147,9 @@ def _choose(logits, key, cfg: SamplingConfig):
     tok = jnp.argmax(logits, axis=-1)
     lp = jax.nn.log_softmax(logits, axis=-1)
   else:
-    tok = _categorical(key, _filter_logits(logits, cfg))
-    lp = jax.nn.log_softmax(logits / cfg.temperature, axis=-1)
+    filtered = _filter_logits(logits, cfg)
+    tok = _categorical(key, filtered)
+    lp = jax.nn.log_softmax(filtered, axis=-1)  # of the truncated dist
   tok = tok.astype(jnp.int32)
   return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 

@@ -55,6 +55,9 @@ class OptimConfig:
       raise ValueError("optim.grad_clip must be >= 0")
 
 
+_FULL_SUPPORT = loss.Support()  # (the field `loss` hides the module below)
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
   """Static settings of the update step."""
@@ -63,6 +66,9 @@ class UpdateConfig:
   micro_batches: int = 1  # M: B must be a multiple of it
   temperature: float = 1.0  # the sampler's (log-probs of the same dist)
   logprob_chunk: int = 128  # positions whose logits exist at once
+  # The sampler's top-k / top-p truncation: log-probs are the sampler's,
+  # renormalised over the same support (on-policy ratios).
+  support: loss.Support = _FULL_SUPPORT
   # G: rows come in prompt-major groups of G identical prompts (as
   # ``sampler.sample`` returns them). With G > 1 every prompt runs through
   # the decoder once per group (or per part of a group in a micro-batch),
@@ -217,6 +223,7 @@ def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
       temperature=cfg.temperature,
       chunk=cfg.logprob_chunk,
       return_entropy=True,
+      support=cfg.support,
     )
   return loss.token_logprobs(
     m,
@@ -227,6 +234,7 @@ def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
     chunk=cfg.logprob_chunk,
     start=t - 1,
     return_entropy=True,
+    support=cfg.support,
   )
 
 
@@ -276,7 +284,7 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
     g_acc, l_acc, s_acc = carry
     (lv, sums), g = grad_fn(trainable, mb)
     g_acc = jax.tree.map(jnp.add, g_acc, g)
-    s_acc = jax.tree.map(jnp.add, s_acc, sums)
+    s_acc = loss.combine_sums(s_acc, sums)
     return (g_acc, l_acc + lv, s_acc), None
 
   first = jax.tree.map(lambda x: x[0], micro)

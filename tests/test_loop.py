@@ -37,6 +37,9 @@ def test_toy_task_reward_increases(tmp_path):
   assert len(rewards) == 16
   first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
   assert last > first + 0.15, rewards
+  # The update scores the sampled tokens as the sampler did.
+  assert all(r["sampler/logp_diff_max"] < 1e-4 for r in rows)
+  assert all(abs(r["sampler/ratio_mean"] - 1) < 1e-4 for r in rows)
 
 
 def test_warm_up_runs_under_the_mesh_sharding_rules(tmp_path, monkeypatch):
@@ -79,6 +82,28 @@ def _toy_run(workdir, steps, **rl):
     tokenizer=toy_task.tokenizer(),
   )
   return toy_task.training_rows(str(workdir))
+
+
+def test_several_iterations_log_the_sampler_gap(tmp_path):
+  """rl.num_iterations=2 on top_p=0.9 samples: π_old is recomputed by the
+  trainer on the sampler's support, and the logged sampler/trainer gap is
+  that of the recomputation (≈ 0), not of the later iterations."""
+  c = toy_task.config(3)
+  c.rl.num_iterations = 2
+  c.sampler.top_p = 0.9
+  c.ckpt.every_steps = 100
+  loop.train(
+    loop.RunConfig.from_dict(c.to_dict()),
+    str(tmp_path),
+    train_source=toy_task.records(8),
+    eval_source=toy_task.records(4),
+    tokenizer=toy_task.tokenizer(),
+  )
+  rows = toy_task.training_rows(str(tmp_path))
+  assert len(rows) == 3
+  for r in rows:
+    assert r["sampler/logp_diff_max"] < 1e-4
+    assert abs(r["sampler/ratio_mean"] - 1) < 1e-4
 
 
 def test_answer_credit_learns_and_resumes_exactly(tmp_path):

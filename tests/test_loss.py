@@ -357,7 +357,7 @@ def test_micro_batch_splits_sum_to_full_batch_loss(agg, kind, mask_truncated):
         truncated=trunc[sl],
       )
       num = num + n_i
-      sums = s_i if sums is None else jax.tree.map(jnp.add, sums, s_i)
+      sums = s_i if sums is None else loss.combine_sums(sums, s_i)
     assert abs(float(num / den) - float(full)) < 1e-6, split
     for k, v in loss.reduce_metrics(sums).items():
       assert float(v) == pytest.approx(float(full_m[k]), rel=1e-5, abs=1e-6), k
@@ -672,3 +672,74 @@ def test_chunk_vjp_gradients_equal_autodiff_of_full_logits(tiny):
   assert abs(float(t2)) > 1e-3  # the temperature gradient is not trivially 0
   for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
+
+
+def _numpy_support(z, top_k, top_p):
+  """bool [..., V]: top-k, then top-p (smallest prefix reaching top_p) of
+  softmax(z), row by row in float64."""
+  keep = np.zeros(z.shape, bool)
+  for idx in np.ndindex(z.shape[:-1]):
+    order = np.argsort(-z[idx])[: top_k or None]
+    p = np.exp(z[idx][order] - z[idx][order].max())
+    p /= p.sum()
+    n = int(np.searchsorted(np.cumsum(p) - p, top_p, side="left"))
+    keep[idx + (order[: max(n, 1)],)] = True
+  return keep
+
+
+def test_truncated_support_logprobs_and_gradients(tiny):
+  """support=Support(top_k, top_p): log-probs and entropies of softmax(z)
+  renormalised over the sampler's support plus the target (so every value
+  is finite), against a float64 numpy oracle; the chunked backward equals
+  autodiff of the same masked log-softmax."""
+  tokens, positions, mask = ragged_tokens(4, 3, 11, 64)
+  graphdef, state = nnx.split(tiny)
+  support = loss.Support(top_k=20, top_p=0.8)
+  temp = 0.7
+  logits, _ = tiny(tokens, positions, mask)
+  z = np.asarray(logits, np.float64)[:, :-1] / temp
+  y = np.asarray(tokens)[:, 1:]
+  hit = np.arange(z.shape[-1]) == y[..., None]
+  keep = _numpy_support(z, 20, 0.8) | hit
+  assert 0.2 < keep.mean() < 0.4  # the support is a real truncation
+  zk = np.where(keep, z, -np.inf)
+  lse = zk.max(-1) + np.log(np.exp(zk - zk.max(-1, keepdims=True)).sum(-1))
+  want_lp = np.take_along_axis(z, y[..., None], -1)[..., 0] - lse
+  q = np.exp(zk - lse[..., None])
+  want_ent = -np.sum(np.where(keep, q * (z - lse[..., None]), 0.0), -1)
+
+  def ours(state, t):
+    m = nnx.merge(graphdef, state)
+    return loss.token_logprobs(
+      m, tokens, positions, mask, temperature=t, chunk=4,
+      return_entropy=True, support=support,
+    )  # fmt: skip
+
+  lp, ent = jax.jit(ours)(state, jnp.float32(temp))
+  np.testing.assert_allclose(lp, want_lp, atol=2e-5)
+  np.testing.assert_allclose(ent, want_ent, atol=2e-5)
+
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  b = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  kmask = jnp.asarray(keep)
+
+  def objective(state, t):
+    lp, ent = ours(state, t)
+    return jnp.sum(a * lp) + jnp.sum(b * ent)
+
+  def oracle(state, t):
+    logits, _ = nnx.merge(graphdef, state)(tokens, positions, mask)
+    zz = jnp.where(kmask, logits[:, :-1] / t, -1e30)  # finite: no NaN grad
+    lsm = jax.nn.log_softmax(zz, axis=-1)
+    lp = jnp.take_along_axis(lsm, tokens[:, 1:, None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.where(kmask, jnp.exp(lsm) * lsm, 0.0), axis=-1)
+    return jnp.sum(a * lp) + jnp.sum(b * ent)
+
+  t = jnp.float32(temp)
+  v1, (g1, t1) = jax.jit(jax.value_and_grad(objective, (0, 1)))(state, t)
+  v2, (g2, t2) = jax.jit(jax.value_and_grad(oracle, (0, 1)))(state, t)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  np.testing.assert_allclose(t1, t2, rtol=1e-4)
+  for x, w in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(w), atol=2e-5)

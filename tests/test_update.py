@@ -94,6 +94,42 @@ def test_per_token_advantages_update(one_device_mesh):
   np.testing.assert_allclose(m1["loss"], ms["loss"], atol=1e-6)
 
 
+@pytest.mark.parametrize("group_size", [1, 8])  # per-row / shared prompts
+def test_truncated_sampling_stays_on_policy(one_device_mesh, group_size):
+  """top_p = 0.8: the update scores the sampled tokens on the sampler's
+  support, so the first importance ratio is 1 (mean within 1e-3) and the
+  logged sampler/trainer log-prob difference is ≈ 0 in fp32. Scored on the
+  full vocabulary instead (the known bias this removes) every ratio is the
+  kept mass, and the mean is far below 1."""
+  m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)
+  rng = np.random.default_rng(0)
+  prompts = jnp.asarray(rng.integers(3, 64, (4, 6)), jnp.int32)
+  scfg = sampler.SamplingConfig(12, temperature=1.0, top_p=0.8)
+  r = sampler.sample(
+    m, prompts, prompts > 0, jax.random.key(3), scfg, num_samples=8
+  )
+  batch = update.make_batch(r, jnp.zeros((32,), jnp.float32))
+  state = update.init_state(m, optax.sgd(0.0))
+
+  def metrics(support):
+    ucfg = update.UpdateConfig(
+      micro_batches=2, temperature=1.0, logprob_chunk=5,
+      group_size=group_size, support=support,
+    )  # fmt: skip
+    st = jax.tree.map(jnp.copy, state)  # the step donates its state
+    _, out = update.update_step(
+      nnx.graphdef(m), st, batch, tx=optax.sgd(0.0), cfg=ucfg
+    )
+    return jax.device_get(out)
+
+  on = metrics(loss.Support(top_p=0.8))
+  assert abs(on["ratio_mean"] - 1.0) < 1e-3
+  assert on["logp_diff_max"] < 1e-4 and on["logp_diff_mean"] < 1e-5
+  off = metrics(loss.Support())
+  assert off["ratio_mean"] < 0.95
+  assert off["logp_diff_mean"] > 0.05
+
+
 def test_non_finite_update_is_skipped(one_device_mesh):
   tx = update.optimizer(update.OptimConfig(lr=1e-2))
   m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)
