@@ -332,9 +332,10 @@ def test_learning_test_fails_when_reward_or_update_is_broken(
 
     def frozen(g, state, b, tx, cfg):
       calls.append(1)
-      return state, {"loss": 0.0}
+      keys = ("loss", "ratio_mean", "logp_diff_mean", "logp_diff_max")
+      return state, dict.fromkeys(keys, 0.0)
 
-    monkeypatch.setattr(loop.train_lib, "update_step", frozen)
+    monkeypatch.setattr(loop.update_lib, "update_step", frozen)
   warm, after = _train_arm(arm, tmp_path / arm)
   assert len(calls) >= STEPS  # the broken piece is the one the loop runs
   check = _check_multi if arm == "multi_rlvr" else _check_single
