@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import bench  # noqa: E402
 
 
+@pytest.mark.slow
 def test_quick_bench_all_on_tiny_model(tmp_path):
   """The harness runs end to end and both sides of each comparison ran
   the same work: the same number of new tokens, the same loss on the two

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import toy_task
 from huggingface_hub import ModelCard
 
@@ -51,6 +52,7 @@ def test_base_model_is_named_only_when_known():
   assert card.base_model("gs://bucket/model") == (None, None)
 
 
+@pytest.mark.slow
 def test_run_export_and_tool_export_carry_the_card(tmp_path):
   c = toy_task.config(2)
   c.eval.before_after = True

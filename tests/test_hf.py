@@ -186,6 +186,7 @@ def test_checkpointer_accepts_relative_paths(
   assert (tmp_path / "rel" / "ckpts" / "1").is_dir()
 
 
+@pytest.mark.slow
 def test_import_and_parity_clis(tmp_path):
   """tools/hf_to_orbax.py then tools/check_parity.py against transformers."""
   import subprocess

@@ -297,6 +297,7 @@ def _check_single(sw, sa):
   assert sa["dist/top1_p"] > sw["dist/top1_p"] + 0.1, (sw, sa)
 
 
+@pytest.mark.slow
 def test_multi_rlvr_covers_the_top_set_and_rlvr_collapses(tmp_path):
   (mw, ma) = _train_arm("multi_rlvr", tmp_path / "m")
   (sw, sa) = _train_arm("rlvr", tmp_path / "s")
@@ -371,6 +372,7 @@ def _py(*args, check=True):
   )
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_run_config_reproduces_training_eval(tmp_path):
   work, data = tmp_path / "run", tmp_path / "data"
   cfg = "--config=configs/lab.py:multi_rlcr"

@@ -19,6 +19,7 @@ from multians_jax import warmup as warmup_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_toy_task_reward_increases(tmp_path):
   run = loop.RunConfig.from_dict(toy_task.config(16).to_dict())
   loop.train(
@@ -42,6 +43,7 @@ def test_toy_task_reward_increases(tmp_path):
   assert all(abs(r["sampler/ratio_mean"] - 1) < 1e-4 for r in rows)
 
 
+@pytest.mark.slow
 def test_warm_up_runs_under_the_mesh_sharding_rules(tmp_path, monkeypatch):
   """The format warm-up traces its step as the RL update does: with the
   mesh's activation rules active, on a batch sharded over the batch axes
@@ -84,6 +86,7 @@ def _toy_run(workdir, steps, **rl):
   return toy_task.training_rows(str(workdir))
 
 
+@pytest.mark.slow
 def test_several_iterations_log_the_sampler_gap(tmp_path):
   """rl.num_iterations=2 on top_p=0.9 samples: π_old is recomputed by the
   trainer on the sampler's support, and the logged sampler/trainer gap is
@@ -106,6 +109,7 @@ def test_several_iterations_log_the_sampler_gap(tmp_path):
     assert abs(r["sampler/ratio_mean"] - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_answer_credit_learns_and_resumes_exactly(tmp_path):
   """rl.credit='answer' on the toy task: the reward rises, slot tokens take
   slot advantages, and a run resumed from step 12 ends where an
@@ -127,6 +131,7 @@ def test_answer_credit_learns_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_refills_and_resumes_exactly(tmp_path):
   """rl.dynamic_sampling on the toy task (many all-fail groups at first):
   extra rounds are drawn, the stream advances past them, and a run resumed
@@ -197,6 +202,7 @@ def straight(tmp_path_factory):
   return work
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(straight):
   work = os.path.join(os.path.dirname(straight), "killed")
   proc = subprocess.Popen(
@@ -214,6 +220,7 @@ def test_resume_after_sigkill_is_exact(straight):
   assert toy_task.training_rows(straight) == toy_task.training_rows(work)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(straight):
   work = os.path.join(os.path.dirname(straight), "corrupt")
   shutil.copytree(straight, work)
@@ -238,6 +245,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight):
   assert toy_task.training_rows(straight) == toy_task.training_rows(work)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   work = str(tmp_path / "term")
   proc = subprocess.Popen(
@@ -254,6 +262,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert steps[-1] < 200
 
 
+@pytest.mark.slow
 def test_orbax_to_hf_on_a_training_checkpoint(straight, tmp_path):
   out = tmp_path / "hf"
   subprocess.run(
@@ -273,6 +282,7 @@ def test_orbax_to_hf_on_a_training_checkpoint(straight, tmp_path):
   assert (out / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_tool_on_a_training_checkpoint(straight, tmp_path):
   out = tmp_path / "eval"
   subprocess.run(
@@ -300,6 +310,7 @@ def test_evaluate_tool_on_a_training_checkpoint(straight, tmp_path):
   assert (out / "coverage_vs_k.png").exists()
 
 
+@pytest.mark.slow
 def test_sample_tool_with_the_run_config(straight):
   """tools/sample.py --config prompts and samples as the run does: the
   config's system prompt (mode, K, family) and sampler settings."""

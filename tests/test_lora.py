@@ -56,6 +56,7 @@ def _perturbed(m, seed=3, scale=0.05):
   "family,extra",
   [("llama", {}), ("qwen2", {"qkv_bias": True}), ("qwen3", {"qk_norm": True})],
 )
+@pytest.mark.slow
 def test_fresh_adapters_keep_the_base_function(family, extra, one_device_mesh):
   cfg = CFG.replace(family=family, **extra)
   base = model_lib.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES, 1)
@@ -71,6 +72,7 @@ def test_fresh_adapters_keep_the_base_function(family, extra, one_device_mesh):
   assert not np.allclose(_logits(_perturbed(m)), _logits(base), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_adapters_compute_the_low_rank_update(one_device_mesh):
   """y = x·W + (alpha / r)·x·A·B, by hand on one projection: the merged
   model (W + scale·A·B) computes what the adapted one does."""
@@ -144,6 +146,7 @@ def _step(mesh, micro, tx, steps=1):
   return state, before, after, jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_update_trains_only_the_adapters(one_device_mesh):
   tx = update.optimizer(update.OptimConfig(lr=1e-2))
   state, before, after, _ = _step(one_device_mesh, 2, tx, steps=2)
@@ -162,6 +165,7 @@ def test_update_trains_only_the_adapters(one_device_mesh):
   assert sum(x.size for x in moments) == 2 * n_adapter
 
 
+@pytest.mark.slow
 def test_lora_micro_batches_and_sharding_are_exact(one_device_mesh):
   sgd = optax.sgd(1.0)
   _, _, full, m1 = _step(one_device_mesh, 1, sgd)
@@ -175,6 +179,7 @@ def test_lora_micro_batches_and_sharding_are_exact(one_device_mesh):
   np.testing.assert_allclose(m1["loss"], ms["loss"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_base_once_and_adapters_per_step(
   tmp_path, one_device_mesh
 ):
@@ -208,6 +213,7 @@ def test_checkpoint_holds_the_base_once_and_adapters_per_step(
     )
 
 
+@pytest.mark.slow
 def test_load_policy_adds_keeps_or_replaces_adapters(tmp_path, one_device_mesh):
   base = model_lib.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, 1)
   trained = _perturbed(lora.add(base, 4, 8.0, "all", seed=2))
@@ -228,6 +234,7 @@ def test_load_policy_adds_keeps_or_replaces_adapters(tmp_path, one_device_mesh):
   np.testing.assert_allclose(_logits(merged), _logits(trained), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_merged_and_peft_exports_match_transformers(tmp_path, one_device_mesh):
   """The merged export loads in transformers with our logits; the PEFT
   export on the base model (peft.PeftModel) gives them too."""
@@ -300,6 +307,7 @@ def _toy_lora(workdir, steps=16):
   return [r["reward/total"] for r in rows if "reward/total" in r]
 
 
+@pytest.mark.slow
 def test_lora_learns_the_toy_task(tmp_path):
   rewards = _toy_lora(tmp_path)
   assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.15, rewards
@@ -312,6 +320,7 @@ def test_lora_learns_the_toy_task(tmp_path):
     np.testing.assert_array_equal(np.asarray(m.layers.arrays()[k]), v)
 
 
+@pytest.mark.slow
 def test_lora_learning_test_fails_without_the_adapter_path(
   tmp_path, monkeypatch
 ):
@@ -328,6 +337,7 @@ def test_lora_learning_test_fails_without_the_adapter_path(
   assert np.mean(rewards[-4:]) <= np.mean(rewards[:4]) + 0.15, rewards
 
 
+@pytest.mark.slow
 def test_kl_reference_is_the_initial_policy(tmp_path, one_device_mesh):
   """Under LoRA the KL reference is the current base with the adapters the
   run started from: zero B for fresh adapters (the base model), the
@@ -346,6 +356,7 @@ def test_kl_reference_is_the_initial_policy(tmp_path, one_device_mesh):
   np.testing.assert_allclose(_logits(ref), _logits(base), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_with_other_lora_settings_is_refused(tmp_path, one_device_mesh):
   base = model_lib.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, 1)
   m = lora.add(base, 4, 8.0, "all", seed=2)
@@ -358,6 +369,7 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path, one_device_mesh):
       loop._check_same_adapters(str(tmp_path / "ck"), other)
 
 
+@pytest.mark.slow
 def test_float32_merge_keeps_updates_a_bfloat16_merge_rounds(one_device_mesh):
   cfg = CFG.replace(param_dtype="bfloat16")
   base = model_lib.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES, 1)

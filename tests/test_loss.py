@@ -329,6 +329,7 @@ def test_per_token_advantages_at_ratio_one(agg):
   [(a, "ppo") for a in AGGS]
   + [("seq_mean_token_mean", "gspo"), ("token_mean", "cispo")],
 )
+@pytest.mark.slow
 def test_micro_batch_splits_sum_to_full_batch_loss(agg, kind, mask_truncated):
   logp, old, adv, mask, ref, trunc = random_batch(2)
   if kind == "gspo":  # sequence ratios near 1, some outside GSPO's range
@@ -444,6 +445,7 @@ def ragged_tokens(seed, b, t, vocab):
   return tuple(jnp.asarray(x) for x in (tokens, positions, mask))
 
 
+@pytest.mark.slow
 def test_micro_batch_gradient_equals_full_batch(tiny):
   """Σ_i ∇(numerator_i / den) through a model = ∇ full-batch loss (fp32)."""
   m = tiny
@@ -507,6 +509,7 @@ def oracle_logprobs(m, tokens, positions, mask, temperature):
   return logp, ent
 
 
+@pytest.mark.slow
 def test_token_logprobs_equal_full_logits(tiny):
   tokens, positions, mask = ragged_tokens(0, 3, 11, 64)
   chunks = (1, 3, 4, 10, 16)  # T - 1 = 10; 3 and 4 leave a remainder
@@ -619,6 +622,7 @@ def _logp_and_grad(m, tokens, positions, mask):
   return lp, grads
 
 
+@pytest.mark.slow
 def test_sharded_token_logprobs_match_single_device(tiny):
   """8 fake devices, data × fsdp × tensor = 2 × 2 × 2, vocab on 'tensor'."""
   tokens, positions, mask = ragged_tokens(5, 4, 11, 64)
@@ -640,6 +644,7 @@ def test_sharded_token_logprobs_match_single_device(tiny):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunk_vjp_gradients_equal_autodiff_of_full_logits(tiny):
   """The hand-written backward of the chunked head (log-probs *and*
   entropy, w.r.t. every parameter and the temperature) = autodiff of the
@@ -687,6 +692,7 @@ def _numpy_support(z, top_k, top_p):
   return keep
 
 
+@pytest.mark.slow
 def test_truncated_support_logprobs_and_gradients(tiny):
   """support=Support(top_k, top_p): log-probs and entropies of softmax(z)
   renormalised over the sampler's support plus the target (so every value

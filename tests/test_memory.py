@@ -130,6 +130,7 @@ def test_remat_shrinks_activations():
   assert mem.activation_bytes(plan8, "full")["layer"] == pytest.approx(8 * full)
 
 
+@pytest.mark.slow
 def test_formula_matches_compiled_update_step():
   """Per-layer activations within 10 %, step temporaries within 20 %
   (the tolerances documented in tools/memory.py)."""

@@ -113,6 +113,7 @@ def test_bf16_compute_close_to_fp32(tmp_path, one_device_mesh):
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.slow
 def test_remat_gives_same_gradient(remat, one_device_mesh):
   cfg = model.ModelConfig("llama", 64, 32, 3, 4, 2, 8, 48)
   ids, mask, pos = ragged_batch(64, [7, 3], 7)

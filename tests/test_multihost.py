@@ -176,6 +176,7 @@ def toy(tmp_path_factory):
   return str(tmp)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_restore_in_one(toy):
   ref = os.path.join(toy, "single")
   multi = os.path.join(toy, "multi")

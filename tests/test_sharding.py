@@ -66,6 +66,7 @@ def reference():
     ((2, 2, 2), "sample"),
   ],
 )
+@pytest.mark.slow
 def test_sharded_forward_and_grad_match_single_device(shape, rules, reference):
   assert len(jax.devices()) == 8
   mesh = sharding.make_mesh(*shape)

@@ -81,6 +81,7 @@ def test_hidden_shared_equals_concatenated_forward(family, one_device_mesh):
 
 
 @pytest.mark.parametrize("s", [G, 2])
+@pytest.mark.slow
 def test_shared_logprobs_and_gradients_equal_plain(s, one_device_mesh):
   """s = G (whole groups) and s = 2 (each group split in two)."""
   m = model.init_model(CFGS["qwen3"], one_device_mesh, sharding.TRAIN_RULES)
@@ -134,6 +135,7 @@ def _update(mesh, micro, group, tx):
 
 
 @pytest.mark.parametrize("micro", [1, 2, 4])
+@pytest.mark.slow
 def test_update_with_shared_prompts_equals_plain(micro, one_device_mesh):
   """8 rows = 2 prompts × 4: micro-batches of 8, 4 (one group) and 2 rows
   (half a group) all give the plain update's gradient."""
@@ -147,6 +149,7 @@ def test_update_with_shared_prompts_equals_plain(micro, one_device_mesh):
       np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sharded_shared_update_equals_single_device(one_device_mesh):
   # SGD(1): parameters move by the gradient (Adam's first step is ±lr for
   # any gradient, so it would turn 1e-9 rounding on a ~0 gradient into lr).

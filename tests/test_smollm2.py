@@ -38,6 +38,7 @@ def test_config_matches_the_published_architecture(smol):
   assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_greedy_paris_and_logits_match_transformers(smol):
   from transformers import AutoModelForCausalLM
 
@@ -68,6 +69,7 @@ def test_greedy_paris_and_logits_match_transformers(smol):
   assert np.abs(got - want)[mask].max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_cli_sample_answers_paris():
   out = subprocess.run(
     [
@@ -108,6 +110,7 @@ def test_group_sampling_on_smollm2(smol):
   assert len(texts) > 1  # four different completions from one prefill
 
 
+@pytest.mark.slow
 def test_two_training_steps_export_to_transformers(tmp_path):
   """Train 2 RL steps on SmolLM2 → orbax_to_hf → transformers logits."""
   from transformers import AutoModelForCausalLM, AutoTokenizer

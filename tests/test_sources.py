@@ -63,6 +63,7 @@ def test_hub_id_resolves_from_the_cache_offline(offline_hub, one_device_mesh):
     checkpoint.resolve("no_such_dir")  # not an id: a missing local path
 
 
+@pytest.mark.slow
 def test_sample_cli_takes_a_hub_id(offline_hub):
   _hub_cache(offline_hub)
   env = dict(os.environ)
@@ -85,6 +86,7 @@ def test_sample_cli_takes_a_hub_id(offline_hub):
   assert row["prompt"] and len(row["token_ids"]) == 3 and "completion" in row
 
 
+@pytest.mark.slow
 def test_training_from_a_hub_id(offline_hub, tmp_path):
   _hub_cache(offline_hub)
   c = toy_task.config(2)
@@ -215,6 +217,7 @@ runpy.run_path("tools/sample.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_sample_cli_takes_a_remote_dir(tmp_path):
   _sharded_model(tmp_path / "local")  # uploaded in the subprocess
   out = subprocess.run(
@@ -238,6 +241,7 @@ def test_sample_cli_takes_a_remote_dir(tmp_path):
   assert row["prompt"] and len(row["token_ids"]) == 3 and "completion" in row
 
 
+@pytest.mark.slow
 def test_training_from_a_remote_dir(tmp_path, monkeypatch):
   remote_fs.install(monkeypatch)
   _remote_model(tmp_path / "local")

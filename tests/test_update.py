@@ -51,6 +51,7 @@ def _step(mesh, micro, tx, adv=None, agg="token_mean"):
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean"])
+@pytest.mark.slow
 def test_micro_batches_equal_full_batch(agg, one_device_mesh):
   sgd = optax.sgd(1.0)  # new params = params − grad: compares gradients
   _, full, m1 = _step(one_device_mesh, 1, sgd, agg=agg)
@@ -61,6 +62,7 @@ def test_micro_batches_equal_full_batch(agg, one_device_mesh):
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_update_equals_single_device(one_device_mesh):
   tx = update.optimizer(update.OptimConfig(lr=1e-2))
   _, single, ms = _step(one_device_mesh, 2, tx)
@@ -71,6 +73,7 @@ def test_sharded_update_equals_single_device(one_device_mesh):
   np.testing.assert_allclose(ms["loss"], mm["loss"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_token_advantages_update(one_device_mesh):
   """[B, L] advantages (rl.credit='answer'): equal to [B] ones when constant
   along L; micro-batched and sharded steps equal the single full batch."""
@@ -95,6 +98,7 @@ def test_per_token_advantages_update(one_device_mesh):
 
 
 @pytest.mark.parametrize("group_size", [1, 8])  # per-row / shared prompts
+@pytest.mark.slow
 def test_truncated_sampling_stays_on_policy(one_device_mesh, group_size):
   """top_p = 0.8: the update scores the sampled tokens on the sampler's
   support, so the first importance ratio is 1 (mean within 1e-3) and the
@@ -130,6 +134,7 @@ def test_truncated_sampling_stays_on_policy(one_device_mesh, group_size):
   assert off["logp_diff_mean"] > 0.05
 
 
+@pytest.mark.slow
 def test_non_finite_update_is_skipped(one_device_mesh):
   tx = update.optimizer(update.OptimConfig(lr=1e-2))
   m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)
