@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from multians_jax import checkpoint, config, data, lora, sharding, update
+from multians_jax import checkpoint, config, data, lora, loss, sharding, update
 from multians_jax import model as model_lib
 
 GiB = 1024**3
@@ -70,6 +70,9 @@ class Plan:
   chunk: int  # C
   cache_dtype: str
   sample_chunk: int = 0  # prompts per sampler call (0 = all P)
+  # The sampler's top-k / top-p: the update's log-prob chunks then also
+  # hold the support mask's sort and cumulative sums.
+  support: loss.Support = loss.Support()
 
   @property
   def rows(self) -> int:
@@ -215,9 +218,19 @@ def activation_bytes(plan: Plan, remat: str | None = None) -> dict[str, float]:
   # constants).
   working = {"none": full, "dots": full / 2, "full": 0.75 * full}[remat]
   c = min(plan.chunk, plan.new_tokens)
-  head = r * c * cfg.vocab_size / tv * 4 + 3 * tok * d * e
+  head = r * c * cfg.vocab_size / tv * 4 * (1 + _support_chunks(plan.support))
+  head += 3 * tok * d * e
   total = cfg.num_layers * saved + working + head
   return {"layer": saved, "working": working, "head": head, "total": total}
+
+
+def _support_chunks(support: loss.Support) -> float:
+  """Extra [b, C, V] float32 arrays the update's log-prob chunk holds for a
+  truncated support (the sort and cumulative sums of ``loss.support_mask``).
+  Fitted to ``compiled_memory`` at C = 16 (top-p 5.0, top-k 2.0, both 7.0);
+  at C = 64 XLA reuses more of them (3.0, 0.25, 4.0), so this is an upper
+  estimate."""
+  return 5.0 * (support.top_p < 1.0) + 2.0 * bool(support.top_k)
 
 
 def compiled_memory(plan: Plan):
@@ -239,7 +252,9 @@ def compiled_memory(plan: Plan):
     f32(b, plan.new_tokens), f32(b), sds((b,), bool),
   )  # fmt: skip
   ucfg = update.UpdateConfig(
-    micro_batches=plan.micro_batches, logprob_chunk=plan.chunk
+    micro_batches=plan.micro_batches,
+    logprob_chunk=plan.chunk,
+    support=plan.support,
   )
   lowered = update.update_step.lower(graphdef, ts, batch, tx=tx, cfg=ucfg)
   return lowered.compile().memory_analysis()
@@ -379,6 +394,7 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     chunk=run.rl.logprob_chunk,
     cache_dtype=run.sampler.cache_dtype,
     sample_chunk=run.rl.sample_chunk,
+    support=loss.Support(run.sampler.top_k, run.sampler.top_p),
   )
 
 
