@@ -359,6 +359,18 @@ class RunConfig:
     return out
 
 
+def from_tool_config(config_dict, given_flags: list[str]) -> RunConfig:
+  """The run config of a tool's ``--config``. ``given_flags``: the tool's
+  own flags that the config decides, as given on the command line; any of
+  them would contradict it and is an error naming it."""
+  if given_flags:
+    raise ValueError(
+      f"{', '.join(given_flags)} conflict with --config (use "
+      "--config.<key>=...)"
+    )
+  return RunConfig.from_dict(config_dict.to_dict())
+
+
 def _section(name: str, cls, d) -> Any:
   if not isinstance(d, dict):
     raise ValueError(f"config: {name} must be a section, got {d!r}")

@@ -59,7 +59,7 @@ from multians_jax import (
 from multians_jax import model as model_lib
 from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
-from multians_jax.config import DataConfig, ModelSource, RunConfig
+from multians_jax.config import ModelSource, RunConfig
 
 # ---------------------------------------------------------------------------
 # Set-up
@@ -189,7 +189,7 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   state = update_lib.init_state(policy, tx)
   dc = run.data
   source = train_source or data.open_split(dc, workdir, dc.train_split)
-  stream = data.PromptIterator(source, tok, _pipeline(run, run.data, run.seed))
+  stream = data.PromptIterator(source, tok, _pipeline(run, run.seed))
   ref_of = None
   if run.loss.kl_beta > 0:  # from the source, before resuming
     ref_of = _reference(run, mesh, tok, state.params)
@@ -227,15 +227,15 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   return session, state, resumed
 
 
-def _pipeline(run: RunConfig, dc: DataConfig, seed: int, batch_size=None):
+def _pipeline(run: RunConfig, seed: int, batch_size: int | None = None):
   """The prompt pipeline's settings: global batches, the same stream on
   every process."""
   return data.PipelineConfig(
-    batch_size=batch_size or dc.prompts_per_step,
+    batch_size=batch_size or run.data.prompts_per_step,
     mode=run.reward.mode,
     num_answers=run.reward.num_answers,
-    max_prompt_len=dc.max_prompt_len,
-    min_bucket=dc.min_bucket,
+    max_prompt_len=run.data.max_prompt_len,
+    min_bucket=run.data.min_bucket,
     seed=seed,
   )
 
@@ -361,7 +361,7 @@ def _warmup(s: Session, params):
   """Supervised format warm-up on training questions (see warmup.py),
   under the mesh's sharding rules like the RL update."""
   run, wc = s.run, s.run.warmup
-  pcfg = _pipeline(run, run.data, run.seed + 7, batch_size=wc.batch_prompts)
+  pcfg = _pipeline(run, run.seed + 7, batch_size=wc.batch_prompts)
   it = data.PromptIterator(s.source, s.tok, pcfg)
   tx = warmup_lib.optimizer(wc)
   opt_state = jax.jit(tx.init)(lora.partition(params)[0])
@@ -460,7 +460,7 @@ def _update(s: Session, state, rollout, adv):
     temperature=max(run.sampler.temperature, 1e-6),
     logprob_chunk=run.rl.logprob_chunk,
     group_size=run.rl.num_generations if run.rl.share_prompt else 1,
-    support=loss.Support(run.sampler.top_k, run.sampler.top_p),
+    support=run.sampling.support,
   )
   logprobs = lambda params: update_lib.completion_logprobs(
     s.graphdef, params, ub, ucfg
@@ -469,31 +469,25 @@ def _update(s: Session, state, rollout, adv):
   with sharding.activate(s.mesh, sharding.TRAIN_RULES):
     if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly
       trainer = logprobs(state.params)
-      gap = _sampler_gap(trainer, ub.old_logp, ub.comp_mask)
+      sums = loss.logp_gap(trainer, ub.old_logp, ub.comp_mask)
+      gap = loss.reduce_metrics({**sums, "tokens": jnp.sum(ub.comp_mask)})
       ub = ub.replace(old_logp=trainer)
     if s.ref_of is not None:
       ub = ub.replace(ref_logp=logprobs(s.ref_of(state.params)))
-    for i in range(run.rl.num_iterations):
+    for _ in range(run.rl.num_iterations):
       state, um = update_lib.update_step(
         s.graphdef, state, ub, tx=s.tx, cfg=ucfg
       )
-      if i == 0 and gap is None:  # first iteration: π_old is the sampler's
-        gap = {k: um[k] for k in ("ratio_mean", "logp_diff_mean",
-                                  "logp_diff_max")}  # fmt: skip
-  um = {**um, **{f"sampler/{k}": v for k, v in gap.items()}}
-  return state, jax.device_get(um)
-
-
-def _sampler_gap(trainer, sampler_lp, mask) -> dict:
-  """The trainer's log-probs of the sampled tokens against the sampler's:
-  the importance ratio before any update (1 on-policy) and |difference|."""
-  d = jnp.where(mask, trainer - sampler_lp, 0.0)
-  n = jnp.maximum(jnp.sum(mask), 1)
-  return {
-    "ratio_mean": jnp.sum(jnp.where(mask, jnp.exp(d), 0.0)) / n,
-    "logp_diff_mean": jnp.sum(jnp.abs(d)) / n,
-    "logp_diff_max": jnp.max(jnp.abs(d)),
+      gap = um if gap is None else gap  # first iteration: π_old = sampler's
+  # The trainer's log-probs of the sampled tokens against the sampler's,
+  # before any update: the importance ratio (1 on-policy) and |difference|.
+  um = {
+    **um,
+    "sampler/ratio_mean": gap["token_ratio_mean"],
+    "sampler/logp_diff_mean": gap["logp_diff_mean"],
+    "sampler/logp_diff_max": gap["logp_diff_max"],
   }
+  return state, jax.device_get(um)
 
 
 def _check_same_adapters(path: str, cfg) -> None:

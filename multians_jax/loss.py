@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from multians_jax import sharding
+from multians_jax.support import FULL, Support, support_mask
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 LOSSES = ("ppo", "gspo", "cispo")
@@ -58,41 +59,6 @@ DEFAULT_CHUNK = 128
 
 # ---------------------------------------------------------------------------
 # Token log-probabilities
-
-
-@dataclasses.dataclass(frozen=True)
-class Support:
-  """The support of the sampling distribution: top-k, then nucleus (top-p)
-  truncation of softmax(logits / temperature) (``sampler.top_k`` /
-  ``top_p``). Log-probs under a truncated support are renormalised over
-  the kept tokens, so the sampler's and the trainer's agree and the
-  importance ratio stays 1 on-policy. The default keeps every token."""
-
-  top_k: int = 0  # 0 = off
-  top_p: float = 1.0  # 1 = off
-
-  @property
-  def full(self) -> bool:
-    return not self.top_k and self.top_p >= 1.0
-
-
-def support_mask(z: jax.Array, support: Support) -> jax.Array:
-  """bool [..., V]: the tokens ``support`` keeps of scaled logits ``z``.
-
-  Top-k keeps the k largest (ties at the k-th value included); top-p then
-  keeps the smallest prefix of the remaining tokens, by descending
-  probability, whose mass reaches ``top_p`` (at least one token).
-  """
-  keep = jnp.ones(z.shape, bool)
-  if support.top_k:
-    keep = z >= jax.lax.top_k(z, support.top_k)[0][..., -1:]
-  if support.top_p < 1.0:
-    srt = jnp.sort(jnp.where(keep, z, -jnp.inf), axis=-1)[..., ::-1]
-    p = jax.nn.softmax(srt, axis=-1)
-    kept = (jnp.cumsum(p, axis=-1) - p) < support.top_p
-    cutoff = jnp.min(jnp.where(kept, srt, jnp.inf), axis=-1, keepdims=True)
-    keep = keep & (z >= cutoff)
-  return keep
 
 
 def token_logprobs(
@@ -105,7 +71,7 @@ def token_logprobs(
   chunk: int = DEFAULT_CHUNK,
   start: int = 0,
   return_entropy: bool = False,
-  support: Support = Support(),
+  support: Support = FULL,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """log π(tokens[:, t+1] | tokens[:, ≤t]) without [B, T, V] logits.
 
@@ -161,7 +127,7 @@ def shared_prompt_logprobs(
   temperature: float = 1.0,
   chunk: int = DEFAULT_CHUNK,
   return_entropy: bool = False,
-  support: Support = Support(),
+  support: Support = FULL,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Completion log-probs of grouped rows, each prompt run once.
 
@@ -197,7 +163,7 @@ def head_logprobs(
   *,
   chunk=DEFAULT_CHUNK,
   return_entropy=False,
-  support: Support = Support(),
+  support: Support = FULL,
 ):
   """LM head + log-softmax (on ``support``) + gather, chunked: h [B, n, D],
   targets [B, n] → logp [B, n] (and entropy), never holding more than
@@ -512,8 +478,8 @@ def pg_loss_terms(
     below, whatever A),
     ``clip_high`` (ρ > upper bound with A > 0; CISPO: truncated above),
     ``clip`` (either), ``kl`` (k3, only with ``ref_logp``), ``pg_loss``
-    (the policy term alone), ``logp_diff`` (|log π − log π_old|) and
-    ``logp_diff_max`` (its maximum, not a sum).
+    (the policy term alone) and ``logp_gap``'s ``token_ratio``,
+    ``logp_diff`` and ``logp_diff_max`` (a maximum, not a sum).
   """
   _check_shapes(logp, old_logp, adv, mask, ref_logp)
   m = counted_mask(mask, cfg, truncated)
@@ -525,7 +491,6 @@ def pg_loss_terms(
 def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
   logp, old_logp, ref_logp = jax.lax.stop_gradient((logp, old_logp, ref_logp))
   ratio, lo, hi = _ratio(logp, old_logp, cfg, m)
-  diff = jnp.abs(logp - old_logp)  # this policy vs π_old, per token
   a = _per_token(adv)
   if cfg.kind == "cispo":  # truncated weights (the gradient is kept)
     low, high = ratio < lo, ratio > hi
@@ -540,12 +505,23 @@ def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):
     "clip_high": total(high),
     "clip": total(low | high),
     "pg_loss": total(per_token_loss(logp, old_logp, adv, pg_cfg, None, m)),
-    "logp_diff": total(diff),
-    "logp_diff_max": jnp.max(jnp.where(m > 0, diff, 0.0)),
+    **logp_gap(logp, old_logp, m),
   }
   if ref_logp is not None:
     sums["kl"] = total(k3_kl(ref_logp, logp))
   return sums
+
+
+def logp_gap(logp, old_logp, m) -> dict[str, jax.Array]:
+  """Sums over the counted tokens ``m`` of how far log π is from log π_old:
+  ``token_ratio`` (exp of the difference, per token, whatever the loss),
+  ``logp_diff`` (|difference|) and ``logp_diff_max`` (its maximum)."""
+  d = jnp.where(m > 0, logp - old_logp, 0.0)
+  return {
+    "token_ratio": jnp.sum(jnp.where(m > 0, jnp.exp(d), 0.0)),
+    "logp_diff": jnp.sum(jnp.abs(d)),
+    "logp_diff_max": jnp.max(jnp.abs(d)),
+  }
 
 
 def combine_sums(a: dict, b: dict) -> dict:
@@ -561,12 +537,14 @@ def reduce_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
   Keys: ``ratio_mean``, ``clip_low_frac``, ``clip_high_frac``,
   ``clip_frac``, ``pg_loss_token_mean``, ``kl_mean`` (if present),
+  ``token_ratio_mean`` (= ``ratio_mean`` except under GSPO),
   ``logp_diff_mean`` and ``logp_diff_max`` (|log π − log π_old| per
   token: at the first iteration, the trainer against the sampler), and
   ``tokens`` (the count itself).
   """
   n = jnp.maximum(sums["tokens"], 1.0)
   names = {
+    "token_ratio": "token_ratio_mean",
     "logp_diff": "logp_diff_mean",
     "ratio": "ratio_mean",
     "clip_low": "clip_low_frac",

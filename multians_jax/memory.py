@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from multians_jax import checkpoint, config, data, lora, loss, sharding, update
+from multians_jax import checkpoint, config, data, lora, sharding, update
 from multians_jax import model as model_lib
+from multians_jax import support as support_lib
 
 GiB = 1024**3
 # Device memory (GiB) by accelerator name, for --device / config comments.
@@ -72,7 +73,7 @@ class Plan:
   sample_chunk: int = 0  # prompts per sampler call (0 = all P)
   # The sampler's top-k / top-p: the update's log-prob chunks then also
   # hold the support mask's sort and cumulative sums.
-  support: loss.Support = loss.Support()
+  support: support_lib.Support = support_lib.FULL
 
   @property
   def rows(self) -> int:
@@ -224,9 +225,10 @@ def activation_bytes(plan: Plan, remat: str | None = None) -> dict[str, float]:
   return {"layer": saved, "working": working, "head": head, "total": total}
 
 
-def _support_chunks(support: loss.Support) -> float:
+def _support_chunks(support: support_lib.Support) -> float:
   """Extra [b, C, V] float32 arrays the update's log-prob chunk holds for a
-  truncated support (the sort and cumulative sums of ``loss.support_mask``).
+  truncated support (the sort and cumulative sums of
+  ``support.support_mask``).
   Fitted to ``compiled_memory`` at C = 16 (top-p 5.0, top-k 2.0, both 7.0);
   at C = 64 XLA reuses more of them (3.0, 0.25, 4.0), so this is an upper
   estimate."""
@@ -394,7 +396,7 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     chunk=run.rl.logprob_chunk,
     cache_dtype=run.sampler.cache_dtype,
     sample_chunk=run.rl.sample_chunk,
-    support=loss.Support(run.sampler.top_k, run.sampler.top_p),
+    support=run.sampling.support,
   )
 
 

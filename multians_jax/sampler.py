@@ -21,10 +21,10 @@ number of compilations is bounded by the number of buckets.
 Log-probs. ``logprobs[b, i]`` is the log-prob of the sampled token under
 the distribution it was drawn from: softmax(logits / temperature) on the
 top-k / top-p support, renormalised over the kept tokens (what
-``loss.token_logprobs`` recomputes with ``support=loss.Support(top_k,
-top_p)``, so the importance ratio of the first update is 1, not the kept
-mass). With ``temperature == 0`` (greedy) they are taken at temperature 1
-on the full vocabulary.
+``loss.token_logprobs`` recomputes with ``support=cfg.support``, so the
+importance ratio of the first update is 1, not the kept mass). With
+``temperature == 0`` (greedy) they are taken at temperature 1 on the full
+vocabulary.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import numpy as np
 from flax import nnx, struct
 
 from multians_jax import layers as layers_lib
-from multians_jax import loss, sharding
 from multians_jax import model as model_lib
+from multians_jax import sharding
+from multians_jax import support as support_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class SamplingConfig:
       raise ValueError(
         f"sampler.cache_dtype must be in {tuple(model_lib.DTYPES)}"
       )
+
+  @property
+  def support(self) -> support_lib.Support:
+    """The top-k / top-p support drawn from (and scored on by the update)."""
+    return support_lib.Support(self.top_k, self.top_p)
 
 
 @struct.dataclass
@@ -102,13 +108,12 @@ def pad_to_bucket(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id=0):
 
 
 def _filter_logits(logits, cfg: SamplingConfig):
-  """Temperature, then top-k / top-p (``loss.support_mask``) on [B, V]
+  """Temperature, then top-k / top-p (``support.support_mask``) on [B, V]
   float32 logits: dropped tokens get the lowest float."""
   scaled = logits / cfg.temperature
-  support = loss.Support(cfg.top_k, cfg.top_p)
-  if support.full:
+  if cfg.support.full:
     return scaled
-  keep = loss.support_mask(scaled, support)
+  keep = support_lib.support_mask(scaled, cfg.support)
   return jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
 
 

@@ -26,6 +26,7 @@ from flax import nnx, struct
 
 from multians_jax import lora, loss, sharding
 from multians_jax import model as model_lib
+from multians_jax import support as support_lib
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -55,9 +56,6 @@ class OptimConfig:
       raise ValueError("optim.grad_clip must be >= 0")
 
 
-_FULL_SUPPORT = loss.Support()  # (the field `loss` hides the module below)
-
-
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
   """Static settings of the update step."""
@@ -68,7 +66,7 @@ class UpdateConfig:
   logprob_chunk: int = 128  # positions whose logits exist at once
   # The sampler's top-k / top-p truncation: log-probs are the sampler's,
   # renormalised over the same support (on-policy ratios).
-  support: loss.Support = _FULL_SUPPORT
+  support: support_lib.Support = support_lib.FULL
   # G: rows come in prompt-major groups of G identical prompts (as
   # ``sampler.sample`` returns them). With G > 1 every prompt runs through
   # the decoder once per group (or per part of a group in a micro-batch),
@@ -314,8 +312,9 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
   return new_state, metrics
 
 
-def place_batch(batch: UpdateBatch, mesh, rules=sharding.TRAIN_RULES):
-  """Shards every [B, ...] array of the batch over the batch axes."""
+def place_batch(batch, mesh, rules=sharding.TRAIN_RULES):
+  """Shards every [B, ...] array of ``batch`` (an ``UpdateBatch`` or any
+  pytree of row-major arrays, e.g. the warm-up's) over the batch axes."""
 
   def put(x):
     axes = ("batch",) + (None,) * (x.ndim - 1)

@@ -333,7 +333,7 @@ def test_learning_test_fails_when_reward_or_update_is_broken(
 
     def frozen(g, state, b, tx, cfg):
       calls.append(1)
-      keys = ("loss", "ratio_mean", "logp_diff_mean", "logp_diff_max")
+      keys = ("loss", "token_ratio_mean", "logp_diff_mean", "logp_diff_max")
       return state, dict.fromkeys(keys, 0.0)
 
     monkeypatch.setattr(loop.update_lib, "update_step", frozen)

@@ -19,6 +19,25 @@ from multians_jax import warmup as warmup_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _train_toy(workdir, c):
+  """Trains config ``c`` on the toy task; returns its training rows."""
+  loop.train(
+    loop.RunConfig.from_dict(c.to_dict()),
+    str(workdir),
+    train_source=toy_task.records(8),
+    eval_source=toy_task.records(4),
+    tokenizer=toy_task.tokenizer(),
+  )
+  return toy_task.training_rows(str(workdir))
+
+
+def _toy_run(workdir, steps, **rl):
+  c = toy_task.config(steps)
+  c.rl.update(rl)
+  c.ckpt.every_steps = 2
+  return _train_toy(workdir, c)
+
+
 @pytest.mark.slow
 def test_toy_task_reward_increases(tmp_path):
   run = loop.RunConfig.from_dict(toy_task.config(16).to_dict())
@@ -58,32 +77,11 @@ def test_warm_up_runs_under_the_mesh_sharding_rules(tmp_path, monkeypatch):
   monkeypatch.setattr(warmup_lib, "sft_step", spy)
   c = toy_task.config(0)
   c.warmup.steps = 2
-  run = loop.RunConfig.from_dict(c.to_dict())
-  loop.train(
-    run,
-    str(tmp_path),
-    train_source=toy_task.records(8),
-    eval_source=toy_task.records(4),
-    tokenizer=toy_task.tokenizer(),
-  )
+  _train_toy(tmp_path, c)
   assert len(seen) == 2
   for active, spec in seen:
     assert active is not None and active[1] is sharding.TRAIN_RULES
     assert active[0].shape["fsdp"] == 8 and spec[0] is not None
-
-
-def _toy_run(workdir, steps, **rl):
-  c = toy_task.config(steps)
-  c.rl.update(rl)
-  c.ckpt.every_steps = 2
-  loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
-    str(workdir),
-    train_source=toy_task.records(8),
-    eval_source=toy_task.records(4),
-    tokenizer=toy_task.tokenizer(),
-  )
-  return toy_task.training_rows(str(workdir))
 
 
 @pytest.mark.slow
@@ -95,14 +93,7 @@ def test_several_iterations_log_the_sampler_gap(tmp_path):
   c.rl.num_iterations = 2
   c.sampler.top_p = 0.9
   c.ckpt.every_steps = 100
-  loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
-    str(tmp_path),
-    train_source=toy_task.records(8),
-    eval_source=toy_task.records(4),
-    tokenizer=toy_task.tokenizer(),
-  )
-  rows = toy_task.training_rows(str(tmp_path))
+  rows = _train_toy(tmp_path, c)
   assert len(rows) == 3
   for r in rows:
     assert r["sampler/logp_diff_max"] < 1e-4

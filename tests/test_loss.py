@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from multians_jax import loss, model, sharding
+from multians_jax import support as support_lib
 
 AGGS = loss.LOSS_AGGS
 L = np.log
@@ -700,7 +701,7 @@ def test_truncated_support_logprobs_and_gradients(tiny):
   autodiff of the same masked log-softmax."""
   tokens, positions, mask = ragged_tokens(4, 3, 11, 64)
   graphdef, state = nnx.split(tiny)
-  support = loss.Support(top_k=20, top_p=0.8)
+  support = support_lib.Support(top_k=20, top_p=0.8)
   temp = 0.7
   logits, _ = tiny(tokens, positions, mask)
   z = np.asarray(logits, np.float64)[:, :-1] / temp

@@ -12,9 +12,9 @@ import sys
 import ml_collections
 import pytest
 
-from multians_jax import loss
 from multians_jax import memory as mem
 from multians_jax import model as model_lib
+from multians_jax import support as support_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "memory_test_config.py"
@@ -185,9 +185,9 @@ def test_truncated_support_head_memory_matches_compiled():
   temps = lambda p: mem.compiled_memory(p).temp_size_in_bytes
   full = temps(base)
   for sup in (
-    loss.Support(top_p=0.8),
-    loss.Support(top_k=50),
-    loss.Support(top_k=50, top_p=0.8),
+    support_lib.Support(top_p=0.8),
+    support_lib.Support(top_k=50),
+    support_lib.Support(top_k=50, top_p=0.8),
   ):
     plan = dataclasses.replace(base, support=sup)
     measured = temps(plan) - full

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from multians_jax import loop, loss, model, sampler, sharding, update
+from multians_jax import support as support_lib
 
 CFG = model.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48, qk_norm=False)
 
@@ -126,10 +127,10 @@ def test_truncated_sampling_stays_on_policy(one_device_mesh, group_size):
     )
     return jax.device_get(out)
 
-  on = metrics(loss.Support(top_p=0.8))
+  on = metrics(support_lib.Support(top_p=0.8))
   assert abs(on["ratio_mean"] - 1.0) < 1e-3
   assert on["logp_diff_max"] < 1e-4 and on["logp_diff_mean"] < 1e-5
-  off = metrics(loss.Support())
+  off = metrics(support_lib.Support())
   assert off["ratio_mean"] < 0.95
   assert off["logp_diff_mean"] > 0.05
 

@@ -110,11 +110,7 @@ def settings() -> Settings:
       family=_FAMILY.value,
     )
   given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
-  if given:
-    raise app.UsageError(
-      f"{', '.join(given)} conflict with --config (use --config.<key>=...)"
-    )
-  run = config.RunConfig.from_dict(_CONFIG.value.to_dict())
+  run = config.from_tool_config(_CONFIG.value, given)
   dc = dataclasses.replace(
     run.data, data_dir=run.data.data_dir or os.path.abspath(_DATA_DIR.value)
   )

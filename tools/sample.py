@@ -99,11 +99,7 @@ def settings() -> Settings:
       ),
     )
   given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
-  if given:
-    raise app.UsageError(
-      f"{', '.join(given)} conflict with --config (use --config.<key>=...)"
-    )
-  run = config.RunConfig.from_dict(_CONFIG.value.to_dict())
+  run = config.from_tool_config(_CONFIG.value, given)
   model = _MODEL.value if flags.FLAGS["model"].present else run.model.path
   return Settings(model, run.reward, run.data.family, run.sampling)
 
