@@ -48,6 +48,10 @@ def get_config(arg=None):
   c.sampler.top_p = 1.0  # nucleus sampling mass
   c.sampler.top_k = 0  # 0 = off
   c.sampler.cache_dtype = "float32"  # KV cache dtype (bfloat16 on TPU/GPU)
+  # Rows decoded at once; a row that stops hands its slot (and its KV cache)
+  # to the next (prompt, sample) of the rollout. 0 = one slot per row (the
+  # static batch). Same samples either way; see docs/METHOD.md §11.
+  c.sampler.slots = 0
 
   c.reward = ml_collections.ConfigDict()
   c.reward.mode = "multi_rlcr"  # multi_rlcr | multi_rlvr | rlcr | rlvr

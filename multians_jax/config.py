@@ -113,6 +113,7 @@ class SamplerSection:
   top_p: float = 1.0
   top_k: int = 0
   cache_dtype: str = "float32"
+  slots: int = 0  # rows decoded at once, refilled as rows stop (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +282,7 @@ class RunConfig:
       top_p=s.top_p,
       top_k=s.top_k,
       cache_dtype=s.cache_dtype,
+      slots=s.slots,
     )
 
   @property

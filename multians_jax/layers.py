@@ -227,11 +227,26 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx: LayerContext):
   dt = DTYPES[cfg.dtype]
   q, k, v = qkv(cfg, x, p, ctx.positions, ctx.inv_freq)
   if k_cache is not None:
-    idx = (0, 0, ctx.index, 0)
-    k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
-    v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+    k, v = _write_cache(k_cache, v_cache, k, v, ctx.index)
   o = attention(q, k.astype(dt), v.astype(dt), ctx.allowed, dt)
   return out_and_mlp(cfg, x, o, p), k, v
+
+
+def _write_cache(k_cache, v_cache, k, v, index):
+  """k/v [B,K,T,H] written into the [B,K,S,H] caches at slot ``index``: a
+  scalar (every row at once) or [B] (one slot per row, T = 1; a scatter)."""
+  k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+  if jnp.ndim(index) == 1:
+    rows = jnp.arange(k.shape[0])
+    return (
+      k_cache.at[rows, :, index].set(k[:, :, 0]),
+      v_cache.at[rows, :, index].set(v[:, :, 0]),
+    )
+  idx = (0, 0, index, 0)
+  return (
+    jax.lax.dynamic_update_slice(k_cache, k, idx),
+    jax.lax.dynamic_update_slice(v_cache, v, idx),
+  )
 
 
 def shared_layer_fn(cfg: ModelConfig, xs, p, ctx: SharedContext):

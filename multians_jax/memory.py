@@ -71,6 +71,7 @@ class Plan:
   chunk: int  # C
   cache_dtype: str
   sample_chunk: int = 0  # prompts per sampler call (0 = all P)
+  sampler_slots: int = 0  # sampler.slots (0 = one cache row per sample row)
   # The sampler's top-k / top-p: the update's log-prob chunks then also
   # hold the support mask's sort and cumulative sums.
   support: support_lib.Support = support_lib.FULL
@@ -162,21 +163,29 @@ def opt_state(params):
 
 
 def kv_cache_bytes(plan: Plan) -> tuple[int, float]:
-  """K and V [NL, B, K, S, H] in the cache dtype, SAMPLE_RULES layout."""
+  """K and V [NL, B, K, S, H] in the cache dtype, SAMPLE_RULES layout.
+
+  With ``sampler.slots`` = n < B (the refilling sampler) the cache has n
+  rows, plus the P prompts' prefilled [NL, P, K, T, H] that refills copy.
+  """
   cfg = plan.model
-  slots = plan.prompt_bucket + plan.new_tokens
-  shape = (
-    cfg.num_layers,
-    plan.sample_rows,
-    cfg.num_kv_heads,
-    slots,
-    cfg.head_dim,
-  )
-  spec = sharding.spec_for(
-    model_lib.CACHE_AXES, shape, abstract_mesh(plan.mesh), sharding.SAMPLE_RULES
-  )
-  total = 2 * math.prod(shape) * model_lib.DTYPES[plan.cache_dtype](0).nbytes
-  return total, total / shards(spec, plan.mesh)
+  rows, seq = plan.sample_rows, plan.prompt_bucket + plan.new_tokens
+  parts = [(rows, seq)]
+  if 0 < plan.sampler_slots < rows:
+    prompts = rows // plan.generations
+    parts = [(plan.sampler_slots, seq), (prompts, plan.prompt_bucket)]
+  total = per_device = 0
+  nbytes = model_lib.DTYPES[plan.cache_dtype](0).nbytes
+  for b, s in parts:
+    shape = (cfg.num_layers, b, cfg.num_kv_heads, s, cfg.head_dim)
+    spec = sharding.spec_for(
+      model_lib.CACHE_AXES, shape, abstract_mesh(plan.mesh),
+      sharding.SAMPLE_RULES,
+    )  # fmt: skip
+    size = 2 * math.prod(shape) * nbytes
+    total += size
+    per_device += size / shards(spec, plan.mesh)
+  return total, per_device
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +405,7 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     chunk=run.rl.logprob_chunk,
     cache_dtype=run.sampler.cache_dtype,
     sample_chunk=run.rl.sample_chunk,
+    sampler_slots=run.sampler.slots,
     support=run.sampling.support,
   )
 

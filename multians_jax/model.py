@@ -209,7 +209,7 @@ class KVCache:
   k: jax.Array
   v: jax.Array
   mask: jax.Array  # bool [B, S]: slot holds a real token
-  index: jax.Array  # int32 scalar: next slot to write
+  index: jax.Array  # int32 []: next slot to write; or [B], one per row
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None):
@@ -367,15 +367,21 @@ class Transformer(nnx.Module):
     x = self.embed[...].astype(dt)[tokens]
     x = sharding.constrain(x, ("batch", None, "act_embed"))
     if cache is None:
-      key_mask, offset = mask, 0
+      key_mask, offset = mask, jnp.int32(0)
+    elif cache.index.ndim == 1:  # per-row slots (the refilling sampler)
+      if t != 1:
+        raise ValueError("a per-row cache index takes one token per row")
+      rows = jnp.arange(tokens.shape[0])
+      key_mask = cache.mask.at[rows, cache.index].set(mask[:, 0])
+      offset = cache.index
     else:
       key_mask = jax.lax.dynamic_update_slice(
         cache.mask, mask, (0, cache.index)
       )
       offset = cache.index
-    q_slot = offset + jnp.arange(t)
+    q_slot = offset[..., None] + jnp.arange(t)  # [T] or [B, T]
     k_slot = jnp.arange(key_mask.shape[1])
-    allowed = key_mask[:, None, :] & (k_slot[None, :] <= q_slot[:, None])[None]
+    allowed = key_mask[:, None, :] & (k_slot <= q_slot[..., None])
     ctx = L.LayerContext(
       positions=positions,
       allowed=allowed,

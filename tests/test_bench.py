@@ -118,7 +118,11 @@ def test_two_level_categorical_is_exact(block):
   n = 60000
   keys = jax.random.split(jax.random.key(7), n)
   draw = jax.jit(
-    jax.vmap(lambda k: sampler._categorical(k, logits[None], block)[0])
+    jax.vmap(
+      lambda k: sampler._categorical(
+        jax.random.uniform(k, (1, 1)), logits[None], block
+      )[0]
+    )
   )(keys)
   f = np.bincount(np.asarray(draw), minlength=9) / n
   q = np.asarray(jax.nn.softmax(logits))

@@ -99,6 +99,13 @@ def test_kv_cache_bytes_by_hand():
   slots = 50 + 64  # data bucket min(16·2^n ≥ 50, max_prompt_len=50) + L
   total = 2 * m.num_layers * 8 * m.num_kv_heads * slots * m.head_dim * 2
   assert mem.kv_cache_bytes(plan) == (total, total / 8)  # batch on data·fsdp
+  # The refilling sampler (B = 2 prompts × G = 4 = 8 rows): 4 slot rows of
+  # 50 + 64, plus the 2 prefilled prompts of 50.
+  c.sampler.slots = 4
+  plan = mem.plan_from_config(c, (2, 4, 1))
+  per = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2
+  assert (plan.prompts, plan.sample_rows) == (2, 8)
+  assert mem.kv_cache_bytes(plan)[0] == per * (4 * slots + 2 * 50)
 
 
 def test_mesh_fill_and_errors():

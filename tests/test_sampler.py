@@ -66,12 +66,15 @@ def _truncated_logp(z, top_k, top_p, y):
   return z[y] - (z[kept].max() + np.log(np.exp(z[kept] - z[kept].max()).sum()))
 
 
-def test_logprobs_match_full_forward(tiny):
+@pytest.mark.parametrize("slots", [0, 4])  # static; refilled
+def test_logprobs_match_full_forward(tiny, slots):
   """The sampler's log-probs are those of the distribution it drew from:
-  softmax(logits / T) on the top-k, then top-p support, renormalised."""
+  softmax(logits / T) on the top-k, then top-p support, renormalised; also
+  when rows that stop early hand their slot to the next row."""
   _, m = tiny["qwen3"]
   ids, mask, _ = ragged_batch(101, [6, 3], 6, seed=5)
-  cfg = sampler.SamplingConfig(10, temperature=0.7, top_k=20, top_p=0.9)
+  cfg = sampler.SamplingConfig(10, temperature=0.7, top_k=20, top_p=0.9,
+                               stop_ids=(7, 8, 9), slots=slots)  # fmt: skip
   r = sampler.sample(m, ids, mask, jax.random.key(1), cfg, num_samples=3)
   seq = np.concatenate([np.asarray(r.prompt_tokens), np.asarray(r.tokens)], 1)
   smask = np.concatenate([np.asarray(r.prompt_mask), np.asarray(r.mask)], 1)
@@ -93,7 +96,8 @@ def test_logprobs_match_full_forward(tiny):
 
 def _freqs(logits, cfg, n=40000, seed=0):
   rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
-  tok, _ = sampler._choose(rows, jax.random.key(seed), cfg)
+  u = jax.random.uniform(jax.random.key(seed), (n, 1))
+  tok, _ = sampler._choose(rows, u, cfg)
   return np.bincount(np.asarray(tok), minlength=len(logits)) / n
 
 
