@@ -54,6 +54,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_torch import TORCH_INPUTS, time_transformers, torch_update  # noqa: E402
+
 from multians_jax import (  # noqa: E402
   checkpoint,
   credit,
@@ -187,32 +189,6 @@ def time_ours(model, ids, g: int, new: int, temperature: float) -> dict:
   return out
 
 
-def time_transformers(hf_dir, ids, g: int, new: int, temperature: float):
-  """Warm time of ``generate`` on the B = P·G rows (prompt-major)."""
-  import torch
-  from transformers import AutoModelForCausalLM
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  ref.eval()
-  rows = torch.tensor(np.repeat(ids, g, axis=0), dtype=torch.long)
-  kw = dict(
-    attention_mask=torch.ones_like(rows),
-    do_sample=True,
-    temperature=temperature,
-    top_k=0,
-    top_p=1.0,
-    pad_token_id=0,
-  )
-  with torch.inference_mode():
-    ref.generate(rows, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    out = ref.generate(rows, max_new_tokens=new, min_new_tokens=new, **kw)
-    dt = time.perf_counter() - t0
-  return dt, int(out.shape[1] - rows.shape[1])
-
-
 def bench_sampler(model, shapes: dict, peak: float, temperature=0.7) -> dict:
   cfg = model.cfg
   p, g = shapes["prompts"], shapes["group"]
@@ -303,46 +279,10 @@ def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
   import concurrent.futures
   import multiprocessing
 
-  arrays = {k: np.asarray(getattr(batch, k)) for k in _TORCH_INPUTS}
+  arrays = {k: np.asarray(getattr(batch, k)) for k in TORCH_INPUTS}
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-    return pool.submit(_torch_update, hf_dir, arrays, micro, comp).result()
-
-
-_TORCH_INPUTS = ("tokens", "adv", "old_logp")
-
-
-def _torch_update(hf_dir, arrays, micro: int, comp: int) -> float:
-  import torch
-  from transformers import AutoModelForCausalLM
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  ref.train()
-  opt = torch.optim.AdamW(ref.parameters(), lr=1e-6, weight_decay=0.0)
-  tokens = torch.tensor(arrays["tokens"], dtype=torch.long)
-  adv = torch.tensor(arrays["adv"])
-  old = torch.tensor(arrays["old_logp"])
-
-  def step(rows):
-    opt.zero_grad(set_to_none=True)
-    for chunk in torch.chunk(torch.arange(rows), micro):
-      x = tokens[chunk]
-      # Logits for the completion positions only (as our loss computes).
-      logits = ref(x, logits_to_keep=comp + 1).logits[:, :-1]
-      logp = torch.log_softmax(logits / 0.7, -1)
-      logp = logp.gather(-1, x[:, -comp:, None])[..., 0]
-      ratio = torch.exp(logp - old[chunk])
-      a = adv[chunk, None]
-      obj = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
-      (-obj.sum() / (rows * comp)).backward()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-    opt.step()
-
-  step(micro)  # warm-up on M rows (allocations, optimizer state)
-  t0 = time.perf_counter()
-  step(tokens.shape[0])
-  return time.perf_counter() - t0
+    return pool.submit(torch_update, hf_dir, arrays, micro, comp).result()
 
 
 def bench_update(model, shapes: dict, peak: float) -> dict:
