@@ -27,6 +27,10 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"  # float32 = fp32 master weights
   c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU)
   c.model.remat = "none"  # none | full | dots
+  # xla (default, everywhere) | cudnn (jax.nn.dot_product_attention: cuDNN
+  # flash attention on GPU with a bfloat16 compute dtype) | splash (Pallas
+  # splash attention, TPU). The fused kernels never hold the [T, S] scores.
+  c.model.attention = "xla"
   c.model.lora_rank = 0  # > 0: train rank-r LoRA adapters alone (base frozen)
   c.model.lora_alpha = 16.0  # LoRA update scale = alpha / rank
   c.model.lora_targets = "all"  # projections: all, or e.g. "wq,wv" / "q_proj"
@@ -50,7 +54,7 @@ def get_config(arg=None):
   c.sampler.cache_dtype = "float32"  # KV cache dtype (bfloat16 on TPU/GPU)
   # Rows decoded at once; a row that stops hands its slot (and its KV cache)
   # to the next (prompt, sample) of the rollout. 0 = one slot per row (the
-  # static batch). Same samples either way; see docs/METHOD.md §11.
+  # static batch). Same samples either way; README, "Sampling".
   c.sampler.slots = 0
 
   c.reward = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ from typing import Any
 from absl import logging
 
 from multians_jax import advantage, credit, evaluate, sampler
+from multians_jax import attention as attention_lib
 from multians_jax import loss as loss_lib
 from multians_jax import model as model_lib
 from multians_jax import reward as reward_lib
@@ -66,6 +67,7 @@ class ModelSource:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: str = "none"
+  attention: str = "xla"  # xla | cudnn | splash (attention.py)
   lora_rank: int = 0  # > 0: train rank-r adapters alone (lora.py)
   lora_alpha: float = 16.0
   lora_targets: str = "all"  # comma-separated projections, or all
@@ -79,10 +81,21 @@ class ModelSource:
     )
     _choice("model.param_dtype", self.param_dtype, model_lib.DTYPES)
     _choice("model.dtype", self.dtype, model_lib.DTYPES)
+    _choice("model.attention", self.attention, attention_lib.IMPLS)
     try:  # before any loading: the checks ModelConfig makes
       model_lib.check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
     except ValueError as e:
       raise ValueError(f"config: {e}") from None
+
+  @property
+  def overrides(self) -> dict:
+    """The ``ModelConfig`` fields this config sets on whatever it loads."""
+    return dict(
+      param_dtype=self.param_dtype,
+      dtype=self.dtype,
+      remat=self.remat,
+      attention=self.attention,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from multians_jax import attention as attn
 from multians_jax import sharding
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class LayerContext:
   allowed: jax.Array  # bool [B, T, S] query t may attend to key slot s
   index: jax.Array | int  # first cache slot the T new keys are written to
   inv_freq: jax.Array  # float32 [H/2] RoPE inverse frequencies
+  mask: jax.Array  # bool [B, T] real tokens of this call
+  cache_mask: jax.Array | None = None  # bool [B, S] valid slots before it
 
 
 @struct.dataclass
@@ -50,6 +53,7 @@ class SharedContext:
   positions: jax.Array  # int [B, L]
   allowed: jax.Array  # bool [B, L, L]
   inv_freq: jax.Array
+  mask: jax.Array  # bool [B, L] real row tokens
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -84,71 +88,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv: jax.Array):
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rot = jnp.concatenate([-x2, x1], axis=-1)
   return (x.astype(jnp.float32) * cos + rot * sin).astype(x.dtype)
-
-
-def attention(q, k, v, allowed, dtype, with_lse: bool = False):
-  """q [B,T,N,H], k/v [B,K,S,H], allowed [B,T,S] → [B,T,N,H].
-
-  Keys/values are head-major ([B,K,S,H], the cache layout), so both
-  contractions are plain batched matmuls over (B, K). ``with_lse`` also
-  returns the log-sum-exp of the scaled scores, float32 [B,T,N], so that
-  attention over disjoint key sets can be merged exactly
-  (``merge_attention``).
-  """
-  b, t, n, h = q.shape
-  kv = k.shape[1]
-  g = n // kv
-  q = (
-    q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
-  )
-  s = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
-  s = s.reshape(b, kv, g, t, -1) * (h**-0.5)
-  s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
-  if with_lse:
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    e = jnp.exp(s - m)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / z
-    lse = (m + jnp.log(z))[..., 0].transpose(0, 3, 1, 2).reshape(b, t, n)
-  else:
-    p = jax.nn.softmax(s, axis=-1)
-  p = p.astype(dtype).reshape(b, kv, g * t, -1)
-  o = jnp.einsum("bkqs,bksh->bkqh", p, v).reshape(b, kv, g, t, h)
-  o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return (o, lse) if with_lse else o
-
-
-def merge_attention(o1, lse1, o2, lse2):
-  """Attention over the union of two disjoint key sets from its parts.
-
-  o [B,T,N,H] and lse [B,T,N] of each part (``attention(with_lse=True)``):
-  softmax over the union = each part's softmax weighted by exp(lseᵢ − lse).
-  """
-  lse = jnp.logaddexp(lse1, lse2)
-  w1 = jnp.exp(lse1 - lse)[..., None]
-  w2 = jnp.exp(lse2 - lse)[..., None]
-  return (o1 * w1 + o2 * w2).astype(o1.dtype)
-
-
-def shared_prefix_attention(q, kp, vp, prefix_mask, k, v, allowed, dtype):
-  """Attention of grouped rows over a shared prefix and their own tokens.
-
-  q [B,L,N,H], own k/v [B,K,L,H], allowed [B,L,L] (causal and padding
-  within the row); prefix k/v [P,K,T,H] with prefix_mask [P,T], where rows
-  are prefix-major: rows i·s … i·s + s − 1 (s = B / P) continue prefix i.
-  Each row's queries attend to its prefix's valid tokens and to its own
-  allowed tokens: the same as attention over the concatenated sequence,
-  with the prefix's keys computed once for all s rows.
-  """
-  b, n_q, n, h = q.shape
-  p = kp.shape[0]
-  s = b // p
-  q1 = q.reshape(p, s * n_q, n, h)  # all s rows' queries against the prefix
-  pre = jnp.broadcast_to(prefix_mask[:, None, :], (p, s * n_q, kp.shape[2]))
-  o1, lse1 = attention(q1, kp, vp, pre, dtype, with_lse=True)
-  o1, lse1 = o1.reshape(b, n_q, n, h), lse1.reshape(b, n_q, n)
-  o2, lse2 = attention(q, k, v, allowed, dtype, with_lse=True)
-  return merge_attention(o1, lse1, o2, lse2)
 
 
 def dense(x: jax.Array, w: jax.Array, out_shape: tuple[int, ...]):
@@ -226,10 +165,18 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx: LayerContext):
   """
   dt = DTYPES[cfg.dtype]
   q, k, v = qkv(cfg, x, p, ctx.positions, ctx.inv_freq)
-  if k_cache is not None:
-    k, v = _write_cache(k_cache, v_cache, k, v, ctx.index)
-  o = attention(q, k.astype(dt), v.astype(dt), ctx.allowed, dt)
-  return out_and_mlp(cfg, x, o, p), k, v
+  c = lambda a: a.astype(dt)
+  if k_cache is None:
+    o = attn.self_attention(
+      cfg.attention, q, c(k), c(v), ctx.allowed, ctx.mask, dt
+    )
+    return out_and_mlp(cfg, x, o, p), k, v
+  kw, vw = _write_cache(k_cache, v_cache, k, v, ctx.index)
+  prefill = ((k_cache, v_cache, ctx.cache_mask), (k, v, ctx.mask))
+  o = attn.cached_attention(
+    cfg.attention, q, c(kw), c(vw), ctx.allowed, dt, prefill
+  )
+  return out_and_mlp(cfg, x, o, p), kw, vw
 
 
 def _write_cache(k_cache, v_cache, k, v, index):
@@ -258,8 +205,13 @@ def shared_layer_fn(cfg: ModelConfig, xs, p, ctx: SharedContext):
   xp, x = xs
   qp, kp, vp = qkv(cfg, xp, p, ctx.prefix_positions, ctx.inv_freq)
   q, k, v = qkv(cfg, x, p, ctx.positions, ctx.inv_freq)
-  op = attention(qp, kp, vp, ctx.prefix_allowed, dt)
-  o = shared_prefix_attention(q, kp, vp, ctx.prefix_mask, k, v, ctx.allowed, dt)
+  impl = cfg.attention
+  op = attn.self_attention(
+    impl, qp, kp, vp, ctx.prefix_allowed, ctx.prefix_mask, dt
+  )
+  o = attn.shared_prefix(
+    impl, q, kp, vp, ctx.prefix_mask, k, v, ctx.allowed, ctx.mask, dt
+  )
   return out_and_mlp(cfg, xp, op, p), out_and_mlp(cfg, x, o, p)
 
 

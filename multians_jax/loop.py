@@ -73,7 +73,7 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
   a source with the same adapter shape (a LoRA run's checkpoint) is used
   as it is.
   """
-  over = dict(param_dtype=src.param_dtype, dtype=src.dtype, remat=src.remat)
+  over = src.overrides
   if src.path == "random":
     if tokenizer is None and not src.tokenizer:
       raise ValueError("config: model.tokenizer is required with path=random")

@@ -15,8 +15,10 @@ S = T + L, C log-prob chunk; model D, N, K, H, F, V, and NL layers.
 Activations of the update step are a formula (``activation_bytes``) over the
 per-device shapes of one micro-batch, per decoder layer (saved residuals for
 the backward pass) plus the LM-head chunk. Its coefficients count the arrays
-``layers.layer_fn`` keeps per token (D-, head- and F-sized, and the
-[N, S, S] attention probabilities in float32 + compute dtype); they were
+``layers.layer_fn`` keeps per token (D-, head- and F-sized, and with
+``model.attention=xla`` the [N, S, S] attention probabilities in float32 +
+compute dtype, which the fused ``cudnn`` / ``splash`` kernels never hold:
+they keep a float32 log-sum-exp and max per query and head); they were
 checked against ``memory_analysis()`` of the compiled ``update.update_step`` on
 CPU (``--measure``, tests/test_memory.py): per-layer activations within
 10 % for every remat mode, the update step's temporaries (gradients,
@@ -215,7 +217,10 @@ def activation_bytes(plan: Plan, remat: str | None = None) -> dict[str, float]:
   full = (
     tok * e * (C_D * d + C_Q * n * h / tn + C_K * k * h / tk + C_F * f / tf)
   )
-  full += r * (n / tn) * s * s * (4 + e)
+  if cfg.attention == "xla":  # the [N, S, S] probabilities, fp32 + dtype
+    full += r * (n / tn) * s * s * (4 + e)
+  else:  # fused kernels: a float32 log-sum-exp and max per query and head
+    full += r * (n / tn) * s * 8
   saved = {
     "none": full,
     "dots": tok * e * (3 * d + n * h / tn + 2 * k * h / tk + 2 * f / tf),
@@ -328,7 +333,7 @@ def format_report(plan: Plan, device_gb: float) -> str:
     f"model {plan.model.num_layers}L d={plan.model.d_model} "
     f"params={model_lib.param_count(plan.model):,} "
     f"param_dtype={plan.model.param_dtype} dtype={plan.model.dtype} "
-    f"remat={plan.model.remat}"
+    f"remat={plan.model.remat} attention={plan.model.attention}"
     + (f" lora_rank={plan.model.lora_rank}" if plan.model.lora_rank else ""),
     f"mesh {mesh} ({plan.devices} devices); batch P={plan.prompts} "
     f"G={plan.generations} B={plan.rows} M={plan.micro_batches} "
@@ -370,9 +375,7 @@ def model_config(c) -> model_lib.ModelConfig:
   ``model.arch_name``."""
   m = run_config(c).model
   over = dict(
-    param_dtype=m.param_dtype,
-    dtype=m.dtype,
-    remat=m.remat,
+    **m.overrides,
     lora_rank=m.lora_rank,
     lora_alpha=m.lora_alpha,
     lora_targets=m.lora_targets,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from multians_jax import attention as attention_lib
 from multians_jax import layers as L
 from multians_jax import sharding
 from multians_jax.layers import DTYPES
@@ -72,6 +73,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
   remat: str = "none"  # none | full | dots (save matmul outputs)
+  attention: str = "xla"  # xla | cudnn | splash (attention.py)
   # LoRA: rank r > 0 adds adapters A [in, r], B [r, out] to each target
   # projection, y = x·W + (alpha / r)·(x·A)·B (lora.py; B starts at zero).
   lora_rank: int = 0
@@ -93,6 +95,7 @@ class ModelConfig:
         raise ValueError(f"model.{f} must be one of {tuple(DTYPES)}")
     if self.remat not in REMAT:
       raise ValueError(f"model.remat must be one of {REMAT}: {self.remat}")
+    attention_lib.check(self.attention)
     targets = check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
     object.__setattr__(self, "lora_targets", targets)
 
@@ -387,6 +390,8 @@ class Transformer(nnx.Module):
       allowed=allowed,
       index=offset,
       inv_freq=L.rope_inv_freq(cfg),
+      mask=mask,
+      cache_mask=None if cache is None else cache.mask,
     )
     x, new_kv = L.run_layers(cfg, x, layers, cache, ctx)
     x = L.rms_norm(x, self.final_norm[...], cfg.norm_eps)
@@ -439,6 +444,7 @@ class Transformer(nnx.Module):
       positions=positions,
       allowed=mask[:, None, :] & causal(n),
       inv_freq=L.rope_inv_freq(cfg),
+      mask=mask,
     )
     body = L.remat(cfg, lambda xs, lp: L.shared_layer_fn(cfg, xs, lp, ctx))
     (xp, x), _ = jax.lax.scan(

@@ -108,6 +108,25 @@ def test_kv_cache_bytes_by_hand():
   assert mem.kv_cache_bytes(plan)[0] == per * (4 * slots + 2 * 50)
 
 
+def test_fused_attention_drops_the_score_arrays():
+  """cudnn / splash never hold the [N, S, S] probabilities (float32 +
+  compute dtype): a float32 log-sum-exp and max per query and head."""
+  c = _qwen8b_config()
+  xla = mem.plan_from_config(c, (1, 1, 1))
+  c.model.attention = "splash"
+  fused = mem.plan_from_config(c, (1, 1, 1))
+  assert fused.model.attention == "splash"
+  m, b = xla.model, xla.rows // xla.micro_batches
+  s = xla.prompt_bucket + xla.new_tokens
+  scores = b * m.num_heads * s * (s * (4 + 2) - 8)  # bfloat16 compute
+  a, f = mem.activation_bytes(xla), mem.activation_bytes(fused)
+  assert a["layer"] - f["layer"] == pytest.approx(scores)  # remat=none
+  assert a["working"] - f["working"] == pytest.approx(scores)
+  with pytest.raises(ValueError, match="model.attention"):
+    c.model.attention = "flash"
+    mem.plan_from_config(c, (1, 1, 1))
+
+
 def test_mesh_fill_and_errors():
   c = _config()
   plan = mem.plan_from_config(c, num_devices=8)

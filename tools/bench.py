@@ -4,6 +4,11 @@ Run: ``python tools/bench.py {sampler,train,reward,all} [--out=FILE.json]
 [--quick]``. Prints one JSON object (and writes it to ``--out``). Results and
 the machine they came from are recorded in ``BENCHMARKS.md``.
 
+One run, one warm measurement per side (each torch reference in a spawned
+process of its own): a quick reading of FLOP/s, MFU and the RL iteration's
+time split. Ratios against transformers / torch that are reported come from
+``tools/bench_ab.py``: fresh processes, alternating, with repeats.
+
 Shape letters: P prompts, G completions per prompt, B = P·G rows, T prompt
 tokens, L new (completion) tokens, S = T + L sequence, M micro-batches.
 
@@ -11,7 +16,7 @@ tokens, L new (completion) tokens, S = T + L sequence, M micro-batches.
   no stop token (every row generates L tokens). Completion tokens/s of
   ``sampler.sample`` (warm; compile time reported apart) against
   ``transformers``' ``generate`` on the same weights (exported with
-  ``hf.save``) and the same settings in the same run, and decode FLOP/s as a
+  ``hf.save``) and the same settings, and decode FLOP/s as a
   fraction of the measured matmul peak.
 * ``train``: tokens/s and model FLOP utilisation (6·N·B·S / time / peak) of
   ``update.update_step`` at B×S = 64×256 (P=8 prompts × G=8, prompt 128 +
@@ -201,7 +206,7 @@ def bench_sampler(model, shapes: dict, peak: float, temperature=0.7) -> dict:
   flops = decode_flops(cfg, b, t, new - 1)
   with tempfile.TemporaryDirectory() as d:
     hf.save(model, d)
-    hf_s, hf_new = time_transformers(d, ids, g, new, temperature)
+    hf_s, hf_new = _fresh(time_transformers, d, ids, g, new, temperature)
   ours_tps = tokens / ours[new]["warm"]
   hf_tps = b * hf_new / hf_s
   return {
@@ -269,20 +274,24 @@ def time_update(model, batch, micro: int, group: int) -> dict:
   return dict(first=first, warm=time.perf_counter() - t0, loss=float(m["loss"]))
 
 
-def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
-  """A transformers fwd + bwd (same PG loss shape) + AdamW step, warm.
-
-  Runs in a fresh (spawned) process: torch's freed activations stay in this
-  process's heap otherwise, and with ours compiled next the full-size
-  benchmark would not fit in 24 GiB.
-  """
+def _fresh(fn, *args):
+  """``fn(*args)`` in a fresh (spawned) process. A torch reference timed in
+  this process runs far slower than on its own (``generate`` reached 12
+  instead of ~150 tokens/s next to JAX's thread pool), and torch's freed
+  activations would stay in this process's heap."""
   import concurrent.futures
   import multiprocessing
 
-  arrays = {k: np.asarray(getattr(batch, k)) for k in TORCH_INPUTS}
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-    return pool.submit(torch_update, hf_dir, arrays, micro, comp).result()
+    return pool.submit(fn, *args).result()
+
+
+def time_torch_update(hf_dir, batch, micro: int, comp: int) -> float:
+  """A transformers fwd + bwd (same PG loss shape) + AdamW step, warm, in
+  a fresh process."""
+  arrays = {k: np.asarray(getattr(batch, k)) for k in TORCH_INPUTS}
+  return _fresh(torch_update, hf_dir, arrays, micro, comp)
 
 
 def bench_update(model, shapes: dict, peak: float) -> dict:

@@ -232,18 +232,14 @@ def prepare(workdir: str, quick: bool) -> dict:
   import bench
   import jax
 
-  from multians_jax import checkpoint, data, hf, sharding, update
+  from multians_jax import data, hf, update
   from multians_jax.datasets import base, countries
 
   sh = SHAPES[quick]
-  if quick:
-    hf_dir = os.path.join(workdir, "hf")
-    model, tok = bench.load("tiny")
-    hf.save(model, hf_dir)
-  else:
-    _, hf_dir = checkpoint.resolve("smollm2")
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    model, _, tok = checkpoint.load_model(hf_dir, mesh, sharding.TRAIN_RULES)
+  model, tok = bench.load("tiny" if quick else "smollm2")
+  # SmolLM2 ships as GGUF: both sides load this exported fp32 directory.
+  hf_dir = os.path.join(workdir, "hf")
+  hf.save(model, hf_dir, tokenizer=tok)
   cfg, p = model.cfg, sh["prompts"]
   if tok is None:  # the tiny model: random "chat" prompts of ragged length
     rng = np.random.default_rng(3)

@@ -1,0 +1,273 @@
+"""Attention: the XLA reference and the fused kernels (``model.attention``).
+
+Shape letters as in ``layers.py``: B batch, T queries, S keys, N query
+heads, K key/value heads, G = N // K, H head dim. Queries are [B,T,N,H];
+keys and values head-major [B,K,S,H] (the cache layout).
+
+* ``xla`` (default): scores [B,K,G,T,S] in float32, masked softmax, the
+  values; shared prompts merge the prompt part and the row part by their
+  log-sum-exps. Runs everywhere; the reference the others are tested
+  against.
+* ``cudnn``: ``jax.nn.dot_product_attention`` with a boolean mask: cuDNN's
+  fused flash attention on a GPU with a bfloat16 / float16 compute dtype
+  (cuDNN has no float32 kernel), its XLA implementation elsewhere.
+* ``splash``: the Pallas splash-attention kernel (TPU; interpret mode on
+  other backends, slow, for tests): causal or full block masks with segment
+  ids for padding; lengths are padded to multiples of 128 (the kernel's
+  block size) inside.
+
+The fused kernels never materialise the [T, S] scores. Their log-sum-exp
+outputs are not differentiable, so on the shared-prompt training path
+(``shared_prefix``) they attend over each row's concatenated [prompt | own]
+keys (the prompt's keys and values broadcast to its G rows: [B,K,T,H], far
+less than the scores) instead of merging two parts; the merge is used where
+no gradient is taken (a prefill into a cache that already holds keys).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("xla", "cudnn", "splash")
+BLOCK = 128  # splash block size; lengths are padded to a multiple of it
+
+
+def check(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"model.attention must be one of {IMPLS}: {impl!r}")
+
+
+# ---------------------------------------------------------------------------
+# XLA
+
+
+def dense(q, k, v, allowed, dtype, with_lse: bool = False):
+  """q [B,T,N,H], k/v [B,K,S,H], allowed [B,T,S] → [B,T,N,H].
+
+  Both contractions are plain batched matmuls over (B, K). ``with_lse``
+  also returns the log-sum-exp of the scaled scores, float32 [B,T,N], so
+  that attention over disjoint key sets can be merged exactly (``merge``).
+  A query with no allowed key averages every value (finite; callers mask
+  such positions out).
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[1]
+  g = n // kv
+  q = (
+    q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  )
+  s = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+  s = s.reshape(b, kv, g, t, -1) * (h**-0.5)
+  s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
+  if with_lse:
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - m)
+    z = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / z
+    lse = (m + jnp.log(z))[..., 0].transpose(0, 3, 1, 2).reshape(b, t, n)
+  else:
+    p = jax.nn.softmax(s, axis=-1)
+  p = p.astype(dtype).reshape(b, kv, g * t, -1)
+  o = jnp.einsum("bkqs,bksh->bkqh", p, v).reshape(b, kv, g, t, h)
+  o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return (o, lse) if with_lse else o
+
+
+def merge(o1, lse1, o2, lse2):
+  """Attention over the union of two disjoint key sets from its parts.
+
+  o [B,T,N,H] and lse [B,T,N] of each part: softmax over the union = each
+  part's softmax weighted by exp(lseᵢ − lse). A part with no allowed key
+  (lse ≈ −∞) gets weight 0 whatever its output holds.
+  """
+  lse = jnp.logaddexp(lse1, lse2)
+  w1 = jnp.exp(lse1 - lse)[..., None]
+  w2 = jnp.exp(lse2 - lse)[..., None]
+  part = lambda o, w: jnp.where(w > 0, o.astype(jnp.float32) * w, 0.0)
+  return (part(o1, w1) + part(o2, w2)).astype(o1.dtype)
+
+
+# ---------------------------------------------------------------------------
+# cuDNN (jax.nn.dot_product_attention)
+
+
+def _never_empty(allowed):
+  """Rows with no allowed key may attend to every key (as ``dense``
+  does): a fused kernel's output for an empty row is unspecified."""
+  return allowed | ~jnp.any(allowed, axis=-1, keepdims=True)
+
+
+def dpa(q, k, v, allowed, dtype):
+  """``jax.nn.dot_product_attention`` on our layouts: k/v head-major
+  [B,K,S,H] → [B,S,K,H]; cuDNN on GPU in 16-bit dtypes, else XLA."""
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  impl = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+  c = lambda x: x.astype(dtype)
+  return jax.nn.dot_product_attention(
+    c(q),
+    c(k.transpose(0, 2, 1, 3)),
+    c(v.transpose(0, 2, 1, 3)),
+    mask=_never_empty(allowed)[:, None],
+    implementation=impl,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Splash (Pallas)
+
+
+def _round(n: int) -> int:
+  return -(-n // BLOCK) * BLOCK
+
+
+def _block(n: int) -> int:
+  """The largest of 512 / 256 / 128 that divides n (a multiple of 128)."""
+  return next(b for b in (512, 256, 128) if n % b == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(kind: str, g: int, tq: int, sk: int, prefix: int, lse: bool):
+  """An MQA splash kernel over g query heads sharing one key head.
+
+  kind: ``causal`` (query i sees keys ≤ i; tq = sk), ``full``, or
+  ``prefix`` (keys < prefix, then causal from key ``prefix`` on: rows
+  after a shared prompt)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  with jax.ensure_compile_time_eval():  # cached: no tracers inside
+    return _make_kernel(sa, kind, g, tq, sk, prefix, lse)
+
+
+def _make_kernel(sa, kind, g, tq, sk, prefix, lse):
+  if kind == "causal":
+    mask = sa.CausalMask((tq, sk))
+  elif kind == "full":
+    mask = sa.FullMask((tq, sk))
+  else:
+    i = np.arange(tq)[:, None]
+    j = np.arange(sk)[None, :]
+    mask = sa.NumpyMask((j < prefix) | ((j >= prefix) & (j - prefix <= i)))
+  bq, bk = _block(tq), _block(sk)
+  sizes = sa.BlockSizes(
+    block_q=bq, block_kv=bk, block_kv_compute=bk,
+    block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
+    block_q_dq=bq, block_kv_dq=bk,
+  )  # fmt: skip
+  return sa.make_splash_mqa_single_device(
+    sa.MultiHeadMask([mask] * g),
+    block_sizes=sizes,
+    save_residuals=lse,
+    interpret=jax.default_backend() != "tpu",
+  )
+
+
+def splash(q, k, v, q_seg, kv_seg, dtype, kind="causal", prefix=0, lse=False):
+  """Splash attention: query t sees key s iff the mask ``kind`` allows
+  (t, s) and q_seg[t] == kv_seg[s] (int [B,T] / [B,S]: 1 real, 0 padding).
+
+  Returns [B,T,N,H] (and the float32 lse [B,T,N] with ``lse``)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  b, t, n, h = q.shape
+  kvh, s = k.shape[1], k.shape[2]
+  g = n // kvh
+  tq, sk = _round(t), _round(s)
+  if kind == "causal":
+    tq = sk = max(tq, sk)
+
+  def pad(x, m, axis):
+    return jnp.pad(x, [(0, m if a == axis else 0) for a in range(x.ndim)])
+
+  # Added query rows and key slots get segment −1: they see only each other.
+  q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, tq - t)),
+                  constant_values=-1)  # fmt: skip
+  kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, sk - s)),
+                   constant_values=-1)  # fmt: skip
+  qh = (q.astype(dtype) * jnp.asarray(h**-0.5, dtype)).reshape(b, t, kvh, g, h)
+  qh = pad(qh.transpose(0, 2, 3, 1, 4), tq - t, 3)  # [B,K,G,Tq,H]
+  kh = pad(k.astype(dtype), sk - s, 2)
+  vh = pad(v.astype(dtype), sk - s, 2)
+  kern = _kernel(kind, g, tq, sk, prefix, lse)
+
+  def one(qi, ki, vi, qs, ks):
+    return kern(qi, ki, vi, sa.SegmentIds(q=qs, kv=ks))
+
+  per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
+  out = jax.vmap(per_head)(qh, kh, vh, q_seg, kv_seg)
+  o = out[0] if lse else out
+  o = o[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  if not lse:
+    return o
+  res = out[1][0][:, :, :, :t].transpose(0, 3, 1, 2).reshape(b, t, n)
+  return o, res.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# The call sites (layers.layer_fn, layers.shared_layer_fn)
+
+
+def self_attention(impl, q, k, v, allowed, mask, dtype):
+  """Causal attention over the T tokens of this call (no cache):
+  allowed [B,T,T] = mask [B,T] keys ∧ causal."""
+  if impl == "xla":
+    return dense(q, k, v, allowed, dtype)
+  if impl == "cudnn":
+    return dpa(q, k, v, allowed, dtype)
+  return splash(q, k, v, mask, mask, dtype)
+
+
+def cached_attention(impl, q, k, v, allowed, dtype, prefill=None):
+  """Attention over a cache the T new keys were just written to (k/v
+  [B,K,S,H], allowed [B,T,S]). A decode step (T = 1) attends to the slots
+  ``allowed`` names. Splash prefills (T > 1) need the structure instead:
+  ``prefill`` = (k, v, mask [B,S]) of the cache before the write and
+  (k, v, mask [B,T]) of the new tokens, merged as two parts (cached keys
+  all precede the new ones)."""
+  if impl == "xla":
+    return dense(q, k, v, allowed, dtype)
+  if impl == "cudnn":
+    return dpa(q, k, v, allowed, dtype)
+  ones = jnp.ones(q.shape[:2], jnp.int32)
+  if q.shape[1] == 1:
+    return splash(q, k, v, ones, allowed[:, 0], dtype, kind="full")
+  (ko, vo, old_mask), (kn, vn, mask) = prefill
+  o1, l1 = splash(q, ko, vo, ones, old_mask, dtype, kind="full", lse=True)
+  o2, l2 = splash(q, kn, vn, mask, mask, dtype, lse=True)
+  return merge(o1, l1, o2, l2)
+
+
+def shared_prefix(impl, q, kp, vp, prefix_mask, k, v, allowed, mask, dtype):
+  """Attention of grouped rows over a shared prefix and their own tokens.
+
+  q [B,L,N,H], own k/v [B,K,L,H], allowed [B,L,L] (causal and padding
+  within the row), mask [B,L]; prefix k/v [P,K,T,H] with prefix_mask
+  [P,T], rows prefix-major (rows i·s … i·s + s − 1 continue prefix i). The
+  same as attention over each row's concatenated [prefix | row] sequence.
+  """
+  b, n_q, n, h = q.shape
+  p, t = kp.shape[0], kp.shape[2]
+  s = b // p
+  if impl == "xla":  # two parts, merged: the prefix's keys once per group
+    q1 = q.reshape(p, s * n_q, n, h)
+    pre = jnp.broadcast_to(prefix_mask[:, None, :], (p, s * n_q, t))
+    o1, lse1 = dense(q1, kp, vp, pre, dtype, with_lse=True)
+    o1, lse1 = o1.reshape(b, n_q, n, h), lse1.reshape(b, n_q, n)
+    o2, lse2 = dense(q, k, v, allowed, dtype, with_lse=True)
+    return merge(o1, lse1, o2, lse2)
+  rep = lambda x: jnp.repeat(x, s, axis=0)
+  kc = jnp.concatenate([rep(kp), k], axis=2)  # [B,K,T+L,H]
+  vc = jnp.concatenate([rep(vp), v], axis=2)
+  pm = rep(prefix_mask)
+  if impl == "cudnn":
+    pre = jnp.broadcast_to(pm[:, None, :], (b, n_q, t))
+    return dpa(q, kc, vc, jnp.concatenate([pre, allowed], -1), dtype)
+  # Splash: the prefix padded to a block, so the mask is static.
+  tp = _round(t)
+  kc = jnp.pad(kc, ((0, 0), (0, 0), (tp - t, 0), (0, 0)))
+  vc = jnp.pad(vc, ((0, 0), (0, 0), (tp - t, 0), (0, 0)))
+  kv_seg = jnp.concatenate([jnp.pad(pm, ((0, 0), (tp - t, 0))), mask], -1)
+  return splash(q, kc, vc, mask, kv_seg, dtype, kind="prefix", prefix=tp)
