@@ -45,6 +45,35 @@ def test_quick_bench_all_on_tiny_model(tmp_path):
   assert out["reward"]["num"] == 64
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["natural", "train"])
+def test_fresh_process_ab_harness(tmp_path, case):
+  """bench_ab runs every side in its own process, alternating, and
+  summarises the repeats; both update layouts compute the same loss."""
+  import bench_ab
+
+  out = bench_ab.main([case, "--quick", "--repeats=2",
+                       f"--out={tmp_path / 'ab.json'}"])  # fmt: skip
+  assert out["order"] == list(bench_ab.SIDES[case]) and out["repeats"] == 2
+  assert len(out["load"]) == 2 * len(out["order"])
+  for side in out["sides"].values():
+    for m in side.values():
+      assert len(m["values"]) == 2 and m["min"] <= m["median"] <= m["max"]
+  for c in out["comparisons"]:
+    per = c["speedup_per_round"]
+    assert per["min"] > 0 and len(per["values"]) == 2
+  if case == "natural":
+    # Static and refilled rows are the same draws: the same useful tokens.
+    tok = {k: v["useful_tokens"]["values"] for k, v in out["sides"].items()}
+    assert tok["static"] == tok["refill_half"] == tok["refill_quarter"]
+    assert out["sides"]["refill_quarter"]["slots"]["median"] == 2
+  else:
+    loss = out["sides"]["ours"]["loss"]["values"]
+    np.testing.assert_allclose(
+      loss, out["sides"]["ours_plain"]["loss"]["values"], atol=1e-5
+    )
+
+
 def test_flop_formulas():
   cfg = model.named_arch("smollm2_135m")
   # Tied embeddings: the 49152×576 table counts once (as the LM head).

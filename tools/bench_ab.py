@@ -119,7 +119,14 @@ def side_sampler(impl, hf_dir, inputs, sh):
     model, bench = _ours(hf_dir)
     t = bench.time_ours(model, ids, g, new, 0.7)
     full, one = t[new]["warm"], t[1]["warm"]
-    out = {"compile_and_first_call_s": t[new]["first"]}
+    b, steps = ids.shape[0] * g, max(new - 1, 1)
+    flops = bench.decode_flops(model.cfg, b, ids.shape[1], steps)
+    peak = bench.matmul_peak(1024 if sh["new_tokens"] < 64 else 2048)
+    out = {
+      "compile_and_first_call_s": t[new]["first"],
+      "matmul_peak_flop_per_s": peak,
+      "decode_fraction_of_peak": flops / max(full - one, 1e-9) / peak,
+    }
   else:
     import bench_torch  # no JAX in this process
 
