@@ -99,13 +99,13 @@ def _while_bodies(hlo: str) -> dict[str, str]:
   return comps
 
 
-def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
-  cfg = bench.TINY.replace(num_layers=3, vocab_size=1000)
-  m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
+def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
+  """The compiled sampler's decode loops: for each while loop whose carry
+  holds per-layer [rows, K, T + L, H] caches, its body and the texts of the
+  computations it calls. Also returns that cache's shape string."""
+  cfg = m.cfg
   graphdef, state = nnx.split(m)
-  p, t, g, steps = 2, 16, 3, 8
   ids = np.ones((p, t), np.int32)
-  scfg = sampler.SamplingConfig(steps, temperature=0.7)
   hlo = (
     sampler._sample.lower(
       graphdef, state, ids, ids > 0, jax.random.key(0), cfg=scfg,
@@ -115,27 +115,45 @@ def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
     .as_text()
   )  # fmt: skip
   comps = _while_bodies(hlo)
-  # The decode loop: the while whose carry holds the per-layer caches.
-  layer_cache = f"f32[{p * g},{cfg.num_kv_heads},{t + steps},{cfg.head_dim}]"
+  slots = t + scfg.max_new_tokens
+  layer_cache = f"f32[{rows},{cfg.num_kv_heads},{slots},{cfg.head_dim}]"
   loops = [
     re.search(r"body=(%[^,\s]+)", ln).group(1)
     for ln in hlo.splitlines()
     if " while(" in ln and layer_cache in ln
   ]
   assert loops, "no decode while loop over per-layer caches found"
-  body = comps[loops[0]]
-  fused = "\n".join(
-    comps.get(c, "") for c in re.findall(r"calls=(%[^,\s]+)", body)
-  )
-  big = (layer_cache, f"f32[{cfg.d_model},{cfg.d_ff}]",
-         f"f32[{cfg.d_ff},{cfg.d_model}]")  # fmt: skip
-  for text in (body, fused):
+  out = []
+  for name in loops:
+    body = comps[name]
+    called = re.findall(r"(?:calls|body|condition|to_apply)=(%[^,\s)]+)", body)
+    out.append((body, [comps.get(c, "") for c in called]))
+  return layer_cache, out
+
+
+def assert_no_big_copies(texts, big):
+  """No copy / slice / transpose of an array whose shape starts with one
+  of ``big`` (the cache, weight matrices) in the HLO ``texts``."""
+  for text in texts:
     for ln in text.splitlines():
       op = re.search(r"= (\S+) (copy|dynamic-slice|slice|transpose)\(", ln)
       if op:
         assert not any(op.group(1).startswith(b) for b in big), ln
+
+
+def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
+  cfg = bench.TINY.replace(num_layers=3, vocab_size=1000)
+  m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
+  p, t, g, steps = 2, 16, 3, 8
+  scfg = sampler.SamplingConfig(steps, temperature=0.7)
+  # The decode loop: the while whose carry holds the per-layer caches.
+  layer_cache, loops = decode_loops(m, scfg, p, t, g, p * g)
+  body, called = loops[0]
+  big = (layer_cache, f"f32[{cfg.d_model},{cfg.d_ff}]",
+         f"f32[{cfg.d_ff},{cfg.d_model}]")  # fmt: skip
+  assert_no_big_copies([body, *called], big)
   # In-place: one dynamic-update-slice of one slot per layer and k/v.
-  dus = re.findall(r"dynamic-update-slice\(", body + fused)
+  dus = re.findall(r"dynamic-update-slice\(", "\n".join([body, *called]))
   assert len(dus) >= 2 * cfg.num_layers
 
 

@@ -3,14 +3,13 @@ starting the next row of the rollout when its row stops, draw exactly what
 the static batch draws."""
 
 import dataclasses
-import re
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from hf_models import ragged_batch
-from test_bench import _while_bodies
+from test_bench import assert_no_big_copies, decode_loops
 
 from multians_jax import model, sampler, sharding
 
@@ -101,36 +100,13 @@ def test_refill_loop_copies_neither_cache_nor_weights(tiny):
   """The slots' caches are written in place (one scatter per layer and
   k/v); prompt copies are dynamic-update-slices of one slot."""
   cfg = tiny.cfg
-  graphdef, state = nnx.split(tiny)
-  p, t, g, steps, slots = 2, 16, 3, 8, 4
-  ids = np.ones((p, t), np.int32)
-  scfg = sampler.SamplingConfig(steps, temperature=0.7, slots=slots)
-  hlo = (
-    sampler._sample.lower(
-      graphdef, state, ids, ids > 0, jax.random.key(0), cfg=scfg,
-      num_samples=g,
-    )
-    .compile()
-    .as_text()
-  )  # fmt: skip
-  comps = _while_bodies(hlo)
-  layer_cache = f"f32[{slots},{cfg.num_kv_heads},{t + steps},{cfg.head_dim}]"
-  loops = [
-    re.search(r"body=(%[^,\s]+)", ln).group(1)
-    for ln in hlo.splitlines()
-    if " while(" in ln and layer_cache in ln
-  ]
-  assert loops, "no decode while loop over per-layer caches found"
+  p, t, g, slots = 2, 16, 3, 4
+  scfg = sampler.SamplingConfig(8, temperature=0.7, slots=slots)
+  layer_cache, loops = decode_loops(tiny, scfg, p, t, g, slots)
   big = (layer_cache, f"f32[{cfg.d_model},{cfg.d_ff}]",
          f"f32[{cfg.d_ff},{cfg.d_model}]")  # fmt: skip
-  for name in loops:
-    body = comps[name]
-    called = re.findall(r"(?:calls|body|condition|to_apply)=(%[^,\s)]+)", body)
-    for text in [body] + [comps.get(c, "") for c in called]:
-      for ln in text.splitlines():
-        op = re.search(r"= (\S+) (copy|dynamic-slice|slice|transpose)\(", ln)
-        if op:
-          assert not any(op.group(1).startswith(b) for b in big), ln
+  for body, called in loops:
+    assert_no_big_copies([body, *called], big)
 
 
 def test_bad_slots():
