@@ -15,6 +15,11 @@ Flow (one ``jax.jit`` per (P, G, T, settings)):
      place and copies neither the cache nor the weights (checked on the
      compiled HLO in the tests).
 
+With ``cfg.slots`` = S < B (length-aware rollouts), steps 2–3 instead run
+S slots: when a slot's row stops, the slot takes the next row, its prompt's
+prefilled cache copied in (``_refilled``). Draws are keyed by (row, column)
+(``uniforms``), so both loops sample the same rollout from the same key.
+
 Prompt lengths are bucketed to powers of two (``prompt_bucket``), so the
 number of compilations is bounded by the number of buckets.
 

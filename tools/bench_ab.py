@@ -81,12 +81,6 @@ SHAPES = {
 # One side, in its own process
 
 
-def _threads():
-  import torch
-
-  torch.set_num_threads(os.cpu_count() or 1)
-
-
 def _ours(hf_dir):
   import bench
   import jax
@@ -96,15 +90,6 @@ def _ours(hf_dir):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   model, _, _ = checkpoint.load_model(hf_dir, mesh, sharding.TRAIN_RULES)
   return model, bench
-
-
-def _torch_model(hf_dir):
-  import torch
-  from transformers import AutoModelForCausalLM
-
-  _threads()
-  ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  return ref.eval()
 
 
 def _timed(fn):
@@ -130,7 +115,6 @@ def side_sampler(impl, hf_dir, inputs, sh):
   else:
     import bench_torch  # no JAX in this process
 
-    _threads()
     full, _ = bench_torch.time_transformers(hf_dir, ids, g, new, 0.7)
     one, _ = bench_torch.time_transformers(hf_dir, ids, g, 1, 0.7)
     out = {}
@@ -184,9 +168,10 @@ def _sample_natural(impl, hf_dir, ids, mask, g, new, stops, pad):
 
 
 def _generate_natural(hf_dir, ids, mask, g, new, stops, pad):
+  import bench_torch  # no JAX in this process
   import torch
 
-  ref = _torch_model(hf_dir)
+  ref = bench_torch.load(hf_dir)
   rows = torch.tensor(np.repeat(ids, g, 0), dtype=torch.long)
   att = torch.tensor(np.repeat(mask, g, 0), dtype=torch.long)
   kw = dict(attention_mask=att, do_sample=True, temperature=0.7, top_k=0,
@@ -205,7 +190,6 @@ def side_train(impl, hf_dir, inputs, sh):
   if impl == "torch":
     import bench_torch  # no JAX in this process
 
-    _threads()
     arrays = {k: inputs[f"train_{k}"] for k in bench_torch.TORCH_INPUTS}
     comp = sh["seq"] // 2
     return dict(

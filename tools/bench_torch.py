@@ -13,14 +13,21 @@ import time
 import numpy as np
 
 
-def time_transformers(hf_dir, ids, g: int, new: int, temperature: float):
-  """Warm time of ``generate`` on the B = P·G rows (prompt-major)."""
+def load(hf_dir, train: bool = False):
+  """The fp32 transformers model of ``hf_dir``, torch on every core."""
   import torch
   from transformers import AutoModelForCausalLM
 
   torch.set_num_threads(os.cpu_count() or 1)
   ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  ref.eval()
+  return ref.train() if train else ref.eval()
+
+
+def time_transformers(hf_dir, ids, g: int, new: int, temperature: float):
+  """Warm time of ``generate`` on the B = P·G rows (prompt-major)."""
+  import torch
+
+  ref = load(hf_dir)
   rows = torch.tensor(np.repeat(ids, g, axis=0), dtype=torch.long)
   kw = dict(
     attention_mask=torch.ones_like(rows),
@@ -46,11 +53,8 @@ def torch_update(hf_dir, arrays, micro: int, comp: int) -> float:
   """A transformers fwd + bwd (the PG loss of ``update``) + AdamW step on
   ``arrays`` (``TORCH_INPUTS``), in M micro-batches: its warm time (s)."""
   import torch
-  from transformers import AutoModelForCausalLM
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  ref.train()
+  ref = load(hf_dir, train=True)
   opt = torch.optim.AdamW(ref.parameters(), lr=1e-6, weight_decay=0.0)
   tokens = torch.tensor(arrays["tokens"], dtype=torch.long)
   adv = torch.tensor(arrays["adv"])
