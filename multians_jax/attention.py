@@ -45,8 +45,9 @@ def check(impl: str) -> None:
 # XLA
 
 
-def dense(q, k, v, allowed, dtype, with_lse: bool = False):
-  """q [B,T,N,H], k/v [B,K,S,H], allowed [B,T,S] → [B,T,N,H].
+def dense(q, k, v, allowed, dtype, with_lse: bool = False, key_layout="sh"):
+  """q [B,T,N,H], k/v [B,K,S,H], allowed [B,T,S] → [B,T,N,H]; with
+  ``key_layout="hs"`` the keys are [B,K,H,S] (a decode cache).
 
   Both contractions are plain batched matmuls over (B, K). ``with_lse``
   also returns the log-sum-exp of the scaled scores, float32 [B,T,N], so
@@ -60,7 +61,8 @@ def dense(q, k, v, allowed, dtype, with_lse: bool = False):
   q = (
     q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
   )
-  s = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
+  spec = "bkqh,bkhs->bkqs" if key_layout == "hs" else "bkqh,bksh->bkqs"
+  s = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
   s = s.reshape(b, kv, g, t, -1) * (h**-0.5)
   s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
   if with_lse:
@@ -220,15 +222,31 @@ def self_attention(impl, q, k, v, allowed, mask, dtype):
   return splash(q, k, v, mask, mask, dtype)
 
 
-def cached_attention(impl, q, k, v, allowed, dtype, prefill=None):
+def decode_key_layout(impl: str) -> str:
+  """How the sampler's decode cache stores keys for ``impl``: ``"hs"``
+  ([B,K,H,S]) for ``xla``, whose q·kᵀ is then a plain matmul (as stored
+  [B,K,S,H] it contracts both operands' minor dimension: measured 8× slower
+  on XLA:CPU at SmolLM2's decode shape); the fused kernels read [S, H]
+  keys, so ``"sh"`` for them."""
+  check(impl)
+  return "hs" if impl == "xla" else "sh"
+
+
+def cached_attention(impl, q, k, v, allowed, dtype, prefill=None,
+                     key_layout="sh"):  # fmt: skip
   """Attention over a cache the T new keys were just written to (k/v
-  [B,K,S,H], allowed [B,T,S]). A decode step (T = 1) attends to the slots
-  ``allowed`` names. Splash prefills (T > 1) need the structure instead:
-  ``prefill`` = (k, v, mask [B,S]) of the cache before the write and
-  (k, v, mask [B,T]) of the new tokens, merged as two parts (cached keys
-  all precede the new ones)."""
+  [B,K,S,H], the keys [B,K,H,S] with ``key_layout="hs"``; allowed
+  [B,T,S]). A decode step (T = 1) attends to the slots ``allowed`` names.
+  Splash prefills (T > 1) need the structure instead: ``prefill`` = (k, v,
+  mask [B,S]) of the cache before the write and (k, v, mask [B,T]) of the
+  new tokens, merged as two parts (cached keys all precede the new ones)."""
   if impl == "xla":
-    return dense(q, k, v, allowed, dtype)
+    return dense(q, k, v, allowed, dtype, key_layout=key_layout)
+  if key_layout != "sh":
+    k = k.swapaxes(2, 3)  # not the fused kernels' decode layout: a copy
+    if prefill is not None:
+      (ko, vo, om), new = prefill
+      prefill = ((ko.swapaxes(2, 3), vo, om), new)
   if impl == "cudnn":
     return dpa(q, k, v, allowed, dtype)
   ones = jnp.ones(q.shape[:2], jnp.int32)

@@ -40,6 +40,8 @@ class LayerContext:
   inv_freq: jax.Array  # float32 [H/2] RoPE inverse frequencies
   mask: jax.Array  # bool [B, T] real tokens of this call
   cache_mask: jax.Array | None = None  # bool [B, S] valid slots before it
+  # How the cache stores its keys (``model.KVCache.key_layout``).
+  key_layout: str = struct.field(pytree_node=False, default="sh")
 
 
 @struct.dataclass
@@ -156,7 +158,8 @@ def out_and_mlp(cfg: ModelConfig, x, o, p):
 
 
 def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx: LayerContext):
-  """One decoder layer. x [B,T,D]; k/v_cache [B,K,S,H] or None.
+  """One decoder layer. x [B,T,D]; k/v_cache [B,K,S,H] or None (the keys
+  [B,K,H,S] if ``ctx.key_layout`` is ``"hs"``).
 
   Returns (x, k, v): without a cache, k/v [B,K,T,H] are this call's keys and
   values; with one, the layer's cache with them written at ``index``
@@ -171,29 +174,35 @@ def layer_fn(cfg: ModelConfig, x, p, k_cache, v_cache, ctx: LayerContext):
       cfg.attention, q, c(k), c(v), ctx.allowed, ctx.mask, dt
     )
     return out_and_mlp(cfg, x, o, p), k, v
-  kw, vw = _write_cache(k_cache, v_cache, k, v, ctx.index)
+  kw, vw = _write_cache(k_cache, v_cache, k, v, ctx.index, ctx.key_layout)
   prefill = ((k_cache, v_cache, ctx.cache_mask), (k, v, ctx.mask))
   o = attn.cached_attention(
-    cfg.attention, q, c(kw), c(vw), ctx.allowed, dt, prefill
+    cfg.attention, q, c(kw), c(vw), ctx.allowed, dt, prefill, ctx.key_layout
   )
   return out_and_mlp(cfg, x, o, p), kw, vw
 
 
-def _write_cache(k_cache, v_cache, k, v, index):
-  """k/v [B,K,T,H] written into the [B,K,S,H] caches at slot ``index``: a
-  scalar (every row at once) or [B] (one slot per row, T = 1; a scatter)."""
+def _write_cache(k_cache, v_cache, k, v, index, key_layout="sh"):
+  """k/v [B,K,T,H] written into the [B,K,S,H] caches ([B,K,H,S] keys with
+  ``key_layout="hs"``) at slot ``index``: a scalar (every row at once) or
+  [B] (one slot per row, T = 1; a scatter)."""
   k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+  hs = key_layout == "hs"
   if jnp.ndim(index) == 1:
     rows = jnp.arange(k.shape[0])
-    return (
-      k_cache.at[rows, :, index].set(k[:, :, 0]),
-      v_cache.at[rows, :, index].set(v[:, :, 0]),
+    kw = (
+      k_cache.at[rows, :, :, index].set(k[:, :, 0])
+      if hs
+      else k_cache.at[rows, :, index].set(k[:, :, 0])
     )
-  idx = (0, 0, index, 0)
-  return (
-    jax.lax.dynamic_update_slice(k_cache, k, idx),
-    jax.lax.dynamic_update_slice(v_cache, v, idx),
-  )
+    return kw, v_cache.at[rows, :, index].set(v[:, :, 0])
+  if hs:
+    kw = jax.lax.dynamic_update_slice(
+      k_cache, k.swapaxes(2, 3), (0, 0, 0, index)
+    )
+  else:
+    kw = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, index, 0))
+  return kw, jax.lax.dynamic_update_slice(v_cache, v, (0, 0, index, 0))
 
 
 def shared_layer_fn(cfg: ModelConfig, xs, p, ctx: SharedContext):

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from multians_jax import attention as attention_lib
 from multians_jax import layers as layers_lib
 from multians_jax import model as model_lib
 from multians_jax import sharding
@@ -193,22 +194,18 @@ def _is_stop(tok, cfg: SamplingConfig):
 def _repeat_cache(cache: model_lib.KVCache, g: int) -> model_lib.KVCache:
   """Unstacked [P, ...] cache → each row repeated G times ([B, ...])."""
   rep = lambda xs: tuple(jnp.repeat(x, g, axis=0) for x in xs)
-  return model_lib.KVCache(
-    k=rep(cache.k),
-    v=rep(cache.v),
-    mask=jnp.repeat(cache.mask, g, axis=0),
-    index=cache.index,
+  return cache.replace(
+    k=rep(cache.k), v=rep(cache.v), mask=jnp.repeat(cache.mask, g, axis=0)
   )
 
 
 def _constrain_cache(cache):
+  k_axes, v_axes = cache.axes()
   if cache.is_stacked:
-    one = lambda x: sharding.constrain(x, model_lib.CACHE_AXES)
-    return cache.replace(k=one(cache.k), v=one(cache.v))
-  one = lambda xs: tuple(
-    sharding.constrain(x, model_lib.CACHE_AXES[1:]) for x in xs
-  )
-  return cache.replace(k=one(cache.k), v=one(cache.v))
+    one = sharding.constrain
+  else:
+    one = lambda xs, axes: tuple(sharding.constrain(x, axes) for x in xs)
+  return cache.replace(k=one(cache.k, k_axes), v=one(cache.v, v_axes))
 
 
 def _prefill(m, tokens, mask, cfg: SamplingConfig, slots: int):
@@ -221,7 +218,8 @@ def _prefill(m, tokens, mask, cfg: SamplingConfig, slots: int):
   cache = model_lib.KVCache.zeros(m.cfg, p, slots, dtype)
   h, cache = m.hidden(tokens, positions, mask, _constrain_cache(cache))
   last = m.logits(h[:, -1])  # no logits for other prompt positions
-  return cache.unstacked(), last, positions[:, -1] + 1
+  layout = attention_lib.decode_key_layout(m.cfg.attention)
+  return cache.unstacked(layout), last, positions[:, -1] + 1
 
 
 def _output(tokens, mask, g, out_tokens, logprobs, lengths, done) -> Rollout:
@@ -314,7 +312,8 @@ class _Refill:
 def _copy_prompts(kv, prompt_kv, slots, prompts, count):
   """Per-layer [S, K, T + L, H] buffers: ``slots[i]`` ← the prefilled
   [K, T, H] of ``prompts[i]`` for i < count, in place (one
-  dynamic-update-slice per layer, k and v, and refilled slot)."""
+  dynamic-update-slice per layer, k and v, and refilled slot). Keys stored
+  [S, K, H, T + L] take the prompt's [K, H, T] at the same origin."""
 
   def copy(i, kv):
     one = lambda c, pc: jax.lax.dynamic_update_slice(
@@ -397,7 +396,8 @@ def _refilled(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
     )
 
   cache = model_lib.KVCache.zeros(m.cfg, n, t + steps, prompt.k[0].dtype)
-  cache = cache.unstacked().replace(index=jnp.full((n,), t, jnp.int32))
+  cache = cache.unstacked(prompt.key_layout)
+  cache = cache.replace(index=jnp.full((n,), t, jnp.int32))
   init = _Refill(
     cache=_constrain_cache(cache),
     row=jnp.full((n,), b, jnp.int32),

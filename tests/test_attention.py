@@ -148,6 +148,32 @@ def test_merge_ignores_an_empty_part():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(o))
 
 
+def test_decode_key_layout():
+  """XLA's decode cache stores keys [B,K,H,S]; the kernels read [S,H]."""
+  assert attention.decode_key_layout("xla") == "hs"
+  assert attention.decode_key_layout("cudnn") == "sh"
+  assert attention.decode_key_layout("splash") == "sh"
+  with pytest.raises(ValueError, match="model.attention"):
+    attention.decode_key_layout("flash")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_reads_either_key_layout(impl):
+  """A decode step's attention is the same from keys stored [B,K,S,H] and
+  [B,K,H,S] on every backend (the kernels transpose the latter)."""
+  r = np.random.default_rng(0)
+  q = jnp.asarray(r.standard_normal((2, 1, 4, 8)), jnp.float32)
+  k = jnp.asarray(r.standard_normal((2, 2, 16, 8)), jnp.float32)
+  v = jnp.asarray(r.standard_normal((2, 2, 16, 8)), jnp.float32)
+  allowed = jnp.asarray(np.arange(16)[None, None] < [[[5]], [[11]]])
+  want = attention.cached_attention("xla", q, k, v, allowed, jnp.float32)
+  for layout, keys in (("sh", k), ("hs", k.swapaxes(2, 3))):
+    got = attention.cached_attention(
+      impl, q, keys, v, allowed, jnp.float32, key_layout=layout
+    )
+    _close(got, want)
+
+
 def test_bad_attention():
   with pytest.raises(ValueError, match="model.attention"):
     model.ModelConfig("llama", 10, 8, 1, 2, 1, 4, 8, attention="flash")

@@ -93,6 +93,58 @@ def test_cached_decode_equals_full_forward(tmp_path, one_device_mesh):
   assert np.abs(cached - np.asarray(full))[mask].max() <= 1e-4
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_decode_key_layouts_agree(tmp_path, one_device_mesh, per_row):
+  """The decode layout (per-layer buffers, unrolled layers) gives the full
+  forward's hidden states with keys stored [B,K,S,H] and [B,K,H,S], with
+  one write slot for all rows and one per row; the "hs" buffers are the
+  "sh" ones transposed."""
+  from multians_jax import layers
+
+  ref = tiny_hf("qwen3", heads=4, kv=2)
+  ours, cfg = _ours(ref, tmp_path, one_device_mesh)
+  ids, mask, pos = ragged_batch(101, [5, 2, 8], 8, seed=1)
+  full, _ = ours.hidden(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  per_layer = layers.unstack_layers(ours.layers.arrays())
+  caches = {}
+  for layout in model.KEY_LAYOUTS:
+    cache = model.KVCache.zeros(cfg, 3, 16)
+    _, cache = ours.hidden(
+      jnp.asarray(ids[:, :5]), jnp.asarray(pos[:, :5]),
+      jnp.asarray(mask[:, :5]), cache,
+    )  # fmt: skip
+    cache = cache.unstacked(layout)
+    assert cache.key_layout == layout
+    steps = []
+    for t in range(5, 8):
+      if per_row:
+        cache = cache.replace(index=jnp.full((3,), t, jnp.int32))
+      h, cache = ours.hidden_with(
+        per_layer, jnp.asarray(ids[:, t : t + 1]),
+        jnp.asarray(pos[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]),
+        cache,
+      )  # fmt: skip
+      steps.append(np.asarray(h))
+    got = np.concatenate(steps, axis=1)
+    want = np.asarray(full)[:, 5:8]
+    assert np.abs(got - want)[mask[:, 5:8]].max() <= 1e-4
+    caches[layout] = cache
+  sh, hs = caches["sh"], caches["hs"]
+  assert hs.k[0].shape == (3, 2, cfg.head_dim, 16)
+  for a, b in zip(sh.k, hs.k, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b).swapaxes(2, 3))
+  for a, b in zip(sh.v, hs.v, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_key_layout():
+  cache = model.KVCache.zeros(model.named_arch("smollm2_135m"), 1, 4)
+  with pytest.raises(ValueError, match="key_layout must be one of"):
+    cache.unstacked("sk")
+  with pytest.raises(ValueError, match="unstacked with key_layout 'hs'"):
+    cache.unstacked("hs").unstacked("sh")
+
+
 def test_bf16_compute_close_to_fp32(tmp_path, one_device_mesh):
   ref = tiny_hf("llama")
   ref.save_pretrained(tmp_path)
