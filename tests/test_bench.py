@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from multians_jax import model, sampler, sharding
+from multians_jax import attention, model, sampler, sharding
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import bench  # noqa: E402
@@ -102,7 +102,8 @@ def _while_bodies(hlo: str) -> dict[str, str]:
 def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
   """The compiled sampler's decode loops: for each while loop whose carry
   holds per-layer [rows, K, T + L, H] caches, its body and the texts of the
-  computations it calls. Also returns that cache's shape string."""
+  computations it calls. Also returns the shape strings of a layer's value
+  and key buffers (the keys [rows, K, H, T + L] in the ``hs`` layout)."""
   cfg = m.cfg
   graphdef, state = nnx.split(m)
   ids = np.ones((p, t), np.int32)
@@ -117,10 +118,13 @@ def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
   comps = _while_bodies(hlo)
   slots = t + scfg.max_new_tokens
   layer_cache = f"f32[{rows},{cfg.num_kv_heads},{slots},{cfg.head_dim}]"
+  layer_keys = layer_cache
+  if attention.decode_key_layout(cfg.attention) == "hs":
+    layer_keys = f"f32[{rows},{cfg.num_kv_heads},{cfg.head_dim},{slots}]"
   loops = [
     re.search(r"body=(%[^,\s]+)", ln).group(1)
     for ln in hlo.splitlines()
-    if " while(" in ln and layer_cache in ln
+    if " while(" in ln and layer_cache in ln and layer_keys in ln
   ]
   assert loops, "no decode while loop over per-layer caches found"
   out = []
@@ -128,7 +132,7 @@ def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
     body = comps[name]
     called = re.findall(r"(?:calls|body|condition|to_apply)=(%[^,\s)]+)", body)
     out.append((body, [comps.get(c, "") for c in called]))
-  return layer_cache, out
+  return (layer_cache, layer_keys), out
 
 
 def assert_no_big_copies(texts, big):
@@ -147,9 +151,9 @@ def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
   p, t, g, steps = 2, 16, 3, 8
   scfg = sampler.SamplingConfig(steps, temperature=0.7)
   # The decode loop: the while whose carry holds the per-layer caches.
-  layer_cache, loops = decode_loops(m, scfg, p, t, g, p * g)
+  caches, loops = decode_loops(m, scfg, p, t, g, p * g)
   body, called = loops[0]
-  big = (layer_cache, f"f32[{cfg.d_model},{cfg.d_ff}]",
+  big = (*caches, f"f32[{cfg.d_model},{cfg.d_ff}]",
          f"f32[{cfg.d_ff},{cfg.d_model}]")  # fmt: skip
   assert_no_big_copies([body, *called], big)
   # In-place: one dynamic-update-slice of one slot per layer and k/v.

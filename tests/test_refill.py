@@ -102,8 +102,8 @@ def test_refill_loop_copies_neither_cache_nor_weights(tiny):
   cfg = tiny.cfg
   p, t, g, slots = 2, 16, 3, 4
   scfg = sampler.SamplingConfig(8, temperature=0.7, slots=slots)
-  layer_cache, loops = decode_loops(tiny, scfg, p, t, g, slots)
-  big = (layer_cache, f"f32[{cfg.d_model},{cfg.d_ff}]",
+  caches, loops = decode_loops(tiny, scfg, p, t, g, slots)
+  big = (*caches, f"f32[{cfg.d_model},{cfg.d_ff}]",
          f"f32[{cfg.d_ff},{cfg.d_model}]")  # fmt: skip
   for body, called in loops:
     assert_no_big_copies([body, *called], big)
