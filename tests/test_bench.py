@@ -161,6 +161,35 @@ def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
   assert len(dus) >= 2 * cfg.num_layers
 
 
+def test_decode_profile_times_each_op_group(one_device_mesh):
+  """``bench.py profile``: every matmul of the decode loop lands in its
+  group (one score and one value dot per layer, the LM head once), and the
+  trace gives each group time; the shares add up to 1."""
+  cfg = bench.TINY.replace(num_layers=3, vocab_size=1000)
+  m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
+  shapes = dict(prompts=2, group=2, prompt_len=16)
+  graphdef, state = nnx.split(m)
+  ids = np.ones((2, 16), np.int32)
+  scfg = sampler.SamplingConfig(5, temperature=0.7, min_prompt_bucket=0)
+  hlo = (
+    sampler._sample.lower(
+      graphdef, state, ids, ids > 0, jax.random.key(0), cfg=scfg,
+      num_samples=2,
+    )
+    .compile()
+    .as_text()
+  )  # fmt: skip
+  groups = bench.decode_op_groups(hlo, cfg, 21)
+  count = lambda g: sum(v == g for v in groups.values())
+  assert count("scores") == count("values") == cfg.num_layers
+  assert count("lm_head") == 1
+  assert count("projections") >= 4 * cfg.num_layers  # qkv / o / MLP
+  out = bench.profile_decode(m, shapes, steps=4)
+  assert out["slots"] == 21 and out["events"] > 0
+  assert all(out["ms_per_step"][g] > 0 for g in bench.OP_GROUPS)
+  assert abs(sum(out["share"].values()) - 1) < 1e-9
+
+
 @pytest.mark.parametrize("block", [4, 256])
 def test_two_level_categorical_is_exact(block):
   probs = np.array([0.3, 0.0, 0.25, 0.15, 1e-9, 0.2, 0.0, 0.1, 0.0])

@@ -1,8 +1,9 @@
 """Benchmarks of the sampler, the update step and the reward path (JSON).
 
-Run: ``python tools/bench.py {sampler,train,reward,all} [--out=FILE.json]
-[--quick]``. Prints one JSON object (and writes it to ``--out``). Results and
-the machine they came from are recorded in ``BENCHMARKS.md``.
+Run: ``python tools/bench.py {sampler,train,reward,profile,all}
+[--out=FILE.json] [--quick]``. Prints one JSON object (and writes it to
+``--out``). Results and the machine they came from are recorded in
+``BENCHMARKS.md``.
 
 One run, one warm measurement per side (each torch reference in a spawned
 process of its own): a quick reading of FLOP/s, MFU and the RL iteration's
@@ -29,6 +30,10 @@ tokens, L new (completion) tokens, S = T + L sequence, M micro-batches.
   *effective* MFU. Plus one RL iteration's time split (sampling / reward /
   update) on a small batch.
 * ``reward``: ``tools/bench_reward.bench_reward``.
+* ``profile``: where a decode step's time goes at the ``sampler`` shape:
+  a ``jax.profiler`` trace of 32 decode steps, each op of the compiled
+  decode loop timed and grouped (projections, LM head, attention scores
+  and values, the rest); ms per step and shares (``profile_decode``).
 
 FLOP conventions. N = parameters used by matmuls per token: every parameter
 (SmolLM2 ties the embedding, so it counts once, as the LM head). Decode
@@ -44,10 +49,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import gzip
 import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -405,12 +413,162 @@ def bench_reward_path(shapes: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Decode-step profile: where a step's time goes, op by op
+
+OP_GROUPS = {
+  "projections": "q/k/v, output and MLP projections",
+  "lm_head": "LM head [B, D] x [D, V]",
+  "scores": "attention scores q·kᵀ",
+  "values": "attention p·v",
+  "other": "everything else (norms, RoPE, softmax, sampling, cache writes)",
+}
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+  """Compiled HLO text → {computation name: its instruction lines}."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+    if m and line.rstrip().endswith("{"):
+      name = m.group(1)
+      comps[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name:
+      comps[name].append(line)
+  return comps
+
+
+_INST = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\(")
+
+
+def _shape(type_str: str) -> tuple[int, ...]:
+  m = re.search(r"\w+\[([\d,]*)\]", type_str)
+  return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+
+
+def decode_op_groups(hlo: str, cfg, slots: int) -> dict[str, str]:
+  """Instruction name → ``OP_GROUPS`` key, for every instruction run by the
+  decode loop (the ``while`` whose body is the largest computation and the
+  computations it calls). A dot, or a fusion around one, is classified by
+  the dot's output: [..., V] the LM head, [B, K, G, S] the scores, [B, K,
+  G, H] the values, any other the projections."""
+  comps = _computations(hlo)
+
+  def called(lines):
+    return [
+      c
+      for ln in lines
+      for c in re.findall(r"(?:calls|body|to_apply)=%([^,\s)]+)", ln)
+    ]
+
+  def dot_of(lines):
+    for ln in lines:
+      m = _INST.match(ln)
+      if m and m.group(3) == "dot":
+        return _shape(m.group(2))
+    return None
+
+  def group(shape):
+    if shape[-1] == cfg.vocab_size:
+      return "lm_head"
+    if len(shape) == 4 and shape[-1] == slots:
+      return "scores"
+    if len(shape) == 4 and shape[-1] == cfg.head_dim:
+      return "values"
+    return "projections"
+
+  bodies = [b for c in comps.values() for ln in c if " while(" in ln
+            for b in re.findall(r"body=%([^,\s)]+)", ln)]  # fmt: skip
+  if not bodies:
+    raise ValueError("no while loop in the compiled sampler")
+  todo, seen = [max(bodies, key=lambda b: len(comps[b]))], set()
+  groups = {}
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for ln in comps[name]:
+      m = _INST.match(ln)
+      if not m:
+        continue
+      inst, op = m.group(1), m.group(3)
+      dot = _shape(m.group(2)) if op == "dot" else None
+      if op == "fusion":
+        inner = [c for c in called([ln]) if c in comps]
+        dot = next((d for c in inner if (d := dot_of(comps[c]))), None)
+      groups[inst] = group(dot) if dot else "other"
+      if op != "fusion":
+        todo.extend(called([ln]))
+  return groups
+
+
+def _trace_events(log_dir: str) -> list[dict]:
+  paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"),
+                    recursive=True)  # fmt: skip
+  if not paths:
+    raise RuntimeError(f"jax.profiler wrote no trace under {log_dir}")
+  with gzip.open(paths[0], "rt") as f:
+    return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def profile_decode(model, shapes: dict, steps: int = 32) -> dict:
+  """Per-op times of the static sampler's decode loop from a
+  ``jax.profiler`` trace (``steps`` decode steps at the sampler shape),
+  grouped by ``OP_GROUPS``: ms per step and share of the loop's op time."""
+  cfg = model.cfg
+  p, g, t = shapes["prompts"], shapes["group"], shapes["prompt_len"]
+  ids = _prompts(cfg, p, t)
+  mask = np.ones(ids.shape, bool)
+  scfg = sampler.SamplingConfig(
+    max_new_tokens=steps + 1, temperature=0.7, min_prompt_bucket=0
+  )
+  run = lambda: (
+    sampler.sample(
+      model, ids, mask, jax.random.key(0), scfg, num_samples=g
+    ).tokens
+  )
+  jax.block_until_ready(run())  # compile outside the trace
+  graphdef, state = nnx.split(model)
+  hlo = (
+    sampler._sample.lower(
+      graphdef, state, ids, mask, jax.random.key(0), cfg=scfg, num_samples=g
+    )
+    .compile()
+    .as_text()
+  )
+  groups = decode_op_groups(hlo, cfg, t + steps + 1)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(run())
+    events = _trace_events(d)
+  us = dict.fromkeys(OP_GROUPS, 0.0)
+  matched = 0
+  for e in events:
+    name = e["name"].lstrip("%")
+    if name in groups:
+      us[groups[name]] += e["dur"]
+      matched += 1
+  total = sum(us.values())
+  if not matched:
+    raise RuntimeError("no trace event matched a decode-loop instruction")
+  return dict(
+    rows=p * g, slots=t + steps + 1, steps=steps, events=matched,
+    op_ms_per_step=total / 1e3 / steps,
+    ms_per_step={k: v / 1e3 / steps for k, v in us.items()},
+    share={k: v / total for k, v in us.items()},
+    groups=OP_GROUPS,
+  )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
 
 
 def run(which: str, quick: bool = False, model_name: str = "smollm2") -> dict:
   shapes = QUICK if quick else FULL
   out = {"machine": machine(), "command": " ".join(sys.argv), "quick": quick}
-  needs_model = which in ("sampler", "train", "all")
+  needs_model = which in ("sampler", "train", "profile", "all")
   if needs_model:
     out["matmul_peak_flop_per_s"] = matmul_peak(shapes["peak_n"])
     model, tok = load(model_name)
@@ -428,12 +586,16 @@ def run(which: str, quick: bool = False, model_name: str = "smollm2") -> dict:
     )
   if which in ("reward", "all"):
     out["reward"] = bench_reward_path(shapes)
+  if which in ("profile", "all"):
+    out["profile"] = profile_decode(model, shapes["sampler"])
   return out
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("which", choices=("sampler", "train", "reward", "all"))
+  parser.add_argument(
+    "which", choices=("sampler", "train", "reward", "profile", "all")
+  )
   parser.add_argument("--out", default=None, help="also write JSON here")
   parser.add_argument("--quick", action="store_true", help="tiny shapes")
   parser.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
