@@ -225,9 +225,10 @@ def self_attention(impl, q, k, v, allowed, mask, dtype):
 def decode_key_layout(impl: str) -> str:
   """How the sampler's decode cache stores keys for ``impl``: ``"hs"``
   ([B,K,H,S]) for ``xla``, whose q·kᵀ is then a plain matmul (as stored
-  [B,K,S,H] it contracts both operands' minor dimension: measured 8× slower
-  on XLA:CPU at SmolLM2's decode shape); the fused kernels read [S, H]
-  keys, so ``"sh"`` for them."""
+  [B,K,S,H] it contracts both operands' minor dimension: 2–8× slower on
+  XLA:CPU at SmolLM2's decode shape, depending on the machine; see
+  BENCHMARKS.md); the fused kernels read [S, H] keys, so ``"sh"`` for
+  them."""
   check(impl)
   return "hs" if impl == "xla" else "sh"
 

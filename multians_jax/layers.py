@@ -278,6 +278,8 @@ def run_layers(cfg, x, params, cache: KVCache | None, ctx: LayerContext):
     return x, None
   if not cache.is_stacked:
     raise ValueError("an unstacked KVCache needs per-layer params")
+  if ctx.key_layout != "sh":
+    raise ValueError("a stacked KVCache stores its keys [L, B, K, S, H]")
 
   t = x.shape[1]
 
