@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from multians_jax import attention, model, sampler, sharding
 
@@ -86,17 +85,7 @@ def test_flop_formulas():
 
 
 def _while_bodies(hlo: str) -> dict[str, str]:
-  comps, name, lines = {}, None, []
-  for line in hlo.splitlines():
-    m = re.match(r"^(?:ENTRY )?(%\S+) ", line)
-    if m and line.rstrip().endswith("{"):
-      name, lines = m.group(1), []
-    elif line.startswith("}") and name:
-      comps[name] = "\n".join(lines)
-      name = None
-    elif name:
-      lines.append(line)
-  return comps
+  return {f"%{k}": "\n".join(v) for k, v in bench._computations(hlo).items()}
 
 
 def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
@@ -105,16 +94,8 @@ def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
   computations it calls. Also returns the shape strings of a layer's value
   and key buffers (the keys [rows, K, H, T + L] in the ``hs`` layout)."""
   cfg = m.cfg
-  graphdef, state = nnx.split(m)
   ids = np.ones((p, t), np.int32)
-  hlo = (
-    sampler._sample.lower(
-      graphdef, state, ids, ids > 0, jax.random.key(0), cfg=scfg,
-      num_samples=g,
-    )
-    .compile()
-    .as_text()
-  )  # fmt: skip
+  hlo = bench.compiled_sampler(m, ids, ids > 0, scfg, g)[0].as_text()
   comps = _while_bodies(hlo)
   slots = t + scfg.max_new_tokens
   layer_cache = f"f32[{rows},{cfg.num_kv_heads},{slots},{cfg.head_dim}]"
@@ -168,17 +149,9 @@ def test_decode_profile_times_each_op_group(one_device_mesh):
   cfg = bench.TINY.replace(num_layers=3, vocab_size=1000)
   m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
   shapes = dict(prompts=2, group=2, prompt_len=16)
-  graphdef, state = nnx.split(m)
   ids = np.ones((2, 16), np.int32)
   scfg = sampler.SamplingConfig(5, temperature=0.7, min_prompt_bucket=0)
-  hlo = (
-    sampler._sample.lower(
-      graphdef, state, ids, ids > 0, jax.random.key(0), cfg=scfg,
-      num_samples=2,
-    )
-    .compile()
-    .as_text()
-  )  # fmt: skip
+  hlo = bench.compiled_sampler(m, ids, ids > 0, scfg, 2)[0].as_text()
   groups = bench.decode_op_groups(hlo, cfg, 21)
   count = lambda g: sum(v == g for v in groups.values())
   assert count("scores") == count("values") == cfg.num_layers

@@ -513,6 +513,19 @@ def _trace_events(log_dir: str) -> list[dict]:
     return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
+def compiled_sampler(model, ids, mask, scfg, g: int, seed: int = 0):
+  """``sampler._sample`` compiled for these prompts (left-padded to no
+  bucket: ``scfg.min_prompt_bucket`` 0) and a call of that very
+  executable: its HLO text (``.as_text()``) names the ops a trace of the
+  call shows."""
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(seed)
+  compiled = sampler._sample.lower(
+    graphdef, state, ids, mask, key, cfg=scfg, num_samples=g
+  ).compile()
+  return compiled, lambda: compiled(state, ids, mask, key).tokens
+
+
 def profile_decode(model, shapes: dict, steps: int = 32) -> dict:
   """Per-op times of the static sampler's decode loop from a
   ``jax.profiler`` trace (``steps`` decode steps at the sampler shape),
@@ -524,20 +537,9 @@ def profile_decode(model, shapes: dict, steps: int = 32) -> dict:
   scfg = sampler.SamplingConfig(
     max_new_tokens=steps + 1, temperature=0.7, min_prompt_bucket=0
   )
-  run = lambda: (
-    sampler.sample(
-      model, ids, mask, jax.random.key(0), scfg, num_samples=g
-    ).tokens
-  )
-  jax.block_until_ready(run())  # compile outside the trace
-  graphdef, state = nnx.split(model)
-  hlo = (
-    sampler._sample.lower(
-      graphdef, state, ids, mask, jax.random.key(0), cfg=scfg, num_samples=g
-    )
-    .compile()
-    .as_text()
-  )
+  compiled, run = compiled_sampler(model, ids, mask, scfg, g)
+  jax.block_until_ready(run())  # warm-up outside the trace
+  hlo = compiled.as_text()
   groups = decode_op_groups(hlo, cfg, t + steps + 1)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
