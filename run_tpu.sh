@@ -22,6 +22,10 @@ REMOTE_DIR="${TPU_REMOTE_DIR:-multians_jax}"  # relative to the remote $HOME
 VENV="${TPU_VENV:-multians_venv}"             # relative to the remote $HOME
 REPO_URL="${TPU_REPO_URL:-}"
 BRANCH="${TPU_BRANCH:-main}"
+PYTHON="${PYTHON:-python3}"  # local Python for the compile check
+ACCEL_SET=0
+[[ -n "${TPU_ACCELERATOR_TYPE:-}" ]] && ACCEL_SET=1
+CHECK=1
 SPOT=0
 QUEUED=0
 DRY_RUN=0
@@ -43,7 +47,8 @@ runs one JAX process per host; jax.distributed discovers its peers by itself.
 Commands:
   create   Create the TPU VM / pod slice (tpu-vm create, or queued-resources
            create with --queued). Options: --accelerator-type --version
-           --spot --queued.
+           --spot --queued; with --config (and overrides), first the
+           compile check below.
   setup    On every worker: copy this working tree (git-tracked and untracked
            non-ignored files, as one tarball) or clone --repo-url, create a
            virtualenv and 'pip install -e ".[tpu]"'. Idempotent: safe to
@@ -54,6 +59,10 @@ Commands:
            Options: --config (required) --workdir (required, may be gs://...)
            --env KEY=VALUE (repeatable). Overrides: any --config.KEY=VALUE
            argument, or everything after '--'.
+           First, the compile check: tools/aot.py compiles every stage of
+           one RL step for the slice's topology on this machine and stops
+           the launch when one fails to compile or does not fit the chips'
+           HBM (needs pip install -e ".[aot]" here; --no-check skips it).
   logs     Copy every worker's logs to --out (default ./tpu_logs/NAME);
            with --follow, stream them (tail -f on all workers) instead.
   stop     Stop the training process on every worker (TERM, then KILL
@@ -74,6 +83,7 @@ Common options (any position; environment variable in brackets):
                             [TPU_VENV] (default: $VENV)
   --dry-run                 print every command, one per line, exactly as it
                             would run, and run none (no gcloud needed)
+  --no-check                skip the local compile check of create / launch
   -h, --help                this help; '$PROG COMMAND --help' for one command
 
 create options:
@@ -92,6 +102,8 @@ setup options:
 
 launch options:
   --config NAME|PATH        configs/NAME.py, or a path to a config file
+  --accelerator-type TYPE   the slice to check against (default: asked of
+                            gcloud for --name; with --dry-run, $ACCELERATOR_TYPE)
   --workdir DIR             checkpoints and logs (local path or gs://bucket/..)
   --env KEY=VALUE           environment variable for the training processes
 
@@ -178,6 +190,58 @@ location_flags() {
   return 0
 }
 
+# The topology name tools/aot.py compiles for, from an accelerator type:
+# v4 / v5p count TensorCores (2 per chip, 3-D tori), v5e / v6e count chips.
+topology_of() {
+  local t="$1" gen n chips shape
+  gen="${t%-*}"
+  n="${t##*-}"
+  [[ "$t" == *-* && "$n" =~ ^[0-9]+$ ]] || return 1
+  case "$gen" in
+    v4 | v5p)
+      chips=$((n / 2))
+      case "$chips" in
+        4) shape=2x2x1 ;; 8) shape=2x2x2 ;; 16) shape=2x2x4 ;;
+        32) shape=2x4x4 ;; 64) shape=4x4x4 ;; 128) shape=4x4x8 ;;
+        256) shape=4x8x8 ;; 512) shape=8x8x8 ;; *) return 1 ;;
+      esac
+      ;;
+    v5litepod | v5e | v6e)
+      [[ "$gen" == v6e ]] || gen=v5e
+      case "$n" in
+        1) shape=1x1 ;; 4) shape=2x2 ;; 8) shape=2x4 ;; 16) shape=4x4 ;;
+        32) shape=4x8 ;; 64) shape=8x8 ;; 128) shape=8x16 ;;
+        256) shape=16x16 ;; *) return 1 ;;
+      esac
+      ;;
+    *) return 1 ;;
+  esac
+  printf '%s:%s' "$gen" "$shape"
+}
+
+# Compiles the run for the slice here (tools/aot.py) before paying for it.
+compile_check() {
+  ((CHECK)) || return 0
+  [[ -n "$CONFIG" ]] || return 0
+  local accel="$ACCELERATOR_TYPE" topo
+  if [[ "$1" == launch ]] && ((!ACCEL_SET && !DRY_RUN)); then
+    accel="$("$GCLOUD" compute tpus tpu-vm describe "$NAME" "${LOC[@]}" \
+      '--format=value(acceleratorType)')" || accel=""
+    [[ -n "$accel" ]] || die "could not read the accelerator type of" \
+      "'$NAME' from gcloud for the compile check: pass --accelerator-type" \
+      "TYPE, or --no-check"
+  fi
+  topo="$(topology_of "$accel")" \
+    || die "no compile check for accelerator type '$accel' (known: v4-N," \
+      "v5p-N, v5litepod-N, v6e-N): pass --no-check to go on without one"
+  (cd "$REPO_ROOT" && run "$PYTHON" tools/aot.py \
+    "--config=$(config_path "$CONFIG")" "--topology=$topo" \
+    "${OVERRIDES[@]+"${OVERRIDES[@]}"}") \
+    || die "compile check: the run does not compile or does not fit on" \
+      "$accel ($topo); see tools/aot.py's report above (--no-check skips" \
+      "the check)"
+}
+
 tpu_ssh() {
   # Runs a shell command on every worker at once.
   run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker=all \
@@ -188,6 +252,7 @@ tpu_ssh() {
 # Commands
 
 cmd_create() {
+  compile_check create
   if ((QUEUED)); then
     local args=(compute tpus queued-resources create "$NAME" "--node-id=$NAME"
       "${LOC[@]}" "--accelerator-type=$ACCELERATOR_TYPE"
@@ -272,6 +337,7 @@ validate_launch() {
 }
 
 cmd_launch() {
+  compile_check launch
   tpu_ssh "$(launch_remote_script)"
 }
 
@@ -335,6 +401,7 @@ main() {
       --spot) SPOT=1 ;;
       --queued) QUEUED=1 ;;
       --follow) FOLLOW=1 ;;
+      --no-check) CHECK=0 ;;
       --name | --zone | --project | --accelerator-type | --version | \
         --repo-url | --branch | --config | --workdir | --out | --env | \
         --remote-dir | --venv)
@@ -381,7 +448,10 @@ set_option() {
     --name) NAME="$2" ;;
     --zone) ZONE="$2" ;;
     --project) PROJECT="$2" ;;
-    --accelerator-type) ACCELERATOR_TYPE="$2" ;;
+    --accelerator-type)
+      ACCELERATOR_TYPE="$2"
+      ACCEL_SET=1
+      ;;
     --version) VERSION="$2" ;;
     --repo-url) REPO_URL="$2" ;;
     --branch) BRANCH="$2" ;;

@@ -45,6 +45,9 @@ EXTRAS = {
   "gcs": ["gcsfs>=2024.6"],  # gs:// model directories read in place
   "cuda12": ["jax[cuda12]>=0.10.2"],
   "tpu": ["jax[tpu]>=0.10.2"],
+  # tools/aot.py: compile for named TPU topologies on a CPU host (libtpu);
+  # tests/test_aot.py needs it (the README's test command installs it)
+  "aot": ["jax[tpu]>=0.10.2"],
 }
 
 setuptools.setup(

@@ -26,11 +26,15 @@ no gradient is taken (a prefill into a cache that already holds keys).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from multians_jax import sharding
 
 IMPLS = ("xla", "cudnn", "splash")
 BLOCK = 128  # splash block size; lengths are padded to a multiple of it
@@ -132,19 +136,47 @@ def _block(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(kind: str, g: int, tq: int, sk: int, prefix: int, lse: bool):
+def _kernel(kind: str, g: int, tq: int, sk: int, prefix: int, lse: bool,
+            interpret: bool):  # fmt: skip
   """An MQA splash kernel over g query heads sharing one key head.
 
   kind: ``causal`` (query i sees keys ≤ i; tq = sk), ``full``, or
   ``prefix`` (keys < prefix, then causal from key ``prefix`` on: rows
-  after a shared prompt)."""
+  after a shared prompt). ``interpret``: Pallas interpret mode (plain XLA
+  ops, for targets other than TPU)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-  with jax.ensure_compile_time_eval():  # cached: no tracers inside
-    return _make_kernel(sa, kind, g, tq, sk, prefix, lse)
+  # Cached: no tracers inside. The mask tables are concrete arrays made on
+  # the host's CPU (they become constants of the compiled program), so a
+  # compile for other devices (TPU from a CPU host) never runs them there.
+  with jax.ensure_compile_time_eval(), _on_host():
+    return _make_kernel(sa, kind, g, tq, sk, prefix, lse, interpret)
 
 
-def _make_kernel(sa, kind, g, tq, sk, prefix, lse):
+@contextlib.contextmanager
+def _on_host():
+  """Concrete arrays made inside go to the host's CPU, whatever mesh is
+  active (``jax.set_mesh`` would place them on the mesh's devices, which
+  for compile-only TPU devices cannot hold data)."""
+  try:
+    cpu = jax.devices("cpu")[0]
+  except RuntimeError:  # no CPU backend: leave placement as it is
+    yield
+    return
+  try:  # no public API clears the concrete mesh inside a trace (jax 0.10)
+    from jax._src import mesh as mesh_src
+    from jax._src import sharding_impls
+
+    no_mesh = sharding_impls._internal_use_concrete_mesh(
+      mesh_src.empty_concrete_mesh
+    )
+  except (ImportError, AttributeError):
+    no_mesh = contextlib.nullcontext()
+  with no_mesh, jax.default_device(cpu):
+    yield
+
+
+def _make_kernel(sa, kind, g, tq, sk, prefix, lse, interpret):
   if kind == "causal":
     mask = sa.CausalMask((tq, sk))
   elif kind == "full":
@@ -163,15 +195,63 @@ def _make_kernel(sa, kind, g, tq, sk, prefix, lse):
     sa.MultiHeadMask([mask] * g),
     block_sizes=sizes,
     save_residuals=lse,
-    interpret=jax.default_backend() != "tpu",
+    interpret=interpret,
   )
+
+
+def _target_platform() -> str:
+  """The platform the computation being traced is compiled for: the active
+  mesh's devices (compile-only TPU devices on a CPU host included), else
+  the default backend."""
+  state = sharding.active()
+  if state is not None:
+    return state[0].devices.flat[0].platform
+  return jax.default_backend()
 
 
 def splash(q, k, v, q_seg, kv_seg, dtype, kind="causal", prefix=0, lse=False):
   """Splash attention: query t sees key s iff the mask ``kind`` allows
   (t, s) and q_seg[t] == kv_seg[s] (int [B,T] / [B,S]: 1 real, 0 padding).
 
-  Returns [B,T,N,H] (and the float32 lse [B,T,N] with ``lse``)."""
+  Returns [B,T,N,H] (and the float32 lse [B,T,N] with ``lse``).
+
+  A Mosaic kernel cannot be partitioned by the compiler: under an active
+  mesh of more than one device the kernel runs inside ``shard_map``, each
+  device on its rows (the batch axes) and its key/value heads (``tensor``,
+  when it divides the key/value heads: a query head must sit with its key
+  head), the layout the activations already have.
+  """
+  interpret = _target_platform() != "tpu"
+  local = functools.partial(
+    _splash_local, dtype=dtype, kind=kind, prefix=prefix, lse=lse,
+    interpret=interpret,
+  )  # fmt: skip
+  state = sharding.active()
+  if state is None or state[0].size == 1:
+    return local(q, k, v, q_seg, kv_seg)
+  mesh, rules = state
+  b, kvh = q.shape[0], k.shape[1]
+  (rows,) = sharding.spec_for(("batch",), (b,), mesh, rules)
+  (heads,) = sharding.spec_for(("act_kv_heads",), (kvh,), mesh, rules)
+  if heads is not None and q.shape[2] % math.prod(
+    mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads)
+  ):  # fmt: skip
+    heads = None
+  P = jax.sharding.PartitionSpec
+  qspec, kspec, seg = P(rows, None, heads, None), P(rows, heads), P(rows)
+  out_specs = (qspec, P(rows, None, heads)) if lse else qspec
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(qspec, kspec, kspec, seg, seg),
+    out_specs=out_specs,
+    check_vma=False,
+  )(q, k, v, q_seg, kv_seg)
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, *, dtype, kind, prefix, lse,
+                  interpret):  # fmt: skip
+  """``splash`` on one device's rows and heads."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
   b, t, n, h = q.shape
@@ -193,7 +273,7 @@ def splash(q, k, v, q_seg, kv_seg, dtype, kind="causal", prefix=0, lse=False):
   qh = pad(qh.transpose(0, 2, 3, 1, 4), tq - t, 3)  # [B,K,G,Tq,H]
   kh = pad(k.astype(dtype), sk - s, 2)
   vh = pad(v.astype(dtype), sk - s, 2)
-  kern = _kernel(kind, g, tq, sk, prefix, lse)
+  kern = _kernel(kind, g, tq, sk, prefix, lse, interpret)
 
   def one(qi, ki, vi, qs, ks):
     return kern(qi, ki, vi, sa.SegmentIds(q=qs, kv=ks))
@@ -259,6 +339,35 @@ def cached_attention(impl, q, k, v, allowed, dtype, prefill=None,
   return merge(o1, l1, o2, l2)
 
 
+def _prefix_part(q, kp, vp, prefix_mask, dtype):
+  """``dense`` of grouped rows over their prefix, with the log-sum-exp.
+
+  q [B,L,N,H] (rows prefix-major, s = B / P per prefix), kp/vp [P,K,T,H],
+  prefix_mask [P,T] → o [B,L,N,H], lse [B,L,N]. The rows of a group stay
+  their own dimension (s), so the batch sharding of the rows carries over
+  to the scores: folding them into the query axis of one prefix would leave
+  a micro-batch of one prompt unshardable, and every device would compute
+  the whole group's attention (seen in the TPU compile, tools/aot.py).
+  """
+  b, n_q, n, h = q.shape
+  p, kv, t, _ = kp.shape
+  s, g = b // p, n // kv
+  q6 = q.reshape(p, s, n_q, kv, g, h)
+  sc = jnp.einsum("pslkgh,pkth->pskglt", q6, kp,
+                  preferred_element_type=jnp.float32)  # fmt: skip
+  sc = sc * (h**-0.5)
+  allowed = prefix_mask[:, None, None, None, None, :]
+  sc = jnp.where(allowed, sc, jnp.finfo(jnp.float32).min)
+  m = jax.lax.stop_gradient(jnp.max(sc, axis=-1, keepdims=True))
+  e = jnp.exp(sc - m)
+  z = jnp.sum(e, axis=-1, keepdims=True)
+  probs = (e / z).astype(dtype)
+  lse = (m + jnp.log(z))[..., 0]  # [p, s, k, g, l]
+  lse = lse.transpose(0, 1, 4, 2, 3).reshape(b, n_q, n)
+  o = jnp.einsum("pskglt,pkth->pslkgh", probs, vp)
+  return o.reshape(b, n_q, n, h), lse
+
+
 def shared_prefix(impl, q, kp, vp, prefix_mask, k, v, allowed, mask, dtype):
   """Attention of grouped rows over a shared prefix and their own tokens.
 
@@ -271,10 +380,7 @@ def shared_prefix(impl, q, kp, vp, prefix_mask, k, v, allowed, mask, dtype):
   p, t = kp.shape[0], kp.shape[2]
   s = b // p
   if impl == "xla":  # two parts, merged: the prefix's keys once per group
-    q1 = q.reshape(p, s * n_q, n, h)
-    pre = jnp.broadcast_to(prefix_mask[:, None, :], (p, s * n_q, t))
-    o1, lse1 = dense(q1, kp, vp, pre, dtype, with_lse=True)
-    o1, lse1 = o1.reshape(b, n_q, n, h), lse1.reshape(b, n_q, n)
+    o1, lse1 = _prefix_part(q, kp, vp, prefix_mask, dtype)
     o2, lse2 = dense(q, k, v, allowed, dtype, with_lse=True)
     return merge(o1, lse1, o2, lse2)
   rep = lambda x: jnp.repeat(x, s, axis=0)

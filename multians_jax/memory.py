@@ -305,8 +305,18 @@ def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
     "kv cache (sampling)": kv_cache_bytes(plan),
   }
   # Decode reads weights in the sampling layout (replicated over the batch
-  # axes): worst case, XLA keeps one gathered copy for the whole loop.
-  gathered = p_total / plan.mesh["tensor"]
+  # axes). XLA gathers them a layer at a time inside the unrolled decode
+  # step (two layers in flight) plus the LM head, in the compute dtype, not
+  # a whole copy of the model: checked against the TPU compiler's memory of
+  # the sampler (tools/aot.py, BENCHMARKS.md: within 15 % at the paper
+  # shapes, where a whole copy overstated the sampling peak by 58 %).
+  cd = jnp.dtype(model_lib.DTYPES[plan.model.dtype]).itemsize
+  layer = sum(
+    math.prod(shape) for shape, _, _ in
+    model_lib.layer_param_specs(plan.model).values()
+  )  # fmt: skip
+  head = plan.model.vocab_size * plan.model.d_model
+  gathered = (2 * layer + head) * cd / plan.mesh["tensor"]
   out["weights gathered for decode"] = (gathered, gathered)
   for remat in ("none", "full", "dots"):
     act = activation_bytes(plan, remat)["total"]

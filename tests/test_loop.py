@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import toy_task
 
-from multians_jax import loop, sharding, telemetry
+from multians_jax import loop, sharding
 from multians_jax import warmup as warmup_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,37 +31,52 @@ def _train_toy(workdir, c):
   return toy_task.training_rows(str(workdir))
 
 
-def _toy_run(workdir, steps, seed=None, **rl):
+# Learning tests on the toy task (METHOD §11): 32 steps. Rises (mean reward
+# of the last 4 steps − the first 4) measured with tests/measure_margins.py
+# toy over seeds 0-5 and 43 (2026-12-06, AMD EPYC): most seeds take off
+# between steps 13 and 20 and saturate near the maximum of 2 by step 32, a
+# slow one does not (full fine-tuning: 1.80-1.92 on six seeds, 0.47 on seed
+# 43; mean 1.67, sd 0.53). Which trajectory a run takes depends on float
+# rounding, so on the CPU's instruction set, as much as on the seed. At 16
+# steps the rise was 0.54 ± 0.17, too close to the old 0.15 threshold.
+TOY_STEPS = 32
+# Full fine-tuning asserts on the mean of 3 seeds: its sd is 0.53 / √3 =
+# 0.31, and 0.7 is 3.1 of those below the mean.
+TOY_SEEDS = (0, 1, 2)
+TOY_THRESHOLD = 0.7
+
+
+def _toy_run(workdir, steps, seed=None, lr=None, **rl):
   c = toy_task.config(steps)
   c.rl.update(rl)
+  if lr is not None:
+    c.optim.lr = lr
   if seed is not None:
     c.seed = seed
   c.ckpt.every_steps = 2
   return _train_toy(workdir, c)
 
 
+def _rise(rewards):
+  return np.mean(rewards[-4:]) - np.mean(rewards[:4])
+
+
 @pytest.mark.slow
 def test_toy_task_reward_increases(tmp_path):
-  run = loop.RunConfig.from_dict(toy_task.config(16).to_dict())
-  loop.train(
-    run,
-    str(tmp_path),
-    train_source=toy_task.records(8),
-    eval_source=toy_task.records(4),
-    tokenizer=toy_task.tokenizer(),
-  )
-  rows = [
-    r
-    for r in telemetry.read_jsonl(str(tmp_path / "metrics.jsonl"))
-    if "reward/total" in r
-  ]
-  rewards = [r["reward/total"] for r in rows]
-  assert len(rewards) == 16
-  first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
-  assert last > first + 0.15, rewards
-  # The update scores the sampled tokens as the sampler did.
-  assert all(r["sampler/logp_diff_max"] < 1e-4 for r in rows)
-  assert all(abs(r["sampler/ratio_mean"] - 1) < 1e-4 for r in rows)
+  """Full fine-tuning on the toy task: the mean reward rise over TOY_SEEDS
+  clears TOY_THRESHOLD, and the update scores the sampled tokens as the
+  sampler did."""
+  rises = []
+  for seed in TOY_SEEDS:
+    c = toy_task.config(TOY_STEPS)
+    c.seed = seed
+    rows = _train_toy(tmp_path / f"s{seed}", c)
+    rewards = [r["reward/total"] for r in rows]
+    assert len(rewards) == TOY_STEPS
+    rises.append(_rise(rewards))
+    assert all(r["sampler/logp_diff_max"] < 1e-4 for r in rows)
+    assert all(abs(r["sampler/ratio_mean"] - 1) < 1e-4 for r in rows)
+  assert np.mean(rises) > TOY_THRESHOLD, rises
 
 
 @pytest.mark.slow
@@ -105,23 +120,27 @@ def test_several_iterations_log_the_sampler_gap(tmp_path):
 @pytest.mark.slow
 def test_answer_credit_learns_and_resumes_exactly(tmp_path):
   """rl.credit='answer' on the toy task: the reward rises, slot tokens take
-  slot advantages, and a run resumed from step 12 ends where an
+  slot advantages, and a run resumed 4 steps before its end ends where an
   uninterrupted one does."""
-  # Seed 0: the rise (last 4 minus first 4 steps) measured 0.25, 0.46,
-  # 0.22, 0.27 for seeds 0-3 and 0.13 for the default 43 (2026-12-03).
-  rows = _toy_run(tmp_path / "a", 16, credit="answer", seed=0)
+  # Rise over seeds 0-5 and 43: 1.62, 1.88, 1.45, 1.73, 1.70, 1.82, 1.05
+  # (mean 1.61, sd 0.29); the threshold 0.5 is 3.8 sd below the mean and
+  # 1.9 sd below the slowest seed. Largest slot-token fraction: 0.80-1.0,
+  # threshold 0.15.
+  rows = _toy_run(tmp_path / "a", TOY_STEPS, credit="answer", seed=0)
   rewards = [r["reward/total"] for r in rows]
-  assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.15, rewards
+  assert _rise(rewards) > 0.5, rewards
   assert max(r["credit/slot_token_frac"] for r in rows) > 0.15
   shutil.copytree(tmp_path / "a", tmp_path / "b")
-  for step in ("14", "16"):
+  last = TOY_STEPS
+  for step in (str(last - 2), str(last)):
     shutil.rmtree(tmp_path / "b" / "checkpoints" / step)
-  _toy_run(tmp_path / "b", 16, credit="answer", seed=0)  # redoes 13-16
+  # redoes the last 4 steps
+  _toy_run(tmp_path / "b", TOY_STEPS, credit="answer", seed=0)
   (sa, a), (sb, b) = (
     toy_task.params(tmp_path / "a"),
     toy_task.params(tmp_path / "b"),
   )
-  assert sa["step"] == sb["step"] == 16
+  assert sa["step"] == sb["step"] == TOY_STEPS
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
 

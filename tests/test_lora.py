@@ -273,7 +273,7 @@ def test_merged_and_peft_exports_match_transformers(tmp_path, one_device_mesh):
     hf.save_adapters(base, str(tmp_path / "none"))
 
 
-def _toy_lora(workdir, steps=16):
+def _toy_lora(workdir, steps=16, seed=None, lr=None):
   """LoRA RL on the toy task from a frozen base checkpoint.
 
   The base is the toy task's random model with its (tied) embeddings
@@ -283,6 +283,9 @@ def _toy_lora(workdir, steps=16):
   model's head is not so flat.
   """
   c = toy_task.config(steps)
+  if seed is not None:
+    c.seed = seed
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
   base = model_lib.init_model(
     model_lib.ModelConfig(**dict(c.model.arch)), mesh, sharding.TRAIN_RULES,
@@ -295,7 +298,7 @@ def _toy_lora(workdir, steps=16):
   c.model.path = str(workdir / "base")
   c.model.lora_rank = 4
   c.model.lora_alpha = 8.0
-  c.optim.lr = 3e-2
+  c.optim.lr = lr or 3e-2
   loop.train(
     loop.RunConfig.from_dict(c.to_dict()),
     str(workdir / "run"),
@@ -307,15 +310,35 @@ def _toy_lora(workdir, steps=16):
   return [r["reward/total"] for r in rows if "reward/total" in r]
 
 
+# LoRA on the toy task learns more slowly than full fine-tuning and its
+# plateau depends on the seed: the rise (last 4 − first 4 of 16 steps) over
+# seeds 0-4 was 0.21 ± 0.05 (min 0.16) (2026-12-06, AMD EPYC; 32 steps or
+# lr 0.1 only widened the spread: 0.34 ± 0.36, 0.26 ± 0.14). So the test
+# asserts on the mean of 3 seeds (0, 1, 2: 0.28, 0.25, 0.20): its spread is
+# 0.05 / √3 = 0.03, and the threshold 0.1 is 4.7 of those below the
+# 5-seed mean. tests/measure_margins.py lora re-measures.
+LORA_SEEDS = (0, 1, 2)
+LORA_THRESHOLD = 0.1
+
+
+def _lora_rises(tmp_path):
+  out = []
+  for seed in LORA_SEEDS:
+    rewards = _toy_lora(tmp_path / f"s{seed}", seed=seed)
+    out.append(np.mean(rewards[-4:]) - np.mean(rewards[:4]))
+  return out
+
+
 @pytest.mark.slow
 def test_lora_learns_the_toy_task(tmp_path):
-  rewards = _toy_lora(tmp_path)
-  assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.15, rewards
-  m, meta, _ = toy_task.restore(str(tmp_path / "run"))
+  rises = _lora_rises(tmp_path)
+  assert np.mean(rises) > LORA_THRESHOLD, rises
+  m, meta, _ = toy_task.restore(str(tmp_path / "s0" / "run"))
   assert meta["step"] == 16 and m.cfg.lora_rank == 4
   base, _, _ = checkpoint.load_model(
-    str(tmp_path / "base"), m.layers.wq[...].sharding.mesh, sharding.TRAIN_RULES
-  )
+    str(tmp_path / "s0" / "base"), m.layers.wq[...].sharding.mesh,
+    sharding.TRAIN_RULES,
+  )  # fmt: skip
   for k, v in base.layers.arrays().items():  # the base never moved
     np.testing.assert_array_equal(np.asarray(m.layers.arrays()[k]), v)
 
@@ -333,8 +356,8 @@ def test_lora_learning_test_fails_without_the_adapter_path(
 
   monkeypatch.setattr(layers, "project", no_adapters)
   jax.clear_caches()  # no step compiled with the real forward is reused
-  rewards = _toy_lora(tmp_path)
-  assert np.mean(rewards[-4:]) <= np.mean(rewards[:4]) + 0.15, rewards
+  rises = _lora_rises(tmp_path)
+  assert np.mean(rises) <= LORA_THRESHOLD, rises
 
 
 @pytest.mark.slow

@@ -126,11 +126,18 @@ def test_dry_run_setup_from_git_url():
 
 
 def test_dry_run_launch_all_workers_with_overrides():
-  (line,) = _dry(
+  check, line = _dry(
     "launch", *V5P32, "--config", "qwen3_8b_multi_rlcr",
     "--workdir", "gs://bucket/runs/r1", "--config.rl.num_generations=32",
+    "--accelerator-type", "v5p-32",
     "--", "--config.model.path=/data/my model",
   )  # fmt: skip
+  # First the local compile check for the slice, with the same overrides.
+  assert shlex.split(check) == [
+    "python3", "tools/aot.py", "--config=configs/qwen3_8b_multi_rlcr.py",
+    "--topology=v5p:2x2x4", "--config.rl.num_generations=32",
+    "--config.model.path=/data/my model",
+  ]  # fmt: skip
   argv = shlex.split(line)
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "rl"]
   assert "--worker=all" in argv and "--zone=us-east5-a" in argv
@@ -195,7 +202,14 @@ def test_runs_exactly_what_dry_run_prints(cmd, fake_gcloud):
   env, calls = fake_gcloud
   args = {
     "create": ["--accelerator-type=v5p-32", "--spot"],
-    "launch": ["--config", "tiny", "--workdir", "gs://b/r", "--config.a=1"],
+    "launch": [
+      "--config",
+      "tiny",
+      "--workdir",
+      "gs://b/r",
+      "--config.a=1",
+      "--no-check",
+    ],  # fmt: skip
     "logs": ["--out", str(pathlib.Path(env["TMPDIR"]) / "logs")],
   }.get(cmd, [])
   printed = _dry(cmd, *V5P32, *args)
@@ -203,6 +217,80 @@ def test_runs_exactly_what_dry_run_prints(cmd, fake_gcloud):
   assert out.returncode == 0, out.stderr
   gcloud_lines = [shlex.split(x) for x in printed if x.startswith("gcloud ")]
   assert [c[1:] for c in gcloud_lines] == calls()
+
+
+@pytest.mark.parametrize(
+  "accel, topology",
+  [("v5p-32", "v5p:2x2x4"), ("v5p-8", "v5p:2x2x1"), ("v4-16", "v4:2x2x2"),
+   ("v5litepod-16", "v5e:4x4"), ("v6e-64", "v6e:8x8")],
+)  # fmt: skip
+def test_compile_check_topology_per_slice(accel, topology):
+  lines = _dry(
+    "create", *V5P32, "--accelerator-type", accel, "--config", "tiny"
+  )
+  assert f"--topology={topology}" in shlex.split(lines[0])
+  assert "create" in lines[1]
+
+
+def test_compile_check_unknown_slice_is_a_clear_error():
+  out = _run("--dry-run", "create", "--accelerator-type=v9-3", "--config=t")
+  assert out.returncode != 0 and "--no-check" in out.stderr
+  assert "no compile check for accelerator type 'v9-3'" in out.stderr
+  ok = _run("--dry-run", "create", "--accelerator-type=v9-3", "--no-check")
+  assert ok.returncode == 0, ok.stderr
+
+
+def _fake_python(tmp_path, code):
+  log = tmp_path / "python_calls"
+  fake = tmp_path / "python"
+  fake.write_text(
+    "#!/usr/bin/env bash\n"
+    f"printf '%s{SEP}' \"$@\" >> {shlex.quote(str(log))}\n"
+    f"echo >> {shlex.quote(str(log))}\n"
+    f"echo 'update needs 99 GiB per chip'; exit {code}\n"
+  )
+  fake.chmod(0o755)
+  return str(fake), log
+
+
+def test_launch_stops_when_the_compile_check_fails(fake_gcloud, tmp_path):
+  env, calls = fake_gcloud
+  python, log = _fake_python(tmp_path, 1)
+  out = _run(
+    "launch", *V5P32, "--accelerator-type=v5p-32", "--config", "tiny",
+    "--workdir", "gs://b/r", env={**env, "PYTHON": python},
+  )  # fmt: skip
+  assert out.returncode == 1
+  assert "compile check: the run does not compile or does not fit" in (
+    out.stderr
+  )
+  assert "update needs 99 GiB per chip" in out.stdout
+  assert calls() == []  # nothing was launched
+  (argv,) = [ln.split(SEP)[:-1] for ln in log.read_text().splitlines()]
+  assert argv[:3] == ["tools/aot.py", "--config=configs/tiny.py",
+                      "--topology=v5p:2x2x4"]  # fmt: skip
+
+
+def test_launch_reads_the_slice_type_from_gcloud(tmp_path):
+  """Without --accelerator-type, launch checks against the type gcloud
+  reports for the node, then launches."""
+  log = tmp_path / "calls"
+  fake = tmp_path / "gcloud"
+  fake.write_text(
+    "#!/usr/bin/env bash\n"
+    'if [ "$1 $2" = "auth list" ]; then echo me@example.com; exit 0; fi\n'
+    'if [ "$4" = "describe" ]; then echo v6e-16; exit 0; fi\n'
+    f'echo "$4" >> {shlex.quote(str(log))}\n'
+  )
+  fake.chmod(0o755)
+  python, plog = _fake_python(tmp_path, 0)
+  out = _run(
+    "launch", *V5P32, "--config", "tiny", "--workdir", "gs://b/r",
+    env={"GCLOUD": str(fake), "PYTHON": python, "TMPDIR": str(tmp_path)},
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr
+  assert "--topology=v6e:4x4" in plog.read_text()
+  assert log.read_text().split() == ["ssh"]
 
 
 def test_setup_ships_the_working_tree(fake_gcloud):

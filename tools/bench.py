@@ -73,6 +73,7 @@ from multians_jax import (  # noqa: E402
   checkpoint,
   credit,
   hf,
+  hlo_cost,
   reward,
   rollouts,
   sampler,
@@ -424,27 +425,13 @@ OP_GROUPS = {
 }
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-  """Compiled HLO text → {computation name: its instruction lines}."""
-  comps, name = {}, None
-  for line in hlo.splitlines():
-    m = re.match(r"^(?:ENTRY )?%(\S+) ", line)
-    if m and line.rstrip().endswith("{"):
-      name = m.group(1)
-      comps[name] = []
-    elif line.startswith("}"):
-      name = None
-    elif name:
-      comps[name].append(line)
-  return comps
+_computations = hlo_cost.computations  # tests/test_bench.py reads it
 
 
 _INST = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\(")
 
 
-def _shape(type_str: str) -> tuple[int, ...]:
-  m = re.search(r"\w+\[([\d,]*)\]", type_str)
-  return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+_shape = hlo_cost.shape_of
 
 
 def decode_op_groups(hlo: str, cfg, slots: int) -> dict[str, str]:

@@ -1,0 +1,278 @@
+"""Ahead-of-time compilation for TPU topologies from this CPU host
+(multians_jax/aot.py, tools/aot.py) and the trip-count-aware HLO cost
+model (multians_jax/hlo_cost.py).
+
+The TPU tests compile real TPU executables (libtpu, compile-only devices
+of a named topology): a small model with real head sizes (head_dim 128),
+both attention backends that target TPU, the splash kernel as a Mosaic
+custom call under shard_map.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from multians_jax import aot, hlo_cost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+try:
+  import libtpu  # noqa: F401
+
+  HAVE_TPU_COMPILER = True
+except ImportError:  # the `test` extra installs it; keep a clear skip
+  HAVE_TPU_COMPILER = False
+
+needs_libtpu = pytest.mark.skipif(
+  not HAVE_TPU_COMPILER, reason="libtpu (jax[tpu]) not installed"
+)
+
+
+# ---------------------------------------------------------------------------
+# hlo_cost: trip counts and the per-instruction model
+
+
+def _scan(x, w, n):
+  def body(c, _):
+    return jnp.tanh(c @ w), None
+
+  return jax.lax.scan(body, x, None, length=n)[0]
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_scan_flops_are_trip_count_times_the_body(n):
+  x, w = jnp.ones((64, 256)), jnp.ones((256, 256))
+  compiled = jax.jit(_scan, static_argnums=2).lower(x, w, n).compile()
+  cost = hlo_cost.analyze(compiled.as_text())
+  assert cost.flops == pytest.approx(n * 2 * 64 * 256 * 256)
+  if n > 1:  # XLA's own count stops at one body
+    assert compiled.cost_analysis()["flops"] < cost.flops / 2
+    assert [trips for _, trips, _ in cost.loops] == [n]
+
+
+def test_nested_loops_multiply():
+  def f(x, w):
+    def outer(c, _):
+      return _scan(c, w, 3), None
+
+    return jax.lax.scan(outer, x, None, length=5)[0]
+
+  x, w = jnp.ones((32, 128)), jnp.ones((128, 128))
+  cost = hlo_cost.analyze(jax.jit(f).lower(x, w).compile().as_text())
+  assert cost.flops == pytest.approx(15 * 2 * 32 * 128 * 128)
+
+
+def test_loop_free_program_matches_xla_cost_analysis():
+  def f(x, w, v):
+    return jnp.tanh(x @ w) @ v + 1.0
+
+  x, w = jnp.ones((128, 512)), jnp.ones((512, 512))
+  compiled = jax.jit(f).lower(x, w, w).compile()
+  ca = compiled.cost_analysis()
+  cost = hlo_cost.analyze(compiled.as_text())
+  assert cost.flops == pytest.approx(2 * 2 * 128 * 512 * 512)
+  assert cost.flops == pytest.approx(ca["flops"], rel=0.01)  # + tanh, add
+  assert cost.bytes_accessed == pytest.approx(ca["bytes accessed"], rel=0.1)
+
+
+def test_a_counter_stepping_by_two_halves_the_trips():
+  """Windowed collective matmuls count their loop up by 2 (TPU)."""
+
+  def f(x, w):
+    body = lambda c: (c[0] + 2, jnp.tanh(c[1] @ w))
+    return jax.lax.while_loop(lambda c: c[0] < 8, body, (0, x))[1]
+
+  x, w = jnp.ones((16, 64)), jnp.ones((64, 64))
+  cost = hlo_cost.analyze(jax.jit(f).lower(x, w).compile().as_text())
+  assert cost.flops == pytest.approx(4 * 2 * 16 * 64 * 64)
+
+
+def test_data_dependent_loop_takes_the_given_bound():
+  def f(x, w):
+    cond = lambda c: jnp.sum(c[0]) < 1e30
+    body = lambda c: (jnp.tanh(c[0] @ w), c[1])
+    return jax.lax.while_loop(cond, body, (x, 0))[0]
+
+  x, w = jnp.ones((16, 64)), jnp.ones((64, 64))
+  text = jax.jit(f).lower(x, w).compile().as_text()
+  once = hlo_cost.analyze(text)
+  assert once.unbounded and once.flops == pytest.approx(2 * 16 * 64 * 64)
+  bounded = hlo_cost.analyze(text, bounds={"": 9})
+  assert not bounded.unbounded
+  assert bounded.flops == pytest.approx(9 * 2 * 16 * 64 * 64)
+
+
+def test_slices_of_a_stacked_operand_count_as_the_slice():
+  """A layer scan reads one layer of its stacked weights per step, not the
+  whole stack: bytes grow with the layer count, not with its square."""
+
+  def f(x, ws):
+    def body(c, w):
+      return jnp.tanh(c @ w), None
+
+    return jax.lax.scan(body, x, ws)[0]
+
+  x = jnp.ones((8, 256))
+  per = []
+  for n in (4, 32):
+    ws = jnp.ones((n, 256, 256))
+    text = jax.jit(f).lower(x, ws).compile().as_text()
+    per.append(hlo_cost.analyze(text).bytes_accessed / n)
+  assert per[1] == pytest.approx(per[0], rel=0.25)
+  # a few reads of one layer's weights per step (slice, then the dot), far
+  # from the whole stack's 32
+  assert per[1] < 4 * 256 * 256 * 4
+
+
+# ---------------------------------------------------------------------------
+# Targets and meshes
+
+
+def test_bad_topology_names_the_problem():
+  with pytest.raises(aot.AotError, match="GENERATION:SHAPE"):
+    aot.target("v5p")
+  with pytest.raises(aot.AotError, match="unknown TPU generation"):
+    aot.target("v9z:2x2")
+
+
+def _tiny(**over):
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.model.arch.update(d_model=256, num_heads=4, num_kv_heads=2,
+                      head_dim=128, d_ff=512, vocab_size=1024)  # fmt: skip
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.rl.micro_batches = 4
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@needs_libtpu
+def test_mesh_that_does_not_tile_the_topology_is_refused():
+  c = _tiny(**{"mesh.fsdp": 3})
+  with pytest.raises(aot.AotError, match="does not tile v5e:2x2"):
+    aot.run_aot(c, "v5e:2x2")
+
+
+# ---------------------------------------------------------------------------
+# Real TPU executables
+
+
+def _check_stage(s):
+  assert "error" not in s, s.get("error")
+  assert s["fits"] and s["peak_bytes_per_chip"] > 0
+  assert s["flops_per_chip"] > 0 and s["bytes_accessed_per_chip"] > 0
+  assert s["roofline_seconds"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "attention, over",
+  [
+    ("xla", {}),
+    ("splash", {"model.lora_rank": 4, "sampler.slots": 4}),
+    ("splash", {"rl.share_prompt": False}),
+  ],
+  ids=["xla-shared", "splash-lora-refilled", "splash-per-row"],
+)
+def test_every_stage_compiles_for_v5e(attention, over):
+  c = _tiny(**{"model.attention": attention, **over})
+  res = aot.run_aot(c, "v5e:2x2", progress=lambda m: None)
+  assert res["chips"] == 4 and res["chip"] == "v5e"
+  assert set(res["stages"]) == {"prefill", "decode", "update"}
+  for s in res["stages"].values():
+    _check_stage(s)
+  up = res["stages"]["update"]
+  # the layer scan (2 layers) and the micro-batch loop (the 3 after the
+  # first): trip counts read from the compiled loops, not counted once
+  trips = {n for _, n, how in up["loops"] if how != "bound given"}
+  assert {2, 3} <= trips, up["loops"]
+  dec = res["stages"]["decode"]
+  assert dec["step_flops_per_chip"] > 0
+  for s in res["stages"].values():
+    splash = [k for k in s["mosaic_kernels"] if k.startswith("splash")]
+    # the real Mosaic kernel, not the interpreter's plain ops
+    assert bool(splash) == (attention == "splash"), s["mosaic_kernels"]
+  if attention == "splash":  # once per layer per decode step, counted so
+    steps = max(n for _, n, how in dec["loops"] if how == "bound given")
+    calls = sum(v for k, v in dec["mosaic_kernels"].items() if "splash" in k)
+    assert calls >= 2 * steps, (dec["mosaic_kernels"], dec["loops"])
+  assert res["fits"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_update_compiles_for_a_multi_host_topology():
+  c = _tiny(**{"model.attention": "splash", "data.prompts_per_step": 4})
+  res = aot.run_aot(c, "v5p:2x2x2", stages=["update"], progress=lambda m: None)
+  assert res["hosts"] > 1 and res["chips"] == 8
+  _check_stage(res["stages"]["update"])
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_cli_exits_1_naming_the_stage_and_bytes(tmp_path):
+  """Full fine-tuning of a 4.8 B-parameter model (fp32 weights and Adam
+  moments: 16 bytes a parameter) on 4 v5e chips of 16 GiB: the TPU
+  compiler refuses the update, and the CLI says so with the bytes."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  res = subprocess.run(
+    [
+      sys.executable, "tools/aot.py", "--config=configs/tiny.py",
+      "--topology=v5e:2x2", "--stages=update", f"--out={tmp_path}",
+      "--config.mesh.fsdp=-1", "--config.model.arch.head_dim=128",
+      "--config.model.arch.d_model=4096", "--config.model.arch.num_heads=32",
+      "--config.model.arch.num_kv_heads=8", "--config.model.arch.d_ff=12288",
+      "--config.model.arch.num_layers=24",
+      "--config.model.arch.vocab_size=32000",
+    ],
+    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert res.returncode == 1, res.stdout + res.stderr
+  assert "DOES NOT FIT" in res.stdout
+  assert "update needs" in res.stdout and "GiB of temporaries" in res.stdout
+  data = json.loads((tmp_path / "aot.json").read_text())
+  up = data["stages"]["update"]
+  assert not up["fits"] and not data["fits"]
+  assert up["temp_bytes"] > up["compiler_hbm_bytes"] > 15 * 2**30
+  assert "micro_batches" in up["advice"]
+
+
+# ---------------------------------------------------------------------------
+# Splash under shard_map on a CPU mesh (interpret mode): same numbers
+
+
+@pytest.mark.slow
+def test_splash_under_a_sharded_mesh_equals_xla():
+  from multians_jax import attention, sharding
+
+  mesh = sharding.make_mesh(2, 2, 2)
+  rng = np.random.default_rng(0)
+  b, t, n, kv, h = 8, 20, 4, 2, 16
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, kv, t, h)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, kv, t, h)), jnp.float32)
+  mask = jnp.asarray(np.arange(t)[None] >= rng.integers(0, 5, (b, 1)))
+  allowed = mask[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+  want = attention.dense(q, k, v, allowed, jnp.float32)
+  with sharding.activate(mesh, sharding.TRAIN_RULES):
+    got = jax.jit(
+      lambda q, k, v, m: attention.splash(q, k, v, m, m, jnp.float32)
+    )(q, k, v, mask)
+  keep = np.asarray(mask)[:, :, None, None]
+  np.testing.assert_allclose(
+    np.where(keep, got, 0), np.where(keep, want, 0), atol=1e-5
+  )
