@@ -434,12 +434,13 @@ def report_stage(name, stage: Stage, compiled, chip: Chip, seconds: float):
   flops, nbytes = cost.flops, cost.bytes_accessed
   step_flops = step_bytes = None
   outside = None
-  if stage.loop_only and cost.per_loop:
-    body = max(cost.per_loop, key=lambda k: cost.per_loop[k][0])
-    outside = (flops - cost.per_loop[body][0], nbytes - cost.per_loop[body][1])
-    flops, nbytes = cost.per_loop[body]
-    trips = next(n for bname, n, _ in cost.loops if bname == body)
-    step_flops, step_bytes = flops / trips, nbytes / trips
+  if stage.loop_only:
+    # The decode loop's share: the program at its bound minus the program
+    # with the loop run zero times (the rest: prefill, cache repeat).
+    rest = prog.cost(bounds={"": 0})
+    outside = (rest.flops, rest.bytes_accessed)
+    flops, nbytes = flops - rest.flops, nbytes - rest.bytes_accessed
+    step_flops, step_bytes = flops / stage.bound, nbytes / stage.bound
   xla = compiled.cost_analysis() or {}
   if isinstance(xla, list):  # older jax: one dict per program
     xla = xla[0] if xla else {}

@@ -107,17 +107,24 @@ def parse_inst(line: str) -> Inst | None:
 
 
 def computations(hlo: str) -> dict[str, list[str]]:
-  """Compiled HLO text → {computation name: its instruction lines}."""
+  """Compiled HLO text → {computation name: its instruction lines}.
+
+  An instruction's text may span lines (a Mosaic kernel's backend_config
+  holds newlines): a line that does not start a new instruction continues
+  the one before."""
   comps, name = {}, None
   for line in hlo.splitlines():
     m = re.match(r"^(?:ENTRY )?%(\S+) ", line)
     if m and line.rstrip().endswith("{"):
       name = m.group(1)
       comps[name] = []
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":
       name = None
     elif name:
-      comps[name].append(line)
+      if _HEAD.match(line) or not comps[name]:
+        comps[name].append(line)
+      else:
+        comps[name][-1] += "\n" + line
   return comps
 
 

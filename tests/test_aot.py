@@ -108,6 +108,26 @@ def test_data_dependent_loop_takes_the_given_bound():
   assert bounded.flops == pytest.approx(9 * 2 * 16 * 64 * 64)
 
 
+def test_an_instruction_spanning_lines_stays_in_its_computation():
+  """A Mosaic kernel's backend_config holds newlines; a continuation line
+  starting with '}}' must not end the computation around it."""
+  hlo = "\n".join([
+    "HloModule m",
+    "",
+    "ENTRY %main (p: f32[8,16], w: f32[16,4]) -> f32[8,4] {",
+    "  %p = f32[8,16]{1,0} parameter(0)",
+    "  %w = f32[16,4]{1,0} parameter(1)",
+    '  %k = f32[8,16]{1,0} custom-call(%p), custom_call_target='
+    '"tpu_custom_call", backend_config={"meta":"{\\"a\\": 1,',
+    '}}, metadata={op_name="kernel"}',
+    "  ROOT %d = f32[8,4]{1,0} dot(%k, %w), lhs_contracting_dims={1}, "
+    "rhs_contracting_dims={0}",
+    "}",
+  ])  # fmt: skip
+  cost = hlo_cost.analyze(hlo)
+  assert cost.flops == 2 * 8 * 4 * 16 and cost.mosaic_calls == 1
+
+
 def test_slices_of_a_stacked_operand_count_as_the_slice():
   """A layer scan reads one layer of its stacked weights per step, not the
   whole stack: bytes grow with the layer count, not with its square."""
@@ -172,7 +192,9 @@ def test_mesh_that_does_not_tile_the_topology_is_refused():
 def _check_stage(s):
   assert "error" not in s, s.get("error")
   assert s["fits"] and s["peak_bytes_per_chip"] > 0
-  assert s["flops_per_chip"] > 0 and s["bytes_accessed_per_chip"] > 0
+  # (a decode step of one row per chip may have no dot at all: XLA turns
+  # a tiny matrix-vector product into multiply + reduce)
+  assert s["flops_per_chip"] >= 0 and s["bytes_accessed_per_chip"] > 0
   assert s["roofline_seconds"] > 0
 
 
@@ -200,7 +222,8 @@ def test_every_stage_compiles_for_v5e(attention, over):
   trips = {n for _, n, how in up["loops"] if how != "bound given"}
   assert {2, 3} <= trips, up["loops"]
   dec = res["stages"]["decode"]
-  assert dec["step_flops_per_chip"] > 0
+  assert dec["step_bytes_per_chip"] > 0
+  assert res["stages"]["prefill"]["flops_per_chip"] > 0 < up["flops_per_chip"]
   for s in res["stages"].values():
     splash = [k for k in s["mosaic_kernels"] if k.startswith("splash")]
     # the real Mosaic kernel, not the interpreter's plain ops
