@@ -7,11 +7,13 @@ warmup 5 %, temperature 0.7, top-p 1, prompts ≤ 3072 tokens, completions
 
 Hardware (the config argument):
   v5p   TPU v5p-32 slice: 16 chips (4 hosts), mesh (data 1, fsdp 16,
-        tensor 1), bf16 compute, remat=full. ~55 GiB peak of 95 per chip
-        (tools/memory.py).
+        tensor 1), bf16 compute, remat=full. Compiled for v5p:2x2x4 on a
+        CPU host (tools/aot.py; BENCHMARKS.md, "Compiled estimates"):
+        sampling 42 GiB and update 17 GiB per chip of 95 (Multi-RLCR,
+        model.attention=xla; splash 42 and 16).
   gpu8  one 8×H100/H200 80 GB host: mesh (1, 8, 1), bf16, remat=full,
         rollouts sampled 4 prompts (128 rows) at a time so the KV cache
-        fits.
+        fits (tools/memory.py's estimate; not yet compiled for GPUs).
 """
 
 from configs import base

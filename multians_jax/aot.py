@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -50,8 +49,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from multians_jax import (
+  aot_report,
+  data,
+  lora,
+  memory,
+  sampler,
+  sharding,
+)
 from multians_jax import config as config_lib
-from multians_jax import data, hlo_cost, lora, memory, sampler, sharding
 from multians_jax import model as model_lib
 from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
@@ -137,6 +143,9 @@ def target(topology: str) -> Target:
     raise AotError(
       'compiling for TPU needs libtpu: pip install -e ".[aot]" (jax[tpu])'
     ) from None
+  # libtpu takes a machine-wide lock per process; compile-only use touches
+  # no chip, so other processes (a CLI beside the tests) may load it too.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     devices = _topology_devices(topology)
   except Exception as e:  # libtpu's message names the problem
@@ -260,126 +269,158 @@ def shapes(run: config_lib.RunConfig) -> dict:
   )
 
 
+@dataclasses.dataclass
+class _Ctx:
+  """What every stage builder reads: the run, the mesh, the abstract
+  policy and optimizer state, the step's shapes, resident bytes."""
+
+  run: config_lib.RunConfig
+  mesh: Any
+  mcfg: model_lib.ModelConfig
+  graphdef: Any
+  params: Any
+  trainable: Any
+  tx: Any
+  opt: Any
+  sh: dict
+  opt_bytes: float
+  ref_bytes: float
+
+  def row(self, shape, dtype):
+    """A [B, ...] array sharded over the batch axes (training rules)."""
+    axes = ("batch",) + (None,) * (len(shape) - 1)
+    return _sds(shape, dtype, self.mesh, axes, sharding.TRAIN_RULES)
+
+
 def build_stages(run: config_lib.RunConfig, mesh) -> tuple[dict, dict]:
   """name → Stage for every jitted stage of one RL step, and facts about
   the model (parameter count, per-chip state bytes)."""
   mcfg = memory.model_config(run)
-  if mcfg.max_seq_len < shapes(run)["t"] + run.sampler.max_new_tokens:
+  sh = shapes(run)
+  if mcfg.max_seq_len < sh["t"] + sh["l"]:
     raise AotError(
-      f"prompt bucket + max_new_tokens exceeds model max_seq_len "
-      f"{mcfg.max_seq_len}"
+      f"prompt bucket {sh['t']} + max_new_tokens {sh['l']} exceeds the "
+      f"model's max_seq_len {mcfg.max_seq_len}"
     )
   graphdef, params = abstract_policy(mcfg, mesh)
   trainable, _ = lora.partition(params)
   tx = update_lib.optimizer(run.optim_config)
   opt = _abstract_opt(tx, trainable)
-  sh = shapes(run)
-  p, chunk, g, t = sh["prompts"], sh["chunk"], sh["g"], sh["t"]
-  l = sh["l"]  # noqa: E741 (shape letter L of sampler.py)
-  b = p * g
-  train, samp = sharding.TRAIN_RULES, sharding.SAMPLE_RULES
   state_bytes = per_chip_bytes(params, mesh)
-  opt_bytes = per_chip_bytes(opt, mesh)
   # A KL reference without LoRA is a second copy of the weights.
-  ref_bytes = (
-    state_bytes
-    if run.loss.kl_beta > 0 and not lora.has_adapters(params)
-    else 0.0
+  kl_copy = run.loss.kl_beta > 0 and not lora.has_adapters(params)
+  ctx = _Ctx(
+    run, mesh, mcfg, graphdef, params, trainable, tx, opt, sh,
+    per_chip_bytes(opt, mesh), state_bytes if kl_copy else 0.0,
+  )  # fmt: skip
+  stages = {"decode": _sampler_stage(ctx)}
+  stages.update(_update_stages(ctx))
+  if run.warmup.steps:
+    stages["warmup"] = _warmup_stage(ctx)
+  info = dict(
+    params=model_lib.param_count(mcfg),
+    trainable=sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
+    state_bytes_per_chip=state_bytes,
+    opt_bytes_per_chip=ctx.opt_bytes,
+    shapes=sh,
+    model=mcfg,
   )
+  return stages, info
+
+
+def _sampler_stage(ctx: _Ctx) -> Stage:
+  """``sampler._sample`` on ``rl.sample_chunk`` prompts as the loop calls
+  it (the policy in its training layout, the sampling rules active)."""
+  run, mesh, sh, mcfg = ctx.run, ctx.mesh, ctx.sh, ctx.mcfg
+  chunk, g, t, steps = sh["chunk"], sh["g"], sh["t"], sh["l"]
+  samp = sharding.SAMPLE_RULES
   stop_ids = tuple(mcfg.eos_ids) or (0,)
   pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
   scfg = dataclasses.replace(
     run.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
   )
-  calls = p / chunk
   tokens = _sds((chunk, t), jnp.int32, mesh, ("batch", None), samp)
   mask = _sds((chunk, t), jnp.bool_, mesh, ("batch", None), samp)
   key = _replicated(mesh, (2,), jnp.uint32)
   refill = 0 < scfg.slots < chunk * g
-  bound = math.ceil(chunk * g / scfg.slots) * l if refill else l - 1
-
-  stages = {
-    "decode": Stage(
-      sampler._sample,
-      (graphdef, params, tokens, mask, key),
-      dict(cfg=scfg, num_samples=g),
-      samp,
-      bound=bound,
-      resident=opt_bytes + ref_bytes,
-      loop_only=True,
-      calls_per_step=calls,
-      note=("refilled" if refill else "static")
-      + f", {chunk} prompts x {g} per call, loop bound {bound} steps",
-    ),
-  }  # fmt: skip
-  (rows,) = sharding.spec_for(("batch",), (chunk,), mesh, samp)
-  shards = math.prod(
-    mesh.shape[a] for a in sharding.SAMPLE_RULES.lookup("batch")
+  bound = math.ceil(chunk * g / scfg.slots) * steps if refill else steps - 1
+  note = ("refilled" if refill else "static") + (
+    f", {chunk} prompts x {g} per call, loop bound {bound} steps"
   )
+  (rows,) = sharding.spec_for(("batch",), (chunk,), mesh, samp)
+  shards = math.prod(mesh.shape[a] for a in samp.lookup("batch"))
   if rows is None or chunk % shards:
-    stages["decode"].note += (
+    note += (
       f"; the prefill's {chunk} prompts do not divide over the {shards}-way "
       "batch axes: each chip prefills them all (replicated)"
     )
-  # The update batch: B rows of prompt bucket + cap.
-  row = lambda shape, dtype: _sds(
-    shape, dtype, mesh, ("batch",) + (None,) * (len(shape) - 1), train
-  )
-  s = t + l
+  return Stage(
+    sampler._sample, (ctx.graphdef, ctx.params, tokens, mask, key),
+    dict(cfg=scfg, num_samples=g), samp, bound=bound,
+    resident=ctx.opt_bytes + ctx.ref_bytes, loop_only=True,
+    calls_per_step=sh["prompts"] / chunk, note=note,
+  )  # fmt: skip
+
+
+def _update_stages(ctx: _Ctx) -> dict:
+  """``update.update_step`` on the step's B rows of prompt bucket + cap,
+  and the log-prob pass when the step takes one."""
+  run, sh, row = ctx.run, ctx.sh, ctx.row
+  b, steps, s = sh["prompts"] * sh["g"], sh["l"], sh["t"] + sh["l"]
   per_token = run.rl.credit not in ("", "sequence", "none")
   batch = update_lib.UpdateBatch(
     row((b, s), jnp.int32),
     row((b, s), jnp.int32),
     row((b, s), jnp.bool_),
-    row((b, l), jnp.bool_),
-    row((b, l), jnp.float32),
-    row((b, l) if per_token else (b,), jnp.float32),
+    row((b, steps), jnp.bool_),
+    row((b, steps), jnp.float32),
+    row((b, steps) if per_token else (b,), jnp.float32),
     row((b,), jnp.bool_),
-    row((b, l), jnp.float32) if run.loss.kl_beta > 0 else None,
+    row((b, steps), jnp.float32) if run.loss.kl_beta > 0 else None,
   )
   ucfg = update_lib.UpdateConfig(
     loss=run.loss,
     micro_batches=run.rl.micro_batches,
     temperature=max(run.sampler.temperature, 1e-6),
     logprob_chunk=run.rl.logprob_chunk,
-    group_size=g if run.rl.share_prompt else 1,
+    group_size=sh["g"] if run.rl.share_prompt else 1,
     support=run.sampling.support,
   )
-  ts = update_lib.TrainState(_replicated(mesh), params, opt, _replicated(mesh))
-  stages["update"] = Stage(
-    update_lib.update_step, (graphdef, ts, batch), dict(tx=tx, cfg=ucfg),
-    train, resident=ref_bytes, calls_per_step=run.rl.num_iterations,
-  )  # fmt: skip
+  one = _replicated(ctx.mesh)
+  ts = update_lib.TrainState(one, ctx.params, ctx.opt, one)
+  train = sharding.TRAIN_RULES
+  out = {
+    "update": Stage(
+      update_lib.update_step, (ctx.graphdef, ts, batch),
+      dict(tx=ctx.tx, cfg=ucfg), train, resident=ctx.ref_bytes,
+      calls_per_step=run.rl.num_iterations,
+    )
+  }  # fmt: skip
   n_logp = (run.rl.num_iterations > 1) + (run.loss.kl_beta > 0)
   if n_logp:
-    stages["logprobs"] = Stage(
-      update_lib.completion_logprobs, (graphdef, params, batch),
-      dict(cfg=ucfg), train, resident=opt_bytes + ref_bytes,
+    out["logprobs"] = Stage(
+      update_lib.completion_logprobs, (ctx.graphdef, ctx.params, batch),
+      dict(cfg=ucfg), train, resident=ctx.opt_bytes + ctx.ref_bytes,
       calls_per_step=n_logp,
     )  # fmt: skip
-  w = run.warmup
-  if w.steps:
-    wtx = warmup_lib.optimizer(w)
-    wopt = _abstract_opt(wtx, trainable)
-    wb, ws = w.batch_prompts, t + w.max_target_len
-    stages["warmup"] = Stage(
-      warmup_lib.sft_step,
-      (graphdef, params, wopt, row((wb, ws), jnp.int32),
-       row((wb, ws), jnp.bool_), row((wb, ws), jnp.int32),
-       row((wb, w.max_target_len), jnp.bool_)),
-      dict(tx=wtx, chunk=run.rl.logprob_chunk),
-      train,
-      calls_per_step=0.0,  # before RL, not part of a step
-    )  # fmt: skip
-  info = dict(
-    params=model_lib.param_count(mcfg),
-    trainable=sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
-    state_bytes_per_chip=state_bytes,
-    opt_bytes_per_chip=opt_bytes,
-    shapes=sh,
-    model=mcfg,
-  )
-  return stages, info
+  return out
+
+
+def _warmup_stage(ctx: _Ctx) -> Stage:
+  """``warmup.sft_step`` on ``warmup.batch_prompts`` rows."""
+  w, row = ctx.run.warmup, ctx.row
+  wtx = warmup_lib.optimizer(w)
+  wopt = _abstract_opt(wtx, ctx.trainable)
+  wb, ws = w.batch_prompts, ctx.sh["t"] + w.max_target_len
+  return Stage(
+    warmup_lib.sft_step,
+    (ctx.graphdef, ctx.params, wopt, row((wb, ws), jnp.int32),
+     row((wb, ws), jnp.bool_), row((wb, ws), jnp.int32),
+     row((wb, w.max_target_len), jnp.bool_)),
+    dict(tx=wtx, chunk=ctx.run.rl.logprob_chunk),
+    sharding.TRAIN_RULES,
+    calls_per_step=0.0,  # before RL, not part of a step
+  )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -390,106 +431,6 @@ def compile_stage(stage: Stage, mesh):
   with sharding.activate(mesh, stage.rules):
     lowered = stage.fn.lower(*stage.args, **stage.kw)
   return lowered.compile()
-
-
-def _out_of_memory(msg: str):
-  """(bytes needed, bytes available) from the TPU compiler's refusal of a
-  program over the chip's HBM, else None."""
-  m = re.search(
-    r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\) exceeds available HBM "
-    r"\(([\d.]+)([KMGT])\)", msg, re.DOTALL,
-  )  # fmt: skip
-  if not m:
-    return None
-  unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-  return (
-    int(float(m.group(1)) * unit[m.group(2)]),
-    int(float(m.group(3)) * unit[m.group(4)]),
-  )
-
-
-def _advice(name: str) -> str:
-  return {
-    "prefill": "lower rl.sample_chunk (prompts per sampler call)",
-    "decode": "lower rl.sample_chunk or sampler.slots, or use "
-    "sampler.cache_dtype=bfloat16",
-    "update": "raise rl.micro_batches, set model.remat=full, or train LoRA "
-    "adapters (model.lora_rank)",
-    "logprobs": "raise rl.micro_batches or lower rl.logprob_chunk",
-    "warmup": "lower warmup.batch_prompts",
-  }.get(name, "use a larger slice")
-
-
-def report_stage(name, stage: Stage, compiled, chip: Chip, seconds: float):
-  ma = compiled.memory_analysis()
-  args = int(ma.argument_size_in_bytes)
-  outs = int(ma.output_size_in_bytes)
-  alias = int(ma.alias_size_in_bytes)
-  temp = int(ma.temp_size_in_bytes)
-  code = int(ma.generated_code_size_in_bytes)
-  peak = args + outs - alias + temp + code
-  total = peak + int(stage.resident)
-  prog = hlo_cost.Program(compiled.as_text())
-  cost = prog.cost(bounds={"": stage.bound})
-  flops, nbytes = cost.flops, cost.bytes_accessed
-  step_flops = step_bytes = None
-  outside = None
-  if stage.loop_only:
-    # The decode loop's share: the program at its bound minus the program
-    # with the loop run zero times (the rest: prefill, cache repeat).
-    rest = prog.cost(bounds={"": 0})
-    outside = (rest.flops, rest.bytes_accessed)
-    flops, nbytes = flops - rest.flops, nbytes - rest.bytes_accessed
-    step_flops, step_bytes = flops / stage.bound, nbytes / stage.bound
-  xla = compiled.cost_analysis() or {}
-  if isinstance(xla, list):  # older jax: one dict per program
-    xla = xla[0] if xla else {}
-  roof = max(flops / chip.bf16_flops, nbytes / chip.hbm_bandwidth)
-  out = dict(
-    peak_bytes_per_chip=total,
-    compiled_peak_bytes_per_chip=peak,
-    resident_bytes_per_chip=int(stage.resident),
-    argument_bytes=args,
-    output_bytes=outs,
-    alias_bytes=alias,
-    temp_bytes=temp,
-    code_bytes=code,
-    flops_per_chip=flops,
-    bytes_accessed_per_chip=nbytes,
-    xla_flops_per_chip=float(xla.get("flops", 0.0)),
-    xla_bytes_accessed_per_chip=float(xla.get("bytes accessed", 0.0)),
-    loops=[[b, n, how] for b, n, how in cost.loops],
-    custom_calls=cost.custom_calls,
-    mosaic_calls=cost.mosaic_calls,
-    mosaic_kernels=cost.mosaic_kernels,
-    roofline_seconds=roof,
-    bound="compute"
-    if flops / chip.bf16_flops >= nbytes / chip.hbm_bandwidth
-    else "memory",  # fmt: skip
-    calls_per_step=stage.calls_per_step,
-    compile_seconds=seconds,
-    fits=total <= chip.hbm_bytes,
-  )
-  if step_flops is not None:
-    out.update(step_flops_per_chip=step_flops, step_bytes_per_chip=step_bytes)
-  if stage.note:
-    out["note"] = stage.note
-  if outside is not None:
-    out["outside_loop"] = outside
-  if not out["fits"]:
-    over = total - chip.hbm_bytes
-    out["advice"] = (
-      f"{name} needs {total / GiB:.2f} GiB per chip, {over / GiB:.2f} GiB "
-      f"over the {chip.name}'s {chip.hbm_bytes / GiB:.0f} GiB: " + _advice(name)
-    )
-  return out
-
-
-def planner_peaks(run, mesh_sizes: dict) -> dict:
-  """tools/memory.py's per-device peaks (sampling, update) for the same
-  config and mesh, in bytes."""
-  plan = memory.plan_from_config(run, tuple(mesh_sizes.values()))
-  return memory.peaks(plan, memory.estimate(plan))
 
 
 def run_aot(run, topology: str, stages=None, progress=print) -> dict:
@@ -504,57 +445,11 @@ def run_aot(run, topology: str, stages=None, progress=print) -> dict:
     if unknown:
       raise AotError(f"unknown or inactive stage(s) {unknown}: {sorted(built)}")
     built = {k: v for k, v in built.items() if k in stages}
-  planner = planner_peaks(run, dict(mesh.shape))
+  planner = aot_report.planner_peaks(run, dict(mesh.shape))
   out_stages = {}
   for name, stage in built.items():
     progress(f"compiling {name} for {topology} ...")
-    t0 = time.perf_counter()
-    try:
-      compiled = compile_stage(stage, mesh)
-    except Exception as e:  # the compiler's message, kept whole
-      oom = _out_of_memory(str(e))
-      if oom is None:
-        out_stages[name] = dict(
-          error=f"{type(e).__name__}: {e}", fits=False,
-          compile_seconds=time.perf_counter() - t0,
-        )  # fmt: skip
-        continue
-      need, have = oom  # the compiler refuses a program over the chip's HBM
-      out_stages[name] = dict(
-        fits=False,
-        out_of_memory=str(e).strip().splitlines()[0][:500],
-        temp_bytes=need,
-        compiler_hbm_bytes=have,
-        compile_seconds=time.perf_counter() - t0,
-        advice=f"{name} needs {need / GiB:.2f} GiB of temporaries per chip, "
-        f"{(need - have) / GiB:.2f} GiB over the {have / GiB:.2f} GiB the "
-        f"compiler allows on a {tgt.chip.name}: " + _advice(name),
-      )
-      continue
-    rep = report_stage(
-      name, stage, compiled, tgt.chip, time.perf_counter() - t0
-    )
-    phase = "update" if name in ("update", "logprobs", "warmup") else "sampling"
-    rep["planner_peak_bytes_per_chip"] = int(planner[phase])
-    if "outside_loop" in rep:  # the sampler: prefill + decode loop
-      f, b = rep.pop("outside_loop")
-      pre = {k: v for k, v in rep.items() if not k.startswith("step_")}
-      pre.update(
-        flops_per_chip=f, bytes_accessed_per_chip=b,
-        roofline_seconds=max(f / tgt.chip.bf16_flops,
-                             b / tgt.chip.hbm_bandwidth),
-        note="the sampler executable outside its decode loop (prefill, "
-        "cache repeat); memory is the whole sampler's",
-      )  # fmt: skip
-      pre["bound"] = (
-        "compute"
-        if f / tgt.chip.bf16_flops >= b / tgt.chip.hbm_bandwidth
-        else "memory"
-      )
-      pre.pop("advice", None)
-      out_stages["prefill"] = pre
-    out_stages[name] = rep
-    del compiled
+    out_stages.update(_compile_one(name, stage, mesh, tgt, planner))
   chips = len(tgt.devices)
   sh = info["shapes"]
   result = dict(
@@ -577,124 +472,31 @@ def run_aot(run, topology: str, stages=None, progress=print) -> dict:
     stages=out_stages,
     fits=all(s.get("fits", False) for s in out_stages.values()),
   )
-  result["step"] = step_estimate(result, run)
+  result["step"] = aot_report.step_estimate(result, run)
   return result
 
 
-def step_estimate(res: dict, run) -> dict:
-  """Roofline time of one RL step from its stages (sampling: prefill and
-  decode per sampler call; the update ``rl.num_iterations`` times), the
-  tokens it generates at the cap, and the update's compiled FLOPs against
-  the model's 6·N·tokens."""
-  st = res["stages"]
-  sh = res["shapes"]
-  ok = lambda n: (
-    n in st and "error" not in st[n] and "out_of_memory" not in st[n]
+def _compile_one(name, stage: Stage, mesh, tgt: Target, planner) -> dict:
+  """{stage name: its report} (the sampler gives two: prefill and
+  decode); a stage the compiler rejects is reported with its message, one
+  over the chip's HBM with the bytes and the setting to change."""
+  t0 = time.perf_counter()
+  try:
+    compiled = compile_stage(stage, mesh)
+  except Exception as e:  # the compiler's message, kept whole
+    return {
+      name: aot_report.failure(name, e, tgt.chip, time.perf_counter() - t0)
+    }
+  rep = aot_report.report_stage(
+    name, stage, compiled, tgt.chip, time.perf_counter() - t0
   )
-  if not all(ok(n) for n in ("prefill", "decode", "update")):
-    return {}  # no estimate of a step that does not compile whole
-  sample = sum(
-    st[n]["roofline_seconds"] * st[n]["calls_per_step"]
-    for n in ("prefill", "decode")
-    if ok(n)
-  )
-  upd = sum(
-    st[n]["roofline_seconds"] * st[n]["calls_per_step"]
-    for n in ("update", "logprobs")
-    if ok(n)
-  )
-  b = sh["prompts"] * sh["g"]
-  gen = b * sh["l"]
-  chips = res["chips"]
-  out = dict(
-    sample_seconds=sample,
-    update_seconds=upd,
-    step_seconds=sample + upd,
-    generated_tokens=gen,
-    tokens_per_second_per_chip=gen / max(sample + upd, 1e-12) / chips,
-  )
-  shared = run.rl.share_prompt and sh["g"] > 1
-  trained = (sh["prompts"] * sh["t"] if shared else b * sh["t"]) + b * sh["l"]
-  if ok("update"):
-    # 6 FLOPs per parameter per trained token (forward 2, backward 4) for
-    # the decoder layers, and for the LM head on completion tokens only
-    # (the update computes no logits at prompt positions); the embedding
-    # lookup is no matmul. Remat, attention and the head's chunking make
-    # the compiled count larger.
-    head = res["vocab"] * res["d_model"]
-    body = res["params"] - head * (1 if res["tied"] else 2)
-    model = 6.0 * (body * trained + head * b * sh["l"]) / chips
-    out["update_model_flops_per_chip"] = model
-    out["update_compiled_over_model_flops"] = (
-      st["update"]["flops_per_chip"] / model
-    )
-  if ok("decode"):
-    tok = sh["chunk"] * sh["g"]
-    model = 2.0 * res["params"] * tok / chips
-    if "step_flops_per_chip" in st["decode"]:
-      out["decode_step_model_flops_per_chip"] = model
-      out["decode_step_compiled_over_model_flops"] = (
-        st["decode"]["step_flops_per_chip"] / model
-      )
+  phase = "update" if name in ("update", "logprobs", "warmup") else "sampling"
+  rep["planner_peak_bytes_per_chip"] = int(planner[phase])
+  out = {}
+  if "outside_loop" in rep:  # the sampler: prefill + decode loop
+    out["prefill"] = aot_report.prefill_part(rep, tgt.chip)
+  out[name] = rep
   return out
-
-
-def format_table(res: dict) -> str:
-  g = lambda x: f"{x / GiB:8.2f}"
-  lines = [
-    f"{res['topology']}: {res['chips']} {res['chip']} chips, {res['hosts']} "
-    f"host(s), {res['hbm_bytes_per_chip'] / GiB:.0f} GiB HBM per chip; mesh "
-    + ", ".join(f"{k}={v}" for k, v in res["mesh"].items())
-    + f"; attention={res['attention']}; {res['params'] / 1e9:.2f} B params",
-    "",
-    f"{'stage':<9} {'peak GiB':>8} {'args':>8} {'temp':>8} {'resid.':>8} "
-    f"{'planner':>8} {'TFLOP':>9} {'GB acc.':>9} {'roofline s':>10}  verdict",
-  ]
-  for name, s in res["stages"].items():
-    if "error" in s:
-      lines.append(f"{name:<9} FAILED TO COMPILE: {s['error'][:400]}")
-      continue
-    if "out_of_memory" in s:
-      lines.append(
-        f"{name:<9} {'>' + format(s['temp_bytes'] / GiB, '.2f'):>8} "
-        "(the compiler ran out of HBM)  DOES NOT FIT"
-      )
-      continue
-    lines.append(
-      f"{name:<9} {g(s['peak_bytes_per_chip'])} {g(s['argument_bytes'])} "
-      f"{g(s['temp_bytes'])} {g(s['resident_bytes_per_chip'])} "
-      f"{g(s['planner_peak_bytes_per_chip'])} "
-      f"{s['flops_per_chip'] / 1e12:9.2f} "
-      f"{s['bytes_accessed_per_chip'] / 1e9:9.2f} "
-      f"{s['roofline_seconds']:10.3f}  "
-      + ("fits" if s["fits"] else "DOES NOT FIT")
-    )
-  for s in res["stages"].values():
-    if "advice" in s:
-      lines.append("  " + s["advice"])
-  st = res["step"]
-  failed = [n for n, s in res["stages"].items() if "error" in s]
-  if failed:
-    lines.append(f"\nverdict: FAILED TO COMPILE: {', '.join(failed)}")
-    return "\n".join(lines)
-  if not st:
-    lines.append("\n(no step estimate: not every stage was compiled)")
-    lines.append("verdict: " + ("FITS" if res["fits"] else "DOES NOT FIT"))
-    return "\n".join(lines)
-  lines += [
-    "",
-    f"step at roofline: sampling {st['sample_seconds']:.2f} s + update "
-    f"{st['update_seconds']:.2f} s = {st['step_seconds']:.2f} s; "
-    f"{st['tokens_per_second_per_chip']:.0f} generated tokens/s/chip "
-    "(compiled estimate, not a measurement)",
-  ]
-  if "update_compiled_over_model_flops" in st:
-    lines.append(
-      f"update FLOPs {st['update_compiled_over_model_flops']:.2f}x the "
-      "model's 6·N·tokens"
-    )
-  lines.append("verdict: " + ("FITS" if res["fits"] else "DOES NOT FIT"))
-  return "\n".join(lines)
 
 
 def quiet_env() -> None:

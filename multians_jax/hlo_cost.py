@@ -270,17 +270,41 @@ class Program:
   def cost(self, bounds: dict[str, int] | None = None, default_bound=1):
     """Trip-count-weighted cost. ``bounds``: trip counts for data-dependent
     loops, by a substring of the loop's ``op_name`` metadata or body name
-    (``{"": n}`` matches any)."""
-    bounds = bounds or {}
+    (``{"": n}`` matches any).
+
+    A computation may be called from several places (a layer body shared
+    by calls): multiplicities are summed over the call graph's edges in
+    topological order, so every caller's count has arrived before a
+    callee passes its own on."""
     out = Cost()
-    # The call graph: caller → [(callee, factor, loop body or None)]. A
-    # computation may be called from several places (a layer body shared
-    # by calls): multiplicities are summed over callers in topological
-    # order, so every caller's count has arrived before a callee passes
-    # its own on.
+    edges, fused, loop_edges = self._call_graph()
+    in_loop = self._inside_loops(edges, loop_edges)
+    for comp, inst in loop_edges:
+      n, how = self.trip_count(comp, inst)
+      body = _called(inst.attrs, "body")[0]
+      if n is None and comp not in in_loop:  # a bound is for outer loops
+        n = next(
+          (v for key, v in (bounds or {}).items()
+           if key in inst.attrs or key in body), None,
+        )  # fmt: skip
+        how = "bound given" if n is not None else how
+      if n is None:
+        n = default_bound
+        out.unbounded.append(body)
+      out.loops.append((body, n, how))
+      for c in _called(inst.attrs, "body") + _called(inst.attrs, "condition"):
+        edges[comp].append((c, float(n), body))
+    mult, enclosing = self._multiplicities(edges)
+    for comp, m in mult.items():
+      self._add(out, comp, m, enclosing.get(comp), comp not in fused)
+    return out
+
+  def _call_graph(self):
+    """(caller → [(callee, factor, loop body or None)], the fused
+    computations, the (caller, while instruction) pairs)."""
     edges: dict[str, list] = {}
     fused: set[str] = set()
-    loop_edges = []  # (caller, while inst)
+    loop_edges = []
     for comp, insts in self.comps.items():
       out_edges = edges.setdefault(comp, [])
       for inst in insts:
@@ -298,37 +322,29 @@ class Program:
           for key in ("branch_computations", "true_computation",
                       "false_computation"):  # fmt: skip
             out_edges += [(c, 1.0, None) for c in _called(inst.attrs, key)]
-    # Computations inside some loop: a data-dependent loop there runs once
-    # per iteration of the loop around it (the bound is for outer loops).
-    in_loop: set[str] = set()
-    todo = [b for _, w in loop_edges for b in _called(w.attrs, "body")]
-    callees = lambda c: [e[0] for e in edges.get(c, [])] + [
+    return edges, fused, loop_edges
+
+  def _inside_loops(self, edges, loop_edges) -> set[str]:
+    """Computations reachable from some loop body: a data-dependent loop
+    there runs once per iteration of the loop around it."""
+    inner = lambda c: [
       b for cc, w in loop_edges if cc == c
       for b in _called(w.attrs, "body") + _called(w.attrs, "condition")
     ]  # fmt: skip
+    found: set[str] = set()
+    todo = [b for _, w in loop_edges for b in _called(w.attrs, "body")]
     while todo:
       c = todo.pop()
-      if c not in in_loop and c in self.comps:
-        in_loop.add(c)
-        todo += callees(c)
-    for comp, inst in loop_edges:
-      n, how = self.trip_count(comp, inst)
-      body = _called(inst.attrs, "body")[0]
-      if n is None and comp not in in_loop:
-        n = next(
-          (v for key, v in bounds.items() if key in inst.attrs or key in
-           body), None)  # fmt: skip
-        how = "bound given" if n is not None else how
-      if n is None:
-        n = default_bound
-        out.unbounded.append(body)
-      out.loops.append((body, n, how))
-      for c in _called(inst.attrs, "body") + _called(inst.attrs, "condition"):
-        edges[comp].append((c, float(n), body))
-    # topological order from the entry (depth-first post-order, reversed)
-    order, seen = [], set()
+      if c not in found and c in self.comps:
+        found.add(c)
+        todo += [e[0] for e in edges.get(c, [])] + inner(c)
+    return found
+
+  def _multiplicities(self, edges):
+    """(computation → times it runs, computation → its loop body), in
+    topological order from the entry (depth-first post-order, reversed)."""
+    order, seen = [], {self.entry}
     stack = [(self.entry, iter(edges.get(self.entry, [])))]
-    seen.add(self.entry)
     while stack:
       comp, it = stack[-1]
       nxt = next(it, None)
@@ -344,30 +360,30 @@ class Program:
     enclosing: dict[str, str | None] = {self.entry: None}
     for comp in order:
       for c, factor, loop in edges.get(comp, []):
-        if c not in mult:
-          continue
-        mult[c] += mult[comp] * factor
-        enclosing.setdefault(c, loop or enclosing.get(comp))
-    for comp in order:
-      m = mult[comp]
-      loop = enclosing.get(comp)
-      f = b = 0.0
-      for inst in self.comps[comp]:
-        f += self._flops(comp, inst)
-        if inst.opcode == "custom-call":
-          out.custom_calls += 1
-          if 'custom_call_target="tpu_custom_call"' in inst.attrs:
-            out.mosaic_calls += m
-            kernel = re.sub(r"\.\d+$", "", inst.name)
-            out.mosaic_kernels[kernel] = out.mosaic_kernels.get(kernel, 0) + m
-        if comp not in fused:
-          b += self._bytes(comp, inst)
-      out.flops += m * f
-      out.bytes_accessed += m * b
-      if loop is not None:
-        pf, pb = out.per_loop.get(loop, (0.0, 0.0))
-        out.per_loop[loop] = (pf + m * f, pb + m * b)
-    return out
+        if c in mult:
+          mult[c] += mult[comp] * factor
+          enclosing.setdefault(c, loop or enclosing.get(comp))
+    return mult, enclosing
+
+  def _add(self, out: Cost, comp: str, m: float, loop, traffic: bool):
+    """Adds ``m`` runs of computation ``comp`` to ``out`` (its bytes only
+    when it is not a fusion's body: those stay on chip)."""
+    f = b = 0.0
+    for inst in self.comps[comp]:
+      f += self._flops(comp, inst)
+      if inst.opcode == "custom-call":
+        out.custom_calls += 1
+        if 'custom_call_target="tpu_custom_call"' in inst.attrs:
+          out.mosaic_calls += m
+          kernel = re.sub(r"\.\d+$", "", inst.name)
+          out.mosaic_kernels[kernel] = out.mosaic_kernels.get(kernel, 0) + m
+      if traffic:
+        b += self._bytes(comp, inst)
+    out.flops += m * f
+    out.bytes_accessed += m * b
+    if loop is not None:
+      pf, pb = out.per_loop.get(loop, (0.0, 0.0))
+      out.per_loop[loop] = (pf + m * f, pb + m * b)
 
   def _flops(self, comp: str, inst: Inst) -> float:
     if inst.opcode not in ("dot", "convolution"):

@@ -206,14 +206,16 @@ def _check_stage(s):
     ("xla", {}),
     ("splash", {"model.lora_rank": 4, "sampler.slots": 4}),
     ("splash", {"rl.share_prompt": False}),
+    ("xla", {"rl.kl_beta": 0.05, "warmup.steps": 2}),
   ],
-  ids=["xla-shared", "splash-lora-refilled", "splash-per-row"],
+  ids=["xla-shared", "splash-lora-refilled", "splash-per-row", "xla-kl-warmup"],
 )
 def test_every_stage_compiles_for_v5e(attention, over):
   c = _tiny(**{"model.attention": attention, **over})
   res = aot.run_aot(c, "v5e:2x2", progress=lambda m: None)
   assert res["chips"] == 4 and res["chip"] == "v5e"
-  assert set(res["stages"]) == {"prefill", "decode", "update"}
+  extra = {"logprobs", "warmup"} if "warmup.steps" in over else set()
+  assert set(res["stages"]) == {"prefill", "decode", "update"} | extra
   for s in res["stages"].values():
     _check_stage(s)
   up = res["stages"]["update"]

@@ -24,7 +24,7 @@ import sys
 # Config files import `configs.base`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multians_jax import aot  # noqa: E402
+from multians_jax import aot, aot_report  # noqa: E402
 
 aot.quiet_env()  # before jax initialises a backend
 
@@ -54,7 +54,7 @@ def main(argv):
   except (aot.AotError, ValueError) as e:
     print(f"aot: {e}", file=sys.stderr)
     return 1
-  print(aot.format_table(res))
+  print(aot_report.format_table(res))
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)
     path = os.path.join(_OUT.value, "aot.json")
