@@ -322,6 +322,16 @@ def _check_single(sw, sa):
 
 
 @pytest.mark.slow
+def test_multi_rlvr_covers_the_top_set_and_rlvr_collapses(tmp_path):
+  (mw, ma) = _train_arm("multi_rlvr", tmp_path / "m")
+  (sw, sa) = _train_arm("rlvr", tmp_path / "s")
+  _check_multi(mw, ma)
+  _check_single(sw, sa)
+  over = ma["dist/coverage"] - sa["dist/coverage"]
+  assert over > MULTI_OVER_SINGLE, (ma, sa)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "broken, arm", [("constant_reward", "multi_rlvr"), ("no_update", "rlvr")]
 )
