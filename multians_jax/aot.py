@@ -166,8 +166,35 @@ def _topology_devices(topology: str) -> list:
   topology would clash with executables traced for the first."""
   from jax.experimental import topologies
 
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  before = dict(os.environ)
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  finally:
+    _restore_env(before)
   return list(topo.devices)
+
+
+# Variables libtpu sets in the C environment (not in os.environ) when it
+# loads off a TPU VM, with "WARNING: could not determine ..." as values.
+# Child processes inherit them: `python -m multians_jax.main` would then
+# take CLOUD_TPU_TASK_ID for a pod and call jax.distributed.initialize().
+_LIBTPU_ENV = (
+  "CLOUD_TPU_TASK_ID", "CLOUD_TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID",
+  "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_PROCESS_BOUNDS",
+  "TPU_CHIPS_PER_PROCESS_BOUNDS", "TPU_HOST_BOUNDS", "TPU_SKIP_MDS_QUERY",
+  "TPU_LIBRARY_PATH",
+)  # fmt: skip
+
+
+def _restore_env(before: dict) -> None:
+  """The process environment as it was before libtpu loaded (keeping
+  ALLOW_MULTIPLE_LIBTPU_LOAD)."""
+  for key in _LIBTPU_ENV:
+    if key in before:
+      os.environ[key] = before[key]  # putenv: the C environment too
+    else:
+      os.environ.pop(key, None)
+      os.unsetenv(key)
 
 
 def make_mesh(run: config_lib.RunConfig, tgt: Target):

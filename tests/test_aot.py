@@ -161,6 +161,21 @@ def test_bad_topology_names_the_problem():
     aot.target("v9z:2x2")
 
 
+@needs_libtpu
+def test_child_processes_do_not_inherit_libtpu_variables():
+  """libtpu sets CLOUD_TPU_TASK_ID & co. in the C environment when it loads
+  off a TPU VM; a training process started after a compile would take
+  itself for a pod worker."""
+  aot.target("v5e:2x2")
+  code = "import os; print(sorted(k for k in os.environ if 'TPU' in k))"
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+  ).stdout
+  for key in ("CLOUD_TPU_TASK_ID", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES"):
+    if key not in os.environ:
+      assert key not in out, out
+
+
 def _tiny(**over):
   from configs import tiny
 
