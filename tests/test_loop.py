@@ -123,12 +123,11 @@ def test_answer_credit_learns_and_resumes_exactly(tmp_path):
   slot advantages, and a run resumed 4 steps before its end ends where an
   uninterrupted one does."""
   # Rise over seeds 0-5 and 43: 1.62, 1.88, 1.45, 1.73, 1.70, 1.82, 1.05
-  # (mean 1.61, sd 0.29); the threshold 0.5 is 3.8 sd below the mean and
-  # 1.9 sd below the slowest seed. Largest slot-token fraction: 0.80-1.0,
-  # threshold 0.15.
+  # (mean 1.61, sd 0.29); the threshold 0.15 is 3.1 sd below the slowest
+  # seed. Largest slot-token fraction: 0.80-1.0, threshold 0.15.
   rows = _toy_run(tmp_path / "a", TOY_STEPS, credit="answer", seed=0)
   rewards = [r["reward/total"] for r in rows]
-  assert _rise(rewards) > 0.5, rewards
+  assert _rise(rewards) > 0.15, rewards
   assert max(r["credit/slot_token_frac"] for r in rows) > 0.15
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   last = TOY_STEPS
