@@ -62,7 +62,7 @@ from multians_jax import model as model_lib
 from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
 
-GiB = 1024**3
+GiB = memory.GiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +117,6 @@ class Target:
   devices: list
   chip: Chip
   hosts: int
-
-  @property
-  def platform(self) -> str:
-    return self.devices[0].platform
 
 
 def target(topology: str) -> Target:
@@ -347,8 +343,6 @@ def build_stages(run: config_lib.RunConfig, mesh) -> tuple[dict, dict]:
   info = dict(
     params=model_lib.param_count(mcfg),
     trainable=sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
-    state_bytes_per_chip=state_bytes,
-    opt_bytes_per_chip=ctx.opt_bytes,
     shapes=sh,
     model=mcfg,
   )
@@ -532,6 +526,3 @@ def quiet_env() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  # libtpu takes a machine-wide lock per process; compile-only use touches
-  # no chip, so several processes (tests, a CLI beside them) may load it.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

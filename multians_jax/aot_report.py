@@ -7,7 +7,7 @@ import re
 
 from multians_jax import hlo_cost, memory
 
-GiB = 1024**3
+GiB = memory.GiB
 
 
 def failure(name: str, e: Exception, chip, seconds: float) -> dict:
@@ -170,16 +170,9 @@ def step_estimate(res: dict, run) -> dict:
   )
   if not all(ok(n) for n in ("prefill", "decode", "update")):
     return {}  # no estimate of a step that does not compile whole
-  sample = sum(
-    st[n]["roofline_seconds"] * st[n]["calls_per_step"]
-    for n in ("prefill", "decode")
-    if ok(n)
-  )
-  upd = sum(
-    st[n]["roofline_seconds"] * st[n]["calls_per_step"]
-    for n in ("update", "logprobs")
-    if ok(n)
-  )
+  seconds = lambda n: st[n]["roofline_seconds"] * st[n]["calls_per_step"]
+  sample = seconds("prefill") + seconds("decode")
+  upd = seconds("update") + (seconds("logprobs") if ok("logprobs") else 0.0)
   b = sh["prompts"] * sh["g"]
   gen = b * sh["l"]
   chips = res["chips"]
@@ -192,27 +185,24 @@ def step_estimate(res: dict, run) -> dict:
   )
   shared = run.rl.share_prompt and sh["g"] > 1
   trained = (sh["prompts"] * sh["t"] if shared else b * sh["t"]) + b * sh["l"]
-  if ok("update"):
-    # 6 FLOPs per parameter per trained token (forward 2, backward 4) for
-    # the decoder layers, and for the LM head on completion tokens only
-    # (the update computes no logits at prompt positions); the embedding
-    # lookup is no matmul. Remat, attention and the head's chunking make
-    # the compiled count larger.
-    head = res["vocab"] * res["d_model"]
-    body = res["params"] - head * (1 if res["tied"] else 2)
-    model = 6.0 * (body * trained + head * b * sh["l"]) / chips
-    out["update_model_flops_per_chip"] = model
-    out["update_compiled_over_model_flops"] = (
-      st["update"]["flops_per_chip"] / model
-    )
-  if ok("decode"):
-    tok = sh["chunk"] * sh["g"]
-    model = 2.0 * res["params"] * tok / chips
-    if "step_flops_per_chip" in st["decode"]:
-      out["decode_step_model_flops_per_chip"] = model
-      out["decode_step_compiled_over_model_flops"] = (
-        st["decode"]["step_flops_per_chip"] / model
-      )
+  # 6 FLOPs per parameter per trained token (forward 2, backward 4) for the
+  # decoder layers, and for the LM head on completion tokens only (the
+  # update computes no logits at prompt positions); the embedding lookup is
+  # no matmul. Remat, attention and the head's chunking make the compiled
+  # count larger.
+  head = res["vocab"] * res["d_model"]
+  body = res["params"] - head * (1 if res["tied"] else 2)
+  model = 6.0 * (body * trained + head * b * sh["l"]) / chips
+  out["update_model_flops_per_chip"] = model
+  out["update_compiled_over_model_flops"] = (
+    st["update"]["flops_per_chip"] / model
+  )
+  # decoding: 2 FLOPs per parameter per row and step
+  model = 2.0 * res["params"] * sh["chunk"] * sh["g"] / chips
+  out["decode_step_model_flops_per_chip"] = model
+  out["decode_step_compiled_over_model_flops"] = (
+    st["decode"]["step_flops_per_chip"] / model
+  )
   return out
 
 

@@ -178,8 +178,6 @@ class Cost:
   mosaic_calls: float = 0.0
   # their instruction names (the kernel's, e.g. splash_mqa_fwd), counted
   mosaic_kernels: dict = dataclasses.field(default_factory=dict)
-  # multiplicity-weighted cost inside each while body (name → (flops, bytes))
-  per_loop: dict = dataclasses.field(default_factory=dict)
 
 
 class Program:
@@ -293,15 +291,14 @@ class Program:
         out.unbounded.append(body)
       out.loops.append((body, n, how))
       for c in _called(inst.attrs, "body") + _called(inst.attrs, "condition"):
-        edges[comp].append((c, float(n), body))
-    mult, enclosing = self._multiplicities(edges)
-    for comp, m in mult.items():
-      self._add(out, comp, m, enclosing.get(comp), comp not in fused)
+        edges[comp].append((c, float(n)))
+    for comp, m in self._multiplicities(edges).items():
+      self._add(out, comp, m, comp not in fused)
     return out
 
   def _call_graph(self):
-    """(caller → [(callee, factor, loop body or None)], the fused
-    computations, the (caller, while instruction) pairs)."""
+    """(caller → [(callee, factor)], the fused computations, the (caller,
+    while instruction) pairs; loops get their edges once counted)."""
     edges: dict[str, list] = {}
     fused: set[str] = set()
     loop_edges = []
@@ -312,16 +309,16 @@ class Program:
           loop_edges.append((comp, inst))
         elif inst.opcode == "fusion":
           for c in _called(inst.attrs, "calls"):
-            out_edges.append((c, 1.0, None))
+            out_edges.append((c, 1.0))
             fused.add(c)
         elif inst.opcode == "call" or inst.opcode.endswith("-start"):
           keys = ("calls", "to_apply") if inst.opcode == "call" else ("calls",)
           for key in keys:
-            out_edges += [(c, 1.0, None) for c in _called(inst.attrs, key)]
+            out_edges += [(c, 1.0) for c in _called(inst.attrs, key)]
         elif inst.opcode == "conditional":
           for key in ("branch_computations", "true_computation",
                       "false_computation"):  # fmt: skip
-            out_edges += [(c, 1.0, None) for c in _called(inst.attrs, key)]
+            out_edges += [(c, 1.0) for c in _called(inst.attrs, key)]
     return edges, fused, loop_edges
 
   def _inside_loops(self, edges, loop_edges) -> set[str]:
@@ -341,8 +338,8 @@ class Program:
     return found
 
   def _multiplicities(self, edges):
-    """(computation → times it runs, computation → its loop body), in
-    topological order from the entry (depth-first post-order, reversed)."""
+    """computation → times it runs, summed over callers in topological
+    order from the entry (depth-first post-order, reversed)."""
     order, seen = [], {self.entry}
     stack = [(self.entry, iter(edges.get(self.entry, [])))]
     while stack:
@@ -357,15 +354,13 @@ class Program:
     order.reverse()
     mult = dict.fromkeys(order, 0.0)
     mult[self.entry] = 1.0
-    enclosing: dict[str, str | None] = {self.entry: None}
     for comp in order:
-      for c, factor, loop in edges.get(comp, []):
+      for c, factor in edges.get(comp, []):
         if c in mult:
           mult[c] += mult[comp] * factor
-          enclosing.setdefault(c, loop or enclosing.get(comp))
-    return mult, enclosing
+    return mult
 
-  def _add(self, out: Cost, comp: str, m: float, loop, traffic: bool):
+  def _add(self, out: Cost, comp: str, m: float, traffic: bool):
     """Adds ``m`` runs of computation ``comp`` to ``out`` (its bytes only
     when it is not a fusion's body: those stay on chip)."""
     f = b = 0.0
@@ -381,9 +376,6 @@ class Program:
         b += self._bytes(comp, inst)
     out.flops += m * f
     out.bytes_accessed += m * b
-    if loop is not None:
-      pf, pb = out.per_loop.get(loop, (0.0, 0.0))
-      out.per_loop[loop] = (pf + m * f, pb + m * b)
 
   def _flops(self, comp: str, inst: Inst) -> float:
     if inst.opcode not in ("dot", "convolution"):
