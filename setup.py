@@ -45,9 +45,11 @@ EXTRAS = {
   "gcs": ["gcsfs>=2024.6"],  # gs:// model directories read in place
   "cuda12": ["jax[cuda12]>=0.10.2"],
   "tpu": ["jax[tpu]>=0.10.2"],
-  # tools/aot.py: compile for named TPU topologies on a CPU host (libtpu);
+  # tools/aot.py: compile for named TPU topologies (libtpu) and H100 hosts
+  # (the CUDA plugin without the CUDA wheels: no toolkit is needed to
+  # compile; cuDNN builds the fused attention's graphs) on a CPU host;
   # tests/test_aot.py needs it (the README's test command installs it)
-  "aot": ["jax[tpu]>=0.10.2"],
+  "aot": ["jax[tpu,cuda12-local]>=0.10.2", "nvidia-cudnn-cu12>=9.8,<10"],
 }
 
 setuptools.setup(

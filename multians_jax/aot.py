@@ -1,11 +1,12 @@
-"""Ahead-of-time compilation of one RL step for a named TPU topology (the
-library behind ``tools/aot.py``).
+"""Ahead-of-time compilation of one RL step for a named TPU topology or
+GPU host (the library behind ``tools/aot.py``).
 
-A CPU host with ``libtpu`` installed (``pip install -e ".[aot]"``) builds
-compile-only TPU devices for a topology such as ``v5p:2x2x4``
-(``jax.experimental.topologies``) and compiles real TPU executables for
-them: the compiler decides the layouts, the collectives, the fusion and
-the memory, exactly as on the pod, without one.
+A CPU host with ``libtpu`` and the CUDA plugin installed (``pip install
+-e ".[aot]"``) builds compile-only devices for a topology such as
+``v5p:2x2x4`` or ``h100:8`` (``aot_target``) and compiles real TPU / GPU
+executables for them: the compiler decides the layouts, the collectives,
+the fusion and the memory, exactly as on the pod or GPU host, without
+one.
 
 For a run config this module builds the run's mesh over those devices,
 abstract parameters in their training shardings (shapes from the model
@@ -37,20 +38,18 @@ roofline time on the chip (``CHIPS``) and whether the stage fits.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from multians_jax import (
   aot_report,
+  aot_target,
   data,
   lora,
   memory,
@@ -63,154 +62,8 @@ from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
 
 GiB = memory.GiB
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Published per-chip figures: dense bf16 peak FLOP/s, HBM bandwidth
-  (bytes/s) and HBM capacity (bytes)."""
-
-  name: str
-  bf16_flops: float
-  hbm_bandwidth: float
-  hbm_bytes: int
-  source: str
-
-
-# Per-chip figures from the vendors' product pages (2026-12):
-#   cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e ("System architecture"
-#   tables: peak bf16 TFLOPs, HBM capacity and bandwidth per chip);
-#   nvidia.com/en-us/data-center/h100 (H100 SXM: 989 TFLOPS dense bf16,
-#   80 GB HBM3 at 3.35 TB/s).
-CHIPS = {
-  "v4": Chip("v4", 275e12, 1228e9, 32 * GiB, "cloud.google.com/tpu/docs/v4"),
-  "v5e": Chip("v5e", 197e12, 819e9, 16 * GiB, "cloud.google.com/tpu/docs/v5e"),
-  "v5p": Chip("v5p", 459e12, 2765e9, 95 * GiB, "cloud.google.com/tpu/docs/v5p"),
-  "v6e": Chip("v6e", 918e12, 1640e9, 32 * GiB, "cloud.google.com/tpu/docs/v6e"),
-  "h100": Chip(
-    "h100", 989e12, 3350e9, 80 * 10**9, "nvidia.com/en-us/data-center/h100"
-  ),
-}
-# device_kind as libtpu names it → CHIPS key
-_KINDS = {
-  "TPU v4": "v4",
-  "TPU v5 lite": "v5e",
-  "TPU v5e": "v5e",
-  "TPU v5": "v5p",
-  "TPU v5p": "v5p",
-  "TPU v6 lite": "v6e",
-  "TPU v6e": "v6e",
-}
-
-
-class AotError(Exception):
-  """A stage that cannot be compiled for the target, or a bad target."""
-
-
-# ---------------------------------------------------------------------------
-# Targets
-
-
-@dataclasses.dataclass
-class Target:
-  topology: str
-  devices: list
-  chip: Chip
-  hosts: int
-
-
-def target(topology: str) -> Target:
-  """Compile-only devices of a named TPU topology (``v5p:2x2x4``,
-  ``v5e:2x2``, ``v6e:8x8`` ...)."""
-  if ":" not in topology:
-    raise AotError(
-      f"--topology must be GENERATION:SHAPE, e.g. v5p:2x2x4 or v5e:2x2: "
-      f"{topology!r}"
-    )
-  gen = topology.split(":")[0].lower()
-  if gen not in CHIPS or gen == "h100":
-    raise AotError(
-      f"unknown TPU generation {gen!r} in {topology!r} (known: "
-      f"{sorted(k for k in CHIPS if k != 'h100')})"
-    )
-  try:
-    import libtpu  # noqa: F401
-  except ImportError:
-    raise AotError(
-      'compiling for TPU needs libtpu: pip install -e ".[aot]" (jax[tpu])'
-    ) from None
-  # libtpu takes a machine-wide lock per process; compile-only use touches
-  # no chip, so other processes (a CLI beside the tests) may load it too.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    devices = _topology_devices(topology)
-  except Exception as e:  # libtpu's message names the problem
-    raise AotError(f"topology {topology!r} not known to libtpu: {e}") from e
-  kind = _KINDS.get(devices[0].device_kind)
-  if kind != gen:
-    raise AotError(
-      f"topology {topology!r} resolved to {devices[0].device_kind!r} chips"
-    )
-  hosts = len({d.process_index for d in devices})
-  return Target(topology, devices, CHIPS[gen], hosts)
-
-
-@functools.cache
-def _topology_devices(topology: str) -> list:
-  """The compile-only devices of a topology, made once per process: jit
-  caches key on device objects, so a second description of the same
-  topology would clash with executables traced for the first."""
-  from jax.experimental import topologies
-
-  before = dict(os.environ)
-  try:
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  finally:
-    _restore_env(before)
-  return list(topo.devices)
-
-
-# Variables libtpu sets in the C environment (not in os.environ) when it
-# loads off a TPU VM, with "WARNING: could not determine ..." as values.
-# Child processes inherit them: `python -m multians_jax.main` would then
-# take CLOUD_TPU_TASK_ID for a pod and call jax.distributed.initialize().
-_LIBTPU_ENV = (
-  "CLOUD_TPU_TASK_ID", "CLOUD_TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID",
-  "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_PROCESS_BOUNDS",
-  "TPU_CHIPS_PER_PROCESS_BOUNDS", "TPU_HOST_BOUNDS", "TPU_SKIP_MDS_QUERY",
-  "TPU_LIBRARY_PATH",
-)  # fmt: skip
-
-
-def _restore_env(before: dict) -> None:
-  """The process environment as it was before libtpu loaded (keeping
-  ALLOW_MULTIPLE_LIBTPU_LOAD)."""
-  for key in _LIBTPU_ENV:
-    if key in before:
-      os.environ[key] = before[key]  # putenv: the C environment too
-    else:
-      os.environ.pop(key, None)
-      os.unsetenv(key)
-
-
-def make_mesh(run: config_lib.RunConfig, tgt: Target):
-  """The run's (data, fsdp, tensor) mesh over the target's devices."""
-  try:
-    sizes = sharding.fill_mesh(run.mesh.shape, len(tgt.devices))
-  except ValueError as e:
-    raise AotError(f"mesh: {e}") from None
-  if math.prod(sizes) != len(tgt.devices):
-    named = dict(zip(sharding.MESH_AXES, sizes, strict=True))
-    raise AotError(
-      f"mesh {named} ({math.prod(sizes)} devices) does not tile "
-      f"{tgt.topology} ({len(tgt.devices)} chips): set --config.mesh.* so "
-      "that the sizes multiply to the chip count (one may be -1)"
-    )
-  try:
-    return sharding.make_mesh(*sizes, devices=tgt.devices)
-  except Exception:  # device order by id when the topology-aware one fails
-    arr = np.array(tgt.devices).reshape(sizes)
-    return jax.sharding.Mesh(arr, sharding.MESH_AXES)
+AotError = aot_target.AotError
+Target = aot_target.Target
 
 
 # ---------------------------------------------------------------------------
@@ -458,8 +311,8 @@ def run_aot(run, topology: str, stages=None, progress=print) -> dict:
   """Compiles the run's stages for ``topology``; returns the aot.json
   dict. A stage that fails to compile is reported with its error."""
   run = memory.run_config(run)
-  tgt = target(topology)
-  mesh = make_mesh(run, tgt)
+  tgt = aot_target.target(topology)
+  mesh = aot_target.make_mesh(run, tgt)
   built, info = build_stages(run, mesh)
   if stages:
     unknown = sorted(set(stages) - set(built))
@@ -478,7 +331,9 @@ def run_aot(run, topology: str, stages=None, progress=print) -> dict:
     chips=chips,
     hosts=tgt.hosts,
     chip=tgt.chip.name,
+    platform=tgt.chip.platform,
     hbm_bytes_per_chip=tgt.chip.hbm_bytes,
+    hbm_budget_bytes_per_chip=tgt.chip.budget_bytes,
     chip_bf16_flops=tgt.chip.bf16_flops,
     chip_hbm_bandwidth=tgt.chip.hbm_bandwidth,
     chip_source=tgt.chip.source,
@@ -518,11 +373,3 @@ def _compile_one(name, stage: Stage, mesh, tgt: Target, planner) -> dict:
     out["prefill"] = aot_report.prefill_part(rep, tgt.chip)
   out[name] = rep
   return out
-
-
-def quiet_env() -> None:
-  """Keeps libtpu from looking for a local TPU (a CPU host compiles for
-  named topologies only)."""
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -135,20 +135,31 @@ def report_stage(name, stage, compiled, chip, seconds: float):
     custom_calls=cost.custom_calls,
     mosaic_calls=cost.mosaic_calls,
     mosaic_kernels=cost.mosaic_kernels,
+    library_calls=cost.library_calls,
     calls_per_step=stage.calls_per_step,
     compile_seconds=seconds,
-    fits=total <= chip.hbm_bytes,
+    fits=total <= chip.budget_bytes,
     **_roofline(flops, nbytes, chip),
   )
   if stage.note:
     out["note"] = stage.note
   if not out["fits"]:
-    over = total - chip.hbm_bytes
+    over = total - chip.budget_bytes
     out["advice"] = (
       f"{name} needs {total / GiB:.2f} GiB per chip, {over / GiB:.2f} GiB "
-      f"over the {chip.name}'s {chip.hbm_bytes / GiB:.0f} GiB: " + _advice(name)
+      f"over the {chip.budget_bytes / GiB:.1f} GiB {_budget(chip)}: "
+      + _advice(name)
     )
   return out
+
+
+def _budget(chip) -> str:
+  if chip.usable == 1.0:
+    return f"of a {chip.name}"
+  return (
+    f"JAX allocates on a {chip.name} ({chip.usable:.0%} of "
+    f"{chip.hbm_bytes / GiB:.1f} GiB: XLA_PYTHON_CLIENT_MEM_FRACTION)"
+  )
 
 
 def planner_peaks(run, mesh_sizes: dict) -> dict:
@@ -206,13 +217,26 @@ def step_estimate(res: dict, run) -> dict:
   return out
 
 
+def _header(res: dict) -> str:
+  return (
+    f"{res['topology']}: {res['chips']} {res['chip']} chips, {res['hosts']} "
+    f"host(s), {res['hbm_bytes_per_chip'] / GiB:.0f} GiB HBM per chip"
+    + (
+      f" ({res['hbm_budget_bytes_per_chip'] / GiB:.1f} GiB for JAX)"
+      if res.get("hbm_budget_bytes_per_chip", res["hbm_bytes_per_chip"])
+      != res["hbm_bytes_per_chip"]
+      else ""
+    )
+    + "; mesh "
+    + ", ".join(f"{k}={v}" for k, v in res["mesh"].items())
+    + f"; attention={res['attention']}; {res['params'] / 1e9:.2f} B params"
+  )
+
+
 def format_table(res: dict) -> str:
   g = lambda x: f"{x / GiB:8.2f}"
   lines = [
-    f"{res['topology']}: {res['chips']} {res['chip']} chips, {res['hosts']} "
-    f"host(s), {res['hbm_bytes_per_chip'] / GiB:.0f} GiB HBM per chip; mesh "
-    + ", ".join(f"{k}={v}" for k, v in res["mesh"].items())
-    + f"; attention={res['attention']}; {res['params'] / 1e9:.2f} B params",
+    _header(res),
     "",
     f"{'stage':<9} {'peak GiB':>8} {'args':>8} {'temp':>8} {'resid.':>8} "
     f"{'planner':>8} {'TFLOP':>9} {'GB acc.':>9} {'roofline s':>10}  verdict",

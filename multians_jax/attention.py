@@ -109,17 +109,23 @@ def _never_empty(allowed):
 
 def dpa(q, k, v, allowed, dtype):
   """``jax.nn.dot_product_attention`` on our layouts: k/v head-major
-  [B,K,S,H] → [B,S,K,H]; cuDNN on GPU in 16-bit dtypes, else XLA."""
+  [B,K,S,H] → [B,S,K,H]; cuDNN when compiled for GPUs (the target's
+  platform, so a GPU compile from a CPU host takes it too) in 16-bit
+  dtypes, else XLA."""
   half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  impl = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-  c = lambda x: x.astype(dtype)
-  return jax.nn.dot_product_attention(
-    c(q),
-    c(k.transpose(0, 2, 1, 3)),
-    c(v.transpose(0, 2, 1, 3)),
-    mask=_never_empty(allowed)[:, None],
-    implementation=impl,
-  )
+  impl = "cudnn" if _target_platform() == "gpu" and half else "xla"
+
+  def local(q, k, v, allowed):
+    c = lambda x: x.astype(dtype)
+    return jax.nn.dot_product_attention(
+      c(q),
+      c(k.transpose(0, 2, 1, 3)),
+      c(v.transpose(0, 2, 1, 3)),
+      mask=_never_empty(allowed)[:, None],
+      implementation=impl,
+    )
+
+  return _per_device(local, q, k, v, allowed)
 
 
 # ---------------------------------------------------------------------------
@@ -215,20 +221,33 @@ def splash(q, k, v, q_seg, kv_seg, dtype, kind="causal", prefix=0, lse=False):
 
   Returns [B,T,N,H] (and the float32 lse [B,T,N] with ``lse``).
 
-  A Mosaic kernel cannot be partitioned by the compiler: under an active
-  mesh of more than one device the kernel runs inside ``shard_map``, each
-  device on its rows (the batch axes) and its key/value heads (``tensor``,
-  when it divides the key/value heads: a query head must sit with its key
-  head), the layout the activations already have.
+  A Mosaic kernel cannot be partitioned by the compiler: under a mesh it
+  runs per device (``_per_device``).
   """
   interpret = _target_platform() != "tpu"
   local = functools.partial(
     _splash_local, dtype=dtype, kind=kind, prefix=prefix, lse=lse,
     interpret=interpret,
   )  # fmt: skip
+  return _per_device(local, q, k, v, q_seg, kv_seg, lse=lse)
+
+
+def _per_device(fn, q, k, v, *rows_only, lse=False):
+  """``fn(q, k, v, *rows_only)`` on each device's rows and heads.
+
+  A fused kernel cannot be partitioned by the compiler as it partitions
+  plain ops (a Mosaic kernel not at all; cuDNN's partitioner asks for one
+  sharding of queries, keys and values, which a decode step's query and
+  its cache do not have): under an active mesh of more than one device it
+  runs inside ``shard_map``, each device on its rows (the batch axes) and
+  its key/value heads (``tensor``, when it divides the key/value heads: a
+  query head must sit with its key head), the layout the activations
+  already have. ``rows_only``: per-row arrays ([B, ...]); with ``lse``
+  ``fn`` also returns a [B,T,N] log-sum-exp.
+  """
   state = sharding.active()
   if state is None or state[0].size == 1:
-    return local(q, k, v, q_seg, kv_seg)
+    return fn(q, k, v, *rows_only)
   mesh, rules = state
   b, kvh = q.shape[0], k.shape[1]
   (rows,) = sharding.spec_for(("batch",), (b,), mesh, rules)
@@ -238,15 +257,15 @@ def splash(q, k, v, q_seg, kv_seg, dtype, kind="causal", prefix=0, lse=False):
   ):  # fmt: skip
     heads = None
   P = jax.sharding.PartitionSpec
-  qspec, kspec, seg = P(rows, None, heads, None), P(rows, heads), P(rows)
+  qspec, kspec = P(rows, None, heads, None), P(rows, heads)
   out_specs = (qspec, P(rows, None, heads)) if lse else qspec
   return jax.shard_map(
-    local,
+    fn,
     mesh=mesh,
-    in_specs=(qspec, kspec, kspec, seg, seg),
+    in_specs=(qspec, kspec, kspec) + (P(rows),) * len(rows_only),
     out_specs=out_specs,
     check_vma=False,
-  )(q, k, v, q_seg, kv_seg)
+  )(q, k, v, *rows_only)
 
 
 def _splash_local(q, k, v, q_seg, kv_seg, *, dtype, kind, prefix, lse,
@@ -304,13 +323,13 @@ def self_attention(impl, q, k, v, allowed, mask, dtype):
 
 def decode_key_layout(impl: str) -> str:
   """How the sampler's decode cache stores keys for ``impl``: ``"hs"``
-  ([B,K,H,S]) for ``xla``, whose q·kᵀ is then a plain matmul (as stored
+  ([B,K,H,S]) where a decode step runs ``dense`` (``xla``, and ``cudnn``,
+  see ``cached_attention``), whose q·kᵀ is then a plain matmul (as stored
   [B,K,S,H] it contracts both operands' minor dimension: 2–8× slower on
   XLA:CPU at SmolLM2's decode shape, depending on the machine; see
-  BENCHMARKS.md); the fused kernels read [S, H] keys, so ``"sh"`` for
-  them."""
+  BENCHMARKS.md); splash reads [S, H] keys, so ``"sh"`` for it."""
   check(impl)
-  return "hs" if impl == "xla" else "sh"
+  return "sh" if impl == "splash" else "hs"
 
 
 def cached_attention(impl, q, k, v, allowed, dtype, prefill=None,
@@ -320,8 +339,13 @@ def cached_attention(impl, q, k, v, allowed, dtype, prefill=None,
   [B,T,S]). A decode step (T = 1) attends to the slots ``allowed`` names.
   Splash prefills (T > 1) need the structure instead: ``prefill`` = (k, v,
   mask [B,S]) of the cache before the write and (k, v, mask [B,T]) of the
-  new tokens, merged as two parts (cached keys all precede the new ones)."""
-  if impl == "xla":
+  new tokens, merged as two parts (cached keys all precede the new ones).
+
+  A ``cudnn`` decode step (T = 1) runs ``dense`` too: cuDNN's kernel wants
+  the keys as [B,S,K,H], and the transposed copy of the whole cache it
+  needs costs more per step than the attention (the H100 compile:
+  +20 % of a decode step's bytes); one query row has no scores to save."""
+  if impl == "xla" or (impl == "cudnn" and q.shape[1] == 1):
     return dense(q, k, v, allowed, dtype, key_layout=key_layout)
   if key_layout != "sh":
     k = k.swapaxes(2, 3)  # not the fused kernels' decode layout: a copy

@@ -15,8 +15,10 @@ nested in another) or counts once and is reported in ``Cost.unbounded``.
 What is counted, per computation and times its multiplicity:
 
 * FLOPs of ``dot`` and ``convolution`` (2 · output elements · contracted
-  size), fused or not. Element-wise work and custom calls are not counted:
-  the matmuls are the roofline's compute. Pallas / Mosaic kernels (the
+  size), fused or not, and of the GPU library calls that state their
+  shapes (cuBLAS GEMMs, cuDNN fused attention: ``custom_call_flops``).
+  Element-wise work and other custom calls are not counted: the matmuls
+  are the roofline's compute. Pallas / Mosaic kernels (the
   splash attention) carry no cost in the HLO: their calls are counted
   (``mosaic_calls``), their FLOPs and bytes are not, so a program that uses
   them is under-counted by its attention.
@@ -178,6 +180,43 @@ class Cost:
   mosaic_calls: float = 0.0
   # their instruction names (the kernel's, e.g. splash_mqa_fwd), counted
   mosaic_kernels: dict = dataclasses.field(default_factory=dict)
+  # other library calls by target (cuDNN's __cudnn$fmha..., cuBLAS), counted
+  library_calls: dict = dataclasses.field(default_factory=dict)
+
+
+def custom_call_flops(inst: Inst, types: dict) -> float:
+  """FLOPs of the GPU library calls whose shapes the HLO states: cuBLAS
+  GEMMs (2 · output elements · contracted size, from the call's dot
+  dimension numbers) and cuDNN fused attention (queries [B,T,N,H] and keys
+  [B,S,K,H], the layout ``jax.nn.dot_product_attention`` passes: 4·B·N·T·S·H
+  forward for Q·Kᵀ and P·V, 10·B·N·T·S·H backward for the recomputed Q·Kᵀ
+  and four gradient products; dense counts, as XLA's ``dot`` FLOPs are: a
+  causal kernel that skips masked blocks does about half). Anything else
+  (a Mosaic kernel, a TopK) is 0."""
+  target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
+  target = target.group(1) if target else ""
+  if target.startswith("__cudnn$fmha"):
+    at = inst.attrs.find("operand_layout_constraints={")
+    if at < 0:
+      return 0.0
+    at = inst.attrs.index("{", at)
+    arrays = _ARRAY.findall(inst.attrs[at : _matching(inst.attrs, at)])
+    if len(arrays) < 2:
+      return 0.0
+    q, k = ([int(x) for x in d.split(",") if x] for _, d in arrays[:2])
+    if len(q) != 4 or len(k) != 4:
+      return 0.0
+    per = 2.0 * q[0] * q[1] * q[2] * q[3] * k[1]  # one [T,S,H] product
+    return per * (5 if "Backward" in target else 2)
+  if target.startswith("__cublas$"):
+    lhs = shape_of(types.get(inst.operands[0], "")) if inst.operands else ()
+    dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attrs)
+    if not lhs or not dims:
+      return 0.0
+    idx = [int(x) for x in re.findall(r"\d+", dims.group(1))]
+    contracted = math.prod(lhs[i] for i in idx if i < len(lhs))
+    return 2.0 * math.prod(shape_of(inst.type)) * contracted
+  return 0.0
 
 
 class Program:
@@ -372,12 +411,18 @@ class Program:
           out.mosaic_calls += m
           kernel = re.sub(r"\.\d+$", "", inst.name)
           out.mosaic_kernels[kernel] = out.mosaic_kernels.get(kernel, 0) + m
+        else:
+          t = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
+          t = t.group(1) if t else "?"
+          out.library_calls[t] = out.library_calls.get(t, 0) + m
       if traffic:
         b += self._bytes(comp, inst)
     out.flops += m * f
     out.bytes_accessed += m * b
 
   def _flops(self, comp: str, inst: Inst) -> float:
+    if inst.opcode == "custom-call":
+      return custom_call_flops(inst, self.types[comp])
     if inst.opcode not in ("dot", "convolution"):
       return 0.0
     out = math.prod(shape_of(inst.type))

@@ -318,6 +318,12 @@ def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
   head = plan.model.vocab_size * plan.model.d_model
   gathered = (2 * layer + head) * cd / plan.mesh["tensor"]
   out["weights gathered for decode"] = (gathered, gathered)
+  # The sampler casts the matrices to the compute dtype once, before its
+  # decode loop (sampler._sample): a second, sharded copy when the master
+  # weights are wider (norm vectors, a rounding error, are counted too).
+  pd = jnp.dtype(model_lib.DTYPES[plan.model.param_dtype]).itemsize
+  cast = cd / pd if pd > cd else 0.0
+  out["weights in compute dtype (sampling)"] = (p_total * cast, p_dev * cast)
   for remat in ("none", "full", "dots"):
     act = activation_bytes(plan, remat)["total"]
     out[f"activations remat={remat}"] = (act * plan.devices, act)
@@ -331,7 +337,8 @@ def peaks(plan: Plan, est) -> dict[str, float]:
   act = dev[f"activations remat={plan.model.remat}"]
   return {
     "sampling": state + dev["kv cache (sampling)"]
-    + dev["weights gathered for decode"],
+    + dev["weights gathered for decode"]
+    + dev["weights in compute dtype (sampling)"],
     "update": state + dev["gradients"] + dev["optimizer update temps"] + act,
   }  # fmt: skip
 

@@ -418,6 +418,20 @@ def _refilled(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples"))
 def _sample(graphdef, state, tokens, mask, key, *, cfg, num_samples):
+  dt = model_lib.DTYPES[nnx.merge(graphdef, state).cfg.dtype]
+  # Matrices in the compute dtype once, before the decode loop: every layer
+  # casts its matrices at use anyway (the same values), and a loop that
+  # casts float32 master weights at each step reads (and, sharded, gathers)
+  # twice the bytes per step. Vectors (norm scales) stay: norms use them in
+  # float32.
+  state = jax.tree.map(
+    lambda x: (
+      x.astype(dt)
+      if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+      else x
+    ),
+    state,
+  )
   m = nnx.merge(graphdef, state)
   # Decode layout: per-layer cache buffers and weights (see model.KVCache).
   layers = layers_lib.unstack_layers(m.layers.arrays())

@@ -1,15 +1,18 @@
-"""Ahead-of-time compilation for TPU topologies from this CPU host
-(multians_jax/aot.py, tools/aot.py) and the trip-count-aware HLO cost
-model (multians_jax/hlo_cost.py).
+"""Ahead-of-time compilation for TPU topologies and H100 hosts from this
+CPU host (multians_jax/aot.py, aot_target.py, tools/aot.py) and the
+trip-count-aware HLO cost model (multians_jax/hlo_cost.py).
 
 The TPU tests compile real TPU executables (libtpu, compile-only devices
 of a named topology): a small model with real head sizes (head_dim 128),
 both attention backends that target TPU, the splash kernel as a Mosaic
-custom call under shard_map.
+custom call under shard_map. The GPU tests compile for compile-only H100s
+(the CUDA plugin and cuDNN, no GPU): cuDNN's fused attention as the
+library call, forward and backward, sharded over the GPUs.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import aot, hlo_cost
+from multians_jax import aot, aot_target, hlo_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +34,16 @@ except ImportError:  # the `test` extra installs it; keep a clear skip
 
 needs_libtpu = pytest.mark.skipif(
   not HAVE_TPU_COMPILER, reason="libtpu (jax[tpu]) not installed"
+)
+try:
+  import jax_cuda12_plugin  # noqa: F401
+
+  HAVE_GPU_COMPILER = True
+except ImportError:  # the `aot` extra installs it
+  HAVE_GPU_COMPILER = False
+
+needs_cuda_plugin = pytest.mark.skipif(
+  not HAVE_GPU_COMPILER, reason="jax-cuda12-plugin (the aot extra) missing"
 )
 
 
@@ -155,10 +168,13 @@ def test_slices_of_a_stacked_operand_count_as_the_slice():
 
 
 def test_bad_topology_names_the_problem():
-  with pytest.raises(aot.AotError, match="GENERATION:SHAPE"):
-    aot.target("v5p")
-  with pytest.raises(aot.AotError, match="unknown TPU generation"):
-    aot.target("v9z:2x2")
+  with pytest.raises(aot_target.AotError, match="GENERATION:SHAPE"):
+    aot_target.target("v5p")
+  with pytest.raises(aot_target.AotError, match="unknown TPU generation or"):
+    aot_target.target("v9z:2x2")
+  for bad in ("h100:eight", "h100:0", "h100:2x0", "h100:2x2x2"):
+    with pytest.raises(aot_target.AotError, match="h100:2x8"):
+      aot_target.target(bad)
 
 
 @needs_libtpu
@@ -166,7 +182,7 @@ def test_child_processes_do_not_inherit_libtpu_variables():
   """libtpu sets CLOUD_TPU_TASK_ID & co. in the C environment when it loads
   off a TPU VM; a training process started after a compile would take
   itself for a pod worker."""
-  aot.target("v5e:2x2")
+  aot_target.target("v5e:2x2")
   code = "import os; print(sorted(k for k in os.environ if 'TPU' in k))"
   out = subprocess.run(
     [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -196,7 +212,7 @@ def _tiny(**over):
 @needs_libtpu
 def test_mesh_that_does_not_tile_the_topology_is_refused():
   c = _tiny(**{"mesh.fsdp": 3})
-  with pytest.raises(aot.AotError, match="does not tile v5e:2x2"):
+  with pytest.raises(aot_target.AotError, match="does not tile v5e:2x2"):
     aot.run_aot(c, "v5e:2x2")
 
 
@@ -316,3 +332,132 @@ def test_splash_under_a_sharded_mesh_equals_xla():
   np.testing.assert_allclose(
     np.where(keep, got, 0), np.where(keep, want, 0), atol=1e-5
   )
+
+
+# ---------------------------------------------------------------------------
+# H100 executables (the CUDA plugin, compile-only devices)
+
+
+def _attention_flops(impl, grad):
+  """hlo_cost's FLOPs of one attention call compiled for an H100."""
+  b, t, n, kv, h = 2, 256, 4, 2, 128
+  (dev,) = aot_target.target("h100:1").devices
+  one = jax.sharding.SingleDeviceSharding(dev)
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=one)
+  k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16, sharding=one)
+  mask = jax.ShapeDtypeStruct((b, 1, t, t), jnp.bool_, sharding=one)
+
+  def f(q, k, v, m):
+    o = jax.nn.dot_product_attention(q, k, v, mask=m, implementation=impl)
+    return o.astype(jnp.float32).sum()
+
+  fn = jax.grad(f, argnums=(0, 1, 2)) if grad else f
+  text = jax.jit(fn).lower(q, k, k, mask).compile().as_text()
+  return hlo_cost.analyze(text), b * n * t * t * h
+
+
+@needs_cuda_plugin
+def test_cudnn_attention_flops_are_counted():
+  """cuDNN's fused attention is a library call whose FLOPs XLA does not
+  report: counted from its shapes, forward as the two products the XLA
+  implementation's dots are (Q·Kᵀ, P·V), backward as five."""
+  fwd, bnth = _attention_flops("cudnn", grad=False)
+  assert fwd.flops == pytest.approx(4 * bnth)
+  ref, _ = _attention_flops("xla", grad=False)
+  assert ref.flops == pytest.approx(fwd.flops, rel=0.01)
+  both, _ = _attention_flops("cudnn", grad=True)
+  assert both.flops == pytest.approx((4 + 10) * bnth)
+
+
+@needs_cuda_plugin
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "over",
+  [{}, {"rl.share_prompt": False, "model.lora_rank": 4, "sampler.slots": 4}],
+  ids=["shared", "per-row-lora-refilled"],
+)
+def test_every_stage_compiles_for_h100s(over):
+  """cuDNN's kernel, not its XLA fallback, where it is used: the training
+  forward and backward and the prefill (a decode step runs ``dense``)."""
+  c = _tiny(**{"model.attention": "cudnn", "model.dtype": "bfloat16", **over})
+  res = aot.run_aot(c, "h100:2", progress=lambda m: None)
+  assert (res["chips"], res["chip"], res["platform"]) == (2, "h100", "gpu")
+  assert res["hbm_budget_bytes_per_chip"] == int(0.75 * 80e9)
+  assert set(res["stages"]) == {"prefill", "decode", "update"}
+  for s in res["stages"].values():
+    _check_stage(s)
+
+  def fmha(stage, backward):
+    calls = res["stages"][stage]["library_calls"]
+    return sum(
+      n for k, n in calls.items()
+      if k.startswith("__cudnn$fmha") and ("Backward" in k) == backward
+    )  # fmt: skip
+
+  assert fmha("update", False) >= 2 and fmha("update", True) >= 2  # 2 layers
+  assert fmha("prefill", False) >= 2
+  assert res["fits"]
+
+
+@needs_cuda_plugin
+@pytest.mark.slow
+def test_gpu_fit_is_judged_against_what_jax_allocates(tmp_path):
+  """The GPU compiler does not refuse an oversized program: the verdict
+  compares its peak with the share of the GPU's memory JAX preallocates
+  (75 %), and names it."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  res = subprocess.run(
+    [
+      sys.executable, "tools/aot.py", "--config=configs/tiny.py",
+      "--topology=h100:1", "--stages=update", f"--out={tmp_path}",
+      "--config.model.dtype=bfloat16", "--config.model.attention=cudnn",
+      "--config.model.arch.head_dim=128", "--config.model.arch.d_model=4096",
+      "--config.model.arch.num_heads=32", "--config.model.arch.num_kv_heads=8",
+      "--config.model.arch.d_ff=12288", "--config.model.arch.num_layers=24",
+      "--config.model.arch.vocab_size=32000",
+    ],
+    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert res.returncode == 1, res.stdout + res.stderr
+  up = json.loads((tmp_path / "aot.json").read_text())["stages"]["update"]
+  assert not up["fits"] and up["peak_bytes_per_chip"] > 0.75 * 80e9
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in up["advice"]
+  assert "update needs" in res.stdout and "DOES NOT FIT" in res.stdout
+
+
+@needs_cuda_plugin
+def test_decode_loop_reads_matrices_in_the_compute_dtype():
+  """float32 master weights with bfloat16 compute, compiled for an H100:
+  the matrices are cast once before the decode loop, so no step reads (or,
+  sharded, gathers) a float32 matrix. (XLA:CPU sinks the cast back into
+  its loops; the GPU compiler keeps it where it is written.)"""
+  from flax import nnx
+
+  from multians_jax import model, sampler
+
+  d, ff = 64, 96  # shapes no activation has: [.., 64, 96] is an MLP matrix
+  cfg = model.ModelConfig(
+    "qwen3", 101, d, 2, 4, 2, 16, ff, max_seq_len=64, pad_token_id=0,
+    param_dtype="float32", dtype="bfloat16",
+  )  # fmt: skip
+  graphdef, state = nnx.split(model.abstract_model(cfg))
+  (dev,) = aot_target.target("h100:1").devices
+  one = jax.sharding.SingleDeviceSharding(dev)
+  state = jax.tree.map(lambda x: x.update(sharding=one), state)
+  scfg = sampler.SamplingConfig(8, temperature=1.0, stop_ids=(1,), pad_id=0)
+  tok = jax.ShapeDtypeStruct((2, 16), jnp.int32, sharding=one)
+  text = (
+    jax.jit(sampler._sample, static_argnames=("cfg", "num_samples"))
+    .lower(graphdef, state, tok, tok.update(dtype=jnp.bool_),
+           tok.update(shape=(2,), dtype=jnp.uint32), cfg=scfg, num_samples=2)
+    .compile().as_text()
+  )  # fmt: skip
+  prog = hlo_cost.Program(text)
+  edges, _, loops = prog._call_graph()
+  inside = prog._inside_loops(edges, loops)
+  assert inside
+  matrix = re.compile(rf"f32\[(\d+,)?({d},{ff}|{ff},{d})\]")
+  for comp in inside:
+    for inst in prog.comps[comp]:
+      types = [inst.type] + [prog.types[comp].get(o, "") for o in inst.operands]
+      assert not any(matrix.search(t) for t in types), (comp, inst.name)

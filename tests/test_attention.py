@@ -149,9 +149,10 @@ def test_merge_ignores_an_empty_part():
 
 
 def test_decode_key_layout():
-  """XLA's decode cache stores keys [B,K,H,S]; the kernels read [S,H]."""
+  """A decode step of ``xla`` and ``cudnn`` runs ``dense`` over keys
+  stored [B,K,H,S]; splash reads [S,H]."""
   assert attention.decode_key_layout("xla") == "hs"
-  assert attention.decode_key_layout("cudnn") == "sh"
+  assert attention.decode_key_layout("cudnn") == "hs"
   assert attention.decode_key_layout("splash") == "sh"
   with pytest.raises(ValueError, match="model.attention"):
     attention.decode_key_layout("flash")
