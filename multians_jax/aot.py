@@ -312,6 +312,7 @@ def run_aot(run, topology: str, stages=None, progress=print) -> dict:
   dict. A stage that fails to compile is reported with its error."""
   run = memory.run_config(run)
   tgt = aot_target.target(topology)
+  aot_target.check_attention(memory.model_config(run), tgt)
   mesh = aot_target.make_mesh(run, tgt)
   built, info = build_stages(run, mesh)
   if stages:

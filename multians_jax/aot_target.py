@@ -265,6 +265,29 @@ def _restore_env(before: dict) -> None:
       os.unsetenv(key)
 
 
+def check_attention(model_cfg, tgt: Target) -> None:
+  """Refuses an attention backend the target cannot run as the kernel it
+  names (each would otherwise compile a slow fallback without a word)."""
+  impl, platform = model_cfg.attention, tgt.chip.platform
+  if impl == "splash" and platform != "tpu":
+    raise AotError(
+      "model.attention=splash is a TPU kernel (Pallas/Mosaic); on "
+      f"{tgt.topology} it would compile Pallas' interpreter: use "
+      "model.attention=cudnn (or xla)"
+    )
+  if impl == "cudnn" and platform != "gpu":
+    raise AotError(
+      f"model.attention=cudnn is cuDNN's GPU kernel; on {tgt.topology} it "
+      "would compile its XLA fallback: use model.attention=splash (or xla)"
+    )
+  if impl == "cudnn" and model_cfg.dtype not in ("bfloat16", "float16"):
+    raise AotError(
+      f"model.attention=cudnn needs a 16-bit compute dtype (cuDNN has no "
+      f"float32 attention kernel): model.dtype={model_cfg.dtype}; set "
+      "--config.model.dtype=bfloat16"
+    )
+
+
 def make_mesh(run, tgt: Target):
   """The run's (data, fsdp, tensor) mesh over the target's devices."""
   try:

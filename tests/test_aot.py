@@ -210,6 +210,21 @@ def _tiny(**over):
 
 
 @needs_libtpu
+@needs_cuda_plugin
+def test_a_kernel_the_target_cannot_run_is_refused():
+  """splash is a TPU kernel and cudnn a GPU one with no float32 kernel:
+  each elsewhere would compile a slow fallback without a word."""
+  cases = [
+    ("h100:1", {"model.attention": "splash"}, "TPU kernel"),
+    ("v5e:2x2", {"model.attention": "cudnn"}, "cuDNN's GPU kernel"),
+    ("h100:1", {"model.attention": "cudnn"}, "16-bit compute dtype"),
+  ]
+  for topology, over, msg in cases:
+    with pytest.raises(aot_target.AotError, match=msg):
+      aot.run_aot(_tiny(**over), topology)
+
+
+@needs_libtpu
 def test_mesh_that_does_not_tile_the_topology_is_refused():
   c = _tiny(**{"mesh.fsdp": 3})
   with pytest.raises(aot_target.AotError, match="does not tile v5e:2x2"):
