@@ -208,11 +208,8 @@ def _sampler_stage(ctx: _Ctx) -> Stage:
   run, mesh, sh, mcfg = ctx.run, ctx.mesh, ctx.sh, ctx.mcfg
   chunk, g, t, steps = sh["chunk"], sh["g"], sh["t"], sh["l"]
   samp = sharding.SAMPLE_RULES
-  stop_ids = tuple(mcfg.eos_ids) or (0,)
-  pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
-  scfg = dataclasses.replace(
-    run.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
-  )
+  scfg = run.sampling_for(mcfg)
+  scfg = dataclasses.replace(scfg, stop_ids=scfg.stop_ids or (0,))
   tokens = _sds((chunk, t), jnp.int32, mesh, ("batch", None), samp)
   mask = _sds((chunk, t), jnp.bool_, mesh, ("batch", None), samp)
   key = _replicated(mesh, (2,), jnp.uint32)

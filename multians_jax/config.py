@@ -329,16 +329,24 @@ class RunConfig:
 
   @property
   def eval_config(self) -> evaluate.EvalConfig:
-    """Evaluation samples as training does: the same token limit and
-    prompt bucketing, its own prompts, generations and temperature."""
+    """Evaluation samples as training does (the sampler section: token
+    limit, top-p, top-k, cache dtype, slots) with the same prompt
+    bucketing, at its own temperature, prompts and generations."""
     e = self.eval
     return evaluate.EvalConfig(
       num_prompts=e.num_prompts,
       num_generations=e.num_generations,
-      temperature=e.temperature,
-      max_new_tokens=self.sampler.max_new_tokens,
       max_prompt_len=self.data.max_prompt_len,
       min_bucket=self.data.min_bucket,
+      sampling=dataclasses.replace(self.sampling, temperature=e.temperature),
+    )
+
+  def sampling_for(self, model_cfg, tokenizer=None) -> sampler.SamplingConfig:
+    """The training sampler's settings for a model (``stop_and_pad``);
+    prompts arrive bucketed by the data pipeline, so no re-bucketing."""
+    stop_ids, pad_id = stop_and_pad(model_cfg, tokenizer)
+    return dataclasses.replace(
+      self.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
     )
 
   @property
@@ -372,6 +380,18 @@ class RunConfig:
     out = dataclasses.asdict(self)
     out["model"]["arch"] = dict(self.model.arch)
     return out
+
+
+def stop_and_pad(model_cfg, tokenizer=None) -> tuple[tuple[int, ...], int]:
+  """The sampler's stop ids and pad id for a model, the one place they are
+  decided: the model's EOS ids (the tokenizer's EOS when the model names
+  none) and its pad id (0 when it has none)."""
+  stop = tuple(int(i) for i in model_cfg.eos_ids)
+  eos = getattr(tokenizer, "eos_token_id", None)
+  if not stop and eos is not None:
+    stop = (int(eos),)
+  pad = model_cfg.pad_token_id
+  return stop, int(pad) if pad is not None else 0
 
 
 def from_tool_config(config_dict, given_flags: list[str]) -> RunConfig:

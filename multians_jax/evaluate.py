@@ -27,10 +27,15 @@ class EvalConfig:
   num_prompts: int = 64  # held-out prompts (the first N in source order)
   num_generations: int = 4  # G generations pooled per prompt
   batch_prompts: int = 8  # prompts per sampler call
-  temperature: float = 0.7  # 0 = greedy
-  max_new_tokens: int = 256
   max_prompt_len: int = 512
   min_bucket: int = 64
+  # How completions are sampled (stop and pad ids come with the model, at
+  # ``run``): a run evaluates with its own sampler settings (top-p, top-k,
+  # cache dtype, slots, token limit) at ``eval.temperature``
+  # (``config.RunConfig.eval_config``).
+  sampling: sampler.SamplingConfig = sampler.SamplingConfig(
+    max_new_tokens=256, temperature=0.7
+  )
 
   def __post_init__(self):
     if self.num_prompts < 1 or self.num_generations < 1:
@@ -70,11 +75,8 @@ def run(
     num_epochs=1,
   )
   it = data.PromptIterator(records, tokenizer, pcfg)
-  scfg = sampler.SamplingConfig(
-    max_new_tokens=cfg.max_new_tokens,
-    temperature=cfg.temperature,
-    stop_ids=tuple(stop_ids),
-    pad_id=pad_id,
+  scfg = dataclasses.replace(
+    cfg.sampling, stop_ids=tuple(stop_ids), pad_id=pad_id
   )
   g = cfg.num_generations
   parts, batches = [], []
@@ -107,7 +109,7 @@ def run(
   summary.update(
     num_prompts=len(gold),
     num_dropped=it.num_dropped,
-    truncation_rate=float(np.mean(lengths >= cfg.max_new_tokens)),
+    truncation_rate=float(np.mean(lengths >= scfg.max_new_tokens)),
   )
   calibrated = not np.all(np.isnan(scores["brier"]))
   if any(p.answer_p is not None for p in parts):

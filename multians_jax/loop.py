@@ -210,12 +210,7 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
     wandb_mode=run.log.wandb_mode,
     config=run.to_dict(),  # the W&B run config
   )
-  stop_ids = tuple(policy.cfg.eos_ids) or (tok.eos_token_id,)
-  pad_id = policy.cfg.pad_token_id if policy.cfg.pad_token_id is not None else 0
-  # The data pipeline already buckets prompt lengths (data.min_bucket · 2^n).
-  scfg = dataclasses.replace(
-    run.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
-  )
+  scfg = run.sampling_for(policy.cfg, tok)
   eval_records = None
   if run.eval.before_after or run.eval.every_steps:
     records = eval_source or data.open_split(dc, workdir, dc.eval_split)

@@ -86,7 +86,7 @@ def test_derived_settings_come_from_one_place():
   assert run.loss.max_len_norm == 300  # Dr.GRPO's constant = the limit L
   assert run.sampling.max_new_tokens == 300
   assert run.sampling.temperature == 0.9
-  assert run.eval_config.max_new_tokens == 300  # evaluation samples alike
+  assert run.eval_config.sampling.max_new_tokens == 300  # samples alike
   assert run.eval_config.min_bucket == run.data.min_bucket == 64
   assert run.optim_config.warmup_steps == 20
   assert run.optim_config.total_steps == 200

@@ -371,3 +371,35 @@ def test_a_workdir_is_a_checkpoint_path(tmp_path):
   assert checkpoint.resolve(str(ck)) == ("checkpoint", str(ck))
   with pytest.raises(FileNotFoundError, match="not a checkpoint dir"):
     checkpoint.resolve(str(tmp_path / "missing"))
+
+
+def test_evaluation_samples_with_the_runs_sampler_settings(
+  tmp_path, monkeypatch
+):
+  """In-training evaluation samples as training does: the run's top-p,
+  top-k, cache dtype and slots, and the model's stop/pad ids, at
+  ``eval.temperature`` (it once sampled with every sampler default)."""
+  from multians_jax import sampler
+
+  seen = []
+  real = sampler.sample
+
+  def spy(model, tokens, mask, key, cfg, *a, **kw):
+    seen.append(cfg)
+    return real(model, tokens, mask, key, cfg, *a, **kw)
+
+  monkeypatch.setattr(sampler, "sample", spy)
+  c = toy_task.config(1)
+  c.sampler.update(top_p=0.9, top_k=7, cache_dtype="bfloat16", slots=8)
+  c.eval.update(before_after=True, num_prompts=4, temperature=0.5)
+  _train_toy(tmp_path, c)
+  train = [s for s in seen if s.temperature == c.sampler.temperature]
+  evals = [s for s in seen if s.temperature == 0.5]
+  assert train and len(evals) >= 2  # before and after
+  for s in train + evals:
+    assert (s.top_p, s.top_k, s.cache_dtype, s.slots) == (
+      0.9, 7, "bfloat16", 8
+    )  # fmt: skip
+    assert s.max_new_tokens == c.sampler.max_new_tokens
+    assert s.stop_ids == train[0].stop_ids and s.stop_ids
+    assert s.pad_id == train[0].pad_id

@@ -71,6 +71,7 @@ from bench_torch import TORCH_INPUTS, time_transformers, torch_update  # noqa: E
 
 from multians_jax import (  # noqa: E402
   checkpoint,
+  config,
   credit,
   hf,
   hlo_cost,
@@ -360,11 +361,12 @@ def rl_iteration(model, tok, shapes: dict) -> dict:
   p, g = shapes["prompts"], shapes["group"]
   ids = _prompts(cfg, p, shapes["prompt_len"], seed=2)
   mask = np.ones(ids.shape, bool)
+  stop_ids, pad_id = config.stop_and_pad(cfg)
   scfg = sampler.SamplingConfig(
     max_new_tokens=shapes["new_tokens"],
     temperature=0.7,
-    stop_ids=cfg.eos_ids,
-    pad_id=cfg.pad_token_id or 0,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
     min_prompt_bucket=0,
   )
   rcfg = reward.RewardConfig(mode="multi_rlcr", num_answers=3)

@@ -43,6 +43,7 @@ from multians_jax import (
   evaluate,
   prompts,
   reward,
+  sampler,
   sharding,
 )
 from multians_jax.datasets import schema
@@ -101,8 +102,9 @@ def settings() -> Settings:
       eval=evaluate.EvalConfig(
         num_prompts=_N.value,
         num_generations=_G.value,
-        temperature=_TEMP.value,
-        max_new_tokens=_MAX.value,
+        sampling=sampler.SamplingConfig(
+          max_new_tokens=_MAX.value, temperature=_TEMP.value
+        ),
       ),
       data=_DATA.value,
       split=_SPLIT.value,
@@ -129,15 +131,9 @@ def records(st: Settings):
 
 
 def run_one(model, cfg, tok, recs, rcfg, ecfg, seed):
+  stop_ids, pad_id = config.stop_and_pad(cfg, tok)
   return evaluate.run(
-    model,
-    tok,
-    recs,
-    rcfg,
-    ecfg,
-    seed=seed,
-    stop_ids=cfg.eos_ids or (tok.eos_token_id,),
-    pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+    model, tok, recs, rcfg, ecfg, seed=seed, stop_ids=stop_ids, pad_id=pad_id
   )
 
 

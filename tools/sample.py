@@ -145,10 +145,8 @@ def main(argv):
   mesh = sharding.make_mesh()
   model, cfg, tok = checkpoint.load_model(st.model, mesh, sharding.TRAIN_RULES)
   tokens, mask, shown = encode(tok, st)
-  stop = cfg.eos_ids or ((tok.eos_token_id,) if tok is not None else ())
-  scfg = dataclasses.replace(
-    st.sampling, stop_ids=tuple(stop), pad_id=cfg.pad_token_id or 0
-  )
+  stop_ids, pad_id = config.stop_and_pad(cfg, tok)
+  scfg = dataclasses.replace(st.sampling, stop_ids=stop_ids, pad_id=pad_id)
   r = sampler.sample(
     model,
     tokens,
