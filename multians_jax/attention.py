@@ -323,11 +323,12 @@ def self_attention(impl, q, k, v, allowed, mask, dtype):
 
 def decode_key_layout(impl: str) -> str:
   """How the sampler's decode cache stores keys for ``impl``: ``"hs"``
-  ([B,K,H,S]) where a decode step runs ``dense`` (``xla``, and ``cudnn``,
-  see ``cached_attention``), whose q·kᵀ is then a plain matmul (as stored
-  [B,K,S,H] it contracts both operands' minor dimension: 2–8× slower on
-  XLA:CPU at SmolLM2's decode shape, depending on the machine; see
-  BENCHMARKS.md); splash reads [S, H] keys, so ``"sh"`` for it."""
+  ([B,K,H,S]) for ``xla`` and ``cudnn``, whose decode steps run ``dense``
+  (``cached_attention``): q·kᵀ is then a plain matmul (as stored [B,K,S,H]
+  it contracts both operands' minor dimension: 2–8× slower on XLA:CPU at
+  SmolLM2's decode shape, depending on the machine; see BENCHMARKS.md).
+  ``"sh"`` for splash, TPU-only, whose refill prefills read the cache as
+  the kernel's [S, H] keys without a copy (a TPU contracts either way)."""
   check(impl)
   return "sh" if impl == "splash" else "hs"
 
@@ -341,11 +342,13 @@ def cached_attention(impl, q, k, v, allowed, dtype, prefill=None,
   mask [B,S]) of the cache before the write and (k, v, mask [B,T]) of the
   new tokens, merged as two parts (cached keys all precede the new ones).
 
-  A ``cudnn`` decode step (T = 1) runs ``dense`` too: cuDNN's kernel wants
-  the keys as [B,S,K,H], and the transposed copy of the whole cache it
-  needs costs more per step than the attention (the H100 compile:
-  +20 % of a decode step's bytes); one query row has no scores to save."""
-  if impl == "xla" or (impl == "cudnn" and q.shape[1] == 1):
+  A decode step (T = 1) runs ``dense`` under every backend: one query row
+  has no scores to save, cuDNN's kernel wants the keys as [B,S,K,H] (a
+  transposed copy of the whole cache per step: +20 % of an H100 decode
+  step's bytes) and splash pads the one query to a 128-row block (20× the
+  step's FLOPs at the paper shape on v5p, compute-bound). Splash's cache
+  keeps its [B,K,S,H] keys, which ``dense`` reads in place."""
+  if impl == "xla" or q.shape[1] == 1:
     return dense(q, k, v, allowed, dtype, key_layout=key_layout)
   if key_layout != "sh":
     k = k.swapaxes(2, 3)  # not the fused kernels' decode layout: a copy
@@ -355,8 +358,6 @@ def cached_attention(impl, q, k, v, allowed, dtype, prefill=None,
   if impl == "cudnn":
     return dpa(q, k, v, allowed, dtype)
   ones = jnp.ones(q.shape[:2], jnp.int32)
-  if q.shape[1] == 1:
-    return splash(q, k, v, ones, allowed[:, 0], dtype, kind="full")
   (ko, vo, old_mask), (kn, vn, mask) = prefill
   o1, l1 = splash(q, ko, vo, ones, old_mask, dtype, kind="full", lse=True)
   o2, l2 = splash(q, kn, vn, mask, mask, dtype, lse=True)

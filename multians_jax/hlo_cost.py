@@ -16,12 +16,13 @@ What is counted, per computation and times its multiplicity:
 
 * FLOPs of ``dot`` and ``convolution`` (2 · output elements · contracted
   size), fused or not, and of the GPU library calls that state their
-  shapes (cuBLAS GEMMs, cuDNN fused attention: ``custom_call_flops``).
-  Element-wise work and other custom calls are not counted: the matmuls
-  are the roofline's compute. Pallas / Mosaic kernels (the
-  splash attention) carry no cost in the HLO: their calls are counted
-  (``mosaic_calls``), their FLOPs and bytes are not, so a program that uses
-  them is under-counted by its attention.
+  shapes (cuBLAS GEMMs, cuDNN fused attention: ``custom_call_flops``) and
+  of the splash attention's Mosaic kernels, from their query and key
+  operands. Element-wise work and other custom calls are not counted: the
+  matmuls are the roofline's compute. Other Pallas / Mosaic kernels carry
+  no cost in the HLO: their calls are counted (``mosaic_calls``), their
+  FLOPs are not. A kernel's bytes are its operands and results, as for any
+  instruction.
 * Bytes accessed: the operands read and the result written by every
   top-level instruction (a fusion is one instruction: its intermediates
   stay on chip). An operand that an instruction only slices
@@ -195,6 +196,8 @@ def custom_call_flops(inst: Inst, types: dict) -> float:
   (a Mosaic kernel, a TopK) is 0."""
   target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
   target = target.group(1) if target else ""
+  if target == "tpu_custom_call" and inst.name.startswith("splash_"):
+    return _splash_flops(inst, types)
   if target.startswith("__cudnn$fmha"):
     at = inst.attrs.find("operand_layout_constraints={")
     if at < 0:
@@ -217,6 +220,33 @@ def custom_call_flops(inst: Inst, types: dict) -> float:
     contracted = math.prod(lhs[i] for i in idx if i < len(lhs))
     return 2.0 * math.prod(shape_of(inst.type)) * contracted
   return 0.0
+
+
+# [T,S,H] products per call of the splash kernels: forward Q·Kᵀ and P·V;
+# the dq kernel recomputes Q·Kᵀ, then dO·Vᵀ and dS·K; the dkv kernel
+# recomputes Q·Kᵀ, then dO·Vᵀ, Pᵀ·dO and dSᵀ·Q.
+_SPLASH_PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(inst: Inst, types: dict) -> float:
+  """A splash kernel's FLOPs from its operands: after the block-mask
+  tables (int8) come the queries [..., T, H] and keys [..., S, H] (leading
+  dimensions: rows and heads, as vmapped); 2·(rows·heads·T)·S·H per
+  product, dense (the kernel skips blocks its mask rules out: a causal
+  mask about half)."""
+  kind = re.match(r"splash_\w*?_(fwd|dq|dkv)_", inst.name)
+  floats = [
+    shape_of(types.get(o, ""))
+    for o in inst.operands
+    if re.match(r"(bf16|f16|f32)\[", types.get(o, ""))
+  ]
+  if not kind or len(floats) < 2:
+    return 0.0
+  q, k = floats[0], floats[1]
+  if len(q) < 2 or len(k) < 2 or q[-1] != k[-1]:
+    return 0.0
+  per = 2.0 * math.prod(q[:-1]) * k[-2] * q[-1]
+  return per * _SPLASH_PRODUCTS[kind.group(1)]
 
 
 class Program:

@@ -150,7 +150,7 @@ def test_merge_ignores_an_empty_part():
 
 def test_decode_key_layout():
   """A decode step of ``xla`` and ``cudnn`` runs ``dense`` over keys
-  stored [B,K,H,S]; splash reads [S,H]."""
+  stored [B,K,H,S]; splash keeps the kernel's [S,H]."""
   assert attention.decode_key_layout("xla") == "hs"
   assert attention.decode_key_layout("cudnn") == "hs"
   assert attention.decode_key_layout("splash") == "sh"
