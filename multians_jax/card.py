@@ -3,7 +3,7 @@
 A card has YAML front matter (``huggingface_hub.ModelCardData``: base
 model, licence, tags) and says how the model was made: the method in one
 paragraph, the training config, and the before / after evaluation table
-when the export comes from a training run (``loop._finish``, or
+when the export comes from a training run (``export.finish``, or
 ``tools/orbax_to_hf.py`` on a run's checkpoints).
 """
 

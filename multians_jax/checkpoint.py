@@ -231,6 +231,46 @@ class Checkpointer:
     return abs_base
 
 
+def save_train_state(ckpt: Checkpointer, step: int, graphdef, state, *,
+                     tokenizer, meta: dict) -> None:  # fmt: skip
+  """A training step's checkpoint: the policy (as a model, readable by
+  ``load_model``), the optimizer state and the step counters, with
+  ``meta`` (the data stream's position, the seed)."""
+  ckpt.save(
+    step,
+    nnx.merge(graphdef, state.params),
+    tokenizer=tokenizer,
+    meta=meta,
+    items={
+      "opt_state": state.opt_state,
+      "train": {"step": state.step, "skipped": state.skipped},
+    },
+  )
+
+
+def restore_train_state(ckpt: Checkpointer, state, mesh, rules):
+  """(state, meta) of the newest restorable step in ``state``'s layout, or
+  (``state``, None) when there is none. ``state``: an
+  ``update.TrainState``, whose type the restored one keeps."""
+  abstract = lambda t: jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
+  )
+  items = {
+    "opt_state": abstract(state.opt_state),
+    "train": abstract({"step": state.step, "skipped": state.skipped}),
+  }
+  got = ckpt.restore_newest(mesh, rules, items)
+  if got is None:
+    return state, None
+  step, model, meta, items = got
+  t = items["train"]
+  restored = type(state)(
+    t["step"], nnx.state(model, nnx.Param), items["opt_state"], t["skipped"]
+  )
+  logging.info("resumed from step %d", step)
+  return restored, meta
+
+
 def _base_complete(where) -> bool:
   """Whether DIR/base holds a finished write, decided on process 0 (on
   gs:// an unfinished write already has its directory) and agreed by all

@@ -26,6 +26,7 @@ from absl import logging
 
 from multians_jax import advantage, credit, evaluate, sampler
 from multians_jax import attention as attention_lib
+from multians_jax import data as data_lib
 from multians_jax import loss as loss_lib
 from multians_jax import model as model_lib
 from multians_jax import reward as reward_lib
@@ -347,6 +348,34 @@ class RunConfig:
     stop_ids, pad_id = stop_and_pad(model_cfg, tokenizer)
     return dataclasses.replace(
       self.sampling, stop_ids=stop_ids, pad_id=pad_id, min_prompt_bucket=0
+    )
+
+  @property
+  def update_config(self) -> update_lib.UpdateConfig:
+    """The update step's static settings: the loss, micro-batches, the
+    sampler's temperature and support (log-probs of the distribution that
+    sampled), prompt sharing within groups."""
+    rl = self.rl
+    return update_lib.UpdateConfig(
+      loss=self.loss,
+      micro_batches=rl.micro_batches,
+      temperature=max(self.sampler.temperature, 1e-6),
+      logprob_chunk=rl.logprob_chunk,
+      group_size=rl.num_generations if rl.share_prompt else 1,
+      support=self.sampling.support,
+    )
+
+  def pipeline(self, seed: int, batch_size: int | None = None):
+    """The prompt pipeline's settings: global batches (``batch_size``,
+    default ``data.prompts_per_step``), the same stream on every
+    process."""
+    return data_lib.PipelineConfig(
+      batch_size=batch_size or self.data.prompts_per_step,
+      mode=self.reward.mode,
+      num_answers=self.reward.num_answers,
+      max_prompt_len=self.data.max_prompt_len,
+      min_bucket=self.data.min_bucket,
+      seed=seed,
     )
 
   @property

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import signal
 import time
@@ -34,65 +33,27 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
 
 from multians_jax import (
-  card,
   checkpoint,
   credit,
   data,
   evaluate,
-  hf,
-  lora,
-  loss,
+  export,
   metrics,
-  report,
   rollouts,
   sampler,
   sharding,
   telemetry,
 )
-from multians_jax import model as model_lib
+from multians_jax import policy as policy_lib
 from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
-from multians_jax.config import ModelSource, RunConfig
-
-# ---------------------------------------------------------------------------
-# Set-up
-
-
-def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
-  """(model, tokenizer) from the configured source, in training sharding.
-
-  With ``model.lora_rank`` > 0 the policy is the source + fresh adapters
-  (a source that already holds different adapters has them merged first);
-  a source with the same adapter shape (a LoRA run's checkpoint) is used
-  as it is.
-  """
-  over = src.overrides
-  if src.path == "random":
-    if tokenizer is None and not src.tokenizer:
-      raise ValueError("config: model.tokenizer is required with path=random")
-    tok = tokenizer or checkpoint.load_any_tokenizer(src.tokenizer)
-    cfg = model_lib.ModelConfig(**{**dict(src.arch), **over})
-    m = model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES, seed=seed)
-  else:
-    m, _, tok = checkpoint.load_model(
-      src.path, mesh, sharding.TRAIN_RULES, **over
-    )
-    if tok is None:
-      raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
-  want = lora.settings(src)
-  if m.cfg.lora_rank and lora.settings(m.cfg) != want:
-    m = lora.merge(m)
-  if want and not m.cfg.lora_rank:
-    m = lora.add(m, *want, seed=seed)
-  return m, tok
-
+from multians_jax.config import RunConfig
 
 # ---------------------------------------------------------------------------
 # The loop
@@ -182,22 +143,27 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
       f"multiple of the process count {jax.process_count()}"
     )
   mesh = sharding.make_mesh(*run.mesh.shape)
-  policy, tok = load_policy(run.model, mesh, run.seed, tokenizer)
+  policy, tok = policy_lib.load_policy(run.model, mesh, run.seed, tokenizer)
   tok = tokenizer or tok
   graphdef = nnx.graphdef(policy)
   tx = update_lib.optimizer(run.optim_config)
   state = update_lib.init_state(policy, tx)
   dc = run.data
   source = train_source or data.open_split(dc, workdir, dc.train_split)
-  stream = data.PromptIterator(source, tok, _pipeline(run, run.seed))
+  stream = data.PromptIterator(source, tok, run.pipeline(run.seed))
   ref_of = None
   if run.loss.kl_beta > 0:  # from the source, before resuming
-    ref_of = _reference(run, mesh, tok, state.params)
+    ref_of = policy_lib.reference(run, mesh, tok, state.params)
   ckpt = checkpoint.Checkpointer(
     os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt.keep
   )
-  _check_same_adapters(ckpt.path, policy.cfg)
-  state, resumed = _resume(ckpt, state, mesh, stream)
+  policy_lib.check_same_adapters(ckpt.path, policy.cfg)
+  state, meta = checkpoint.restore_train_state(
+    ckpt, state, mesh, sharding.TRAIN_RULES
+  )
+  resumed = meta is not None
+  if resumed:
+    stream.set_state(meta["data_state"])
   if jax.process_index() == 0:  # rows after the checkpoint are redone
     telemetry.truncate_after(
       os.path.join(workdir, "metrics.jsonl"), int(state.step)
@@ -222,19 +188,6 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   return session, state, resumed
 
 
-def _pipeline(run: RunConfig, seed: int, batch_size: int | None = None):
-  """The prompt pipeline's settings: global batches, the same stream on
-  every process."""
-  return data.PipelineConfig(
-    batch_size=batch_size or run.data.prompts_per_step,
-    mode=run.reward.mode,
-    num_answers=run.reward.num_answers,
-    max_prompt_len=run.data.max_prompt_len,
-    min_bucket=run.data.min_bucket,
-    seed=seed,
-  )
-
-
 def _before_rl(s: Session, state, *, warm_up: bool):
   """Step 0: the "before" evaluation, then (unless resumed from a step-0
   checkpoint, which is already warmed up) the warm-up and its evaluation."""
@@ -242,7 +195,10 @@ def _before_rl(s: Session, state, *, warm_up: bool):
   if run.eval.before_after:
     _evaluate(s, state.params, "before", 0)
   if run.warmup.steps and warm_up:
-    params = _warmup(s, state.params)
+    params = warmup_lib.run(
+      run, s.graphdef, state.params, s.source, s.tok, s.mesh,
+      log=lambda m: s.writer.write(0, m), progress=s.writer.active,
+    )  # fmt: skip
     state = update_lib.init_state(nnx.merge(s.graphdef, params), s.tx)
     if run.eval.before_after:
       _evaluate(s, state.params, "warmup", 0)
@@ -310,7 +266,7 @@ def _after_rl(s: Session, state) -> None:
       _keep_eval(s, "after", 0, s.evals["warmup"])  # the same model
     else:
       _evaluate(s, state.params, "after", run.steps)
-  _finish(s, state)
+  export.finish(run, s.workdir, s.graphdef, state.params, s.tok, s.evals)
   if run.export.report:
     for d in [s.workdir, *sorted(glob.glob(os.path.join(s.workdir, "eval_*")))]:
       sub = "" if d == s.workdir else os.path.basename(d) + "/"
@@ -350,34 +306,6 @@ def _keep_eval(s: Session, tag: str, step: int, res) -> None:
       seed=s.run.seed,
       num_generations=s.run.eval.num_generations,
     )
-
-
-def _warmup(s: Session, params):
-  """Supervised format warm-up on training questions (see warmup.py),
-  under the mesh's sharding rules like the RL update."""
-  run, wc = s.run, s.run.warmup
-  pcfg = _pipeline(run, run.seed + 7, batch_size=wc.batch_prompts)
-  it = data.PromptIterator(s.source, s.tok, pcfg)
-  tx = warmup_lib.optimizer(wc)
-  opt_state = jax.jit(tx.init)(lora.partition(params)[0])
-  bar = tqdm.trange(wc.steps, desc="warm-up", disable=not s.writer.active)
-  for i in bar:
-    b = warmup_lib.make_batch(
-      next(it),
-      s.tok,
-      run.reward.mode,
-      run.reward.num_answers,
-      wc.max_target_len,
-      seed=run.seed + i,
-      cfg=wc,
-    )
-    b = update_lib.place_batch(b, s.mesh)
-    with sharding.activate(s.mesh, sharding.TRAIN_RULES):
-      params, opt_state, value = warmup_lib.sft_step(
-        s.graphdef, params, opt_state, *b, tx=tx, chunk=run.rl.logprob_chunk
-      )
-    s.writer.write(0, {"warmup/loss": value, "warmup/step": i + 1})
-  return params
 
 
 def _take(source, n):
@@ -421,7 +349,10 @@ def _rl_step(s: Session, state, batch, key):
     adv = adv * (live[:, None] if adv.ndim == 2 else live)
   t1 = t0 + scored.seconds[0]  # sampling, every round
   t2 = time.perf_counter()
-  state, um = _update(s, state, scored.rollout, adv)
+  state, um = update_lib.rl_update(
+    s.graphdef, state, scored.rollout, adv, tx=s.tx, cfg=run.update_config,
+    mesh=s.mesh, num_iterations=run.rl.num_iterations, ref_of=s.ref_of,
+  )  # fmt: skip
   t3 = time.perf_counter()
   lengths = first.rewards.lengths
   out = metrics.summarize(first.rewards.scores, lengths, group_size=g)
@@ -444,143 +375,8 @@ def _rl_step(s: Session, state, batch, key):
   return state, out
 
 
-def _update(s: Session, state, rollout, adv):
-  """The policy update on one rollout (``rl.num_iterations`` steps under
-  the mesh's sharding rules); returns (state, host metrics)."""
-  run = s.run
-  ub = update_lib.place_batch(update_lib.make_batch(rollout, adv), s.mesh)
-  ucfg = update_lib.UpdateConfig(
-    loss=run.loss,
-    micro_batches=run.rl.micro_batches,
-    temperature=max(run.sampler.temperature, 1e-6),
-    logprob_chunk=run.rl.logprob_chunk,
-    group_size=run.rl.num_generations if run.rl.share_prompt else 1,
-    support=run.sampling.support,
-  )
-  logprobs = lambda params: update_lib.completion_logprobs(
-    s.graphdef, params, ub, ucfg
-  )
-  gap = None
-  with sharding.activate(s.mesh, sharding.TRAIN_RULES):
-    if run.rl.num_iterations > 1:  # π_old = the policy that sampled, exactly
-      trainer = logprobs(state.params)
-      sums = loss.logp_gap(trainer, ub.old_logp, ub.comp_mask)
-      gap = loss.reduce_metrics({**sums, "tokens": jnp.sum(ub.comp_mask)})
-      ub = ub.replace(old_logp=trainer)
-    if s.ref_of is not None:
-      ub = ub.replace(ref_logp=logprobs(s.ref_of(state.params)))
-    for _ in range(run.rl.num_iterations):
-      state, um = update_lib.update_step(
-        s.graphdef, state, ub, tx=s.tx, cfg=ucfg
-      )
-      gap = um if gap is None else gap  # first iteration: π_old = sampler's
-  # The trainer's log-probs of the sampled tokens against the sampler's,
-  # before any update: the importance ratio (1 on-policy) and |difference|.
-  um = {
-    **um,
-    "sampler/ratio_mean": gap["token_ratio_mean"],
-    "sampler/logp_diff_mean": gap["logp_diff_mean"],
-    "sampler/logp_diff_max": gap["logp_diff_max"],
-  }
-  return state, jax.device_get(um)
-
-
-def _check_same_adapters(path: str, cfg) -> None:
-  """A WORKDIR's checkpoints were written with the run's LoRA settings: a
-  resume with other ones would not restore (rank, targets) or would train
-  with a scale the saved model config does not record (alpha)."""
-  if not checkpoint.is_checkpoint(path):
-    return
-  have = lora.settings(checkpoint.read_model_config(path))
-  want = lora.settings(cfg)
-  if have != want:
-    show = lambda x: f"LoRA (rank, alpha, targets) = {x}" if x else "no LoRA"
-    raise ValueError(
-      f"config: the checkpoints in {path} were written with {show(have)}, "
-      f"this run asks for {show(want)}; use the same model.lora_* or a new "
-      "WORKDIR"
-    )
-
-
-def _reference(run, mesh, tok, initial):
-  """The frozen initial policy (for the KL term) as a function of the
-  current parameters. ``initial``: the policy's parameters as loaded from
-  the source, before any update. Under LoRA it is the current (frozen)
-  base with a copy of the initial adapters, zero B unless the source held
-  trained ones (no second copy of the weights; combined fresh each step,
-  since the update step donates the policy's arrays); else the source is
-  reloaded once."""
-  if lora.has_adapters(initial):
-    adapters = jax.tree.map(jnp.copy, lora.partition(initial)[0])
-    return lambda params: lora.combine(adapters, lora.partition(params)[1])
-  ref, _ = load_policy(run.model, mesh, run.seed, tokenizer=tok)
-  fixed = nnx.state(ref, nnx.Param)
-  return lambda _: fixed
-
-
 def _save(s: Session, step: int, state) -> None:
-  s.ckpt.save(
-    step,
-    nnx.merge(s.graphdef, state.params),
-    tokenizer=s.tok,
+  checkpoint.save_train_state(
+    s.ckpt, step, s.graphdef, state, tokenizer=s.tok,
     meta={"data_state": s.stream.get_state(), "seed": s.run.seed},
-    items={
-      "opt_state": state.opt_state,
-      "train": {"step": state.step, "skipped": state.skipped},
-    },
-  )
-
-
-def _resume(ckpt, state, mesh, stream) -> tuple[Any, bool]:
-  """(state, resumed?): the newest restorable step and its data-stream
-  position, or ``state`` itself when there is none."""
-  abstract = lambda t: jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t
-  )
-  items = {
-    "opt_state": abstract(state.opt_state),
-    "train": abstract({"step": state.step, "skipped": state.skipped}),
-  }
-  got = ckpt.restore_newest(mesh, sharding.TRAIN_RULES, items)
-  if got is None:
-    return state, False
-  step, model, meta, items = got
-  stream.set_state(meta["data_state"])
-  t = items["train"]
-  state = update_lib.TrainState(
-    t["step"], nnx.state(model, nnx.Param), items["opt_state"], t["skipped"]
-  )
-  logging.info("resumed from step %d", step)
-  return state, True
-
-
-def _finish(s: Session, state) -> None:
-  """Process 0 writes the HF export (+ model card) and the report; the
-  export gathers the parameters collectively first."""
-  run, workdir, evals = s.run, s.workdir, s.evals
-  params = state.params
-  if run.export.hf_dir and jax.process_count() > 1:  # collective: all processes
-    params = jax.tree.map(sharding.host_array, params)
-  if jax.process_index() != 0:
-    return
-  if run.export.hf_dir:
-    out = os.path.join(workdir, run.export.hf_dir)
-    policy = nnx.merge(s.graphdef, params)
-    hf.save(policy, out, tokenizer=s.tok)
-    # main.py's config.json; evaluations of earlier sessions of a resumed run
-    run_config, earlier, _ = card.from_workdir(workdir)
-    if run_config is None:  # trained from Python: the typed config
-      run_config = json.loads(json.dumps(run.to_dict(), default=str))
-    card.write(
-      out,
-      policy.cfg,
-      run_config=run_config,
-      summaries={
-        **(earlier or {}),
-        **{k: v.summary for k, v in evals.items()},
-      },
-      step=run.steps,
-    )
-    logging.info("exported %s", out)
-  if run.export.report:
-    report.write(workdir, evals, run.eval.num_generations)
+  )  # fmt: skip

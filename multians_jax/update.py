@@ -321,3 +321,37 @@ def place_batch(batch, mesh, rules=sharding.TRAIN_RULES):
     return jax.device_put(x, sharding.named(axes, x.shape, mesh, rules))
 
   return jax.tree.map(put, batch)
+
+
+def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
+              num_iterations: int = 1, ref_of=None):  # fmt: skip
+  """The policy update on one rollout: ``num_iterations`` update steps
+  under the mesh's sharding rules; returns (state, host metrics).
+
+  With ``num_iterations`` > 1, π_old is recomputed as the trainer's own
+  log-probs of the sampled tokens (exactly the policy that sampled);
+  ``ref_of`` (params → reference params) adds the KL reference's
+  log-probs. ``sampler/*`` metrics: the trainer's log-probs against the
+  sampler's, before any update (the importance ratio, 1 on-policy).
+  """
+  ub = place_batch(make_batch(rollout, adv), mesh)
+  logprobs = lambda params: completion_logprobs(graphdef, params, ub, cfg)
+  gap = None
+  with sharding.activate(mesh, sharding.TRAIN_RULES):
+    if num_iterations > 1:  # π_old = the policy that sampled, exactly
+      trainer = logprobs(state.params)
+      sums = loss.logp_gap(trainer, ub.old_logp, ub.comp_mask)
+      gap = loss.reduce_metrics({**sums, "tokens": jnp.sum(ub.comp_mask)})
+      ub = ub.replace(old_logp=trainer)
+    if ref_of is not None:
+      ub = ub.replace(ref_logp=logprobs(ref_of(state.params)))
+    for _ in range(num_iterations):
+      state, um = update_step(graphdef, state, ub, tx=tx, cfg=cfg)
+      gap = um if gap is None else gap  # first iteration: π_old = sampler's
+  um = {
+    **um,
+    "sampler/ratio_mean": gap["token_ratio_mean"],
+    "sampler/logp_diff_mean": gap["logp_diff_mean"],
+    "sampler/logp_diff_max": gap["logp_diff_max"],
+  }
+  return state, jax.device_get(um)

@@ -38,9 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 
-from multians_jax import lora, loss, prompts
+from multians_jax import data, lora, loss, prompts, sharding
+from multians_jax import update as update_lib
 
 ANSWERS = ("gold", "distribution")
 CONFIDENCES = ("fixed", "random")
@@ -190,3 +192,35 @@ def sft_step(graphdef, params, opt_state, tokens, mask, positions, tmask, *,
 
 def optimizer(cfg: WarmupConfig):
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.lr))
+
+
+def run(run_cfg, graphdef, params, source, tok, mesh, *, log=None,
+        progress: bool = True):  # fmt: skip
+  """The warm-up as a training run does it: ``warmup.steps`` supervised
+  steps on the training questions (``source``), batches from the run's
+  prompt pipeline (its own seed), under the mesh's sharding rules like the
+  RL update. Returns the parameters; ``log(metrics)`` after each step."""
+  wc = run_cfg.warmup
+  pcfg = run_cfg.pipeline(run_cfg.seed + 7, batch_size=wc.batch_prompts)
+  it = data.PromptIterator(source, tok, pcfg)
+  tx = optimizer(wc)
+  opt_state = jax.jit(tx.init)(lora.partition(params)[0])
+  for i in tqdm.trange(wc.steps, desc="warm-up", disable=not progress):
+    b = make_batch(
+      next(it),
+      tok,
+      run_cfg.reward.mode,
+      run_cfg.reward.num_answers,
+      wc.max_target_len,
+      seed=run_cfg.seed + i,
+      cfg=wc,
+    )
+    b = update_lib.place_batch(b, mesh)
+    with sharding.activate(mesh, sharding.TRAIN_RULES):
+      params, opt_state, value = sft_step(
+        graphdef, params, opt_state, *b, tx=tx,
+        chunk=run_cfg.rl.logprob_chunk,
+      )  # fmt: skip
+    if log is not None:
+      log({"warmup/loss": value, "warmup/step": i + 1})
+  return params

@@ -15,10 +15,12 @@ from flax import nnx
 
 from multians_jax import (
   checkpoint,
+  config,
   hf,
   layers,
   loop,
   lora,
+  policy,
   sharding,
   telemetry,
   update,
@@ -220,16 +222,16 @@ def test_load_policy_adds_keeps_or_replaces_adapters(tmp_path, one_device_mesh):
   ck = checkpoint.Checkpointer(str(tmp_path / "ck"), async_save=False)
   ck.save(0, trained, tokenizer=toy_task.tokenizer())
   ck.close()
-  src = loop.ModelSource(path=str(tmp_path / "ck"), lora_rank=4, lora_alpha=8)
-  same, _ = loop.load_policy(src, one_device_mesh, 0)  # resumes the adapters
+  src = config.ModelSource(path=str(tmp_path / "ck"), lora_rank=4, lora_alpha=8)
+  same, _ = policy.load_policy(src, one_device_mesh, 0)  # resumes the adapters
   np.testing.assert_array_equal(_logits(same), _logits(trained))
   assert same.cfg.lora_rank == 4
   other = src.__class__(path=src.path, lora_rank=2, lora_targets="wq")
-  fresh, _ = loop.load_policy(other, one_device_mesh, 0)  # merged + new
+  fresh, _ = policy.load_policy(other, one_device_mesh, 0)  # merged + new
   assert fresh.cfg.lora_rank == 2 and fresh.cfg.lora_targets == ("wq",)
   np.testing.assert_allclose(_logits(fresh), _logits(trained), atol=1e-5)
   full = src.__class__(path=src.path)  # lora_rank 0: full fine-tuning
-  merged, _ = loop.load_policy(full, one_device_mesh, 0)
+  merged, _ = policy.load_policy(full, one_device_mesh, 0)
   assert merged.cfg.lora_rank == 0
   np.testing.assert_allclose(_logits(merged), _logits(trained), atol=1e-5)
 
@@ -369,12 +371,12 @@ def test_kl_reference_is_the_initial_policy(tmp_path, one_device_mesh):
   trained = _perturbed(lora.add(base, 4, 8.0, "all", seed=2))
   graphdef = nnx.graphdef(trained)
   params = nnx.state(trained, nnx.Param)
-  ref_of = loop._reference(None, one_device_mesh, None, params)
+  ref_of = policy.reference(None, one_device_mesh, None, params)
   later = _perturbed(trained, seed=11)  # the policy after some updates
   ref = nnx.merge(graphdef, ref_of(nnx.state(later, nnx.Param)))
   np.testing.assert_array_equal(_logits(ref), _logits(trained))
   fresh = lora.add(base, 4, 8.0, "all", seed=2)
-  ref_of = loop._reference(None, one_device_mesh, None, nnx.state(fresh))
+  ref_of = policy.reference(None, one_device_mesh, None, nnx.state(fresh))
   ref = nnx.merge(graphdef, ref_of(nnx.state(later, nnx.Param)))
   np.testing.assert_allclose(_logits(ref), _logits(base), atol=1e-6)
 
@@ -386,10 +388,10 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path, one_device_mesh):
   ck = checkpoint.Checkpointer(str(tmp_path / "ck"), async_save=False)
   ck.save(1, m)
   ck.close()
-  loop._check_same_adapters(str(tmp_path / "ck"), m.cfg)  # the same: fine
+  policy.check_same_adapters(str(tmp_path / "ck"), m.cfg)  # the same: fine
   for other in (m.cfg.replace(lora_alpha=16.0), base.cfg):
     with pytest.raises(ValueError, match="use the same model.lora_"):
-      loop._check_same_adapters(str(tmp_path / "ck"), other)
+      policy.check_same_adapters(str(tmp_path / "ck"), other)
 
 
 @pytest.mark.slow
