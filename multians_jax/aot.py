@@ -249,14 +249,7 @@ def _update_stages(ctx: _Ctx) -> dict:
     row((b,), jnp.bool_),
     row((b, steps), jnp.float32) if run.loss.kl_beta > 0 else None,
   )
-  ucfg = update_lib.UpdateConfig(
-    loss=run.loss,
-    micro_batches=run.rl.micro_batches,
-    temperature=max(run.sampler.temperature, 1e-6),
-    logprob_chunk=run.rl.logprob_chunk,
-    group_size=sh["g"] if run.rl.share_prompt else 1,
-    support=run.sampling.support,
-  )
+  ucfg = run.update_config
   one = _replicated(ctx.mesh)
   ts = update_lib.TrainState(one, ctx.params, ctx.opt, one)
   train = sharding.TRAIN_RULES

@@ -142,7 +142,7 @@ def token_advantages(seq_adv, slot_adv, slots, valid) -> jax.Array:
   return jnp.where(use, per_slot, seq_adv[:, None]).astype(jnp.float32)
 
 
-def reward_components(scores: dict, cfg: reward.RewardConfig):
+def reward_components(scores: reward.Scores, cfg: reward.RewardConfig):
   """The reward components ``rl.advantage='gdpo'`` normalises separately.
 
   Format f (0/1), the gated correctness r_acc, and in the confidence modes
@@ -155,12 +155,12 @@ def reward_components(scores: dict, cfg: reward.RewardConfig):
   Returns:
     ``(components float32 [B, C], weights (C,))``, C = 3 or 2.
   """
-  f = np.asarray(scores["format_ok"], np.float32)
-  acc = np.asarray(scores["acc"], np.float32)
+  f = np.asarray(scores.format_ok, np.float32)
+  acc = np.asarray(scores.acc, np.float32)
   cols, w = [f, acc], list(cfg.weights[:2])
   if prompts.has_confidence(cfg.mode):
-    brier = np.nan_to_num(np.asarray(scores["brier"], np.float32))
-    gated = np.asarray(scores["brier_gated"]) > 0
+    brier = np.nan_to_num(np.asarray(scores.brier, np.float32))
+    gated = np.asarray(scores.brier_gated) > 0
     if cfg.preset == "paper":
       cal = np.where(gated, -1.0, -brier)
     else:
@@ -170,14 +170,14 @@ def reward_components(scores: dict, cfg: reward.RewardConfig):
   return np.stack(cols, axis=1), tuple(float(x) for x in w)
 
 
-def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
+def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
                        baseline: str = "slot", token_slot=None,
                        reward_cfg: reward.RewardConfig | None = None,
                        ) -> tuple[np.ndarray, dict]:  # fmt: skip
   """The advantages the update step reads, from a batch's gathered scores.
 
   Args:
-    scores: every row's scores (prompt-major, ``reward.score_texts`` keys).
+    scores: every row's ``reward.Scores`` (prompt-major).
     p: prompts in the batch (groups of B / p rows).
     kind: ``rl.advantage``.
     credit: ``sequence`` ([B] advantages), ``answer`` or ``answer_to_go``
@@ -204,20 +204,20 @@ def rollout_advantages(scores: dict, p: int, *, kind: str, credit: str,
     comps = jnp.asarray(comps).reshape(p, -1, comps.shape[1])
     adv, info = advantage.gdpo_advantages(comps, w)
     return np.asarray(adv.reshape(-1)), {k: float(v) for k, v in info.items()}
-  total = jnp.asarray(scores["total"], jnp.float32).reshape(p, -1)
+  total = jnp.asarray(scores.total, jnp.float32).reshape(p, -1)
   seq, info = advantage.advantages(total, kind)
   seq = seq.reshape(-1)
   info = {k: float(v) for k, v in info.items()}
   if credit == "sequence":
     return np.asarray(seq), info
-  slot = jnp.asarray(scores["slot"], jnp.float32)
+  slot = jnp.asarray(scores.slot, jnp.float32)
   if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
     if baseline != "slot":
       raise ValueError(
         "rl.credit='answer_to_go' needs rl.credit_baseline='slot'"
       )
     slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
-  valid = jnp.asarray(scores["decomposable"]) > 0
+  valid = jnp.asarray(scores.decomposable) > 0
   g, a = slot.shape[0] // p, slot.shape[1]
   slot_adv = advantage.slot_advantages(
     slot.reshape(p, g, a), kind, baseline=baseline

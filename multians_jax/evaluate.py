@@ -45,7 +45,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class EvalResult:
   summary: dict  # flat floats (metrics.summarize + counts)
-  scores: dict  # score_texts arrays over all B rows
+  scores: reward.Scores  # over all B rows
   texts: list  # completions of this process's rows (all rows on one host)
   lengths: np.ndarray  # [B]
   details: dict = dataclasses.field(default_factory=dict)  # see to_json
@@ -92,12 +92,12 @@ def run(
       )
     )
     batches.append(batch)
-  scores = {
-    k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores
-  }
+  scores = jax.tree.map(
+    lambda *xs: np.concatenate(xs), *[p.scores for p in parts]
+  )
   lengths = np.concatenate([p.lengths for p in parts])
   gold = [gs for b in batches for gs in b.gold]
-  a = np.asarray(scores["entry_id"]).shape[1]  # answer slots (1 in rlvr)
+  a = np.asarray(scores.entry_id).shape[1]  # answer slots (1 in rlvr)
   ks = [a * n for n in range(1, g + 1)]
   summary = metrics.summarize(
     scores,
@@ -111,7 +111,7 @@ def run(
     num_dropped=it.num_dropped,
     truncation_rate=float(np.mean(lengths >= scfg.max_new_tokens)),
   )
-  calibrated = not np.all(np.isnan(scores["brier"]))
+  calibrated = not np.all(np.isnan(scores.brier))
   if any(p.answer_p is not None for p in parts):
     summary.update(_known_distribution(parts, batches, scores, g, ks))
   texts = [t for p in parts for t in p.texts]
@@ -127,7 +127,7 @@ def _known_distribution(parts, batches, scores, g, ks) -> dict:
     [
       p.answer_p
       if p.answer_p is not None
-      else np.zeros(p.scores["entry_id"].shape, np.float32)
+      else np.zeros(p.scores.entry_id.shape, np.float32)
       for p in parts
     ]
   )
@@ -140,20 +140,20 @@ def _known_distribution(parts, batches, scores, g, ks) -> dict:
   padded = np.array([list(p) + [0.0] * (width - len(p)) for p in probs])
   return metrics.distribution_summary(
     answer_p,
-    scores["answer_key"],
-    scores["format_ok"],
-    scores["confidence"],
+    scores.answer_key,
+    scores.format_ok,
+    scores.confidence,
     padded,
     group_size=g,
     ks=ks,
-    calibrated=not np.all(np.isnan(scores["brier"])),
+    calibrated=not np.all(np.isnan(scores.brier)),
   )
 
 
 def _details(scores, g: int, calibrated: bool) -> dict:
   """Per-prompt unique answers at the full budget and reliability bins."""
-  f = np.asarray(scores["format_ok"]) > 0
-  keys = np.where(f[:, None], scores["answer_key"], -1)
+  f = np.asarray(scores.format_ok) > 0
+  keys = np.where(f[:, None], scores.answer_key, -1)
   b, a = keys.shape
   grouped = keys.reshape(b // g, g, a)
   out = {
@@ -162,7 +162,7 @@ def _details(scores, g: int, calibrated: bool) -> dict:
   }
   if calibrated and f.any():
     out["reliability"] = metrics.reliability_bins(
-      np.asarray(scores["confidence"])[f], np.asarray(scores["correct"])[f]
+      np.asarray(scores.confidence)[f], np.asarray(scores.correct)[f]
     )
   return out
 
@@ -199,15 +199,15 @@ def plots(result: EvalResult, out_dir: str, g: int) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   names = []
   s = result.scores
-  f = np.asarray(s["format_ok"]) > 0
-  if not np.all(np.isnan(s["brier"])) and f.any():
+  f = np.asarray(s.format_ok) > 0
+  if not np.all(np.isnan(s.brier)) and f.any():
     metrics.plot_reliability(
       os.path.join(out_dir, "reliability.png"),
-      np.asarray(s["confidence"])[f],
-      np.asarray(s["correct"])[f],
+      np.asarray(s.confidence)[f],
+      np.asarray(s.correct)[f],
     )
     names.append("reliability.png")
-  a = np.asarray(s["entry_id"]).shape[1]
+  a = np.asarray(s.entry_id).shape[1]
   ks = [a * n for n in range(1, g + 1)]
   curve = [result.summary.get(f"coverage@{k}") for k in ks]
   if all(c is not None for c in curve):

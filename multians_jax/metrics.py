@@ -171,7 +171,7 @@ def _pass_at(ids, k: int) -> np.ndarray:
 
 
 def summarize(
-  scores: dict,
+  scores,
   lengths=None,
   group_size: int = 1,
   num_gold=None,
@@ -180,7 +180,8 @@ def summarize(
   """Flat dict of floats from ``reward.score_texts`` outputs.
 
   Args:
-    scores: dict of arrays ([B] and [B, A]), B = P·G, prompt-major.
+    scores: ``reward.Scores`` ([B] and [B, A] arrays), B = P·G,
+      prompt-major.
     lengths: optional [B] completion token counts.
     group_size: G, generations per prompt (for pooled metrics).
     num_gold: optional [P] number of gold entries per prompt (recall).
@@ -193,19 +194,19 @@ def summarize(
     format-valid generations; calibration uses format-valid generations of
     RLCR modes (``brier`` not NaN).
   """
-  f = np.asarray(scores["format_ok"]) > 0
-  b, a = np.asarray(scores["entry_id"]).shape
+  f = np.asarray(scores.format_ok) > 0
+  b, a = np.asarray(scores.entry_id).shape
   if b % group_size:
     raise ValueError(f"batch {b} is not a multiple of group_size {group_size}")
   p = b // group_size
   out = {
     f"reward/{k}": float(np.nanmean(v))
-    for k, v in scores.items()
-    if np.ndim(v) == 1 and not np.all(np.isnan(v))
+    for k, v in scores.per_row().items()
+    if not np.all(np.isnan(v))
   }
-  out["reward/total_std"] = float(np.std(scores["total"]))
-  ids = _grouped(np.where(f[:, None], scores["entry_id"], -1), p)
-  keys = _grouped(np.where(f[:, None], scores["answer_key"], -1), p)
+  out["reward/total_std"] = float(np.std(scores.total))
+  ids = _grouped(np.where(f[:, None], scores.entry_id, -1), p)
+  keys = _grouped(np.where(f[:, None], scores.answer_key, -1), p)
   ks = ks or [a * g for g in _powers(group_size)]
   for k in ks:
     out[f"coverage@{k}"] = float(coverage_at_k(ids, k).mean())
@@ -215,12 +216,10 @@ def summarize(
       out[f"recall@{k}"] = float(recall_at_k(ids, k, num_gold).mean())
   out["format_valid_rate"] = format_valid_rate(f)
   if f.any():  # over format-valid generations only
-    out["duplicate_rate"] = float(
-      duplicate_rate(scores["answer_key"])[f].mean()
-    )
-  calibrated = not np.all(np.isnan(scores["brier"]))
-  conf = np.asarray(scores["confidence"])
-  correct = np.asarray(scores["correct"]) * f[:, None]
+    out["duplicate_rate"] = float(duplicate_rate(scores.answer_key)[f].mean())
+  calibrated = not np.all(np.isnan(scores.brier))
+  conf = np.asarray(scores.confidence)
+  correct = np.asarray(scores.correct) * f[:, None]
   top1 = top1_accuracy(correct, conf if calibrated else None)
   out["top1_accuracy"] = float(top1.mean())
   if calibrated and f.any():

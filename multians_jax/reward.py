@@ -21,10 +21,12 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from multians_jax import matchers, prompts
 from multians_jax.parsing import Parsed, parse
@@ -146,6 +148,42 @@ def _total(preset, f, acc, brier, brier_gated, calibrated, penalty, weights):
   return total
 
 
+@struct.dataclass
+class Scores:
+  """Every row's reward outputs (METHOD §3), B rows, A answer slots: jax
+  arrays out of ``set_reward_kernel``, numpy from ``score_texts``. A pytree:
+  ``jax.tree.map`` slices, gathers and concatenates rows of all fields.
+  Every field defaults to None (absent: skipped by tree maps), so a test
+  or a tool may build the part it needs."""
+
+  total: Any = None  # float32 [B] the reward
+  slot: Any = None  # float32 [B, A] each slot's part of total (METHOD §10)
+  decomposable: Any = None  # float32 [B] 1: total = shared + Σ slot parts
+  format_ok: Any = None  # float32 [B] f, the format gate
+  distinct: Any = None  # float32 [B] u, answers pairwise distinct
+  num_correct: Any = None  # float32 [B] D, distinct gold entries hit
+  acc: Any = None  # float32 [B] the (gated) correctness term
+  acc_gated: Any = None  # float32 [B] 1 when a gate zeroed the acc term
+  brier: Any = None  # float32 [B] the Brier term (NaN in RLVR modes)
+  brier_gated: Any = None  # float32 [B] 1 when the Brier term is disabled
+  sum_exceeded: Any = None  # float32 [B] Σq > 1
+  conf_sum: Any = None  # float32 [B] Σq
+  correct: Any = None  # float32 [B, A] c_i, slot i hit a new gold entry
+  confidence: Any = None  # float32 [B, A] q_i (0 where missing)
+  # host only (score_texts): the matched gold entry per slot (-1 none) and
+  # batch-global ids of normalised answers (-1 missing); int32 [B, A]
+  entry_id: Any = None
+  answer_key: Any = None
+
+  def per_row(self) -> dict:
+    """name → value of every [B] field (the means ``metrics`` logs)."""
+    return {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(self)
+      if np.ndim(getattr(self, f.name)) == 1
+    }
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "correctness", "preset"))
 def set_reward_kernel(
   entry_ids,
@@ -160,7 +198,7 @@ def set_reward_kernel(
   confidence_sum_le_one=True,
   format_penalty=0.0,
   weights=(0.5, 0.5, 0.5),
-) -> dict:
+) -> Scores:
   """Every METHOD §3 reward component for a batch, vectorised.
 
   ``mode``, ``correctness`` and ``preset`` are static (they change the
@@ -182,12 +220,8 @@ def set_reward_kernel(
     weights: (w_f, w_a, w_b) of the reference preset.
 
   Returns:
-    Dict of [B] arrays: ``total``, ``format_ok``, ``distinct`` (u),
-    ``num_correct`` (D), ``acc`` (gated r_acc), ``acc_gated``, ``brier`` (B,
-    NaN in RLVR modes), ``brier_gated`` (1 when the Brier term is disabled),
-    ``sum_exceeded``, ``conf_sum``, ``decomposable``; and [B, A]
-    ``correct``, ``confidence`` and ``slot`` (each slot's own part of the
-    total, see ``_slot_parts``).
+    ``Scores`` (without the host-side ``entry_id`` and ``answer_key``);
+    ``slot`` is each slot's own part of the total (``_slot_parts``).
   """
   a = entry_ids.shape[-1]
   f = format_ok.astype(bool)
@@ -229,7 +263,7 @@ def set_reward_kernel(
     weights=weights,
   )  # fmt: skip
   flt = lambda x: x.astype(jnp.float32)
-  return dict(
+  return Scores(
     total=flt(total),
     slot=flt(slot),
     decomposable=flt(decomposable),
@@ -339,7 +373,7 @@ def encode(parsed: Sequence[Parsed], gold, cfg, tests=None) -> dict:
   )
 
 
-def score_texts(texts, gold, cfg: RewardConfig, tests=None) -> dict:
+def score_texts(texts, gold, cfg: RewardConfig, tests=None) -> Scores:
   """Parses, matches and scores completions (METHOD §3).
 
   Args:
@@ -350,8 +384,7 @@ def score_texts(texts, gold, cfg: RewardConfig, tests=None) -> dict:
     tests: optional B test strings (``code`` matcher).
 
   Returns:
-    Dict of numpy arrays: the kernel outputs (see ``set_reward_kernel``)
-    plus ``entry_id`` and ``answer_key`` [B, A].
+    ``Scores`` of numpy arrays, ``entry_id`` and ``answer_key`` included.
   """
   texts = list(texts)
   if len(gold) != len(texts):
@@ -365,7 +398,6 @@ def score_texts(texts, gold, cfg: RewardConfig, tests=None) -> dict:
     for k in ("entry_ids", "answer_keys", "confidences", "format_ok")
   ]
   out = set_reward_kernel(*padded, **cfg.kernel_kwargs())
-  result = {k: np.asarray(v)[:n] for k, v in out.items()}
-  result["entry_id"] = enc["entry_ids"]
-  result["answer_key"] = enc["answer_keys"]
-  return result
+  return jax.tree.map(lambda v: np.asarray(v)[:n], out).replace(
+    entry_id=enc["entry_ids"], answer_key=enc["answer_keys"]
+  )

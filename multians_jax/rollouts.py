@@ -46,7 +46,7 @@ class Rewards:
   benchmark all get it from ``score_rollout``.
 
   Attributes:
-    scores: ``reward.score_texts``'s arrays (its documented keys).
+    scores: ``reward.score_texts``'s ``reward.Scores``.
     lengths: int [B] completion tokens.
     truncated: bool [B] cut by the length limit.
     token_slot: int32 [B, L] answer slot of each completion token
@@ -57,7 +57,7 @@ class Rewards:
     texts: this process's decoded completions (its rows only; not gathered).
   """
 
-  scores: dict
+  scores: reward.Scores
   lengths: np.ndarray
   truncated: np.ndarray
   token_slot: np.ndarray | None = None
@@ -91,7 +91,7 @@ def score_rollout(tok, rollout, gold, tests, rcfg, g, *, token_slots=False,
   scores = score_rows(texts, rows(gold), rows(tests), rcfg, bounds)
   slot = probs = None
   if token_slots:
-    ok = scores["format_ok"] > 0
+    ok = scores.format_ok > 0
     slot = credit.token_slots(tok, local, texts, ok, rcfg)
   if metas is not None and any((m or {}).get("distribution") for m in metas):
     lo = bounds[jax.process_index()]
@@ -117,22 +117,22 @@ def gather(r: Rewards, bounds) -> Rewards:
   out = sharding.gather_rows(r.replace(texts=()), bounds)
   if len(bounds) == 2:
     return out
-  keys = np.asarray(out.scores["answer_key"]).copy()
+  keys = np.asarray(out.scores.answer_key).copy()
   offset = 0
   for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
     block = keys[lo:hi]
     block[block >= 0] += offset
     offset = max(offset, int(block.max(initial=-1)) + 1)
-  return out.replace(scores={**out.scores, "answer_key": keys})
+  return out.replace(scores=out.scores.replace(answer_key=keys))
 
 
-def score_rows(texts, gold, tests, rcfg, bounds) -> dict:
+def score_rows(texts, gold, tests, rcfg, bounds) -> reward.Scores:
   """``score_texts`` of this process's rows (``texts``) against the rows
   ``bounds[i]:bounds[i+1]`` of the batch-wide ``gold`` / ``tests``."""
   lo = bounds[jax.process_index()]
   if not texts:  # more processes than groups: an empty block, same keys
     sc = reward.score_texts([""], gold[:1], rcfg, tests=tests[:1])
-    return {k: v[:0] for k, v in sc.items()}
+    return jax.tree.map(lambda v: v[:0], sc)
   hi = lo + len(texts)
   return reward.score_texts(texts, gold[lo:hi], rcfg, tests=tests[lo:hi])
 
@@ -222,7 +222,7 @@ def sample_and_score(run, model, batch, tok, scfg, key, mesh) -> Scored:
 
 def flat_groups(rewards: Rewards, g: int) -> np.ndarray:
   """bool [P]: every completion of the group succeeds, or none does."""
-  ok = (np.asarray(rewards.scores["acc"]) > 0).reshape(-1, g)
+  ok = (np.asarray(rewards.scores.acc) > 0).reshape(-1, g)
   return ok.all(axis=1) | ~ok.any(axis=1)
 
 

@@ -45,13 +45,13 @@ def test_slot_parts_paper_by_hand():
   sc = reward.score_texts(texts, gold, _cfg())
   # slot i: first_i - (q_i - c_i)^2 / 3
   want = [1 - 0.25 / 3, -0.04 / 3, 1 - 0.81 / 3]
-  np.testing.assert_allclose(sc["slot"][0], want, atol=1e-6)
-  np.testing.assert_allclose(sc["slot"][0].sum(), sc["total"][0], atol=1e-6)
-  np.testing.assert_array_equal(sc["decomposable"], [1, 0, 0])
+  np.testing.assert_allclose(sc.slot[0], want, atol=1e-6)
+  np.testing.assert_allclose(sc.slot[0].sum(), sc.total[0], atol=1e-6)
+  np.testing.assert_array_equal(sc.decomposable, [1, 0, 0])
   # no decomposition (gate, format): the total split evenly between slots
-  np.testing.assert_allclose(sc["total"][1:], [-1.0, 0.0])
-  np.testing.assert_allclose(sc["slot"][1], [-1 / 3] * 3, atol=1e-6)
-  np.testing.assert_array_equal(sc["slot"][2], 0)
+  np.testing.assert_allclose(sc.total[1:], [-1.0, 0.0])
+  np.testing.assert_allclose(sc.slot[1], [-1 / 3] * 3, atol=1e-6)
+  np.testing.assert_array_equal(sc.slot[2], 0)
 
 
 def test_slot_parts_reference_count_over_k_and_gate():
@@ -65,11 +65,11 @@ def test_slot_parts_reference_count_over_k_and_gate():
   sc = reward.score_texts(texts, gold, cfg)
   sq = np.array([0.25, 0.04, 0.01]) / 3
   want = 0.25 * np.array([1, 0, 0]) / 3 + 0.75 * (1 / 3 - sq)
-  np.testing.assert_allclose(sc["slot"][0], want, atol=1e-6)
+  np.testing.assert_allclose(sc.slot[0], want, atol=1e-6)
   # total = w_f * f + Σ slot: the format term is shared by the sequence
-  np.testing.assert_allclose(sc["total"][0], 0.5 + want.sum(), atol=1e-6)
+  np.testing.assert_allclose(sc.total[0], 0.5 + want.sum(), atol=1e-6)
   gated = reward.score_texts(texts, gold, _cfg(confidence_sum_le_one=True))
-  np.testing.assert_array_equal(gated["decomposable"], [1, 0])
+  np.testing.assert_array_equal(gated.decomposable, [1, 0])
 
 
 def test_slot_parts_sum_to_total_property():
@@ -97,22 +97,20 @@ def test_slot_parts_sum_to_total_property():
           preset=preset, correctness=corr, mode=mode, format_penalty=-1.0
         )
         sc = reward.score_texts(t, gold, cfg)
-        ok = sc["decomposable"] > 0
+        ok = sc.decomposable > 0
         assert 0.3 < ok.mean() < 0.95  # both kinds present
-        shared = w_f * sc["format_ok"]
-        np.testing.assert_allclose(
-          sc["slot"].sum(1) + shared, sc["total"], atol=1e-5
-        )
-        bad = sc["slot"][~ok]
+        shared = w_f * sc.format_ok
+        np.testing.assert_allclose(sc.slot.sum(1) + shared, sc.total, atol=1e-5)
+        bad = sc.slot[~ok]
         np.testing.assert_allclose(bad, bad[:, :1].repeat(3, 1), atol=1e-6)
-        assert (sc["slot"][ok] != sc["slot"][ok][:, :1]).any()
+        assert (sc.slot[ok] != sc.slot[ok][:, :1]).any()
 
 
 def test_any_is_not_decomposable():
   texts = [_rlcr(["paris", "rome", "oslo"], [0.5, 0.2, 0.1])]
   sc = reward.score_texts(texts, [[["paris"]]], _cfg(correctness="any"))
-  assert sc["decomposable"][0] == 0
-  np.testing.assert_allclose(sc["slot"][0], [sc["total"][0] / 3] * 3)
+  assert sc.decomposable[0] == 0
+  np.testing.assert_allclose(sc.slot[0], [sc.total[0] / 3] * 3)
 
 
 # ------------------------------------------------------- slot advantages
@@ -256,11 +254,11 @@ def test_token_advantages_by_hand():
 
 def test_rollout_advantages_sequence_and_answer():
   # P = 1 group of G = 2, A = 2, L = 3
-  scores = {
-    "total": np.array([1.0, 0.0], np.float32),
-    "slot": np.array([[1.0, 0.0], [0.0, 0.0]], np.float32),
-    "decomposable": np.array([1.0, 1.0], np.float32),
-  }
+  scores = reward.Scores(
+    total=np.array([1.0, 0.0], np.float32),
+    slot=np.array([[1.0, 0.0], [0.0, 0.0]], np.float32),
+    decomposable=np.array([1.0, 1.0], np.float32),
+  )
   slots = np.array([[-1, 0, 1], [0, 1, -2]], np.int32)
   seq, _ = credit.rollout_advantages(
     scores, 1, kind="drgrpo", credit="sequence"
@@ -312,13 +310,13 @@ def test_reward_components_rebuild_the_total(preset):
   sc = reward.score_texts(texts, gold, cfg)
   comps, w = credit.reward_components(sc, cfg)
   assert comps.shape == (120, 3) and w == (0.3, 0.5, 0.7)
-  f = sc["format_ok"] > 0
-  assert 0.7 < f.mean() < 0.95 and (sc["brier_gated"][f] > 0).any()
+  f = sc.format_ok > 0
+  assert 0.7 < f.mean() < 0.95 and (sc.brier_gated[f] > 0).any()
   if preset == "reference":
-    np.testing.assert_allclose(comps @ np.array(w), sc["total"], atol=1e-6)
+    np.testing.assert_allclose(comps @ np.array(w), sc.total, atol=1e-6)
   else:
     np.testing.assert_allclose(
-      comps[f, 1] + comps[f, 2], sc["total"][f], atol=1e-6
+      comps[f, 1] + comps[f, 2], sc.total[f], atol=1e-6
     )
     np.testing.assert_array_equal(comps[~f], [[0, 0, -1]] * (~f).sum())
   rlvr = _cfg(mode="multi_rlvr", preset=preset)
@@ -332,12 +330,13 @@ def test_rollout_advantages_gdpo_and_config():
   from configs import tiny
 
   cfg = _cfg(weights=(1.0, 2.0, 0.0))
-  scores = {  # one group of 4: f and acc as test_gdpo_hand_computed
-    "format_ok": np.array([1, 1, 1, 0], np.float32),
-    "acc": np.array([1, 0, 0, 0], np.float32),
-    "brier": np.array([0.1, 0.2, 0.3, np.nan], np.float32),
-    "brier_gated": np.array([0, 0, 0, 1], np.float32),
-  }
+  # one group of 4: f and acc as test_gdpo_hand_computed
+  scores = reward.Scores(
+    format_ok=np.array([1, 1, 1, 0], np.float32),
+    acc=np.array([1, 0, 0, 0], np.float32),
+    brier=np.array([0.1, 0.2, 0.3, np.nan], np.float32),
+    brier_gated=np.array([0, 0, 0, 1], np.float32),
+  )
   adv, info = credit.rollout_advantages(
     scores, 1, kind="gdpo", credit="sequence", reward_cfg=cfg
   )
@@ -361,11 +360,11 @@ def test_rollout_advantages_gdpo_and_config():
 
 def test_answer_to_go_sums_the_later_slots():
   # P = 1 group of G = 2, A = 3: slot parts per row; to-go sums (r, 3 − i)
-  scores = {
-    "total": np.array([1.5, 0.5], np.float32),
-    "slot": np.array([[1.0, 0.0, 0.5], [0.0, 0.5, 0.0]], np.float32),
-    "decomposable": np.array([1.0, 0.0], np.float32),
-  }
+  scores = reward.Scores(
+    total=np.array([1.5, 0.5], np.float32),
+    slot=np.array([[1.0, 0.0, 0.5], [0.0, 0.5, 0.0]], np.float32),
+    decomposable=np.array([1.0, 0.0], np.float32),
+  )
   slots = np.array([[-1, 0, 1, 2], [0, 1, 2, -2]], np.int32)
   adv, _ = credit.rollout_advantages(
     scores, 1, kind="drgrpo", credit="answer_to_go", token_slot=slots
@@ -381,7 +380,7 @@ def test_answer_to_go_sums_the_later_slots():
   np.testing.assert_allclose(own[0], [0.5, 0.5, -0.25, 0.25])
   # slot 1's to-go is the whole set's slot sum: its advantage is the
   # sequence one whenever every row decomposes
-  scores["decomposable"][:] = 1
+  scores.decomposable[:] = 1
   adv, _ = credit.rollout_advantages(
     scores, 1, kind="drgrpo", credit="answer_to_go", token_slot=slots
   )

@@ -121,9 +121,9 @@ def test_summarize_from_score_texts(tmp_path):
   assert out["pass@2"] == 1.0 and out["format_valid_rate"] == 0.75
   assert out["top1_accuracy"] == pytest.approx(2 / 4)
   assert out["tokens_per_distinct_correct"] == pytest.approx(65 / 3)
-  assert out["reward/total"] == pytest.approx(np.mean(scores["total"]))
+  assert out["reward/total"] == pytest.approx(np.mean(scores.total))
   assert all(isinstance(v, float) for v in out.values())
-  metrics.plot_reliability(tmp_path / "rel.png", scores["confidence"], [0] * 8)
+  metrics.plot_reliability(tmp_path / "rel.png", scores.confidence, [0] * 8)
   metrics.plot_coverage_vs_k(tmp_path / "cov.png", [2, 4], {"m": [1.0, 1.5]})
   for name in ("rel.png", "cov.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

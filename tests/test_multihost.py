@@ -252,13 +252,15 @@ def test_local_rows_and_gather_on_one_process():
 
 
 def test_gather_keeps_answer_keys_distinct_across_blocks(monkeypatch):
-  from multians_jax import rollouts
+  from multians_jax import reward, rollouts
 
   keys = np.array([[0, 1], [1, -1], [0, 0], [-1, 2], [0, 1]], np.int32)
   monkeypatch.setattr(sharding, "gather_rows", lambda t, b: t)
-  r = rollouts.Rewards({"answer_key": keys}, np.zeros(5), np.zeros(5, bool))
+  r = rollouts.Rewards(
+    reward.Scores(answer_key=keys), np.zeros(5), np.zeros(5, bool)
+  )
   out = rollouts.gather(r, [0, 2, 4, 5]).scores
   np.testing.assert_array_equal(
-    out["answer_key"],
+    out.answer_key,
     [[0, 1], [1, -1], [2, 2], [-1, 4], [5, 6]],
   )

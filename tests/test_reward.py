@@ -130,8 +130,8 @@ def test_a_custom_matcher_is_an_object_not_a_registration():
   text = "<think>t</think><answer1>xa</answer1><answer2>XA</answer2>"
   text += "<answer3>b</answer3>"
   out = reward.score_texts([text], [[["anything"]]], cfg)
-  assert out["correct"].tolist() == [[1, 0, 0]]
-  assert out["distinct"].tolist() == [0]  # "xa" and "XA" share a key
+  assert out.correct.tolist() == [[1, 0, 0]]
+  assert out.distinct.tolist() == [0]  # "xa" and "XA" share a key
   assert "first" not in matchers.MATCHERS  # nothing global changed
   assert matchers.Matcher(first.match).key("The Cat") == "cat"  # default
   with pytest.raises(ValueError, match="nope"):
@@ -166,10 +166,10 @@ def test_score_texts_hand_computed():
     prompts.format_completion("rlcr", ["Lyon"], [0.8]),
   ]
   out = reward.score_texts(texts, gold, cfg)
-  np.testing.assert_allclose(out["total"], [1 - 0.04, -0.64], rtol=1e-6)
+  np.testing.assert_allclose(out.total, [1 - 0.04, -0.64], rtol=1e-6)
   ref = _paper(mode="rlcr", preset="reference")
   out = reward.score_texts(texts, gold, ref)
-  np.testing.assert_allclose(out["total"], [0.5 + 0.5 + 0.48, 0.5 + 0.18])
+  np.testing.assert_allclose(out.total, [0.5 + 0.5 + 0.48, 0.5 + 0.18])
   with pytest.raises(ValueError, match="gold"):
     reward.score_texts(texts, gold[:1], cfg)
 
@@ -191,7 +191,7 @@ def _expected_reward(p_outcomes, qs, k, sum_gate):
     mode="multi_rlcr",
     confidence_sum_le_one=sum_gate,
   )
-  return (np.asarray(out["total"]).reshape(n_q, n_c) * probs).sum(1)
+  return (np.asarray(out.total).reshape(n_q, n_c) * probs).sum(1)
 
 
 def _grid(k):
@@ -281,8 +281,8 @@ def test_parse_never_raises_and_rewards_in_bounds(text, cfg):
   assert len(p.answers) == cfg.slots == len(p.confidences)
   out = reward.score_texts([text, _good()], [[["a1"]], [["a1"]]], cfg)
   lo, hi = _bounds(cfg)
-  assert np.all(np.isfinite(out["total"]))
-  assert np.all(out["total"] >= lo - 1e-6) and np.all(out["total"] <= hi + 1e-6)
+  assert np.all(np.isfinite(out.total))
+  assert np.all(out.total >= lo - 1e-6) and np.all(out.total <= hi + 1e-6)
 
 
 _ANSWER = st.text(

@@ -91,7 +91,7 @@ def test_kernel_equals_oracle(mode, preset, correctness):
       )
       for b in range(len(f))
     ]
-    np.testing.assert_allclose(out["total"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.total, want, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_components_hand_computed():
@@ -101,13 +101,13 @@ def test_kernel_components_hand_computed():
   conf = np.array([[0.5, 0.2, 0.2], [0.4, np.nan, 0.1]], np.float32)
   f = np.array([True, True])
   out = reward.set_reward_kernel(ids, keys, conf, f, mode="multi_rlcr")
-  np.testing.assert_array_equal(out["num_correct"], [2, 0])
-  np.testing.assert_array_equal(out["distinct"], [1, 0])
-  np.testing.assert_allclose(out["conf_sum"], [0.9, 0.5], rtol=1e-6)
+  np.testing.assert_array_equal(out.num_correct, [2, 0])
+  np.testing.assert_array_equal(out.distinct, [1, 0])
+  np.testing.assert_allclose(out.conf_sum, [0.9, 0.5], rtol=1e-6)
   b0 = (0.25 + 0.64 + 0.64) / 3
-  np.testing.assert_allclose(out["brier"], [b0, (0.16 + 0.01) / 3], rtol=1e-6)
-  np.testing.assert_array_equal(out["brier_gated"], [0, 1])
-  np.testing.assert_allclose(out["total"], [2 - b0, -1.0], rtol=1e-6)
+  np.testing.assert_allclose(out.brier, [b0, (0.16 + 0.01) / 3], rtol=1e-6)
+  np.testing.assert_array_equal(out.brier_gated, [0, 1])
+  np.testing.assert_allclose(out.total, [2 - b0, -1.0], rtol=1e-6)
 
 
 # ------------------------------------------------- end to end through text
@@ -161,12 +161,12 @@ def test_score_texts_equals_oracle(mode):
       confidence_sum_le_one=True,  # the oracle's gates below
     )
     out = reward.score_texts([r[0] for r in rows], [_POOL] * len(rows), cfg)
-    np.testing.assert_array_equal(out["format_ok"], [r[3] for r in rows])
+    np.testing.assert_array_equal(out.format_ok, [r[3] for r in rows])
     gates = (True, True, 0.0, (0.5, 0.5, 0.5))
     for b, (_, answers, confs, ok) in enumerate(rows):
       ids = [_oracle_entry(x, _POOL) for x in answers]
       keys = [_oracle_norm(x) for x in answers]
       qs = confs if prompts.has_confidence(mode) else [math.nan] * k
       want = oracle(ids, keys, qs, ok, mode, correctness, preset, gates)
-      assert out["total"][b] == pytest.approx(want, abs=1e-5), (b, rows[b])
-      assert out["entry_id"][b].tolist() == ids
+      assert out.total[b] == pytest.approx(want, abs=1e-5), (b, rows[b])
+      assert out.entry_id[b].tolist() == ids

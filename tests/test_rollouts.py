@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import rollouts, sampler
+from multians_jax import reward, rollouts, sampler
 
 G = 2
 
@@ -23,10 +23,10 @@ def _round(acc, t, tag):
     lengths=jnp.full((b,), 3, jnp.int32),
     truncated=jnp.zeros((b,), bool),
   )
-  scores = {
-    "acc": np.asarray(acc, np.float32),
-    "total": np.asarray(acc, np.float32) + 0.1 * np.arange(b),
-  }
+  scores = reward.Scores(
+    acc=np.asarray(acc, np.float32),
+    total=np.asarray(acc, np.float32) + 0.1 * np.arange(b),
+  )
   rewards = rollouts.Rewards(
     scores, np.full((b,), 3), np.zeros((b,), bool), texts=("x",) * b
   )
@@ -61,9 +61,9 @@ def test_refill_from_a_second_round():
   np.testing.assert_array_equal(
     np.asarray(out.rollout.tokens)[:, 0], [100, 101, 202, 203, 204, 205]
   )
-  np.testing.assert_array_equal(out.rewards.scores["acc"], [1, 0, 0, 1, 1, 0])
+  np.testing.assert_array_equal(out.rewards.scores.acc, [1, 0, 0, 1, 1, 0])
   np.testing.assert_allclose(
-    out.rewards.scores["total"], [1.0, 0.1, 0.2, 1.3, 1.4, 0.5]
+    out.rewards.scores.total, [1.0, 0.1, 0.2, 1.3, 1.4, 0.5]
   )
   # Round 1's prompts are left-padded to round 2's length 6.
   pm = np.asarray(out.rollout.prompt_mask)

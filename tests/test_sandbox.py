@@ -223,8 +223,8 @@ def test_code_matcher_in_score_texts():
   )
   bad = text.replace("sum([a, b])", "a * b")
   out = reward.score_texts([text, bad], [[], []], cfg, [CHECK_ADD] * 2)
-  assert out["correct"].tolist() == [[1, 1, 1], [1, 1, 0]]
-  assert out["num_correct"].tolist() == [2, 1]  # equal ASTs count once
-  assert out["distinct"].tolist() == [0, 0]
+  assert out.correct.tolist() == [[1, 1, 1], [1, 1, 0]]
+  assert out.num_correct.tolist() == [2, 1]  # equal ASTs count once
+  assert out.distinct.tolist() == [0, 0]
   with pytest.raises(ValueError, match="no tests"):
     reward.score_texts([text], [[]], cfg, [None])

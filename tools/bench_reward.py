@@ -68,7 +68,7 @@ def bench_reward(num: int = 1024, chars: int = 1000, k: int = 3) -> dict:
     first_call_s=first,
     warm_s=warm,
     completions_per_s=num / warm,
-    format_valid_rate=float(out["format_ok"].mean()),
+    format_valid_rate=float(out.format_ok.mean()),
   )
 
 
