@@ -60,7 +60,10 @@ def main(argv):
   from multians_jax import config, loop
 
   cfg = _CONFIG.value
-  run = config.RunConfig.from_dict(cfg.to_dict())
+  try:
+    run = config.RunConfig.from_dict(cfg.to_dict())
+  except ValueError as e:  # a config error ends the run with its message
+    sys.exit(f"main: {e}")
   workdir = _WORKDIR.value
   import jax
 
@@ -68,7 +71,12 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2, default=str)
-  result = loop.train(run, workdir)
+  try:
+    result = loop.train(run, workdir)
+  except ValueError as e:  # found at set-up: the mesh, adapters, data
+    if not str(e).startswith("config:"):
+      raise
+    sys.exit(f"main: {e}")
   logging.info("done: %s", json.dumps(result.get("final", result), default=str))
 
 

@@ -2,6 +2,9 @@
 
 import dataclasses
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -101,3 +104,22 @@ def test_evaluation_and_training_share_the_reward_defaults():
   assert paper.confidence_sum_le_one
   fields = {f.name for f in dataclasses.fields(reward.RewardConfig)}
   assert set(base.get_config().reward) == fields
+
+
+@pytest.mark.slow
+def test_a_config_error_ends_main_and_tools_with_one_line(tmp_path):
+  """A bad config value ends the entry point and the tools with the
+  message that names the key and a non-zero status, not a traceback."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  bad = ["--config=configs/tiny.py", "--config.rl.micro_batches=5"]
+  for cmd in (
+    ["-m", "multians_jax.main", *bad, f"--workdir={tmp_path}"],
+    ["tools/memory.py", *bad, "--num_devices=1"],
+  ):
+    res = subprocess.run(
+      [sys.executable, *cmd], cwd=root, capture_output=True, text=True,
+      timeout=300,
+    )  # fmt: skip
+    assert res.returncode != 0, res.stdout
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "micro_batches must divide" in res.stderr.strip().splitlines()[-1]

@@ -56,7 +56,10 @@ def main(argv):
       mesh = ()
     if len(mesh) != 3:
       raise app.UsageError(f"--mesh must be data,fsdp,tensor: {_MESH.value}")
-  plan = memory.plan_from_config(_CONFIG.value, mesh, _NDEV.value)
+  try:
+    plan = memory.plan_from_config(_CONFIG.value, mesh, _NDEV.value)
+  except ValueError as e:  # a config error: its one-line message
+    sys.exit(f"memory: {e}")
   gb = _GB.value or (memory.DEVICE_GB[_DEVICE.value] if _DEVICE.value else None)
   fname = config_flags.get_config_filename(flags.FLAGS["config"])
   gb = gb or memory.device_gb_from_file(fname) or 95
