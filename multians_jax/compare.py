@@ -25,13 +25,9 @@ import math
 import os
 import re
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from multians_jax import prompts  # noqa: E402
+from multians_jax import plotting, prompts
 
 KS = tuple(range(3, 31, 3))
 _SEED_TAG = re.compile(r"(_s|_seed)\d+$")
@@ -171,6 +167,7 @@ def _band(ax, xs, ys_per_run, label, **kw):
 
 
 def plot_recall(path, runs, recs):
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for name, members in groups(runs).items():
     ks = sorted(
@@ -196,6 +193,7 @@ def plot_recall(path, runs, recs):
 
 
 def plot_unique(path, runs, recs):
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   g = groups(runs)
   values = {
@@ -217,6 +215,7 @@ def plot_unique(path, runs, recs):
 
 
 def plot_reliability(path, runs, recs) -> bool:
+  plt = plotting.pyplot()
   pooled = {}
   for n, ms in groups(runs).items():
     bins = [recs[m].get("details", {}).get("reliability") for m in ms]
@@ -250,6 +249,7 @@ def plot_reliability(path, runs, recs) -> bool:
 
 
 def plot_tokens(path, runs) -> bool:
+  plt = plotting.pyplot()
   g = groups(runs)
   names, means, lo, hi = [], [], [], []
   for n, ms in g.items():
@@ -302,6 +302,7 @@ def history(path: str) -> list[tuple[int, dict]]:
 def plot_curves(path, hist: dict[str, list]) -> bool:
   """Held-out figures against the RL step, mean and min–max over seeds,
   for the groups whose runs evaluate at the same steps."""
+  plt = plotting.pyplot()
   series = {}
   for name, members in groups(hist).items():
     steps = [tuple(s for s, _ in hist[m]) for m in members]

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from multians_jax import plotting
 
 
 def _pool(x: np.ndarray, k: int) -> np.ndarray:
@@ -343,6 +341,7 @@ def _powers(g: int) -> list[int]:
 
 def plot_reliability(path, confidence, correct, bins: int = 10) -> None:
   """Writes a reliability diagram (accuracy per confidence bin) as PNG."""
+  plt = plotting.pyplot()
   q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
   c = np.asarray(correct, np.float64).ravel()
   idx = np.minimum((q * bins).astype(int), bins - 1)
@@ -368,6 +367,7 @@ def plot_coverage_vs_k(path, ks, curves: dict, ylabel="coverage@k") -> None:
     curves: label → values, one per k (e.g. one curve per model).
     ylabel: y-axis label.
   """
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(5, 4))
   for label, values in curves.items():
     if len(values) != len(ks):

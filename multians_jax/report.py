@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from multians_jax import evaluate, telemetry  # noqa: E402
+from multians_jax import evaluate, plotting, telemetry
 
 ROWS = (
   ("format_valid_rate", "format-valid rate", "↑"),
@@ -50,6 +45,7 @@ def table(summaries: dict) -> str:
 
 
 def curves(workdir: str, out: str) -> bool:
+  plt = plotting.pyplot()
   rows = [
     r
     for r in telemetry.read_jsonl(os.path.join(workdir, "metrics.jsonl"))

@@ -99,3 +99,19 @@ def test_no_import_cycle():
     if n not in state:
       visit(n, [n])
   assert not cycles, cycles
+
+
+def test_importing_the_config_draws_no_plots():
+  """``import multians_jax.config`` (every tool and the entry point do)
+  loads no matplotlib: it is imported where a plot is drawn."""
+  import subprocess
+  import sys
+
+  code = (
+    "import sys, multians_jax.config, multians_jax.metrics; "
+    "print('matplotlib' in sys.modules)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+  ).stdout
+  assert out.strip().splitlines()[-1] == "False"
