@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import attention, model, sampler, sharding
+from multians_jax import (
+  attention,
+  hlo_cost,
+  model,
+  profiling,
+  sampler,
+  sharding,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import bench  # noqa: E402
@@ -85,7 +92,7 @@ def test_flop_formulas():
 
 
 def _while_bodies(hlo: str) -> dict[str, str]:
-  return {f"%{k}": "\n".join(v) for k, v in bench._computations(hlo).items()}
+  return {f"%{k}": "\n".join(v) for k, v in hlo_cost.computations(hlo).items()}
 
 
 def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
@@ -95,7 +102,7 @@ def decode_loops(m, scfg, p: int, t: int, g: int, rows: int):
   and key buffers (the keys [rows, K, H, T + L] in the ``hs`` layout)."""
   cfg = m.cfg
   ids = np.ones((p, t), np.int32)
-  hlo = bench.compiled_sampler(m, ids, ids > 0, scfg, g)[0].as_text()
+  hlo = profiling.compiled_sampler(m, ids, ids > 0, scfg, g)[0].as_text()
   comps = _while_bodies(hlo)
   slots = t + scfg.max_new_tokens
   layer_cache = f"f32[{rows},{cfg.num_kv_heads},{slots},{cfg.head_dim}]"
@@ -143,23 +150,23 @@ def test_decode_loop_copies_neither_cache_nor_weights(one_device_mesh):
 
 
 def test_decode_profile_times_each_op_group(one_device_mesh):
-  """``bench.py profile``: every matmul of the decode loop lands in its
-  group (one score and one value dot per layer, the LM head once), and the
-  trace gives each group time; the shares add up to 1."""
+  """``bench.py profile`` (``profiling``): every matmul of the decode
+  loop lands in its group (one score and one value dot per layer, the LM
+  head once), and the trace gives each group time; the shares add up to
+  1."""
   cfg = bench.TINY.replace(num_layers=3, vocab_size=1000)
   m = model.init_model(cfg, one_device_mesh, sharding.TRAIN_RULES)
-  shapes = dict(prompts=2, group=2, prompt_len=16)
   ids = np.ones((2, 16), np.int32)
   scfg = sampler.SamplingConfig(5, temperature=0.7, min_prompt_bucket=0)
-  hlo = bench.compiled_sampler(m, ids, ids > 0, scfg, 2)[0].as_text()
-  groups = bench.decode_op_groups(hlo, cfg, 21)
+  hlo = profiling.compiled_sampler(m, ids, ids > 0, scfg, 2)[0].as_text()
+  groups = profiling.decode_op_groups(hlo, cfg, 21)
   count = lambda g: sum(v == g for v in groups.values())
   assert count("scores") == count("values") == cfg.num_layers
   assert count("lm_head") == 1
   assert count("projections") >= 4 * cfg.num_layers  # qkv / o / MLP
-  out = bench.profile_decode(m, shapes, steps=4)
+  out = profiling.profile_decode(m, ids, 2, steps=4)
   assert out["slots"] == 21 and out["events"] > 0
-  assert all(out["ms_per_step"][g] > 0 for g in bench.OP_GROUPS)
+  assert all(out["ms_per_step"][g] > 0 for g in profiling.OP_GROUPS)
   assert abs(sum(out["share"].values()) - 1) < 1e-9
 
 
