@@ -54,7 +54,7 @@ def get_config(arg=None):
   c.sampler.cache_dtype = "float32"  # KV cache dtype (bfloat16 on TPU/GPU)
   # Rows decoded at once; a row that stops hands its slot (and its KV cache)
   # to the next (prompt, sample) of the rollout. 0 = one slot per row (the
-  # static batch). Same samples either way; README, "Sampling".
+  # static batch). Same samples either way; docs/GUIDE.md, "Sampling".
   c.sampler.slots = 0
 
   c.reward = ml_collections.ConfigDict()

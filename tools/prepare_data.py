@@ -2,7 +2,7 @@
 
 Convert a local copy of DDXPlus, HotpotQA (modified), AmbigQA or MBPP to
 the project's JSONL schema (field mapping: ``multians_jax.datasets.convert``
-and the README)::
+and docs/GUIDE.md, "Data")::
 
   python tools/prepare_data.py convert --format=mbpp \\
       --src=mbpp.jsonl --out=data/train_mbpp.jsonl
