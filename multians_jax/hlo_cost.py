@@ -185,6 +185,12 @@ class Cost:
   library_calls: dict = dataclasses.field(default_factory=dict)
 
 
+def call_target(inst: Inst) -> str:
+  """A custom call's ``custom_call_target`` ("" for any other op)."""
+  m = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
+  return m.group(1) if m else ""
+
+
 def custom_call_flops(inst: Inst, types: dict) -> float:
   """FLOPs of the GPU library calls whose shapes the HLO states: cuBLAS
   GEMMs (2 · output elements · contracted size, from the call's dot
@@ -192,10 +198,10 @@ def custom_call_flops(inst: Inst, types: dict) -> float:
   [B,S,K,H], the layout ``jax.nn.dot_product_attention`` passes: 4·B·N·T·S·H
   forward for Q·Kᵀ and P·V, 10·B·N·T·S·H backward for the recomputed Q·Kᵀ
   and four gradient products; dense counts, as XLA's ``dot`` FLOPs are: a
-  causal kernel that skips masked blocks does about half). Anything else
-  (a Mosaic kernel, a TopK) is 0."""
-  target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
-  target = target.group(1) if target else ""
+  causal kernel that skips masked blocks does about half); the splash
+  kernels (``_splash_flops``). Anything else (another Mosaic kernel, a
+  TopK) is 0."""
+  target = call_target(inst)
   if target == "tpu_custom_call" and inst.name.startswith("splash_"):
     return _splash_flops(inst, types)
   if target.startswith("__cudnn$fmha"):
@@ -437,13 +443,13 @@ class Program:
       f += self._flops(comp, inst)
       if inst.opcode == "custom-call":
         out.custom_calls += 1
-        if 'custom_call_target="tpu_custom_call"' in inst.attrs:
+        target = call_target(inst)
+        if target == "tpu_custom_call":
           out.mosaic_calls += m
           kernel = re.sub(r"\.\d+$", "", inst.name)
           out.mosaic_kernels[kernel] = out.mosaic_kernels.get(kernel, 0) + m
         else:
-          t = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
-          t = t.group(1) if t else "?"
+          t = target or "?"
           out.library_calls[t] = out.library_calls.get(t, 0) + m
       if traffic:
         b += self._bytes(comp, inst)
