@@ -29,8 +29,8 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from multians_jax import hf, tensorfile
-from multians_jax import model as model_lib
+from multians_jax.interop import hf, tensorfile
+from multians_jax.model import transformer as model_lib
 
 CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -365,7 +365,7 @@ def resolve(path: str) -> tuple[str, str]:
   Hugging Face Hub id ``org/name[@revision]`` (``hub_snapshot``).
   """
   if path == "smollm2":
-    from multians_jax import gguf
+    from multians_jax.interop import gguf
 
     path = gguf.smollm2_gguf_path()
   if tensorfile.is_remote(path):
@@ -421,14 +421,14 @@ def load_any_tokenizer(path: str):
   None for a checkpoint saved without one. ``distlab`` names the
   distributional lab's word-level tokenizer (``datasets.distlab``)."""
   if path == "distlab":
-    from multians_jax.datasets import distlab
+    from multians_jax.data.datasets import distlab
 
     return distlab.tokenizer()
   kind, path = resolve(path)
   if kind == "checkpoint":
     return load_tokenizer(path)
   if kind == "gguf":
-    from multians_jax import gguf
+    from multians_jax.interop import gguf
 
     with gguf.GGUFSource(path) as src:
       return src.tokenizer()

@@ -24,14 +24,16 @@ from typing import Any
 
 from absl import logging
 
-from multians_jax import advantage, credit, evaluate, sampler
-from multians_jax import attention as attention_lib
-from multians_jax import data as data_lib
-from multians_jax import loss as loss_lib
-from multians_jax import model as model_lib
-from multians_jax import reward as reward_lib
-from multians_jax import update as update_lib
+from multians_jax import evaluate
 from multians_jax import warmup as warmup_lib
+from multians_jax.data import pipeline as data_lib
+from multians_jax.model import attention as attention_lib
+from multians_jax.model import sampler
+from multians_jax.model import transformer as model_lib
+from multians_jax.rl import advantage, credit
+from multians_jax.rl import loss as loss_lib
+from multians_jax.rl import reward as reward_lib
+from multians_jax.rl import update as update_lib
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -19,7 +19,10 @@ import os
 import jax
 import numpy as np
 
-from multians_jax import data, metrics, reward, rollouts, sampler
+from multians_jax import metrics
+from multians_jax.data import pipeline as data
+from multians_jax.model import sampler
+from multians_jax.rl import reward, rollouts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,11 @@ import jax
 from absl import logging
 from flax import nnx
 
-from multians_jax import card, hf, report, sharding
+from multians_jax import sharding
 from multians_jax.config import RunConfig
+from multians_jax.interop import hf
+from multians_jax.report import card
+from multians_jax.report import run as report
 
 
 def finish(run: RunConfig, workdir: str, graphdef, params, tok, evals) -> None:

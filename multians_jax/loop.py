@@ -40,20 +40,19 @@ from flax import nnx
 
 from multians_jax import (
   checkpoint,
-  credit,
-  data,
   evaluate,
   export,
   metrics,
-  rollouts,
-  sampler,
   sharding,
   telemetry,
 )
 from multians_jax import policy as policy_lib
-from multians_jax import update as update_lib
 from multians_jax import warmup as warmup_lib
 from multians_jax.config import RunConfig
+from multians_jax.data import pipeline as data
+from multians_jax.model import sampler
+from multians_jax.rl import credit, rollouts
+from multians_jax.rl import update as update_lib
 
 # ---------------------------------------------------------------------------
 # The loop

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from multians_jax import plotting
+from multians_jax.report import plotting
 
 
 def _pool(x: np.ndarray, k: int) -> np.ndarray:

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multians_jax import checkpoint, lora, sharding
-from multians_jax import model as model_lib
+from multians_jax import checkpoint, sharding
 from multians_jax.config import ModelSource, RunConfig
+from multians_jax.model import lora
+from multians_jax.model import transformer as model_lib
 
 
 def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):

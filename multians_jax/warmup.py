@@ -41,8 +41,12 @@ import optax
 import tqdm
 from flax import nnx
 
-from multians_jax import data, lora, loss, prompts, sharding
-from multians_jax import update as update_lib
+from multians_jax import sharding
+from multians_jax.data import pipeline as data
+from multians_jax.data import prompts
+from multians_jax.model import lora
+from multians_jax.rl import loss
+from multians_jax.rl import update as update_lib
 
 ANSWERS = ("gold", "distribution")
 CONFIDENCES = ("fixed", "random")

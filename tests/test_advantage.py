@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import advantage
+from multians_jax.rl import advantage
 
 # Three groups of G = 4: mixed, flat (zero variance), one outlier.
 REWARDS = np.array(

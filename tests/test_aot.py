@@ -1,6 +1,6 @@
 """Ahead-of-time compilation for TPU topologies and H100 hosts from this
-CPU host (multians_jax/aot.py, aot_target.py, tools/aot.py) and the
-trip-count-aware HLO cost model (multians_jax/hlo_cost.py).
+CPU host (multians_jax/aot/step.py, aot_target.py, tools/aot.py) and the
+trip-count-aware HLO cost model (multians_jax/aot/hlo_cost.py).
 
 The TPU tests compile real TPU executables (libtpu, compile-only devices
 of a named topology): a small model with real head sizes (head_dim 128),
@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import aot, aot_target, hlo_cost
+from multians_jax.aot import hlo_cost
+from multians_jax.aot import step as aot
+from multians_jax.aot import target as aot_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -328,7 +330,8 @@ def test_splash_kernel_flops_are_counted():
   """The splash kernels are Mosaic calls XLA reports no FLOPs for: counted
   from their query and key operands, forward as its two [T,S,H] products,
   the gradient as forward (2) + dq (3) + dkv (4)."""
-  from multians_jax import attention, sharding
+  from multians_jax import sharding
+  from multians_jax.model import attention
 
   b, t, n, kv, h = 2, 256, 4, 2, 128
   dev = aot_target.target("v5e:2x2").devices[0]
@@ -358,7 +361,8 @@ def test_splash_kernel_flops_are_counted():
 
 @pytest.mark.slow
 def test_splash_under_a_sharded_mesh_equals_xla():
-  from multians_jax import attention, sharding
+  from multians_jax import sharding
+  from multians_jax.model import attention
 
   mesh = sharding.make_mesh(2, 2, 2)
   rng = np.random.default_rng(0)
@@ -469,7 +473,8 @@ def test_decode_loop_reads_matrices_in_the_compute_dtype():
   its loops; the GPU compiler keeps it where it is written.)"""
   from flax import nnx
 
-  from multians_jax import model, sampler
+  from multians_jax.model import sampler
+  from multians_jax.model import transformer as model
 
   d, ff = 64, 96  # shapes no activation has: [.., 64, 96] is an MLP matrix
   cfg = model.ModelConfig(

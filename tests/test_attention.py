@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 from hf_models import ragged_batch
 
-from multians_jax import attention, model, sampler, sharding
+from multians_jax import sharding
+from multians_jax.model import attention, sampler
+from multians_jax.model import transformer as model
 
 VOCAB = 97
 # Splash in interpret mode is slow on CPU: the slow tier.

@@ -17,14 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import (
-  attention,
-  hlo_cost,
-  model,
-  profiling,
-  sampler,
-  sharding,
-)
+from multians_jax import sharding
+from multians_jax.aot import hlo_cost, profiling
+from multians_jax.model import attention, sampler
+from multians_jax.model import transformer as model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import bench  # noqa: E402

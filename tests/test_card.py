@@ -10,8 +10,9 @@ import pytest
 import toy_task
 from huggingface_hub import ModelCard
 
-from multians_jax import card, loop
-from multians_jax import model as model_lib
+from multians_jax import loop
+from multians_jax.model import transformer as model_lib
+from multians_jax.report import card
 
 CFG = model_lib.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48)
 

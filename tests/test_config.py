@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from configs import base
-from multians_jax import config, reward
+from multians_jax import config
+from multians_jax.rl import reward
 
 
 def test_base_config_is_the_default_tree():

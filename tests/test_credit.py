@@ -7,8 +7,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from multians_jax import advantage, credit, loop, prompts, reward, sampler
-from multians_jax.datasets import distlab
+from multians_jax import loop
+from multians_jax.data import prompts
+from multians_jax.data.datasets import distlab
+from multians_jax.model import sampler
+from multians_jax.rl import advantage, credit, reward
 
 RLCR = "<analysis>x</analysis>\n" + "\n".join(
   f"<answer{i}>{{}}</answer{i}>\n<confidence{i}>{{}}</confidence{i}>"

@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from multians_jax import data, prompts
+from multians_jax.data import pipeline as data
+from multians_jax.data import prompts
 
 CHATML = (
   "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"

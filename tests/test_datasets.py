@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from multians_jax import datasets
-from multians_jax.datasets import base, convert, hpo_ddx, schema, splits
+from multians_jax.data import datasets
+from multians_jax.data.datasets import base, convert, hpo_ddx, schema, splits
 
 PACKAGE_BUILDS = {  # TFDS name → build kwargs
   "countries": {},
@@ -74,7 +74,7 @@ def test_humaneval_counts_and_tests_run_in_sandbox(built):
   recs = _split(data_dir, "humaneval", "train+test")
   assert len({r["meta"]["task_id"] for r in recs}) == 164
   assert all(r["family"] == "code" and r["answers"] == [] for r in recs)
-  from multians_jax import sandbox
+  from multians_jax.rl import sandbox
 
   r = min(recs, key=lambda r: int(r["meta"]["task_id"].split("/")[1]))
   good = r["question"] + r["meta"]["canonical_solution"]
@@ -421,7 +421,7 @@ def test_convert_mbpp_and_reference_passes_sandbox(tmp_path):
   (rec,) = [schema.decode(r) for r in schema.read_jsonl(str(out))]
   assert rec["id"] == "mbpp-2" and rec["family"] == "code"
   assert rec["answers"] == [] and "assert add(1, 2) == 3" in rec["question"]
-  from multians_jax import sandbox
+  from multians_jax.rl import sandbox
 
   assert sandbox.run_tests(row["code"], rec["tests"]).passed
   assert not sandbox.run_tests(

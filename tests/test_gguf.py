@@ -16,7 +16,7 @@ import transformers
 from gguf import GGMLQuantizationType as QType
 from hf_models import torch
 
-from multians_jax import gguf as mgguf
+from multians_jax.interop import gguf as mgguf
 
 # Tiny models: every row length a multiple of the 32-element block.
 _TINY = dict(

@@ -9,7 +9,8 @@ import pytest
 import transformers as tr
 from hf_models import hf_logits, ragged_batch, tiny_hf, torch
 
-from multians_jax import checkpoint, hf, sharding, tensorfile
+from multians_jax import checkpoint, sharding
+from multians_jax.interop import hf, tensorfile
 
 
 @pytest.mark.parametrize(
@@ -174,7 +175,7 @@ def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
 def test_checkpointer_accepts_relative_paths(
   tmp_path, monkeypatch, one_device_mesh
 ):
-  from multians_jax import model
+  from multians_jax.model import transformer as model
 
   monkeypatch.chdir(tmp_path)
   cfg = model.ModelConfig("llama", 32, 16, 1, 2, 1, 8, 16)

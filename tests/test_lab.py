@@ -8,16 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from multians_jax import (
-  compare,
-  metrics,
-  parsing,
-  prompts,
-  reward,
-  rollouts,
-  warmup,
-)
-from multians_jax.datasets import distlab, schema
+from multians_jax import metrics, warmup
+from multians_jax.data import prompts
+from multians_jax.data.datasets import distlab, schema
+from multians_jax.report import compare
+from multians_jax.rl import parsing, reward, rollouts
 
 CFG = distlab.DistlabConfig(name="t", num_questions=4, train_per_question=32)
 
@@ -343,7 +338,8 @@ def test_learning_test_fails_when_reward_or_update_is_broken(
   parameters as they are (one arm each, to keep the suite short)."""
   import jax.numpy as jnp
 
-  from multians_jax import advantage, loop
+  from multians_jax import loop
+  from multians_jax.rl import advantage
 
   calls = []
   if broken == "constant_reward":  # what the loop's advantages read

@@ -328,7 +328,8 @@ def test_sample_tool_with_the_run_config(straight):
   """tools/sample.py --config prompts and samples as the run does: the
   config's system prompt (mode, K, family) and sampler settings."""
   from configs import tiny
-  from multians_jax import checkpoint, prompts
+  from multians_jax import checkpoint
+  from multians_jax.data import prompts
 
   cmd = [
     sys.executable, "tools/sample.py", f"--model={straight}",
@@ -361,7 +362,7 @@ def test_a_workdir_is_a_checkpoint_path(tmp_path):
   """Every tool's --ckpt / --model goes through checkpoint.resolve: a
   training WORKDIR names its checkpoints/ directory (latest step)."""
   from multians_jax import checkpoint
-  from multians_jax import model as model_lib
+  from multians_jax.model import transformer as model_lib
 
   ck = tmp_path / "run" / "checkpoints"
   checkpoint.write_model_config(
@@ -379,7 +380,7 @@ def test_evaluation_samples_with_the_runs_sampler_settings(
   """In-training evaluation samples as training does: the run's top-p,
   top-k, cache dtype and slots, and the model's stop/pad ids, at
   ``eval.temperature`` (it once sampled with every sampler default)."""
-  from multians_jax import sampler
+  from multians_jax.model import sampler
 
   seen = []
   real = sampler.sample

@@ -13,19 +13,11 @@ import pytest
 import toy_task
 from flax import nnx
 
-from multians_jax import (
-  checkpoint,
-  config,
-  hf,
-  layers,
-  loop,
-  lora,
-  policy,
-  sharding,
-  telemetry,
-  update,
-)
-from multians_jax import model as model_lib
+from multians_jax import checkpoint, config, loop, policy, sharding, telemetry
+from multians_jax.interop import hf
+from multians_jax.model import layers, lora
+from multians_jax.model import transformer as model_lib
+from multians_jax.rl import update
 
 CFG = model_lib.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)))
@@ -115,7 +107,7 @@ def test_bad_lora_config_is_named():
 
 
 def _rollout(b=8, t=6, n=5, seed=0):
-  from multians_jax import sampler
+  from multians_jax.model import sampler
 
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, n + 1, b)

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from multians_jax import loss, model, sharding
-from multians_jax import support as support_lib
+from multians_jax import sharding
+from multians_jax.model import support as support_lib
+from multians_jax.model import transformer as model
+from multians_jax.rl import loss
 
 AGGS = loss.LOSS_AGGS
 L = np.log

@@ -1,4 +1,4 @@
-"""The memory planner (multians_jax/memory.py, tools/memory.py): exact
+"""The memory planner (multians_jax/aot/memory.py, tools/memory.py): exact
 parameter bytes, sharded per-device figures, KV cache by hand, and the
 activation formula against the compiled update step's
 ``memory_analysis()`` on CPU."""
@@ -12,9 +12,9 @@ import sys
 import ml_collections
 import pytest
 
-from multians_jax import memory as mem
-from multians_jax import model as model_lib
-from multians_jax import support as support_lib
+from multians_jax.aot import memory as mem
+from multians_jax.model import support as support_lib
+from multians_jax.model import transformer as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "memory_test_config.py"

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from multians_jax import metrics, prompts, reward
+from multians_jax import metrics
+from multians_jax.data import prompts
+from multians_jax.rl import reward
 
 # P = 2 prompts, G = 2 generations, A = 2 answers.
 ENTRY = np.array(

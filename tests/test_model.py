@@ -7,7 +7,9 @@ import pytest
 import transformers as tr
 from hf_models import hf_logits, ragged_batch, tiny_hf, torch
 
-from multians_jax import hf, model, sharding
+from multians_jax import sharding
+from multians_jax.interop import hf
+from multians_jax.model import transformer as model
 
 CASES = [
   # family, heads, kv, tied, theta, extra
@@ -99,7 +101,7 @@ def test_decode_key_layouts_agree(tmp_path, one_device_mesh, per_row):
   forward's hidden states with keys stored [B,K,S,H] and [B,K,H,S], with
   one write slot for all rows and one per row; the "hs" buffers are the
   "sh" ones transposed."""
-  from multians_jax import layers
+  from multians_jax.model import layers
 
   ref = tiny_hf("qwen3", heads=4, kv=2)
   ours, cfg = _ours(ref, tmp_path, one_device_mesh)

@@ -22,7 +22,9 @@ import pytest
 import toy_task
 from jax.sharding import PartitionSpec as P
 
-from multians_jax import datasets, sharding, telemetry, update
+from multians_jax import sharding, telemetry
+from multians_jax.data import datasets
+from multians_jax.rl import update
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,7 +254,7 @@ def test_local_rows_and_gather_on_one_process():
 
 
 def test_gather_keeps_answer_keys_distinct_across_blocks(monkeypatch):
-  from multians_jax import reward, rollouts
+  from multians_jax.rl import reward, rollouts
 
   keys = np.array([[0, 1], [1, -1], [0, 0], [-1, 2], [0, 1]], np.int32)
   monkeypatch.setattr(sharding, "gather_rows", lambda t, b: t)

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from multians_jax import parsing, prompts, reward
+from multians_jax.data import prompts
+from multians_jax.rl import parsing, reward
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -11,7 +11,9 @@ from flax import nnx
 from hf_models import ragged_batch
 from test_bench import assert_no_big_copies, decode_loops
 
-from multians_jax import model, sampler, sharding
+from multians_jax import sharding
+from multians_jax.model import sampler
+from multians_jax.model import transformer as model
 
 VOCAB = 64
 STOPS = (5, 6, 7, 8)  # 1 in 16 tokens stops: long-tailed lengths

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from multians_jax import matchers, parsing, prompts, reward
+from multians_jax.data import prompts
+from multians_jax.rl import matchers, parsing, reward
 
 
 def _paper(**kw):

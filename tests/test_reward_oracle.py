@@ -9,7 +9,8 @@ import string
 import numpy as np
 import pytest
 
-from multians_jax import prompts, reward
+from multians_jax.data import prompts
+from multians_jax.rl import reward
 
 MODES = prompts.MODES
 STATIC = list(itertools.product(MODES, reward.PRESETS, reward.CORRECTNESS))

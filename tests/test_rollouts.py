@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multians_jax import reward, rollouts, sampler
+from multians_jax.model import sampler
+from multians_jax.rl import reward, rollouts
 
 G = 2
 

@@ -300,7 +300,11 @@ def test_setup_ships_the_working_tree(fake_gcloud):
   tarball = pathlib.Path(env["TMPDIR"]) / "multians_src_rl.tgz"
   with tarfile.open(tarball) as tf:
     names = set(tf.getnames())
-  assert {"run_tpu.sh", "setup.py", "multians_jax/model.py"} <= names
+  assert {
+    "run_tpu.sh",
+    "setup.py",
+    "multians_jax/model/transformer.py",
+  } <= names
   assert not any(n.startswith(".git/") for n in names)
   scp, ssh = calls()
   assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"]

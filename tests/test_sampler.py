@@ -7,7 +7,10 @@ import pytest
 from flax import nnx
 from hf_models import ragged_batch, tiny_hf, torch
 
-from multians_jax import hf, model, sampler, sharding
+from multians_jax import sharding
+from multians_jax.interop import hf
+from multians_jax.model import sampler
+from multians_jax.model import transformer as model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from multians_jax import reward, sandbox
+from multians_jax.rl import reward, sandbox
 
 CHECK_ADD = """
 def check(candidate):

@@ -8,7 +8,8 @@ from flax import nnx
 from hf_models import ragged_batch
 from jax.sharding import PartitionSpec as P
 
-from multians_jax import model, sharding
+from multians_jax import sharding
+from multians_jax.model import transformer as model
 
 CFG = model.ModelConfig(
   "qwen3",

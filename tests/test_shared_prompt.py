@@ -13,7 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
-from multians_jax import loss, model, sampler, sharding, update
+from multians_jax import sharding
+from multians_jax.model import sampler
+from multians_jax.model import transformer as model
+from multians_jax.rl import loss, update
 
 P, G, T, L = 2, 4, 6, 5
 CFGS = {

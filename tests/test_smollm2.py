@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from hf_models import torch
 
-from multians_jax import gguf, hf, sampler, sharding
+from multians_jax import sharding
+from multians_jax.interop import gguf, hf
+from multians_jax.model import sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,8 +18,9 @@ from etils import epath
 from flax import nnx
 from hf_models import tiny_hf
 
-from multians_jax import checkpoint, hf, loop, sharding, tensorfile
-from multians_jax import model as model_lib
+from multians_jax import checkpoint, loop, sharding
+from multians_jax.interop import hf, tensorfile
+from multians_jax.model import transformer as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

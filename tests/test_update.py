@@ -7,8 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from multians_jax import loop, loss, model, sampler, sharding, update
-from multians_jax import support as support_lib
+from multians_jax import loop, sharding
+from multians_jax.model import sampler
+from multians_jax.model import support as support_lib
+from multians_jax.model import transformer as model
+from multians_jax.rl import loss, update
 
 CFG = model.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48, qk_norm=False)
 

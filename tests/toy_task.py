@@ -15,7 +15,7 @@ from flax import nnx
 from transformers import PreTrainedTokenizerFast
 
 from multians_jax import checkpoint, sharding, telemetry
-from multians_jax.datasets import distlab
+from multians_jax.data.datasets import distlab
 
 COLOURS = ("red", "blue", "green")
 SPECIAL = ["<pad>", "<eos>", "[UNK]"]

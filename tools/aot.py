@@ -11,7 +11,7 @@ Usage:
 
 Builds compile-only devices for --topology (``jax.experimental.topologies``
 with libtpu for TPU slices, the CUDA plugin for H100 hosts: ``pip install
--e ".[aot]"``; multians_jax/aot_target.py), the config's mesh over them, and
+-e ".[aot]"``; multians_jax/aot/target.py), the config's mesh over them, and
 compiles every jitted stage of one RL step (prefill, decode, update, the
 log-prob pass and the warm-up when the config uses them) with the config's
 real shapes and shardings. Prints per stage and chip the compiler's memory,
@@ -20,7 +20,7 @@ chip, and whether it fits (on GPUs: in the share of memory JAX
 preallocates, XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default); writes
 DIR/aot.json. Exits 1 when a stage fails
 to compile or does not fit the chip's HBM (the stage, the bytes and the
-setting to change are printed). The library is multians_jax/aot.py.
+setting to change are printed). The library is multians_jax/aot/step.py.
 """
 
 import json
@@ -30,7 +30,9 @@ import sys
 # Config files import `configs.base`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multians_jax import aot, aot_report, aot_target  # noqa: E402
+from multians_jax.aot import report as aot_report
+from multians_jax.aot import step as aot
+from multians_jax.aot import target as aot_target  # noqa: E402
 
 aot_target.quiet_env()  # before jax initialises a backend
 

@@ -66,19 +66,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_torch import TORCH_INPUTS, time_transformers, torch_update  # noqa: E402
 
-from multians_jax import (  # noqa: E402
-  checkpoint,
-  config,
+from multians_jax import checkpoint, config, sharding
+from multians_jax.aot import profiling
+from multians_jax.interop import hf
+from multians_jax.model import sampler
+from multians_jax.model import transformer as model_lib  # noqa: E402
+from multians_jax.rl import (
   credit,
-  hf,
-  profiling,
   reward,
   rollouts,
-  sampler,
-  sharding,
-  update,
+  update,  # noqa: E402
 )
-from multians_jax import model as model_lib  # noqa: E402
 
 FULL = {
   "sampler": dict(prompts=8, group=8, prompt_len=128, new_tokens=128),
@@ -413,7 +411,7 @@ def bench_reward_path(shapes: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Decode-step profile (multians_jax/profiling.py)
+# Decode-step profile (multians_jax/aot/profiling.py)
 
 OP_GROUPS = profiling.OP_GROUPS
 compiled_sampler = profiling.compiled_sampler

@@ -152,7 +152,7 @@ def side_natural(impl, hf_dir, inputs, sh):
 def _sample_natural(impl, hf_dir, ids, mask, g, new, stops, pad):
   import jax
 
-  from multians_jax import sampler
+  from multians_jax.model import sampler
 
   model, _ = _ours(hf_dir)
   b = ids.shape[0] * g
@@ -197,7 +197,7 @@ def side_train(impl, hf_dir, inputs, sh):
     )
   import jax.numpy as jnp
 
-  from multians_jax import update
+  from multians_jax.rl import update
 
   model, bench = _ours(hf_dir)
   n = sh["seq"] // 2
@@ -223,8 +223,10 @@ def prepare(workdir: str, quick: bool) -> dict:
   import bench
   import jax
 
-  from multians_jax import data, hf, update
-  from multians_jax.datasets import base, countries
+  from multians_jax.data import pipeline as data
+  from multians_jax.data.datasets import base, countries
+  from multians_jax.interop import hf
+  from multians_jax.rl import update
 
   sh = SHAPES[quick]
   model, tok = bench.load("tiny" if quick else "smollm2")

@@ -12,7 +12,8 @@ import json
 import random
 import time
 
-from multians_jax import matchers, prompts, reward
+from multians_jax.data import prompts
+from multians_jax.rl import matchers, reward
 
 _WORDS = (
   "the patient presents with fever cough and shortness of breath so we "

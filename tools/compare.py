@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from multians_jax import compare
+from multians_jax.report import compare
 
 _RUNS = flags.DEFINE_string("runs", None, "NAME=DIR,NAME=DIR,...")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")

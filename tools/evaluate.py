@@ -35,18 +35,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from multians_jax import (
-  checkpoint,
-  config,
-  data,
-  datasets,
-  evaluate,
-  prompts,
-  reward,
-  sampler,
-  sharding,
-)
-from multians_jax.datasets import schema
+from multians_jax import checkpoint, config, evaluate, sharding
+from multians_jax.data import datasets, prompts
+from multians_jax.data import pipeline as data
+from multians_jax.data.datasets import schema
+from multians_jax.model import sampler
+from multians_jax.rl import reward
 
 # Config files import `configs.base`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,7 +6,7 @@ Usage:
   python tools/memory.py --config=configs/tiny.py --num_devices=8 \
       --config.model.remat=full
 
-The planner is ``multians_jax/memory.py`` (its docstring says how each
+The planner is ``multians_jax/aot/memory.py`` (its docstring says how each
 figure is computed and how closely it matches the compiler's).
 --config: an experiment config (``--config.x=y`` overrides); --mesh
 replaces its mesh; --num_devices fills a -1 mesh axis; --device or
@@ -26,7 +26,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multians_jax import memory, sharding  # noqa: E402
+from multians_jax import sharding
+from multians_jax.aot import memory  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # CLI

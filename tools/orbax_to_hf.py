@@ -18,7 +18,9 @@ import os
 
 from absl import app, flags, logging
 
-from multians_jax import card, checkpoint, hf, sharding
+from multians_jax import checkpoint, sharding
+from multians_jax.interop import hf
+from multians_jax.report import card
 
 _CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory.")
 _STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest).")

@@ -1,7 +1,8 @@
 """Prepare data: convert the paper's datasets to JSONL, build TFDS datasets.
 
 Convert a local copy of DDXPlus, HotpotQA (modified), AmbigQA or MBPP to
-the project's JSONL schema (field mapping: ``multians_jax.datasets.convert``
+the JSONL schema (field mapping:
+``multians_jax.data.datasets.convert``
 and docs/GUIDE.md, "Data")::
 
   python tools/prepare_data.py convert --format=mbpp \\
@@ -26,8 +27,8 @@ import argparse
 import os
 import sys
 
-from multians_jax import datasets
-from multians_jax.datasets import convert
+from multians_jax.data import datasets
+from multians_jax.data.datasets import convert
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,15 +36,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multians_jax import (  # noqa: E402
-  checkpoint,
-  config,
-  parsing,
-  prompts,
-  reward,
-  sampler,
-  sharding,
-)
+from multians_jax import checkpoint, config, sharding
+from multians_jax.data import prompts
+from multians_jax.model import sampler  # noqa: E402
+from multians_jax.rl import parsing, reward
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config: prompt and sample as that run does."

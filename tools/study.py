@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from multians_jax import compare
+from multians_jax.report import compare
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (takes ARM).")
 _ARMS = flags.DEFINE_list("arms", None, "Config arguments, one run each.")

@@ -1,0 +1,7 @@
+"""The RL math.
+
+Output ``parsing``, answer ``matchers`` (code runs in the ``sandbox``),
+the set-``reward`` kernel, per-answer ``credit``, group ``advantage``
+estimators, the policy-gradient ``loss``, the ``update`` step, and
+``rollouts`` (sample and score one batch).
+"""

@@ -1,0 +1,234 @@
+"""Per-answer credit (``rl.credit='answer'``, METHOD §10, docs/CREDIT.md).
+
+With K answers in one generation, sequence credit gives every token the
+advantage of the whole set. Under answer credit the tokens of answer span i
+and confidence span i take an advantage from slot i's own reward part
+(``reward``'s ``slot``), baselined within the group
+(``advantage.slot_advantages``); shared tokens (think, analysis, the tags
+and the whitespace between blocks) and every token of a completion whose
+reward does not decompose (format or distinctness failure, a tripped gate)
+keep the sequence advantage.
+
+``answer_to_go`` gives the tokens of slot i the parts of slots i..K
+instead of slot i's alone (reward-to-go over slots). Slot i's answer and
+confidence are in the context of every later slot, and a later slot's
+correctness part depends on them (an answer already given earns nothing
+again), so ``answer`` drops those terms of the set's gradient; the parts
+of earlier slots are fixed before slot i is written, so leaving them out
+keeps the estimator unbiased.
+
+Host side: ``token_slots`` finds which completion tokens fall inside which
+answer / confidence span of the decoded text. Device side:
+``token_advantages`` assembles the [B, L] advantages the loss reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multians_jax.data import prompts
+from multians_jax.rl import advantage, parsing, reward
+
+CREDITS = ("sequence", "answer", "answer_to_go")
+SHARED, PAD = -1, -2  # token_slots values that are not a slot index
+
+
+def _content_spans(text: str, tag: str) -> tuple[int, int] | None:
+  """Character span of the content of the first ``<tag>...</tag>``."""
+  start = None
+  for closing, name, s, e in parsing._tags(text):  # noqa: SLF001
+    if name != tag:
+      continue
+    if not closing and start is None:
+      start = e
+    elif closing and start is not None:
+      return (start, s) if s > start else None
+  return None
+
+
+class _PrefixLengths:
+  """len(decode(tokens[:n])), decoded lazily and cached (a few per span)."""
+
+  def __init__(self, tokenizer, ids: list[int]):
+    self.tok, self.ids, self.cache = tokenizer, ids, {0: 0}
+
+  def __getitem__(self, n: int) -> int:
+    if n not in self.cache:
+      self.cache[n] = len(
+        self.tok.decode(self.ids[:n], skip_special_tokens=True)
+      )
+    return self.cache[n]
+
+  def __len__(self) -> int:
+    return len(self.ids) + 1
+
+
+def _token_of_char(prefix: _PrefixLengths, c: int) -> int:
+  """Index of the token whose decoded text holds character c: the first n
+  with len(decode(tokens[:n+1])) > c (binary search; prefix lengths grow
+  with n)."""
+  return bisect.bisect_right(prefix, c, lo=0, hi=len(prefix)) - 1
+
+
+def row_slots(
+  tokenizer, ids, text: str, cfg: reward.RewardConfig
+) -> np.ndarray:
+  """int32 [len(ids)]: the answer slot (0..A-1) of each token, -1 shared.
+
+  Slot i's tokens are those whose decoded characters overlap the content
+  of ``<answer_i>`` or ``<confidence_i>`` (a token that merges a tag with
+  content counts as content).
+  """
+  ids = list(ids)
+  out = np.full(len(ids), SHARED, np.int32)
+  if not ids:
+    return out
+  prefix = _PrefixLengths(tokenizer, ids)
+  tags = zip(
+    prompts.answer_tags(cfg.mode, cfg.num_answers),
+    prompts.confidence_tags(cfg.mode, cfg.num_answers)
+    or (None,) * cfg.num_answers,
+    strict=True,
+  )
+  for i, names in enumerate(tags):
+    for name in names:
+      span = _content_spans(text, name) if name else None
+      if span is None:
+        continue
+      first = _token_of_char(prefix, span[0])
+      last = _token_of_char(prefix, span[1] - 1)
+      out[max(first, 0) : min(last, len(ids) - 1) + 1] = i
+  return out
+
+
+def token_slots(tokenizer, rollout, texts, format_ok, cfg) -> np.ndarray:
+  """int32 [B, L] slot index of every completion token: ``SHARED`` (-1)
+  outside the answer / confidence spans and on every token of a row that
+  is not format-valid, ``PAD`` (-2) past the completion's length.
+
+  Args:
+    tokenizer: the tokenizer that decoded ``texts``.
+    rollout: ``sampler.Rollout`` rows (``tokens`` [B, L], ``lengths`` [B]).
+    texts: B decoded completions (``rollouts.decode``).
+    format_ok: [B] format flags from scoring.
+    cfg: ``reward.RewardConfig``.
+  """
+  toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+  out = np.full(toks.shape, PAD, np.int32)
+  for b, (t, n) in enumerate(zip(toks, lengths, strict=True)):
+    out[b, :n] = SHARED
+    if format_ok[b]:
+      out[b, :n] = row_slots(tokenizer, t[:n].tolist(), texts[b], cfg)
+  return out
+
+
+@jax.jit
+def token_advantages(seq_adv, slot_adv, slots, valid) -> jax.Array:
+  """float32 [B, L]: slot i's advantage on its tokens, the sequence
+  advantage elsewhere.
+
+  Args:
+    seq_adv: float [B] sequence advantages.
+    slot_adv: float [B, A] per-slot advantages.
+    slots: int [B, L] from ``token_slots``.
+    valid: bool [B] decomposable completions.
+  """
+  idx = jnp.clip(slots, 0, slot_adv.shape[1] - 1)
+  per_slot = jnp.take_along_axis(slot_adv, idx, axis=1)
+  use = (slots >= 0) & valid.astype(bool)[:, None]
+  return jnp.where(use, per_slot, seq_adv[:, None]).astype(jnp.float32)
+
+
+def reward_components(scores: reward.Scores, cfg: reward.RewardConfig):
+  """The reward components ``rl.advantage='gdpo'`` normalises separately.
+
+  Format f (0/1), the gated correctness r_acc, and in the confidence modes
+  the calibration term: −B, or −1 where the Brier term is gated, under the
+  ``paper`` preset; 1 − B, or 0, under ``reference``. Their weights are
+  ``reward.weights`` (w_f, w_a, w_b) under both presets (GDPO sums the
+  normalised components with weights; the paper preset's format penalty
+  is replaced by the normalised format component).
+
+  Returns:
+    ``(components float32 [B, C], weights (C,))``, C = 3 or 2.
+  """
+  f = np.asarray(scores.format_ok, np.float32)
+  acc = np.asarray(scores.acc, np.float32)
+  cols, w = [f, acc], list(cfg.weights[:2])
+  if prompts.has_confidence(cfg.mode):
+    brier = np.nan_to_num(np.asarray(scores.brier, np.float32))
+    gated = np.asarray(scores.brier_gated) > 0
+    if cfg.preset == "paper":
+      cal = np.where(gated, -1.0, -brier)
+    else:
+      cal = np.where(gated, 0.0, 1.0 - brier)
+    cols.append(cal.astype(np.float32))
+    w.append(cfg.weights[2])
+  return np.stack(cols, axis=1), tuple(float(x) for x in w)
+
+
+def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
+                       baseline: str = "slot", token_slot=None,
+                       reward_cfg: reward.RewardConfig | None = None,
+                       ) -> tuple[np.ndarray, dict]:  # fmt: skip
+  """The advantages the update step reads, from a batch's gathered scores.
+
+  Args:
+    scores: every row's ``reward.Scores`` (prompt-major).
+    p: prompts in the batch (groups of B / p rows).
+    kind: ``rl.advantage``.
+    credit: ``sequence`` ([B] advantages), ``answer`` or ``answer_to_go``
+      ([B, L]).
+    baseline: ``rl.credit_baseline`` (``advantage.slot_advantages``).
+    token_slot: int32 [B, L] (``token_slots``); needed by answer credit.
+    reward_cfg: the reward settings; needed by ``kind='gdpo'``
+      (``reward_components``).
+
+  Returns:
+    ``(adv, info)``: host float32 advantages and scalar metrics (the
+    advantage info, and under answer credit ``credit/decomposable_frac``
+    and ``credit/slot_token_frac``, the share of completion tokens that
+    took a slot's advantage).
+  """
+  if credit not in CREDITS:
+    raise ValueError(f"rl.credit must be one of {CREDITS}: {credit!r}")
+  if kind == "gdpo":
+    if credit != "sequence":
+      raise ValueError("rl.advantage='gdpo' needs rl.credit='sequence'")
+    if reward_cfg is None:
+      raise ValueError("rl.advantage='gdpo' needs reward_cfg")
+    comps, w = reward_components(scores, reward_cfg)
+    comps = jnp.asarray(comps).reshape(p, -1, comps.shape[1])
+    adv, info = advantage.gdpo_advantages(comps, w)
+    return np.asarray(adv.reshape(-1)), {k: float(v) for k, v in info.items()}
+  total = jnp.asarray(scores.total, jnp.float32).reshape(p, -1)
+  seq, info = advantage.advantages(total, kind)
+  seq = seq.reshape(-1)
+  info = {k: float(v) for k, v in info.items()}
+  if credit == "sequence":
+    return np.asarray(seq), info
+  slot = jnp.asarray(scores.slot, jnp.float32)
+  if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
+    if baseline != "slot":
+      raise ValueError(
+        "rl.credit='answer_to_go' needs rl.credit_baseline='slot'"
+      )
+    slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
+  valid = jnp.asarray(scores.decomposable) > 0
+  g, a = slot.shape[0] // p, slot.shape[1]
+  slot_adv = advantage.slot_advantages(
+    slot.reshape(p, g, a), kind, baseline=baseline
+  ).reshape(-1, a)
+  if token_slot is None:
+    raise ValueError(f"rl.credit={credit!r} needs token_slot")
+  slots = jnp.asarray(token_slot)
+  adv = token_advantages(seq, slot_adv, slots, valid)
+  real = np.asarray(slots) != PAD
+  used = (np.asarray(slots) >= 0) & np.asarray(valid)[:, None]
+  info["credit/decomposable_frac"] = float(np.mean(np.asarray(valid)))
+  info["credit/slot_token_frac"] = float(used.sum() / max(real.sum(), 1))
+  return np.asarray(adv), info

@@ -1,0 +1,359 @@
+"""Train state, optimizer and the one jitted policy-gradient update step.
+
+Shape letters: P prompts, G generations, B = P·G rows, T prompt bucket,
+L completion tokens, S = T + L sequence, M micro-batches.
+
+``update_step`` takes the whole optimizer batch, splits it into M
+micro-batches and accumulates gradients of numerator_i / denominator (the
+denominator is computed once on the whole batch, ``loss.loss_denominator``),
+so the accumulated gradient equals the full-batch gradient exactly. A
+non-finite loss or gradient leaves parameters and optimizer state unchanged
+and counts the skip. The state is donated: updated in place on device.
+
+The training loop itself lives in ``loop.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from multians_jax import sharding
+from multians_jax.model import lora
+from multians_jax.model import support as support_lib
+from multians_jax.model import transformer as model_lib
+from multians_jax.rl import loss
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warmup, a decay schedule and global-norm clipping."""
+
+  lr: float = 1e-6
+  schedule: str = "constant"  # constant | linear | cosine (after warmup)
+  warmup_steps: int = 0
+  total_steps: int = 500  # for the linear / cosine decay
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0  # not applied to norms (1-D params)
+  grad_clip: float = 1.0  # global norm; 0 = off
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"optim.schedule must be one of {SCHEDULES}")
+    if self.lr <= 0:
+      raise ValueError(f"optim.lr must be > 0: {self.lr}")
+    if self.warmup_steps < 0 or self.total_steps < 1:
+      raise ValueError("optim.warmup_steps >= 0 and optim.total_steps >= 1")
+    if self.grad_clip < 0:
+      raise ValueError("optim.grad_clip must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """Static settings of the update step."""
+
+  loss: loss.LossConfig = loss.LossConfig()
+  micro_batches: int = 1  # M: B must be a multiple of it
+  temperature: float = 1.0  # the sampler's (log-probs of the same dist)
+  logprob_chunk: int = 128  # positions whose logits exist at once
+  # The sampler's top-k / top-p truncation: log-probs are the sampler's,
+  # renormalised over the same support (on-policy ratios).
+  support: support_lib.Support = support_lib.FULL
+  # G: rows come in prompt-major groups of G identical prompts (as
+  # ``sampler.sample`` returns them). With G > 1 every prompt runs through
+  # the decoder once per group (or per part of a group in a micro-batch),
+  # not once per row (``loss.shared_prompt_logprobs``); 1 = no sharing.
+  group_size: int = 1
+
+  def __post_init__(self):
+    if self.micro_batches < 1:
+      raise ValueError(f"micro_batches must be >= 1: {self.micro_batches}")
+    if self.group_size < 1:
+      raise ValueError(f"group_size must be >= 1: {self.group_size}")
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+  decay_steps = max(1, cfg.total_steps - cfg.warmup_steps)
+  if cfg.schedule == "constant":
+    after = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "linear":
+    after = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+  else:
+    after = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+  if not cfg.warmup_steps:
+    return after
+  warm = optax.linear_schedule(
+    cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1
+  )
+  return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  adamw = optax.adamw(
+    schedule(cfg),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=decay_mask,
+  )
+  if cfg.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: nnx.State  # the policy's parameters (param_dtype)
+  opt_state: optax.OptState  # of the trainable ones (``lora.partition``)
+  skipped: jax.Array  # int32: consecutive non-finite updates
+
+
+def init_state(model: model_lib.Transformer, tx) -> TrainState:
+  """Fresh state; optimizer moments get their parameter's sharding. Under
+  LoRA the optimizer holds the adapters alone."""
+  params = nnx.state(model, nnx.Param)
+  trainable, _ = lora.partition(params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings(trainable, tx))(
+    trainable
+  )
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  zero = jax.device_put(
+    jnp.zeros((), jnp.int32),
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  return TrainState(zero, params, opt_state, zero + 0)
+
+
+def opt_shardings(params, tx):
+  """Shardings of ``tx.init(params)``: a leaf whose key path ends with a
+  parameter's path (and has its shape) is sharded like it; others are
+  replicated."""
+  by_path = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    by_path[_keys(path)] = x.sharding
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for n in range(len(keys)):
+      sh = by_path.get(keys[n:])
+      if sh is not None and len(sh.spec) <= leaf.ndim:
+        return sh
+    return replicated
+
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _keys(path) -> tuple:
+  return tuple(
+    str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    for k in path
+  )
+
+
+# ---------------------------------------------------------------------------
+# Batches: rollout + advantages → the arrays the update step reads.
+
+
+@struct.dataclass
+class UpdateBatch:
+  tokens: jax.Array  # int32 [B, S] prompt (left-padded) + completion
+  positions: jax.Array  # int32 [B, S]
+  mask: jax.Array  # bool [B, S] real tokens
+  comp_mask: jax.Array  # bool [B, L]
+  old_logp: jax.Array  # float32 [B, L]
+  adv: jax.Array  # float32 [B], or [B, L] per token (rl.credit='answer')
+  truncated: jax.Array  # bool [B]
+  ref_logp: jax.Array | None = None  # float32 [B, L] when kl_beta > 0
+
+
+def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
+  """Concatenates prompts and completions of a ``sampler.Rollout``.
+
+  ``adv``: one advantage per completion ([B], or [P, G] prompt-major), or
+  one per completion token ([B, L], the rollout's mask shape).
+  """
+  tokens = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
+  mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  return UpdateBatch(
+    tokens,
+    positions,
+    mask,
+    rollout.mask,
+    rollout.logprobs,
+    adv if adv.shape == rollout.mask.shape else adv.reshape(-1),
+    rollout.truncated,
+  )
+
+
+def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
+  m = nnx.merge(graphdef, params)
+  rows, n = b.comp_mask.shape
+  t = b.tokens.shape[1] - n  # prompt bucket
+  # Consecutive rows sharing a prompt within these rows: groups of G cut
+  # into micro-batches of ``rows`` leave runs of gcd(G, rows).
+  s = math.gcd(cfg.group_size, rows)
+  if s > 1:
+    pre = lambda x: x[::s, :t]
+    comp = lambda x: x[:, t:]
+    return loss.shared_prompt_logprobs(
+      m,
+      pre(b.tokens),
+      pre(b.positions),
+      pre(b.mask),
+      comp(b.tokens),
+      comp(b.positions),
+      comp(b.mask),
+      temperature=cfg.temperature,
+      chunk=cfg.logprob_chunk,
+      return_entropy=True,
+      support=cfg.support,
+    )
+  return loss.token_logprobs(
+    m,
+    b.tokens,
+    b.positions,
+    b.mask,
+    temperature=cfg.temperature,
+    chunk=cfg.logprob_chunk,
+    start=t - 1,
+    return_entropy=True,
+    support=cfg.support,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def completion_logprobs(graphdef, params, batch: UpdateBatch, cfg):
+  """log π(completion tokens) [B, L] (old / reference log-probs)."""
+  return _completion_logp(graphdef, params, batch, cfg)[0]
+
+
+def _split(x, m):
+  return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "tx", "cfg"), donate_argnums=(1,)
+)
+def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
+  """One optimizer step on the whole batch (micro-batched, exact).
+
+  Gradients are taken with respect to the trainable parameters only (the
+  adapters under LoRA; ``lora.partition``): the frozen ones enter as
+  constants, so no gradient or moment buffer of their size exists.
+  """
+  lcfg = cfg.loss
+  den = loss.loss_denominator(batch.comp_mask, lcfg, batch.truncated)
+  micro = jax.tree.map(lambda x: _split(x, cfg.micro_batches), batch)
+  trainable, frozen = lora.partition(state.params)
+
+  def objective(train_params, mb):
+    params = lora.combine(train_params, frozen)
+    logp, ent = _completion_logp(graphdef, params, mb, cfg)
+    num, sums = loss.pg_loss_terms(
+      logp,
+      mb.old_logp,
+      mb.adv,
+      mb.comp_mask,
+      lcfg,
+      ref_logp=mb.ref_logp,
+      truncated=mb.truncated,
+    )
+    sums["entropy"] = jnp.sum(ent * mb.comp_mask)
+    return num / den, sums
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def accumulate(carry, mb):
+    g_acc, l_acc, s_acc = carry
+    (lv, sums), g = grad_fn(trainable, mb)
+    g_acc = jax.tree.map(jnp.add, g_acc, g)
+    s_acc = loss.combine_sums(s_acc, sums)
+    return (g_acc, l_acc + lv, s_acc), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  (l0, s0), g0 = grad_fn(trainable, first)
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  (grads, value, sums), _ = jax.lax.scan(accumulate, (g0, l0, s0), rest)
+  gnorm = optax.tree.norm(grads)
+  finite = jnp.isfinite(value) & jnp.isfinite(gnorm)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
+  keep = lambda new, old: jax.tree.map(
+    lambda a, b: jnp.where(finite, a, b), new, old
+  )
+  new_state = TrainState(
+    step=state.step + finite.astype(jnp.int32),
+    params=lora.combine(keep(new_trainable, trainable), frozen),
+    opt_state=keep(opt_state, state.opt_state),
+    skipped=jnp.where(finite, 0, state.skipped + 1),
+  )
+  metrics = loss.reduce_metrics(sums)
+  metrics.update(
+    loss=value,
+    grad_norm=gnorm,
+    update_skipped=(~finite).astype(jnp.float32),
+    entropy=sums["entropy"] / jnp.maximum(sums["tokens"], 1.0),
+  )
+  return new_state, metrics
+
+
+def place_batch(batch, mesh, rules=sharding.TRAIN_RULES):
+  """Shards every [B, ...] array of ``batch`` (an ``UpdateBatch`` or any
+  pytree of row-major arrays, e.g. the warm-up's) over the batch axes."""
+
+  def put(x):
+    axes = ("batch",) + (None,) * (x.ndim - 1)
+    return jax.device_put(x, sharding.named(axes, x.shape, mesh, rules))
+
+  return jax.tree.map(put, batch)
+
+
+def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
+              num_iterations: int = 1, ref_of=None):  # fmt: skip
+  """The policy update on one rollout: ``num_iterations`` update steps
+  under the mesh's sharding rules; returns (state, host metrics).
+
+  With ``num_iterations`` > 1, π_old is recomputed as the trainer's own
+  log-probs of the sampled tokens (exactly the policy that sampled);
+  ``ref_of`` (params → reference params) adds the KL reference's
+  log-probs. ``sampler/*`` metrics: the trainer's log-probs against the
+  sampler's, before any update (the importance ratio, 1 on-policy).
+  """
+  ub = place_batch(make_batch(rollout, adv), mesh)
+  logprobs = lambda params: completion_logprobs(graphdef, params, ub, cfg)
+  gap = None
+  with sharding.activate(mesh, sharding.TRAIN_RULES):
+    if num_iterations > 1:  # π_old = the policy that sampled, exactly
+      trainer = logprobs(state.params)
+      sums = loss.logp_gap(trainer, ub.old_logp, ub.comp_mask)
+      gap = loss.reduce_metrics({**sums, "tokens": jnp.sum(ub.comp_mask)})
+      ub = ub.replace(old_logp=trainer)
+    if ref_of is not None:
+      ub = ub.replace(ref_logp=logprobs(ref_of(state.params)))
+    for _ in range(num_iterations):
+      state, um = update_step(graphdef, state, ub, tx=tx, cfg=cfg)
+      gap = um if gap is None else gap  # first iteration: π_old = sampler's
+  um = {
+    **um,
+    "sampler/ratio_mean": gap["token_ratio_mean"],
+    "sampler/logp_diff_mean": gap["logp_diff_mean"],
+    "sampler/logp_diff_max": gap["logp_diff_max"],
+  }
+  return state, jax.device_get(um)
