@@ -102,18 +102,19 @@ def get_config(arg=None):
   # dynamic_max_rounds extra sampling rounds a step).
   c.rl.dynamic_sampling = False
   c.rl.dynamic_max_rounds = 3
-  c.rl.loss = "ppo"  # ppo | gspo (sequence ratio) | cispo (truncated IS weight)
-  c.rl.clip_eps_low = 0.2  # PPO clip below (CISPO: weight truncated below)
-  c.rl.clip_eps_high = 0.2  # PPO clip above (CISPO: weight truncated above)
-  c.rl.gspo_clip_low = 3e-4  # GSPO: sequence-ratio clip (needs
-  c.rl.gspo_clip_high = 4e-4  # rl.loss_agg = 'seq_mean_token_mean')
-  c.rl.loss_agg = (
-    "token_mean"  # token_mean | seq_mean_token_mean | ..._sum_norm
-  )
-  c.rl.kl_beta = 0.0  # k3 KL weight against the initial policy
-  c.rl.mask_truncated = False  # drop completions cut by the length limit
   c.rl.logprob_chunk = 128  # positions whose logits exist at once
   c.rl.max_nonfinite = 5  # abort after this many non-finite steps in a row
+
+  # The clipped policy-gradient loss (METHOD §5).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = "ppo"  # ppo | gspo (sequence ratio) | cispo (truncated IS)
+  c.loss.clip_eps_low = 0.2  # PPO clip below (CISPO: weight truncated below)
+  c.loss.clip_eps_high = 0.2  # PPO clip above (CISPO: weight truncated above)
+  c.loss.gspo_clip_low = 3e-4  # GSPO: sequence-ratio clip (needs
+  c.loss.gspo_clip_high = 4e-4  # loss.agg = 'seq_mean_token_mean')
+  c.loss.agg = "token_mean"  # token_mean | seq_mean_token_mean | ..._sum_norm
+  c.loss.kl_beta = 0.0  # k3 KL weight against the initial policy
+  c.loss.mask_truncated = False  # drop completions cut by the length limit
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6  # peak learning rate

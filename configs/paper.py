@@ -60,8 +60,8 @@ def get_paper_config(mode: str, hardware: str | None):
   c.reward.confidence_sum_le_one = False
   c.rl.num_generations = 32
   c.rl.advantage = "drgrpo"
-  c.rl.loss_agg = "token_mean"
-  c.rl.kl_beta = 0.0
+  c.loss.agg = "token_mean"
+  c.loss.kl_beta = 0.0
   c.rl.micro_batches = 48
   c.rl.sample_chunk = chunk
   c.optim.lr = 1e-6

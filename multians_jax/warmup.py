@@ -31,7 +31,6 @@ Shape letters: P prompts, T prompt bucket, L target tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -47,34 +46,17 @@ from multians_jax.data import prompts
 from multians_jax.model import lora
 from multians_jax.rl import loss
 from multians_jax.rl import update as update_lib
+from multians_jax.settings import (  # settings of this module
+  ANSWERS as ANSWERS,
+)
+from multians_jax.settings import (
+  CONFIDENCES as CONFIDENCES,
+)
+from multians_jax.settings import (
+  WarmupConfig as WarmupConfig,
+)
 
-ANSWERS = ("gold", "distribution")
-CONFIDENCES = ("fixed", "random")
 CONF_GRID = 0.05  # random confidences are floored to this grid
-
-
-@dataclasses.dataclass(frozen=True)
-class WarmupConfig:
-  steps: int = 0  # 0 = no warm-up
-  lr: float = 1e-4  # AdamW learning rate (constant)
-  batch_prompts: int = 8  # prompts per warm-up step
-  max_target_len: int = 96  # target tokens (longer targets are cut)
-  answers: str = "gold"  # gold | distribution (see the module docstring)
-  confidences: str = "fixed"  # fixed | random
-  flatten: float = 0.5  # τ: exponent of the flattened distribution
-  distractor_weight: float = 0.05  # w: weight of a distractor before τ
-
-  def __post_init__(self):
-    if self.steps < 0 or self.lr <= 0 or self.max_target_len < 8:
-      raise ValueError(f"warmup: invalid settings {self}")
-    if self.answers not in ANSWERS:
-      raise ValueError(f"warmup.answers must be one of {ANSWERS}")
-    if self.confidences not in CONFIDENCES:
-      raise ValueError(f"warmup.confidences must be one of {CONFIDENCES}")
-    if not 0 < self.flatten <= 1 or self.distractor_weight < 0:
-      raise ValueError(
-        "warmup.flatten must be in (0, 1] and warmup.distractor_weight >= 0"
-      )
 
 
 def _gold_answers(gold, others, n: int, rng) -> tuple[list, list]:

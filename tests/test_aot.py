@@ -254,7 +254,7 @@ def _check_stage(s):
     ("xla", {}),
     ("splash", {"model.lora_rank": 4, "sampler.slots": 4}),
     ("splash", {"rl.share_prompt": False}),
-    ("xla", {"rl.kl_beta": 0.05, "warmup.steps": 2}),
+    ("xla", {"loss.kl_beta": 0.05, "warmup.steps": 2}),
   ],
   ids=["xla-shared", "splash-lora-refilled", "splash-per-row", "xla-kl-warmup"],
 )

@@ -10,7 +10,8 @@ import pytest
 import toy_task
 from huggingface_hub import ModelCard
 
-from multians_jax import loop
+from multians_jax import loop, sources
+from multians_jax.config import RunConfig
 from multians_jax.model import transformer as model_lib
 from multians_jax.report import card
 
@@ -47,10 +48,10 @@ def test_card_front_matter_method_and_table(tmp_path):
 
 
 def test_base_model_is_named_only_when_known():
-  assert card.base_model("Qwen/Qwen3-8B@main") == ("Qwen/Qwen3-8B", None)
-  assert card.base_model("/tmp/some/dir") == (None, None)
-  assert card.base_model("random") == (None, None)
-  assert card.base_model("gs://bucket/model") == (None, None)
+  assert sources.base_model("Qwen/Qwen3-8B@main") == ("Qwen/Qwen3-8B", None)
+  assert sources.base_model("/tmp/some/dir") == (None, None)
+  assert sources.base_model("random") == (None, None)
+  assert sources.base_model("gs://bucket/model") == (None, None)
 
 
 @pytest.mark.slow
@@ -63,7 +64,7 @@ def test_run_export_and_tool_export_carry_the_card(tmp_path):
   work.mkdir()
   (work / "config.json").write_text(json.dumps(c.to_dict()))  # as main.py
   loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
+    RunConfig.from_dict(c.to_dict()),
     str(work),
     train_source=toy_task.records(8),
     eval_source=toy_task.records(4),

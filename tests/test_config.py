@@ -87,7 +87,7 @@ def test_derived_settings_come_from_one_place():
     sampler=config.SamplerSection(max_new_tokens=300, temperature=0.9),
     optim=config.OptimSection(warmup_frac=0.1),
   )
-  assert run.loss.max_len_norm == 300  # Dr.GRPO's constant = the limit L
+  assert run.loss_config.max_len_norm == 300  # Dr.GRPO's constant = the limit L
   assert run.sampling.max_new_tokens == 300
   assert run.sampling.temperature == 0.9
   assert run.eval_config.sampling.max_new_tokens == 300  # samples alike

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from multians_jax import loop
+from multians_jax.config import RunConfig
 from multians_jax.data import prompts
 from multians_jax.data.datasets import distlab
 from multians_jax.model import sampler
@@ -285,12 +285,12 @@ def test_config_rejects_answer_credit_with_any():
   c.rl.credit = "answer"
   c.reward.correctness = "any"
   with pytest.raises(ValueError, match="reward.correctness='any'"):
-    loop.RunConfig.from_dict(c.to_dict())
+    RunConfig.from_dict(c.to_dict())
   c.reward.correctness = "count"
-  assert loop.RunConfig.from_dict(c.to_dict()).rl.credit == "answer"
+  assert RunConfig.from_dict(c.to_dict()).rl.credit == "answer"
   c.rl.credit = "slot"
   with pytest.raises(ValueError, match="rl.credit must be one of"):
-    loop.RunConfig.from_dict(c.to_dict())
+    RunConfig.from_dict(c.to_dict())
 
 
 # ------------------------------------------------------------ GDPO components
@@ -352,13 +352,13 @@ def test_rollout_advantages_gdpo_and_config():
     credit.rollout_advantages(scores, 1, kind="gdpo", credit="sequence")
   c = tiny.get_config()
   c.rl.advantage = "gdpo"
-  assert loop.RunConfig.from_dict(c.to_dict()).rl.advantage == "gdpo"
+  assert RunConfig.from_dict(c.to_dict()).rl.advantage == "gdpo"
   c.rl.credit = "answer"
   with pytest.raises(ValueError, match="rl.credit='sequence'"):
-    loop.RunConfig.from_dict(c.to_dict())
+    RunConfig.from_dict(c.to_dict())
   c.rl.credit, c.rl.advantage = "sequence", "ppo"
   with pytest.raises(ValueError, match="rl.advantage must be one of"):
-    loop.RunConfig.from_dict(c.to_dict())
+    RunConfig.from_dict(c.to_dict())
 
 
 def test_answer_to_go_sums_the_later_slots():

@@ -9,7 +9,7 @@ import pytest
 import transformers as tr
 from hf_models import hf_logits, ragged_batch, tiny_hf, torch
 
-from multians_jax import checkpoint, sharding
+from multians_jax import checkpoint, sharding, sources
 from multians_jax.interop import hf, tensorfile
 
 
@@ -141,7 +141,7 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path, one_device_mesh):
 def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
   ref = tiny_hf("qwen3", heads=4, kv=2)
   ref.save_pretrained(tmp_path / "src")
-  n = checkpoint.import_model(
+  n = sources.import_model(
     str(tmp_path / "src"),
     str(tmp_path / "ck"),
     one_device_mesh,
@@ -149,13 +149,13 @@ def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
   )
   assert n == sum(p.numel() for p in ref.parameters())
   with pytest.raises(FileExistsError):
-    checkpoint.import_model(
+    sources.import_model(
       str(tmp_path / "src"),
       str(tmp_path / "ck"),
       one_device_mesh,
       sharding.TRAIN_RULES,
     )
-  m, cfg, _ = checkpoint.load_model(
+  m, cfg, _ = sources.load_model(
     str(tmp_path / "ck"), one_device_mesh, sharding.TRAIN_RULES
   )
   ids, mask, pos = ragged_batch(101, [5, 2], 5)
@@ -164,12 +164,12 @@ def test_checkpoint_import_restore_and_export(tmp_path, one_device_mesh):
     np.asarray(got)[mask], hf_logits(ref, ids, mask, pos)[mask], atol=1e-4
   )
   with pytest.raises(FileNotFoundError):
-    checkpoint.load_model(
+    sources.load_model(
       str(tmp_path / "nothing"), one_device_mesh, sharding.TRAIN_RULES
     )
   for missing in ("nothing", "nope.gguf"):
     with pytest.raises(FileNotFoundError, match=missing):
-      checkpoint.load_any_tokenizer(str(tmp_path / missing))
+      sources.load_tokenizer(str(tmp_path / missing))
 
 
 def test_checkpointer_accepts_relative_paths(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from multians_jax import metrics, warmup
+from multians_jax.config import RunConfig
 from multians_jax.data import prompts
 from multians_jax.data.datasets import distlab, schema
 from multians_jax.report import compare
@@ -270,7 +271,7 @@ def _train_arm(arm, workdir, seed=0, steps=None, lr=None):
   c.eval.num_prompts = 32  # the small lab's whole test split
   c.ckpt.every_steps = 10_000
   out = loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
+    RunConfig.from_dict(c.to_dict()),
     str(workdir),
     train_source=_decoded("train"),
     eval_source=_decoded("test"),

@@ -15,6 +15,7 @@ import toy_task
 
 from multians_jax import loop, sharding
 from multians_jax import warmup as warmup_lib
+from multians_jax.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _train_toy(workdir, c):
   """Trains config ``c`` on the toy task; returns its training rows."""
   loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
+    RunConfig.from_dict(c.to_dict()),
     str(workdir),
     train_source=toy_task.records(8),
     eval_source=toy_task.records(4),
@@ -328,7 +329,7 @@ def test_sample_tool_with_the_run_config(straight):
   """tools/sample.py --config prompts and samples as the run does: the
   config's system prompt (mode, K, family) and sampler settings."""
   from configs import tiny
-  from multians_jax import checkpoint
+  from multians_jax import sources
   from multians_jax.data import prompts
 
   cmd = [
@@ -341,7 +342,7 @@ def test_sample_tool_with_the_run_config(straight):
   )
   rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
   c = tiny.get_config()
-  tok = checkpoint.load_any_tokenizer(straight)
+  tok = sources.load_tokenizer(straight)
   msgs = prompts.build_messages(
     "Name a country.", c.reward.mode, c.data.family, c.reward.num_answers
   )
@@ -359,19 +360,19 @@ def test_sample_tool_with_the_run_config(straight):
 
 
 def test_a_workdir_is_a_checkpoint_path(tmp_path):
-  """Every tool's --ckpt / --model goes through checkpoint.resolve: a
+  """Every tool's --ckpt / --model goes through sources.resolve: a
   training WORKDIR names its checkpoints/ directory (latest step)."""
-  from multians_jax import checkpoint
+  from multians_jax import checkpoint, sources
   from multians_jax.model import transformer as model_lib
 
   ck = tmp_path / "run" / "checkpoints"
   checkpoint.write_model_config(
     str(ck), model_lib.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48)
   )
-  assert checkpoint.resolve(str(tmp_path / "run")) == ("checkpoint", str(ck))
-  assert checkpoint.resolve(str(ck)) == ("checkpoint", str(ck))
+  assert sources.resolve(str(tmp_path / "run")) == ("checkpoint", str(ck))
+  assert sources.resolve(str(ck)) == ("checkpoint", str(ck))
   with pytest.raises(FileNotFoundError, match="not a checkpoint dir"):
-    checkpoint.resolve(str(tmp_path / "missing"))
+    sources.resolve(str(tmp_path / "missing"))
 
 
 def test_evaluation_samples_with_the_runs_sampler_settings(

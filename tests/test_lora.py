@@ -13,7 +13,15 @@ import pytest
 import toy_task
 from flax import nnx
 
-from multians_jax import checkpoint, config, loop, policy, sharding, telemetry
+from multians_jax import (
+  checkpoint,
+  config,
+  loop,
+  policy,
+  sharding,
+  sources,
+  telemetry,
+)
 from multians_jax.interop import hf
 from multians_jax.model import layers, lora
 from multians_jax.model import transformer as model_lib
@@ -99,11 +107,11 @@ def test_bad_lora_config_is_named():
   c.model.lora_rank = 4
   c.model.lora_targets = "wq,mlp"
   with pytest.raises(ValueError, match="unknown projection 'mlp'"):
-    loop.RunConfig.from_dict(c.to_dict())
+    config.RunConfig.from_dict(c.to_dict())
   c.model.lora_targets = "all"
   c.model.arch.lora_rank = 4
   with pytest.raises(ValueError, match="use model.lora_rank"):
-    loop.RunConfig.from_dict(c.to_dict())
+    config.RunConfig.from_dict(c.to_dict())
 
 
 def _rollout(b=8, t=6, n=5, seed=0):
@@ -194,7 +202,7 @@ def test_checkpoint_holds_the_base_once_and_adapters_per_step(
       got,
       _,
       _,
-    ) = checkpoint.load_model(
+    ) = sources.load_model(
       str(tmp_path / "ck"), one_device_mesh, sharding.TRAIN_RULES, step=step
     )
     assert got.cfg == want.cfg
@@ -202,7 +210,7 @@ def test_checkpoint_holds_the_base_once_and_adapters_per_step(
   # A LoRA checkpoint without its base is named, not misread.
   os.rename(tmp_path / "ck" / "base", tmp_path / "ck" / "moved")
   with pytest.raises(FileNotFoundError, match="frozen base"):
-    checkpoint.load_model(
+    sources.load_model(
       str(tmp_path / "ck"), one_device_mesh, sharding.TRAIN_RULES
     )
 
@@ -294,7 +302,7 @@ def _toy_lora(workdir, steps=16, seed=None, lr=None):
   c.model.lora_alpha = 8.0
   c.optim.lr = lr or 3e-2
   loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
+    config.RunConfig.from_dict(c.to_dict()),
     str(workdir / "run"),
     train_source=toy_task.records(8),
     eval_source=toy_task.records(4),
@@ -329,7 +337,7 @@ def test_lora_learns_the_toy_task(tmp_path):
   assert np.mean(rises) > LORA_THRESHOLD, rises
   m, meta, _ = toy_task.restore(str(tmp_path / "s0" / "run"))
   assert meta["step"] == 16 and m.cfg.lora_rank == 4
-  base, _, _ = checkpoint.load_model(
+  base, _, _ = sources.load_model(
     str(tmp_path / "s0" / "base"), m.layers.wq[...].sharding.mesh,
     sharding.TRAIN_RULES,
   )  # fmt: skip

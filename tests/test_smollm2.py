@@ -12,7 +12,8 @@ import pytest
 from hf_models import torch
 
 from multians_jax import sharding
-from multians_jax.interop import gguf, hf
+from multians_jax.config import RunConfig
+from multians_jax.interop import gguf
 from multians_jax.model import sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def smol():
   path = gguf.smollm2_gguf_path()
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  model, cfg, tok = hf.load(path, mesh, sharding.TRAIN_RULES)
+  model, cfg, tok = gguf.load(path, mesh, sharding.TRAIN_RULES)
   return path, model, cfg, tok
 
 
@@ -118,7 +119,7 @@ def test_two_training_steps_export_to_transformers(tmp_path):
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
   from configs import demo
-  from multians_jax import checkpoint, loop
+  from multians_jax import loop, sources
 
   c = demo.get_config()
   # One warm-up step guarantees the weights move even if both RL groups get
@@ -130,7 +131,7 @@ def test_two_training_steps_export_to_transformers(tmp_path):
   c.log.tensorboard = False
   c.optim.lr = 1e-4  # large enough that the weights visibly move
   work = str(tmp_path / "run")
-  loop.train(loop.RunConfig.from_dict(c.to_dict()), work)
+  loop.train(RunConfig.from_dict(c.to_dict()), work)
   out = tmp_path / "hf"
   subprocess.run(
     [
@@ -145,7 +146,7 @@ def test_two_training_steps_export_to_transformers(tmp_path):
     timeout=600,
   )
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  ours, _, tok = checkpoint.load_model(
+  ours, _, tok = sources.load_model(
     f"{work}/checkpoints", mesh, sharding.TRAIN_RULES
   )
   ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -160,6 +161,6 @@ def test_two_training_steps_export_to_transformers(tmp_path):
     want = ref(input_ids=torch.tensor(ids)).logits.numpy()
   assert np.abs(np.asarray(got) - want).max() <= 1e-3
   # Training changed the weights (this is not the imported model).
-  orig = hf.load(gguf.smollm2_gguf_path(), mesh, sharding.TRAIN_RULES)[0]
+  orig = gguf.load(gguf.smollm2_gguf_path(), mesh, sharding.TRAIN_RULES)[0]
   o, _ = orig(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
   assert np.abs(np.asarray(o) - np.asarray(got)).max() > 1e-3

@@ -18,7 +18,8 @@ from etils import epath
 from flax import nnx
 from hf_models import tiny_hf
 
-from multians_jax import checkpoint, loop, sharding
+from multians_jax import loop, sharding, sources
+from multians_jax.config import RunConfig
 from multians_jax.interop import hf, tensorfile
 from multians_jax.model import transformer as model_lib
 
@@ -51,17 +52,17 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_hub_id_resolves_from_the_cache_offline(offline_hub, one_device_mesh):
   ref, snap = _hub_cache(offline_hub)
-  assert checkpoint.resolve("acme/tiny-llama") == ("hf", str(snap))
-  at = checkpoint.resolve(f"acme/tiny-llama@{COMMIT}")
+  assert sources.resolve("acme/tiny-llama") == ("hf", str(snap))
+  at = sources.resolve(f"acme/tiny-llama@{COMMIT}")
   assert at == ("hf", str(snap))
-  m, cfg, tok = checkpoint.load_model(
+  m, cfg, tok = sources.load_model(
     "acme/tiny-llama", one_device_mesh, sharding.TRAIN_RULES
   )
   assert cfg.vocab_size == len(toy_task.VOCAB) and tok is not None
   with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
-    checkpoint.resolve("acme/not-cached")
+    sources.resolve("acme/not-cached")
   with pytest.raises(FileNotFoundError, match="not a checkpoint dir"):
-    checkpoint.resolve("no_such_dir")  # not an id: a missing local path
+    sources.resolve("no_such_dir")  # not an id: a missing local path
 
 
 @pytest.mark.slow
@@ -95,7 +96,7 @@ def test_training_from_a_hub_id(offline_hub, tmp_path):
   c.model.arch = {}
   c.export.hf_dir = "hf"
   loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
+    RunConfig.from_dict(c.to_dict()),
     str(tmp_path / "run"),
     train_source=toy_task.records(8),
     eval_source=toy_task.records(4),
@@ -133,10 +134,10 @@ def test_remote_dir_loads_in_place_reading_each_byte_once(
   fs = remote_fs.install(monkeypatch)
   _remote_model(tmp_path / "local")
   assert len(list((tmp_path / "local").glob("*.safetensors"))) >= 3
-  assert checkpoint.resolve(URI) == ("hf", URI)
+  assert sources.resolve(URI) == ("hf", URI)
   mesh = sharding.make_mesh(2, 2, 2)  # heads, features and layers split
-  m, cfg, tok = checkpoint.load_model(URI, mesh, sharding.TRAIN_RULES)
-  want, _, want_tok = checkpoint.load_model(
+  m, cfg, tok = sources.load_model(URI, mesh, sharding.TRAIN_RULES)
+  want, _, want_tok = sources.load_model(
     str(tmp_path / "local"), mesh, sharding.TRAIN_RULES
   )
   got, ref = jax.tree.leaves(nnx.state(m)), jax.tree.leaves(nnx.state(want))
@@ -195,16 +196,16 @@ def test_read_blocks_reads_only_the_rows_its_blocks_cover(
 def test_remote_dir_errors_name_the_problem(tmp_path, monkeypatch):
   remote_fs.install(monkeypatch)
   with pytest.raises(FileNotFoundError, match="nor an HF model dir"):
-    checkpoint.resolve("gs://bucket/nothing-here")
+    sources.resolve("gs://bucket/nothing-here")
   _remote_model(tmp_path / "local")
   shard = sorted((tmp_path / "local").glob("*.safetensors"))[1]
   target = epath.Path(URI) / shard.name
   target.write_bytes(shard.read_bytes()[:-100])
   with pytest.raises(ValueError, match=f"{shard.name}: truncated"):
-    checkpoint.load_model(URI, sharding.make_mesh(), sharding.TRAIN_RULES)
+    sources.load_model(URI, sharding.make_mesh(), sharding.TRAIN_RULES)
   target.unlink()
   with pytest.raises(FileNotFoundError, match="named by the index but missing"):
-    checkpoint.load_model(URI, sharding.make_mesh(), sharding.TRAIN_RULES)
+    sources.load_model(URI, sharding.make_mesh(), sharding.TRAIN_RULES)
 
 
 _CLI = """
@@ -251,7 +252,7 @@ def test_training_from_a_remote_dir(tmp_path, monkeypatch):
   c.model.arch = {}
   c.export.hf_dir = "hf"
   loop.train(
-    loop.RunConfig.from_dict(c.to_dict()),
+    RunConfig.from_dict(c.to_dict()),
     str(tmp_path / "run"),
     train_source=toy_task.records(8),
     eval_source=toy_task.records(4),
@@ -272,4 +273,19 @@ def test_gs_without_gcsfs_names_the_extra():
   else:
     pytest.skip("gcsfs is installed: gs:// would be read for real")
   with pytest.raises(ImportError, match=r"gcs extra \(pip install"):
-    checkpoint.resolve("gs://some-bucket/model")
+    sources.resolve("gs://some-bucket/model")
+
+
+def test_named_builtins_come_from_one_table():
+  """The words a config may use for a model source are ``sources.BUILTINS``
+  entries: a tokenizer-only one (the lab's) loads its tokenizer and is
+  refused as a model by name; SmolLM2's arch and Hub id come with it."""
+
+  tok = sources.load_tokenizer("distlab")
+  assert tok("Cough , fever").input_ids  # a working tokenizer
+  with pytest.raises(ValueError, match="'distlab' names .*not a model source"):
+    sources.resolve("distlab")
+  assert sources.arch_name("smollm2") == "smollm2_135m"
+  assert sources.arch_name("/some/dir") == ""
+  hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+  assert sources.base_model("smollm2") == (hub, "apache-2.0")

@@ -42,8 +42,22 @@ def _function_lengths(path: pathlib.Path):
 def test_the_loop_is_only_the_loop():
   """loop.py keeps the loop: the policy, the update, checkpoint layout,
   warm-up and export live in their own modules."""
-  lines = (PKG / "loop.py").read_text(encoding="utf-8").splitlines()
-  assert len(lines) <= 400
+  path = PKG / "loop.py"
+  assert len(path.read_text(encoding="utf-8").splitlines()) <= 400
+  tree = ast.parse(path.read_text())
+  typing_only = {  # under ``if TYPE_CHECKING:``: annotations, not coupling
+    id(n)
+    for node in ast.walk(tree)
+    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    for n in ast.walk(node)
+  }
+  runtime = {
+    m
+    for node in ast.walk(tree)
+    if id(node) not in typing_only
+    for m in _imports_of(node, "multians_jax")
+  }
+  assert len(runtime) <= 10, sorted(runtime)
 
 
 def test_no_function_over_the_size_cap():
@@ -56,33 +70,39 @@ def test_no_function_over_the_size_cap():
   assert not big, big
 
 
-def _runtime_imports(path: pathlib.Path, pkg: str) -> set[str]:
-  """Package modules imported when ``path`` runs (``TYPE_CHECKING``-only
-  imports excluded)."""
-  tree = ast.parse(path.read_text())
-  skip = set()
-  for node in ast.walk(tree):
-    test = getattr(node, "test", None)
-    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(test):
-      skip |= {id(n) for n in ast.walk(node)}
+def _imports(path: pathlib.Path, pkg: str) -> set[str]:
+  """Package modules ``path`` imports, ``TYPE_CHECKING``-only imports
+  included (a cycle through a type annotation is still a cycle)."""
   out = set()
-  for node in ast.walk(tree):
-    if id(node) in skip:
-      continue
-    if isinstance(node, ast.ImportFrom) and node.module:
-      if node.module == pkg:  # from multians_jax import x, y
-        out |= {f"{pkg}.{a.name}" for a in node.names}
-      elif node.module.startswith(pkg + "."):
-        out.add(node.module)
-    elif isinstance(node, ast.Import):
-      out |= {a.name for a in node.names if a.name.startswith(pkg + ".")}
+  for node in ast.walk(ast.parse(path.read_text())):
+    out |= _imports_of(node, pkg)
   return out
+
+
+def _imports_of(node, pkg: str) -> set[str]:
+  """The package modules one import statement names: ``from pkg.sub
+  import mod`` names ``pkg.sub.mod``, ``from pkg.mod import name`` names
+  ``pkg.mod``."""
+  if isinstance(node, ast.ImportFrom) and node.module:
+    if node.module == pkg:  # from multians_jax import x, y
+      return {f"{pkg}.{a.name}" for a in node.names}
+    if node.module.startswith(pkg + "."):
+      mods = {f"{node.module}.{a.name}" for a in node.names}
+      return {m for m in mods if _is_module(m)} or {node.module}
+  elif isinstance(node, ast.Import):
+    return {a.name for a in node.names if a.name.startswith(pkg + ".")}
+  return set()
+
+
+def _is_module(name: str) -> bool:
+  rel = pathlib.Path(*name.split(".")[1:])
+  return (PKG / rel).with_suffix(".py").exists() or (PKG / rel).is_dir()
 
 
 def test_no_import_cycle():
   mods = dict(_modules())
   graph = {
-    n: {m for m in _runtime_imports(p, "multians_jax") if m in mods and m != n}
+    n: {m for m in _imports(p, "multians_jax") if m in mods and m != n}
     for n, p in mods.items()
   }
   for n in graph:  # a package's own submodules are not a cycle through it
@@ -105,17 +125,30 @@ def test_no_import_cycle():
   assert not cycles, cycles
 
 
-def test_importing_the_config_draws_no_plots():
+def test_importing_the_config_loads_no_model_code():
   """``import multians_jax.config`` (every tool and the entry point do)
-  loads no matplotlib: it is imported where a plot is drawn."""
+  loads at most 12 package modules (the settings are a leaf: no model,
+  sampler or loss code) and no matplotlib, which is imported where a plot
+  is drawn."""
   import subprocess
   import sys
 
   code = (
-    "import sys, multians_jax.config, multians_jax.metrics; "
-    "print('matplotlib' in sys.modules)"
+    "import sys, multians_jax.config; "
+    "print(sorted(m for m in sys.modules if m.startswith('multians_jax'))); "
+    "import multians_jax.metrics; print('matplotlib' in sys.modules)"
   )
-  out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, check=True
-  ).stdout
-  assert out.strip().splitlines()[-1] == "False"
+  out = (
+    subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+    .stdout.strip()
+    .splitlines()
+  )
+  loaded = eval(out[-2])  # a printed list of module names
+  assert len(loaded) <= 12, loaded
+  assert "multians_jax.model.transformer" not in loaded
+  assert out[-1] == "False"

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from multians_jax import loop, sharding
+from multians_jax.config import RunConfig
 from multians_jax.model import sampler
 from multians_jax.model import support as support_lib
 from multians_jax.model import transformer as model
@@ -176,13 +177,13 @@ def test_run_config_errors_name_the_key():
   from configs import tiny
 
   good = tiny.get_config().to_dict()
-  assert loop.RunConfig.from_dict(good).rl.micro_batches == 2
+  assert RunConfig.from_dict(good).rl.micro_batches == 2
 
   def bad(section, key, value, match):
     c = tiny.get_config().to_dict()
     c[section][key] = value
     with pytest.raises(ValueError, match=match):
-      loop.RunConfig.from_dict(c)
+      RunConfig.from_dict(c)
 
   bad("rl", "loss_agg", "sum", "loss_agg")
   bad("rl", "micro_batches", 3, "rl.micro_batches")
@@ -194,7 +195,7 @@ def test_run_config_errors_name_the_key():
   c = tiny.get_config().to_dict()
   c["extra"] = {}
   with pytest.raises(ValueError, match="extra"):
-    loop.RunConfig.from_dict(c)
+    RunConfig.from_dict(c)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +214,7 @@ def test_every_config_validates(name, arg):
   import importlib
 
   cfg = importlib.import_module(f"configs.{name}").get_config(arg)
-  run = loop.RunConfig.from_dict(cfg.to_dict())
+  run = RunConfig.from_dict(cfg.to_dict())
   assert run.steps >= 1 or arg == "base"  # base: warm-up only
   if name.startswith("qwen3_8b"):
     assert run.rl.num_generations == 32 and run.optim.lr == 1e-6
@@ -245,7 +246,7 @@ def test_paper_config_runs_two_steps_with_a_tiny_stand_in(tmp_path, mode):
   cfg.eval.num_generations = 2
   cfg.ckpt.every_steps = 2
   cfg.export.hf_dir = ""
-  run = loop.RunConfig.from_dict(cfg.to_dict())
+  run = RunConfig.from_dict(cfg.to_dict())
   recs = [
     {
       "id": f"ddx-{i}",

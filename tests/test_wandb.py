@@ -14,7 +14,8 @@ import pytest
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
-from multians_jax import loop, telemetry  # noqa: E402
+from multians_jax import telemetry  # noqa: E402
+from multians_jax.config import RunConfig  # noqa: E402
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def _tiny_run(**log):
 
   c = tiny.get_config().to_dict()
   c["log"].update(log)
-  return loop.RunConfig.from_dict(c)
+  return RunConfig.from_dict(c)
 
 
 def test_rows_config_and_images_reach_the_offline_run(offline):

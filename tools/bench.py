@@ -66,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_torch import TORCH_INPUTS, time_transformers, torch_update  # noqa: E402
 
-from multians_jax import checkpoint, config, sharding
+from multians_jax import config, sharding, sources
 from multians_jax.aot import profiling
 from multians_jax.interop import hf
 from multians_jax.model import sampler
@@ -150,7 +150,7 @@ def load(name: str):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   if name == "tiny":
     return model_lib.init_model(TINY, mesh, sharding.TRAIN_RULES), None
-  model, _, tok = checkpoint.load_model(name, mesh, sharding.TRAIN_RULES)
+  model, _, tok = sources.load_model(name, mesh, sharding.TRAIN_RULES)
   return model, tok
 
 

@@ -85,10 +85,10 @@ def _ours(hf_dir):
   import bench
   import jax
 
-  from multians_jax import checkpoint, sharding
+  from multians_jax import sharding, sources
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  model, _, _ = checkpoint.load_model(hf_dir, mesh, sharding.TRAIN_RULES)
+  model, _, _ = sources.load_model(hf_dir, mesh, sharding.TRAIN_RULES)
   return model, bench
 
 

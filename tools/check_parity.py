@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from multians_jax import checkpoint, sharding
+from multians_jax import sharding, sources
 
 _CKPT = flags.DEFINE_string("ckpt", None, "Our model path.")
 _HF = flags.DEFINE_string("hf", None, "Reference HF directory or .gguf file.")
@@ -50,7 +50,7 @@ def main(argv):
 
   tok, ref = reference(_HF.value)
   mesh = sharding.make_mesh()
-  ours, _, _ = checkpoint.load_model(_CKPT.value, mesh, sharding.TRAIN_RULES)
+  ours, _, _ = sources.load_model(_CKPT.value, mesh, sharding.TRAIN_RULES)
   tok.padding_side = "left"
   if tok.pad_token is None:
     tok.pad_token = tok.eos_token

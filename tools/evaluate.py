@@ -35,7 +35,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from multians_jax import checkpoint, config, evaluate, sharding
+from multians_jax import config, evaluate, sharding, sources
 from multians_jax.data import datasets, prompts
 from multians_jax.data import pipeline as data
 from multians_jax.data.datasets import schema
@@ -140,9 +140,7 @@ def main(argv):
     sys.exit(f"evaluate: {e}")
   os.makedirs(_OUT.value, exist_ok=True)
   mesh = sharding.make_mesh()
-  model, cfg, tok = checkpoint.load_model(
-    _MODEL.value, mesh, sharding.TRAIN_RULES
-  )
+  model, cfg, tok = sources.load_model(_MODEL.value, mesh, sharding.TRAIN_RULES)
   src = records(st)
   recs = [src[i] for i in range(min(st.eval.num_prompts, len(src)))]
   res = run_one(model, cfg, tok, recs, st.reward, st.eval, st.seed)

@@ -11,7 +11,7 @@ Weights are loaded shard by shard straight into the mesh's layout.
 
 from absl import app, flags, logging
 
-from multians_jax import checkpoint, sharding
+from multians_jax import sharding, sources
 
 _SRC = flags.DEFINE_string("src", None, "HF model directory or .gguf file.")
 _OUT = flags.DEFINE_string("out", None, "New checkpoint directory.")
@@ -27,7 +27,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   mesh = sharding.make_mesh(fsdp=_FSDP.value, tensor=_TENSOR.value)
-  n = checkpoint.import_model(
+  n = sources.import_model(
     _SRC.value,
     _OUT.value,
     mesh,

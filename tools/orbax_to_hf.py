@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags, logging
 
-from multians_jax import checkpoint, sharding
+from multians_jax import sharding, sources
 from multians_jax.interop import hf
 from multians_jax.report import card
 
@@ -39,7 +39,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   mesh = sharding.make_mesh()
-  model, cfg, tok = checkpoint.load_model(
+  model, cfg, tok = sources.load_model(
     _CKPT.value, mesh, sharding.TRAIN_RULES, step=_STEP.value
   )
   hf.save(
@@ -49,7 +49,7 @@ def main(argv):
     max_shard_bytes=int(_SHARD.value * 2**30),
     dtype=_DTYPE.value,
   )
-  kind, path = checkpoint.resolve(_CKPT.value)
+  kind, path = sources.resolve(_CKPT.value)
   run_config = summaries = step = None
   path = os.path.abspath(path)
   if kind == "checkpoint" and os.path.basename(path) == "checkpoints":

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from multians_jax import checkpoint, config, sharding
+from multians_jax import config, sharding, sources
 from multians_jax.data import prompts
 from multians_jax.model import sampler  # noqa: E402
 from multians_jax.rl import parsing, reward
@@ -138,7 +138,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"sample: {e}")
   mesh = sharding.make_mesh()
-  model, cfg, tok = checkpoint.load_model(st.model, mesh, sharding.TRAIN_RULES)
+  model, cfg, tok = sources.load_model(st.model, mesh, sharding.TRAIN_RULES)
   tokens, mask, shown = encode(tok, st)
   stop_ids, pad_id = config.stop_and_pad(cfg, tok)
   scfg = dataclasses.replace(st.sampling, stop_ids=stop_ids, pad_id=pad_id)

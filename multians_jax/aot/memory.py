@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from multians_jax import checkpoint, config, sharding
+from multians_jax import checkpoint, config, sharding, sources
 from multians_jax.data import pipeline as data
 from multians_jax.model import lora
 from multians_jax.model import support as support_lib
@@ -400,9 +400,9 @@ def model_config(c) -> model_lib.ModelConfig:
     lora_alpha=m.lora_alpha,
     lora_targets=m.lora_targets,
   )
-  if m.path == "random" and m.arch:
+  if m.path == sources.RANDOM and m.arch:
     return model_lib.ModelConfig(**{**dict(m.arch), **over})
-  name = m.arch_name or ("smollm2_135m" if m.path == "smollm2" else "")
+  name = m.arch_name or sources.arch_name(m.path)
   if not name:
     raise ValueError(
       "config.model.arch_name is required to size a model without loading it "

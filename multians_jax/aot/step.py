@@ -24,7 +24,7 @@ with the config's real shapes and shardings:
   LoRA, the KL term);
 * ``logprobs``: ``update.completion_logprobs`` when the step recomputes
   π_old (``rl.num_iterations > 1``) or takes reference log-probs
-  (``rl.kl_beta > 0``);
+  (``loss.kl_beta > 0``);
 * ``warmup``: ``warmup.sft_step`` when the warm-up is on.
 
 Per stage and chip it reports the compiler's memory (arguments, outputs,

@@ -31,7 +31,6 @@ and the epoch-spanning batches then live in one small, version-independent
 state dict, and the logic is a few lines.
 """
 
-import dataclasses
 import os
 
 import flax.struct
@@ -39,6 +38,9 @@ import jax
 import numpy as np
 
 from multians_jax.data import datasets, prompts
+from multians_jax.settings import (  # settings of this module
+  PipelineConfig as PipelineConfig,
+)
 
 STATE_VERSION = 1
 
@@ -64,25 +66,6 @@ class PromptBatch:
   tests: list = flax.struct.field(pytree_node=False)
   ids: list = flax.struct.field(pytree_node=False)
   metas: list = flax.struct.field(pytree_node=False, default=None)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-  """Settings of the prompt pipeline (unpacked from ``config.data``)."""
-
-  batch_size: int  # P, prompts per batch.
-  mode: str  # reward mode, selects the system prompt (prompts.MODES).
-  num_answers: int  # A, answers asked for per generation.
-  max_prompt_len: int  # longer prompts are dropped and counted.
-  min_bucket: int = 64  # smallest padded length.
-  seed: int = 0  # shuffle seed.
-  shuffle: bool = True  # False: records in source order (evaluation).
-  num_epochs: int | None = None  # None: repeat forever.
-
-  def __post_init__(self):
-    if self.batch_size < 1 or self.max_prompt_len < 1 or self.min_bucket < 1:
-      raise ValueError(f"sizes must be positive: {self}")
-    prompts.check_mode(self.mode)
 
 
 def bucket_length(length: int, min_bucket: int, max_len: int) -> int:

@@ -95,6 +95,16 @@ def smollm2_gguf_path() -> str:
   return path
 
 
+def load(path: str, mesh, rules, **overrides):
+  """A local ``.gguf`` file → (model, config, tokenizer), sharded as
+  ``hf.load_params`` shards an HF directory's weights."""
+  from multians_jax.interop import hf, hf_config
+
+  source = GGUFSource(path)
+  cfg = hf_config.from_hf_config(source.hf_config, **overrides)
+  return hf.load_params(source, cfg, mesh, rules), cfg, source.tokenizer()
+
+
 def hf_name(gguf_name: str) -> str | None:
   """HF tensor name for a GGUF tensor name, or None if it has none."""
   if gguf_name in _GLOBAL_NAMES:

@@ -263,19 +263,12 @@ def _flat_with(abs_state, arrays):
 
 
 def load(path: str, mesh, rules, **overrides):
-  """HF directory (local or an ``epath`` URI such as ``gs://bucket/dir``) or
-  local ``.gguf`` file → (model, config, tokenizer or None)."""
-  if path.endswith(".gguf"):
-    from multians_jax.interop import gguf
-
-    source = gguf.GGUFSource(path)
-    cfg = from_hf_config(source.hf_config, **overrides)
-    return load_params(source, cfg, mesh, rules), cfg, source.tokenizer()
+  """HF directory (local or an ``epath`` URI such as ``gs://bucket/dir``)
+  → (model, config, tokenizer or None). Any model source:
+  ``sources.load_model``."""
   conf = epath.Path(path) / "config.json"
   if not conf.exists():
-    raise FileNotFoundError(
-      f"no HF model directory (config.json) or .gguf file at {path}"
-    )
+    raise FileNotFoundError(f"no HF model directory (config.json) at {path}")
   try:
     hf_cfg = json.loads(conf.read_text())
   except ValueError as e:

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from multians_jax import sharding
+from multians_jax.model.config import IMPLS
 
-IMPLS = ("xla", "cudnn", "splash")
 BLOCK = 128  # splash block size; lengths are padded to a multiple of it
 
 

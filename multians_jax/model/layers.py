@@ -15,7 +15,6 @@ decode step).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +22,8 @@ from flax import struct
 
 from multians_jax import sharding
 from multians_jax.model import attention as attn
-
-if TYPE_CHECKING:
-  from multians_jax.model.transformer import KVCache, ModelConfig
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from multians_jax.model.cache import KVCache
+from multians_jax.model.config import DTYPES, ModelConfig
 
 
 @struct.dataclass

@@ -34,7 +34,6 @@ vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -48,42 +47,9 @@ from multians_jax.model import attention as attention_lib
 from multians_jax.model import layers as layers_lib
 from multians_jax.model import support as support_lib
 from multians_jax.model import transformer as model_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """Static sampling settings (hashable: part of the compilation key)."""
-
-  max_new_tokens: int = 128
-  temperature: float = 1.0  # 0 = greedy
-  top_k: int = 0  # 0 = off
-  top_p: float = 1.0  # 1 = off
-  stop_ids: tuple[int, ...] = ()  # EOS and any extra stop tokens
-  pad_id: int = 0  # written after a row stops
-  cache_dtype: str = "float32"  # bfloat16 on accelerators
-  slots: int = 0  # rows decoded at once, refilled as rows stop (0 = all)
-  min_prompt_bucket: int = 16  # 0 = keep the caller's (pre-bucketed) length
-
-  def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError("sampler.max_new_tokens must be >= 1")
-    if self.temperature < 0:
-      raise ValueError("sampler.temperature must be >= 0")
-    if self.top_k < 0:
-      raise ValueError("sampler.top_k must be >= 0")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError("sampler.top_p must be in (0, 1]")
-    if self.slots < 0:
-      raise ValueError("sampler.slots must be >= 0 (0 = one per row)")
-    if self.cache_dtype not in model_lib.DTYPES:
-      raise ValueError(
-        f"sampler.cache_dtype must be in {tuple(model_lib.DTYPES)}"
-      )
-
-  @property
-  def support(self) -> support_lib.Support:
-    """The top-k / top-p support drawn from (and scored on by the update)."""
-    return support_lib.Support(self.top_k, self.top_p)
+from multians_jax.settings import (  # settings of this module
+  SamplingConfig as SamplingConfig,
+)
 
 
 @struct.dataclass

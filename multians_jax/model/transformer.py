@@ -7,7 +7,8 @@ H head dim, F MLP hidden dim, V vocab, L layers.
 Layer parameters are stacked on a leading ``L`` axis and the decoder runs as
 one ``jax.lax.scan``: compile time does not grow with depth (SmolLM2's 30
 layers compile as fast as 2). The layer itself, as pure functions of arrays,
-is in ``layers.py``; here are its configuration, parameters and cache.
+is in ``layers.py``, its configuration in ``config.py`` and its cache in
+``cache.py``; here are its parameters and the forward.
 
 One forward serves training (no cache), prefill and decode (cache): tokens
 come with explicit ``positions`` (RoPE) and a ``mask`` of real tokens, so
@@ -16,260 +17,60 @@ left padding never relies on a pad id.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from multians_jax import sharding
-from multians_jax.model import attention as attention_lib
 from multians_jax.model import layers as L
-from multians_jax.model.layers import DTYPES
 
-FAMILIES = ("llama", "qwen2", "qwen3")
-REMAT = ("none", "full", "dots")
-# Projections that take low-rank adapters, and their Hugging Face names.
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-HF_PROJ = {
-  "q_proj": "wq",
-  "k_proj": "wk",
-  "v_proj": "wv",
-  "o_proj": "wo",
-  "gate_proj": "w_gate",
-  "up_proj": "w_up",
-  "down_proj": "w_down",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture and numerics of a decoder. Hashable (static under jit)."""
-
-  family: str  # llama | qwen2 | qwen3
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  d_ff: int
-  rope_theta: float = 10000.0
-  rope_type: str = "default"  # default | llama3
-  rope_factor: float = 1.0  # llama3 scaling fields
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_pos: int = 8192
-  norm_eps: float = 1e-6
-  tie_embeddings: bool = False
-  qkv_bias: bool = False  # Qwen2
-  qk_norm: bool = False  # Qwen3
-  max_seq_len: int = 4096
-  bos_token_id: int | None = None
-  eos_token_id: int | tuple[int, ...] | None = None
-  pad_token_id: int | None = None
-  param_dtype: str = "float32"
-  dtype: str = "float32"  # compute dtype
-  remat: str = "none"  # none | full | dots (save matmul outputs)
-  attention: str = "xla"  # xla | cudnn | splash (attention.py)
-  # LoRA: rank r > 0 adds adapters A [in, r], B [r, out] to each target
-  # projection, y = x·W + (alpha / r)·(x·A)·B (lora.py; B starts at zero).
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_targets: tuple[str, ...] = LORA_TARGETS  # ours or HF names ("q_proj")
-
-  def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f"model.family must be one of {FAMILIES}: {self.family}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-        f"model.num_heads ({self.num_heads}) must be a multiple of "
-        f"model.num_kv_heads ({self.num_kv_heads})"
-      )
-    if self.rope_type not in ("default", "llama3"):
-      raise ValueError(f"model.rope_type unsupported: {self.rope_type}")
-    for f in ("param_dtype", "dtype"):
-      if getattr(self, f) not in DTYPES:
-        raise ValueError(f"model.{f} must be one of {tuple(DTYPES)}")
-    if self.remat not in REMAT:
-      raise ValueError(f"model.remat must be one of {REMAT}: {self.remat}")
-    attention_lib.check(self.attention)
-    targets = check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
-    object.__setattr__(self, "lora_targets", targets)
-
-  def replace(self, **kw) -> ModelConfig:
-    return dataclasses.replace(self, **kw)
-
-  @property
-  def eos_ids(self) -> tuple[int, ...]:
-    e = self.eos_token_id
-    return () if e is None else (e,) if isinstance(e, int) else tuple(e)
-
-
-def check_lora(rank: int, alpha: float, targets) -> tuple[str, ...]:
-  """Validates ``model.lora_*``; returns the targets in canonical form."""
-  names = lora_targets(targets)
-  if rank < 0:
-    raise ValueError(f"model.lora_rank must be >= 0: {rank}")
-  if rank and not alpha > 0:
-    raise ValueError(f"model.lora_alpha must be > 0: {alpha}")
-  if rank and not names:
-    raise ValueError("model.lora_targets is empty: name the projections")
-  return names
-
-
-def lora_targets(targets) -> tuple[str, ...]:
-  """Target projections (a sequence, or one comma-separated string; ``all``
-  = every projection) → our names in canonical order."""
-  if isinstance(targets, str):
-    targets = [t.strip() for t in targets.split(",") if t.strip()]
-  names = set()
-  for t in targets:
-    if t == "all":
-      names.update(LORA_TARGETS)
-      continue
-    name = HF_PROJ.get(t, t)
-    if name not in LORA_TARGETS:
-      raise ValueError(
-        f"model.lora_targets: unknown projection {t!r}; known: "
-        f"{LORA_TARGETS} or {tuple(HF_PROJ)}"
-      )
-    names.add(name)
-  return tuple(n for n in LORA_TARGETS if n in names)
-
-
-_QWEN_IDS = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
-_LLAMA3 = dict(
-  family="llama", vocab_size=128256, d_model=4096, num_layers=32,
-  num_heads=32, num_kv_heads=8, head_dim=128, d_ff=14336, rope_theta=5e5,
-  norm_eps=1e-5, bos_token_id=128000,
-)  # fmt: skip
-# Named architectures: shapes and token ids of models we know, for sizing a
-# model without its files (tools/memory.py, model.arch_name).
-ARCHS: dict[str, ModelConfig] = {
-  "smollm2_135m": ModelConfig(
-    family="llama", vocab_size=49152, d_model=576, num_layers=30,
-    num_heads=9, num_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5,
-    norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192,
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
-  ),
-  "qwen3_0_6b": ModelConfig(
-    family="qwen3", vocab_size=151936, d_model=1024, num_layers=28,
-    num_heads=16, num_kv_heads=8, head_dim=128, d_ff=3072, rope_theta=1e6,
-    tie_embeddings=True, qk_norm=True, max_seq_len=40960, **_QWEN_IDS,
-  ),
-  "qwen3_1_7b": ModelConfig(
-    family="qwen3", vocab_size=151936, d_model=2048, num_layers=28,
-    num_heads=16, num_kv_heads=8, head_dim=128, d_ff=6144, rope_theta=1e6,
-    tie_embeddings=True, qk_norm=True, max_seq_len=40960, **_QWEN_IDS,
-  ),
-  "qwen3_8b": ModelConfig(
-    family="qwen3", vocab_size=151936, d_model=4096, num_layers=36,
-    num_heads=32, num_kv_heads=8, head_dim=128, d_ff=12288, rope_theta=1e6,
-    qk_norm=True, max_seq_len=40960, **_QWEN_IDS,
-  ),
-  "qwen2_5_7b": ModelConfig(
-    family="qwen2", vocab_size=152064, d_model=3584, num_layers=28,
-    num_heads=28, num_kv_heads=4, head_dim=128, d_ff=18944, rope_theta=1e6,
-    qkv_bias=True, max_seq_len=32768, **_QWEN_IDS,
-  ),
-  "llama3_8b": ModelConfig(
-    **_LLAMA3, max_seq_len=8192, eos_token_id=128001
-  ),
-  "llama3_1_8b": ModelConfig(
-    **_LLAMA3, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0, rope_original_max_pos=8192,
-    max_seq_len=131072, eos_token_id=(128001, 128008, 128009),
-  ),
-}  # fmt: skip
-
-
-def named_arch(name: str, **overrides) -> ModelConfig:
-  """``ARCHS[name]`` with ``overrides`` (dtypes, remat, LoRA, ...)."""
-  if name not in ARCHS:
-    raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHS)}")
-  return ARCHS[name].replace(**overrides)
-
-
-# ---------------------------------------------------------------------------
-# KV cache
-
-
-@struct.dataclass
-class KVCache:
-  """Per-layer keys/values, valid slots [B, S], next slot.
-
-  ``k``/``v`` are stacked [L, B, K, S, H] arrays (what ``zeros`` builds and
-  the scanned forward reads), or the *decode layout* from ``unstacked``:
-  tuples of L per-layer buffers. In a ``while_loop`` carry each per-layer
-  buffer is then updated in place by one ``dynamic_update_slice`` and
-  attention reads it directly, whereas a scan over the stacked cache
-  copies every layer's slice (the scan's ``xs``) on every decode step.
-
-  ``key_layout`` is how the keys are stored: ``"sh"`` [.., K, S, H] like the
-  values, or ``"hs"`` [.., K, H, S] (``unstacked(key_layout="hs")``, the
-  XLA decode step's choice: the scores q·kᵀ are then a plain matmul over H
-  instead of one contracting both operands' minor dimension, which
-  XLA:CPU runs several times slower; see ``attention.decode_key_layout``).
-  """
-
-  k: jax.Array
-  v: jax.Array
-  mask: jax.Array  # bool [B, S]: slot holds a real token
-  index: jax.Array  # int32 []: next slot to write; or [B], one per row
-  key_layout: str = struct.field(pytree_node=False, default="sh")
-
-  @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None):
-    dtype = dtype or DTYPES[cfg.dtype]
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
-    return cls(
-      k=jnp.zeros(shape, dtype),
-      v=jnp.zeros(shape, dtype),
-      mask=jnp.zeros((batch, slots), bool),
-      index=jnp.zeros((), jnp.int32),
-    )
-
-  @property
-  def is_stacked(self) -> bool:
-    return not isinstance(self.k, (tuple, list))
-
-  def unstacked(self, key_layout: str = "sh") -> KVCache:
-    """The decode layout: tuples of per-layer [B, K, S, H] buffers (the
-    keys [B, K, H, S] with ``key_layout="hs"``)."""
-    if not self.is_stacked:
-      if key_layout != self.key_layout:
-        raise ValueError(
-          f"cache is unstacked with key_layout {self.key_layout!r}, "
-          f"not {key_layout!r}"
-        )
-      return self
-    if key_layout not in KEY_LAYOUTS:
-      raise ValueError(
-        f"key_layout must be one of {KEY_LAYOUTS}: {key_layout!r}"
-      )
-    if self.key_layout != "sh":
-      raise ValueError("a stacked cache stores its keys [L, B, K, S, H]")
-    n = self.k.shape[0]
-    hs = key_layout == "hs"
-    return self.replace(
-      k=tuple(self.k[i].swapaxes(2, 3) if hs else self.k[i] for i in range(n)),
-      v=tuple(self.v[i] for i in range(n)),
-      key_layout=key_layout,
-    )
-
-  def axes(self) -> tuple[tuple, tuple]:
-    """Logical sharding axes of the (per-layer, if unstacked) k and v."""
-    axes = CACHE_AXES if self.is_stacked else CACHE_AXES[1:]
-    if self.key_layout == "hs":
-      return (*axes[:-2], axes[-1], axes[-2]), axes
-    return axes, axes
-
-
-KEY_LAYOUTS = ("sh", "hs")
-CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_seq", "head_dim")
+# The model's public names, defined in leaf modules (config: validated
+# without loading the model; cache: read by the layers).
+from multians_jax.model.cache import (
+  CACHE_AXES as CACHE_AXES,
+)
+from multians_jax.model.cache import (
+  KEY_LAYOUTS as KEY_LAYOUTS,
+)
+from multians_jax.model.cache import (
+  KVCache as KVCache,
+)
+from multians_jax.model.config import (
+  ARCHS as ARCHS,
+)
+from multians_jax.model.config import (
+  DTYPES as DTYPES,
+)
+from multians_jax.model.config import (
+  FAMILIES as FAMILIES,
+)
+from multians_jax.model.config import (
+  HF_PROJ as HF_PROJ,
+)
+from multians_jax.model.config import (
+  IMPLS as IMPLS,
+)
+from multians_jax.model.config import (
+  LORA_TARGETS as LORA_TARGETS,
+)
+from multians_jax.model.config import (
+  REMAT as REMAT,
+)
+from multians_jax.model.config import (
+  ModelConfig as ModelConfig,
+)
+from multians_jax.model.config import (
+  check_lora as check_lora,
+)
+from multians_jax.model.config import (
+  lora_targets as lora_targets,
+)
+from multians_jax.model.config import (
+  named_arch as named_arch,
+)
 
 # ---------------------------------------------------------------------------
 # Modules

@@ -13,13 +13,8 @@ import glob
 import json
 import os
 
-from multians_jax import checkpoint
+from multians_jax import sources
 from multians_jax.report import run as report
-
-# Model sources with a known Hub id and licence.
-KNOWN_BASES = {
-  "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-}
 
 METHOD = {
   "rlvr": (
@@ -45,16 +40,6 @@ METHOD = {
 }
 
 
-def base_model(source: str) -> tuple[str | None, str | None]:
-  """(Hub id, licence) of a model source, where they can be known: the
-  built-in SmolLM2, or a source written as a Hub id (``org/name``)."""
-  if source in KNOWN_BASES:
-    return KNOWN_BASES[source]
-  if checkpoint.is_hub_id(source):
-    return source.split("@")[0], None
-  return None, None
-
-
 def render(
   model_cfg,
   *,
@@ -70,7 +55,7 @@ def render(
   reward = run_config.get("reward", {})
   mode = reward.get("mode")
   source = run_config.get("model", {}).get("path", "")
-  hub_id, licence = base_model(source)
+  hub_id, licence = sources.base_model(source)
   tags = ["multians_jax", "jax", "flax"]
   if mode:
     tags += ["reinforcement-learning", mode.replace("_", "-")]

@@ -27,8 +27,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KINDS = ("drgrpo", "grpo", "rloo")  # kinds that read one reward per row
-ADVANTAGES = (*KINDS, "gdpo")  # every rl.advantage
+from multians_jax.settings import (  # settings of this module
+  ADVANTAGES as ADVANTAGES,
+)
+from multians_jax.settings import (
+  BASELINES as BASELINES,
+)
+from multians_jax.settings import (
+  KINDS as KINDS,
+)
+
 STD_EPS = 1e-6
 
 
@@ -95,9 +103,6 @@ def _group_std(centred: jax.Array, ddof: int) -> jax.Array:
 def _flat_groups(r: jax.Array) -> jax.Array:
   """bool [P]: every reward of the group is equal (zero variance)."""
   return jnp.max(r, axis=1) == jnp.min(r, axis=1)
-
-
-BASELINES = ("slot", "pooled")
 
 
 def slot_advantages(

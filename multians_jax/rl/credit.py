@@ -32,8 +32,11 @@ import numpy as np
 
 from multians_jax.data import prompts
 from multians_jax.rl import advantage, parsing, reward
+from multians_jax.settings import (  # settings of this module
+  CREDITS as CREDITS,
+)
+from multians_jax.settings import check_credit
 
-CREDITS = ("sequence", "answer", "answer_to_go")
 SHARED, PAD = -1, -2  # token_slots values that are not a slot index
 
 
@@ -194,11 +197,8 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     and ``credit/slot_token_frac``, the share of completion tokens that
     took a slot's advantage).
   """
-  if credit not in CREDITS:
-    raise ValueError(f"rl.credit must be one of {CREDITS}: {credit!r}")
+  check_credit(kind, credit, baseline)
   if kind == "gdpo":
-    if credit != "sequence":
-      raise ValueError("rl.advantage='gdpo' needs rl.credit='sequence'")
     if reward_cfg is None:
       raise ValueError("rl.advantage='gdpo' needs reward_cfg")
     comps, w = reward_components(scores, reward_cfg)
@@ -213,10 +213,6 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     return np.asarray(seq), info
   slot = jnp.asarray(scores.slot, jnp.float32)
   if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
-    if baseline != "slot":
-      raise ValueError(
-        "rl.credit='answer_to_go' needs rl.credit_baseline='slot'"
-      )
     slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
   valid = jnp.asarray(scores.decomposable) > 0
   g, a = slot.shape[0] // p, slot.shape[1]

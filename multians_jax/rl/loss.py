@@ -23,7 +23,7 @@ counted token:
 - ``seq_mean_token_sum_norm`` (Dr.GRPO): Σ_seq (Σ_t ℓ·m / max_len_norm)
   / N_seq.
 
-Per-token losses ℓ (``rl.loss``; ρ_t = π/π_old of token t, A its
+Per-token losses ℓ (``loss.kind``; ρ_t = π/π_old of token t, A its
 advantage):
 
 - ``ppo``: −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A).
@@ -52,9 +52,16 @@ import jax.numpy as jnp
 
 from multians_jax import sharding
 from multians_jax.model.support import FULL, Support, support_mask
+from multians_jax.settings import (  # settings of this module
+  LOSS_AGGS as LOSS_AGGS,
+)
+from multians_jax.settings import (
+  LOSSES as LOSSES,
+)
+from multians_jax.settings import (
+  LossConfig as LossConfig,
+)
 
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-LOSSES = ("ppo", "gspo", "cispo")
 DEFAULT_CHUNK = 128
 
 # ---------------------------------------------------------------------------
@@ -282,71 +289,6 @@ _chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd)
 # Objective
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Settings of the clipped policy-gradient loss (METHOD §5, ``rl.*``).
-
-  Attributes:
-    clip_eps_low: ε_low, the ratio is clipped below at 1 − ε_low; in [0, 1).
-    clip_eps_high: ε_high, clipped above at 1 + ε_high; ≥ 0.
-    loss_agg: one of ``LOSS_AGGS`` (module docstring).
-    max_len_norm: Dr.GRPO's constant divisor (the maximum completion
-      length); required by ``seq_mean_token_sum_norm``.
-    kl_beta: β of the k3 KL penalty against a frozen reference; 0 = none.
-    mask_truncated: drop completions cut by the length limit from the loss.
-    kind: ``ppo`` | ``gspo`` | ``cispo`` (module docstring).
-    gspo_clip_low / gspo_clip_high: GSPO's clip range of the sequence
-      ratio (its paper's 3e-4 / 4e-4).
-  """
-
-  clip_eps_low: float = 0.2
-  clip_eps_high: float = 0.2
-  loss_agg: str = "token_mean"
-  max_len_norm: int | None = None
-  kl_beta: float = 0.0
-  mask_truncated: bool = False
-  kind: str = "ppo"
-  gspo_clip_low: float = 3e-4
-  gspo_clip_high: float = 4e-4
-
-  def __post_init__(self):
-    if self.kind not in LOSSES:
-      raise ValueError(f"rl.loss must be one of {LOSSES}: {self.kind!r}")
-    if self.kind == "gspo" and self.loss_agg != "seq_mean_token_mean":
-      raise ValueError(
-        "rl.loss='gspo' optimises a mean over sequences of a sequence-level "
-        "ratio: it needs rl.loss_agg='seq_mean_token_mean', got "
-        f"{self.loss_agg!r}"
-      )
-    for name in ("gspo_clip_low", "gspo_clip_high"):
-      v = getattr(self, name)
-      if not (math.isfinite(v) and 0 <= v < 1):
-        raise ValueError(f"rl.{name} must be in [0, 1): {v}")
-    if not 0 <= self.clip_eps_low < 1:
-      raise ValueError(
-        f"rl.clip_eps_low must be in [0, 1): {self.clip_eps_low}"
-      )
-    if not self.clip_eps_high >= 0:
-      raise ValueError(f"rl.clip_eps_high must be >= 0: {self.clip_eps_high}")
-    if self.loss_agg not in LOSS_AGGS:
-      raise ValueError(
-        f"rl.loss_agg must be one of {LOSS_AGGS}: {self.loss_agg!r}"
-      )
-    sum_norm = self.loss_agg == "seq_mean_token_sum_norm"
-    if sum_norm and not (self.max_len_norm and self.max_len_norm > 0):
-      raise ValueError(
-        "rl.max_len_norm must be a positive length (the maximum completion "
-        "length) with rl.loss_agg='seq_mean_token_sum_norm': "
-        f"{self.max_len_norm}"
-      )
-    if not (math.isfinite(self.kl_beta) and self.kl_beta >= 0):
-      raise ValueError(f"rl.kl_beta must be finite and >= 0: {self.kl_beta}")
-    if not isinstance(self.mask_truncated, bool):
-      raise ValueError(
-        f"rl.mask_truncated must be a bool: {self.mask_truncated!r}"
-      )
-
-
 def k3_kl(ref_logp: jax.Array, logp: jax.Array) -> jax.Array:
   """Schulman's k3 estimator of KL(π‖π_ref): e^d − d − 1, d = ref − logp."""
   d = ref_logp - logp
@@ -377,7 +319,7 @@ def per_token_loss(
     loss = -jnp.minimum(ratio * a, jnp.clip(ratio, low, high) * a)
   if cfg.kl_beta > 0:
     if ref_logp is None:
-      raise ValueError("rl.kl_beta > 0 needs ref_logp (reference log-probs)")
+      raise ValueError("loss.kl_beta > 0 needs ref_logp (reference log-probs)")
     loss = loss + cfg.kl_beta * k3_kl(jax.lax.stop_gradient(ref_logp), logp)
   return loss
 
@@ -388,7 +330,7 @@ def _ratio(logp, old_logp, cfg: LossConfig, mask):
     ratio = jnp.exp(logp - old_logp)
     return ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
   if mask is None:
-    raise ValueError("rl.loss='gspo' needs the token mask")
+    raise ValueError("loss.kind='gspo' needs the token mask")
   m = mask.astype(jnp.float32)
   d = (logp - old_logp) * m
   seq = jnp.sum(d, axis=1, keepdims=True) / jnp.maximum(
@@ -412,7 +354,7 @@ def counted_mask(
   if not cfg.mask_truncated:
     return m
   if truncated is None:
-    raise ValueError("rl.mask_truncated=True needs the truncated flags [B]")
+    raise ValueError("loss.mask_truncated=True needs the truncated flags [B]")
   if truncated.shape != mask.shape[:1]:
     raise ValueError(
       f"truncated must be [B] = {mask.shape[:1]}, got {truncated.shape}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -31,107 +30,22 @@ from flax import struct
 from multians_jax.data import prompts
 from multians_jax.rl import matchers
 from multians_jax.rl.parsing import Parsed, parse
+from multians_jax.settings import (  # settings of this module
+  CORRECTNESS as CORRECTNESS,
+)
+from multians_jax.settings import (
+  PAPER as PAPER,
+)
+from multians_jax.settings import (
+  PRESETS as PRESETS,
+)
+from multians_jax.settings import (
+  RewardConfig as RewardConfig,
+)
 
-CORRECTNESS = ("count", "count_over_k", "any")
-PRESETS = ("paper", "reference")
 # Σq > 1 + SUM_TOL trips the ``confidence_sum_le_one`` gate; the tolerance
 # absorbs float32 rounding of confidences that sum to exactly one.
 SUM_TOL = 1e-5
-
-
-# The paper's reward (arXiv 2603.24844): r_acc = D, R = r_acc - B, Σq <= 1
-# gate. RewardConfig's defaults are the training defaults (configs/base.py:
-# the reference code's ``any`` / ``reference``, no Σq gate);
-# ``RewardConfig(**PAPER)`` is the paper's.
-PAPER = dict(correctness="count", preset="paper", confidence_sum_le_one=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-  """Reward settings (METHOD §3); the defaults are training's (``PAPER``).
-
-  Attributes:
-    mode: output format, one of ``prompts.MODES``.
-    num_answers: K answers per generation in the multi modes.
-    correctness: r_acc = D (``count``, paper), D/K (``count_over_k``) or
-      1[D >= 1] (``any``, the reference code's default).
-    preset: ``paper`` (R = r_acc - B, format failure gives
-      ``format_penalty``) or ``reference`` (R = w_f f + w_a r_acc +
-      w_b (1 - B)).
-    require_distinct: in ``multi_rlcr``, duplicate answers (after
-      normalisation) zero r_acc and disable the Brier term. Has no effect on
-      ``multi_rlvr``, where duplicates simply add nothing to D.
-    confidence_sum_le_one: disable the Brier term when Σq > 1. Only right
-      for single-truth tasks: when answers are not mutually exclusive the
-      true marginals p_i can sum above one, and this gate then breaks the
-      properness of the Multi-RLCR reward (honest q = p is punished).
-    require_think: the ``<think>`` block must come first.
-    accept_percent: read ``70%`` as 0.7.
-    format_penalty: total reward of a format failure in the ``paper``
-      preset.
-    weights: (w_f, w_a, w_b) of the ``reference`` preset.
-    matcher: a name in ``matchers.MATCHERS`` (``exact``, ``numeric``,
-      ``code``) or a ``matchers.Matcher`` object (your own).
-  """
-
-  mode: str = "multi_rlcr"
-  num_answers: int = 3
-  correctness: str = "any"
-  preset: str = "reference"
-  require_distinct: bool = True
-  confidence_sum_le_one: bool = False
-  require_think: bool = True
-  accept_percent: bool = False
-  format_penalty: float = 0.0
-  weights: tuple = (0.5, 0.5, 0.5)
-  matcher: str | matchers.Matcher = "exact"
-
-  def __post_init__(self):
-    _check_choice("mode", self.mode, prompts.MODES)
-    _check_choice("correctness", self.correctness, CORRECTNESS)
-    _check_choice("preset", self.preset, PRESETS)
-    if not isinstance(self.num_answers, int) or self.num_answers < 1:
-      raise ValueError(f"num_answers must be an int >= 1: {self.num_answers}")
-    for name in _BOOL_FIELDS:
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"{name} must be a bool: {getattr(self, name)!r}")
-    if not math.isfinite(float(self.format_penalty)):
-      raise ValueError(f"format_penalty must be finite: {self.format_penalty}")
-    w = tuple(float(x) for x in self.weights)
-    if len(w) != 3 or not all(math.isfinite(x) for x in w):
-      raise ValueError(f"weights must be 3 finite floats: {self.weights}")
-    object.__setattr__(self, "weights", w)
-    matchers.get(self.matcher)  # a known name or a Matcher
-
-  @property
-  def slots(self) -> int:
-    """A: answer slots per completion (K, or 1 in single-answer modes)."""
-    return prompts.slots(self.mode, self.num_answers)
-
-  def kernel_kwargs(self) -> dict:
-    """Keyword arguments of ``set_reward_kernel`` for this config."""
-    return dict(
-      mode=self.mode,
-      correctness=self.correctness,
-      preset=self.preset,
-      require_distinct=self.require_distinct,
-      confidence_sum_le_one=self.confidence_sum_le_one,
-      format_penalty=float(self.format_penalty),
-      weights=self.weights,
-    )
-
-
-_BOOL_FIELDS = (
-  "require_distinct",
-  "confidence_sum_le_one",
-  "require_think",
-  "accept_percent",
-)
-
-
-def _check_choice(field: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"{field} must be one of {choices}, got {value!r}")
 
 
 # ------------------------------------------------------------------ kernel

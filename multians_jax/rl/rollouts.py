@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from multians_jax import sharding
+from multians_jax import metrics, sharding
 from multians_jax.model import sampler
 from multians_jax.rl import credit, matchers, parsing, reward
 
@@ -220,6 +220,38 @@ def sample_and_score(run, model, batch, tok, scfg, key, mesh) -> Scored:
     token_slots=run.rl.credit != "sequence",
   )
   return Scored(rollout, rewards, (t1 - t0, time.perf_counter() - t1))
+
+
+def advantages(run, scored: Scored, num_prompts: int, live=None):
+  """(advantages, info) of a scored step under the run's ``rl.advantage``,
+  ``rl.credit`` and ``rl.credit_baseline`` (``credit.rollout_advantages``:
+  [B] per sequence, [B, L] per token); ``live`` (dynamic sampling's
+  filler mask) zeroes filler groups. Host values, equal everywhere."""
+  rl = run.rl
+  adv, info = credit.rollout_advantages(
+    scored.rewards.scores,
+    num_prompts,
+    token_slot=scored.rewards.token_slot,
+    kind=rl.advantage,
+    credit=rl.credit,
+    baseline=rl.credit_baseline,
+    reward_cfg=run.reward,
+  )
+  if live is not None:  # filler groups: no gradient
+    adv = adv * (live[:, None] if adv.ndim == 2 else live)
+  return adv, info
+
+
+def step_metrics(scored: Scored, group_size: int) -> dict[str, float]:
+  """What one step's rollouts did: ``metrics.summarize`` of the rewards,
+  the sampler's throughput and the truncation rate."""
+  r = scored.rewards
+  out = metrics.summarize(r.scores, r.lengths, group_size=group_size)
+  out.update(
+    tokens_per_sec=float(np.sum(r.lengths)) / max(scored.seconds[0], 1e-9),
+    truncation_rate=float(np.mean(r.truncated)),
+  )
+  return out
 
 
 def flat_groups(rewards: Rewards, g: int) -> np.ndarray:

@@ -15,7 +15,6 @@ The training loop itself lives in ``loop.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -26,60 +25,17 @@ from flax import nnx, struct
 
 from multians_jax import sharding
 from multians_jax.model import lora
-from multians_jax.model import support as support_lib
 from multians_jax.model import transformer as model_lib
 from multians_jax.rl import loss
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with warmup, a decay schedule and global-norm clipping."""
-
-  lr: float = 1e-6
-  schedule: str = "constant"  # constant | linear | cosine (after warmup)
-  warmup_steps: int = 0
-  total_steps: int = 500  # for the linear / cosine decay
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0  # not applied to norms (1-D params)
-  grad_clip: float = 1.0  # global norm; 0 = off
-
-  def __post_init__(self):
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"optim.schedule must be one of {SCHEDULES}")
-    if self.lr <= 0:
-      raise ValueError(f"optim.lr must be > 0: {self.lr}")
-    if self.warmup_steps < 0 or self.total_steps < 1:
-      raise ValueError("optim.warmup_steps >= 0 and optim.total_steps >= 1")
-    if self.grad_clip < 0:
-      raise ValueError("optim.grad_clip must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class UpdateConfig:
-  """Static settings of the update step."""
-
-  loss: loss.LossConfig = loss.LossConfig()
-  micro_batches: int = 1  # M: B must be a multiple of it
-  temperature: float = 1.0  # the sampler's (log-probs of the same dist)
-  logprob_chunk: int = 128  # positions whose logits exist at once
-  # The sampler's top-k / top-p truncation: log-probs are the sampler's,
-  # renormalised over the same support (on-policy ratios).
-  support: support_lib.Support = support_lib.FULL
-  # G: rows come in prompt-major groups of G identical prompts (as
-  # ``sampler.sample`` returns them). With G > 1 every prompt runs through
-  # the decoder once per group (or per part of a group in a micro-batch),
-  # not once per row (``loss.shared_prompt_logprobs``); 1 = no sharing.
-  group_size: int = 1
-
-  def __post_init__(self):
-    if self.micro_batches < 1:
-      raise ValueError(f"micro_batches must be >= 1: {self.micro_batches}")
-    if self.group_size < 1:
-      raise ValueError(f"group_size must be >= 1: {self.group_size}")
+from multians_jax.settings import (  # settings of this module
+  SCHEDULES as SCHEDULES,
+)
+from multians_jax.settings import (
+  OptimConfig as OptimConfig,
+)
+from multians_jax.settings import (
+  UpdateConfig as UpdateConfig,
+)
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
