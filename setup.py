@@ -63,7 +63,9 @@ setuptools.setup(
   long_description_content_type="text/markdown",
   license="Apache-2.0",
   python_requires=">=3.11",
-  packages=setuptools.find_packages(include=["multians_jax*"]),
+  # configs/ is a package too: config files import each other (``from
+  # configs import base``) from wherever a tool or the entry point runs.
+  packages=setuptools.find_packages(include=["multians_jax*", "configs"]),
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS,
   entry_points={

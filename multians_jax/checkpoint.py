@@ -298,6 +298,6 @@ def _check_restored(params, target, path, step) -> None:
     )
 
 
-def load_tokenizer(path: str):
+def saved_tokenizer(path: str):
   tok_dir = epath.Path(path) / TOKENIZER_DIR
   return hf.load_tokenizer(str(tok_dir)) if tok_dir.exists() else None

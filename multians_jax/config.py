@@ -423,16 +423,25 @@ def stop_and_pad(model_cfg, tokenizer=None) -> tuple[tuple[int, ...], int]:
   return stop, int(pad) if pad is not None else 0
 
 
-def from_tool_config(config_dict, given_flags: list[str]) -> RunConfig:
-  """The run config of a tool's ``--config``. ``given_flags``: the tool's
-  own flags that the config decides, as given on the command line; any of
-  them would contradict it and is an error naming it."""
-  if given_flags:
-    raise ValueError(
-      f"{', '.join(given_flags)} conflict with --config (use "
-      "--config.<key>=...)"
-    )
-  return RunConfig.from_dict(config_dict.to_dict())
+def tool_config_flag(purpose: str):
+  """A tool's ``--config`` flag, the one surface of its settings: an
+  experiment config file (``configs/demo.py``, ``configs/lab.py:rlvr``),
+  by default ``configs/base.py`` (the defaults), with ``--config.x=y``
+  overrides. ``tool_run_config`` reads it."""
+  import importlib.util
+
+  from ml_collections import config_flags
+
+  base = importlib.util.find_spec("configs.base")
+  default = base.origin if base is not None else None
+  return config_flags.DEFINE_config_file("config", default, purpose)
+
+
+def tool_run_config(flag) -> RunConfig:
+  """The validated ``RunConfig`` of a tool's ``tool_config_flag``."""
+  if flag.value is None:
+    raise ValueError("config: give --config=FILE (configs/ is not installed)")
+  return RunConfig.from_dict(flag.value.to_dict())
 
 
 def _section(name: str, cls, d) -> Any:

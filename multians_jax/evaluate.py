@@ -178,27 +178,3 @@ def _finite(x):
   if isinstance(x, np.integer):
     return int(x)
   return x
-
-
-def plots(result: EvalResult, out_dir: str, g: int) -> list[str]:
-  """Reliability diagram and coverage-vs-k plot; returns the file names."""
-  os.makedirs(out_dir, exist_ok=True)
-  names = []
-  s = result.scores
-  f = np.asarray(s.format_ok) > 0
-  if not np.all(np.isnan(s.brier)) and f.any():
-    metrics.plot_reliability(
-      os.path.join(out_dir, "reliability.png"),
-      np.asarray(s.confidence)[f],
-      np.asarray(s.correct)[f],
-    )
-    names.append("reliability.png")
-  a = np.asarray(s.entry_id).shape[1]
-  ks = [a * n for n in range(1, g + 1)]
-  curve = [result.summary.get(f"coverage@{k}") for k in ks]
-  if all(c is not None for c in curve):
-    metrics.plot_coverage_vs_k(
-      os.path.join(out_dir, "coverage_vs_k.png"), ks, {"policy": curve}
-    )
-    names.append("coverage_vs_k.png")
-  return names

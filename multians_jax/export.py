@@ -33,7 +33,7 @@ def finish(run: RunConfig, workdir: str, graphdef, params, tok, evals) -> None:
     run_config, earlier, _ = card.from_workdir(workdir)
     if run_config is None:  # trained from Python: the typed config
       run_config = json.loads(json.dumps(run.to_dict(), default=str))
-    card.write(
+    card.write_card(
       out,
       policy.cfg,
       run_config=run_config,
@@ -45,4 +45,4 @@ def finish(run: RunConfig, workdir: str, graphdef, params, tok, evals) -> None:
     )
     logging.info("exported %s", out)
   if run.export.report:
-    report.write(workdir, evals, run.eval.num_generations)
+    report.write_report(workdir, evals, run.eval.num_generations)

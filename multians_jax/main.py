@@ -15,14 +15,8 @@ import json
 import os
 import sys
 
-# Config files import `configs.base`: make the repository root importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (os.getcwd(), _ROOT):
-  if _p not in sys.path:
-    sys.path.insert(0, _p)
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or gs://).")

@@ -15,8 +15,6 @@ import math
 
 import numpy as np
 
-from multians_jax.report import plotting
-
 
 def _pool(x: np.ndarray, k: int) -> np.ndarray:
   """[P, G, A] → [P, n·A] with the first n = k / A generations."""
@@ -337,47 +335,3 @@ def _powers(g: int) -> list[int]:
     out.append(n)
     n *= 2
   return out
-
-
-def plot_reliability(path, confidence, correct, bins: int = 10) -> None:
-  """Writes a reliability diagram (accuracy per confidence bin) as PNG."""
-  plt = plotting.pyplot()
-  q = np.nan_to_num(np.asarray(confidence, np.float64)).ravel()
-  c = np.asarray(correct, np.float64).ravel()
-  idx = np.minimum((q * bins).astype(int), bins - 1)
-  acc = [c[idx == i].mean() if (idx == i).any() else 0.0 for i in range(bins)]
-  centers = (np.arange(bins) + 0.5) / bins
-  fig, ax = plt.subplots(figsize=(4, 4))
-  ax.bar(centers, acc, width=1 / bins, edgecolor="k", label="accuracy")
-  ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
-  ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-  ax.set_title(f"ECE = {ece(q, c, bins):.3f}")
-  ax.legend(loc="upper left")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def plot_coverage_vs_k(path, ks, curves: dict, ylabel="coverage@k") -> None:
-  """Writes coverage (or any metric) against the answer budget k as PNG.
-
-  Args:
-    path: output PNG path.
-    ks: budgets k on the x axis.
-    curves: label → values, one per k (e.g. one curve per model).
-    ylabel: y-axis label.
-  """
-  plt = plotting.pyplot()
-  fig, ax = plt.subplots(figsize=(5, 4))
-  for label, values in curves.items():
-    if len(values) != len(ks):
-      raise ValueError(
-        f"curve {label!r} has {len(values)} points for {len(ks)} values of k"
-      )
-    ax.plot(ks, values, marker="o", label=label)
-  ax.set(xlabel="answer budget k", ylabel=ylabel)
-  ax.set_xscale("log", base=2)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)

@@ -170,7 +170,7 @@ def load_model(path: str, mesh, rules, step: int | None = None, **overrides):
       model, _, _ = ckpt.restore(mesh, rules, step=step, **overrides)
     finally:
       ckpt.close()
-    return model, model.cfg, checkpoint.load_tokenizer(path)
+    return model, model.cfg, checkpoint.saved_tokenizer(path)
   if step is not None:
     raise ValueError(f"--step applies to checkpoint directories, not {path}")
   if kind == "gguf":
@@ -188,7 +188,7 @@ def load_tokenizer(path: str):
     return _call(builtin.tokenizer)
   kind, path = resolve(path)
   if kind == "checkpoint":
-    return checkpoint.load_tokenizer(path)
+    return checkpoint.saved_tokenizer(path)
   if kind == "gguf":
     from multians_jax.interop import gguf
 

@@ -124,7 +124,7 @@ def target_text(
   )  # fmt: skip
 
 
-def make_batch(
+def sft_batch(
   batch, tokenizer, mode: str, k: int, max_len: int, seed: int, cfg=None
 ):
   """PromptBatch → (tokens [P, T+L], mask, positions, target mask [P, L])."""
@@ -176,7 +176,7 @@ def sft_step(graphdef, params, opt_state, tokens, mask, positions, tmask, *,
   return lora.combine(trainable, frozen), opt_state, value
 
 
-def optimizer(cfg: WarmupConfig):
+def sft_optimizer(cfg: WarmupConfig):
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.lr))
 
 
@@ -189,10 +189,10 @@ def run(run_cfg, graphdef, params, source, tok, mesh, *, log=None,
   wc = run_cfg.warmup
   pcfg = run_cfg.pipeline(run_cfg.seed + 7, batch_size=wc.batch_prompts)
   it = data.PromptIterator(source, tok, pcfg)
-  tx = optimizer(wc)
+  tx = sft_optimizer(wc)
   opt_state = jax.jit(tx.init)(lora.partition(params)[0])
   for i in tqdm.trange(wc.steps, desc="warm-up", disable=not progress):
-    b = make_batch(
+    b = sft_batch(
       next(it),
       tok,
       run_cfg.reward.mode,

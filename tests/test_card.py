@@ -28,7 +28,7 @@ def test_card_front_matter_method_and_table(tmp_path):
     "before": {"coverage@3": 0.25, "ece": 0.2},
     "after": {"coverage@3": 0.5, "ece": None},
   }
-  card.write(
+  card.write_card(
     str(tmp_path),
     CFG.replace(lora_rank=8),
     run_config=run_config,

@@ -226,7 +226,7 @@ def test_compare_groups_seeds_and_writes_the_report(tmp_path):
     "rlvr_s1": _eval_file(tmp_path, "b", "rlvr", 1, 0.34, 2),
     "multi_rlvr_s0": _eval_file(tmp_path, "c", "multi_rlvr", 0, 0.7, 3),
   }
-  out = compare.write(runs, str(tmp_path / "cmp"))
+  out = compare.write_comparison(runs, str(tmp_path / "cmp"))
   data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
   assert set(data["runs"]) == set(runs)
   r = data["runs"]["rlvr_s1"]
@@ -245,10 +245,10 @@ def test_compare_errors_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match="not NAME=DIR"):
     compare.parse_runs("a=x,b")
   with pytest.raises(FileNotFoundError, match="no evaluation found"):
-    compare.write({"a": str(tmp_path)}, str(tmp_path / "out"))
+    compare.write_comparison({"a": str(tmp_path)}, str(tmp_path / "out"))
   (tmp_path / "eval.json").write_text("{broken")
   with pytest.raises(ValueError, match="unreadable evaluation"):
-    compare.write({"a": str(tmp_path)}, str(tmp_path / "out"))
+    compare.write_comparison({"a": str(tmp_path)}, str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------
@@ -408,10 +408,10 @@ def test_evaluate_with_the_run_config_reproduces_training_eval(tmp_path):
   assert train == tool
   assert "reward/total" in tool and "dist/conf_abs_err" in tool
   bad = _py(
-    "tools/evaluate.py", f"--model={work}", cfg, "--mode=rlvr",
+    "tools/evaluate.py", f"--model={work}", cfg, "--config.rl.advantage=x",
     f"--out={tmp_path}/e2", check=False,
   )  # fmt: skip
-  assert bad.returncode != 0 and "--mode conflict with --config" in bad.stderr
+  assert bad.returncode != 0 and "evaluate: config: rl.advantage" in bad.stderr
 
 
 def test_study_skips_finished_runs_compares_and_exports(tmp_path):

@@ -304,11 +304,11 @@ def test_evaluate_tool_on_a_training_checkpoint(straight, tmp_path):
       sys.executable,
       "tools/evaluate.py",
       f"--model={straight}/checkpoints",
-      "--data=countries",
-      f"--data_dir={straight}/../data",
-      "--num_prompts=4",
-      "--num_generations=2",
-      "--max_new_tokens=8",
+      "--config.data.name=countries",
+      f"--config.data.data_dir={straight}/../data",
+      "--config.eval.num_prompts=4",
+      "--config.eval.num_generations=2",
+      "--config.sampler.max_new_tokens=8",
       "--baseline_samples=3",
       f"--out={out}",
     ],
@@ -353,10 +353,11 @@ def test_sample_tool_with_the_run_config(straight):
   assert all(len(r["token_ids"]) <= c.sampler.max_new_tokens for r in rows)
   assert all("format_ok" in r for r in rows)
   bad = subprocess.run(
-    [*cmd, "--temperature=0"], cwd=ROOT, capture_output=True, text=True,
-    timeout=300,
+    [*cmd, "--config.sampler.top_p=1.5"], cwd=ROOT, capture_output=True,
+    text=True, timeout=300,
   )  # fmt: skip
-  assert bad.returncode != 0 and "conflict with --config" in bad.stderr
+  assert bad.returncode != 0 and "sample: config: " in bad.stderr
+  assert "sampler.top_p must be in (0, 1]" in bad.stderr
 
 
 def test_a_workdir_is_a_checkpoint_path(tmp_path):

@@ -351,7 +351,7 @@ def test_lora_learning_test_fails_without_the_adapter_path(
 ):
   """The learning test's guard: with the adapter term dropped from the
   forward (so adapters get no gradient), the reward does not rise."""
-  plain = layers.dense
+  plain = layers.linear
 
   def no_adapters(cfg, x, p, name, out_shape):
     return plain(x, p[name].astype(model_lib.DTYPES[cfg.dtype]), out_shape)

@@ -50,7 +50,7 @@ def test_qwen3_8b_param_bytes_are_exact(dtype, size):
 
 def test_fsdp_shards_are_one_sixteenth():
   plan = mem.plan_from_config(_qwen8b_config(), (1, 16, 1))
-  params = mem.abstract_params(plan.model, plan.mesh)
+  params = mem.param_shapes(plan.model, plan.mesh)
   for leaf in params["layers"].values():
     per_dev = mem._nbytes(leaf) / mem.shards(leaf.sharding.spec, plan.mesh)
     if leaf.ndim > 2:  # every matrix has 'embed' (4096) on fsdp

@@ -8,6 +8,7 @@ import pytest
 
 from multians_jax import metrics
 from multians_jax.data import prompts
+from multians_jax.report import plotting
 from multians_jax.rl import reward
 
 # P = 2 prompts, G = 2 generations, A = 2 answers.
@@ -125,9 +126,9 @@ def test_summarize_from_score_texts(tmp_path):
   assert out["tokens_per_distinct_correct"] == pytest.approx(65 / 3)
   assert out["reward/total"] == pytest.approx(np.mean(scores.total))
   assert all(isinstance(v, float) for v in out.values())
-  metrics.plot_reliability(tmp_path / "rel.png", scores.confidence, [0] * 8)
-  metrics.plot_coverage_vs_k(tmp_path / "cov.png", [2, 4], {"m": [1.0, 1.5]})
+  plotting.reliability_diagram(tmp_path / "rel.png", scores.confidence, [0] * 8)
+  plotting.coverage_vs_k(tmp_path / "cov.png", [2, 4], {"m": [1.0, 1.5]})
   for name in ("rel.png", "cov.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="points"):
-    metrics.plot_coverage_vs_k(tmp_path / "x.png", [1, 2], {"m": [1.0]})
+    plotting.coverage_vs_k(tmp_path / "x.png", [1, 2], {"m": [1.0]})

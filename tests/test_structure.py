@@ -3,6 +3,7 @@ import cycle."""
 
 import ast
 import pathlib
+import re
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "multians_jax"
 MAX_LINES = 600
@@ -152,3 +153,23 @@ def test_importing_the_config_loads_no_model_code():
   assert len(loaded) <= 12, loaded
   assert "multians_jax.model.transformer" not in loaded
   assert out[-1] == "False"
+
+
+def test_tools_and_package_patch_no_import_path():
+  """Tools import the package and ``configs`` as installed (``pip install
+  -e .`` maps both); tests import no tool. The sandbox's child process,
+  which moves its own path list into a jail, is the one exception."""
+  tools = sorted((PKG.parent / "tools").glob("*.py"))
+  patched = [
+    str(p.relative_to(PKG.parent))
+    for p in [*(p for _, p in _modules()), *tools]
+    if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()
+  ]
+  assert not patched, patched
+  tests = sorted((PKG.parent / "tests").glob("test_*.py"))
+  tool_names = "|".join(p.stem for p in tools)
+  imports_a_tool = re.compile(rf"^\s*(import|from) ({tool_names})\b", re.M)
+  importing_tools = [
+    p.name for p in tests if imports_a_tool.search(p.read_text())
+  ]
+  assert not importing_tools, importing_tools

@@ -27,16 +27,13 @@ import json
 import os
 import sys
 
-# Config files import `configs.base`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from multians_jax.aot import report as aot_report
 from multians_jax.aot import step as aot
-from multians_jax.aot import target as aot_target  # noqa: E402
+from multians_jax.aot import target as aot_target
 
 aot_target.quiet_env()  # before jax initialises a backend
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags  # noqa: E402 (after quiet_env)
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")

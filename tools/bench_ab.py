@@ -82,10 +82,10 @@ SHAPES = {
 
 
 def _ours(hf_dir):
-  import bench
   import jax
 
   from multians_jax import sharding, sources
+  from multians_jax.bench import measure as bench
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   model, _, _ = sources.load_model(hf_dir, mesh, sharding.TRAIN_RULES)
@@ -113,7 +113,7 @@ def side_sampler(impl, hf_dir, inputs, sh):
       "decode_fraction_of_peak": flops / max(full - one, 1e-9) / peak,
     }
   else:
-    import bench_torch  # no JAX in this process
+    from multians_jax.bench import torch_ref as bench_torch  # no JAX here
 
     full, _ = bench_torch.time_transformers(hf_dir, ids, g, new, 0.7)
     one, _ = bench_torch.time_transformers(hf_dir, ids, g, 1, 0.7)
@@ -168,8 +168,9 @@ def _sample_natural(impl, hf_dir, ids, mask, g, new, stops, pad):
 
 
 def _generate_natural(hf_dir, ids, mask, g, new, stops, pad):
-  import bench_torch  # no JAX in this process
   import torch
+
+  from multians_jax.bench import torch_ref as bench_torch  # no JAX here
 
   ref = bench_torch.load(hf_dir)
   rows = torch.tensor(np.repeat(ids, g, 0), dtype=torch.long)
@@ -188,7 +189,7 @@ def _generate_natural(hf_dir, ids, mask, g, new, stops, pad):
 
 def side_train(impl, hf_dir, inputs, sh):
   if impl == "torch":
-    import bench_torch  # no JAX in this process
+    from multians_jax.bench import torch_ref as bench_torch  # no JAX here
 
     arrays = {k: inputs[f"train_{k}"] for k in bench_torch.TORCH_INPUTS}
     comp = sh["seq"] // 2
@@ -220,9 +221,9 @@ SIDE_FNS = {"sampler": side_sampler, "natural": side_natural,
 
 def prepare(workdir: str, quick: bool) -> dict:
   """The HF directory both sides load, and the inputs (``inputs.npz``)."""
-  import bench
   import jax
 
+  from multians_jax.bench import measure as bench
   from multians_jax.data import pipeline as data
   from multians_jax.data.datasets import base, countries
   from multians_jax.interop import hf
@@ -302,7 +303,7 @@ def compare(case: str, rounds: list[dict]) -> list[dict]:
 
 
 def run_ab(case: str, repeats: int, quick: bool) -> dict:
-  import bench
+  from multians_jax.bench import measure as bench
 
   sides = SIDES[case]
   with tempfile.TemporaryDirectory() as workdir:

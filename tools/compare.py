@@ -29,12 +29,12 @@ flags.mark_flags_as_required(["runs", "out"])
 def main(argv):
   del argv
   try:
-    runs = compare.write(
+    runs = compare.write_comparison(
       compare.parse_runs(_RUNS.value), _OUT.value, _TAG.value
     )
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"compare: {e}")
-  print(compare.table(runs))
+  print(compare.runs_table(runs))
   print(f"wrote {os.path.join(_OUT.value, 'compare.md')}")
 
 

@@ -5,26 +5,24 @@ Usage:
   # data and seed), e.g. a run's checkpoint with the run's config:
   python tools/evaluate.py --model=WORKDIR --config=configs/lab.py:rlvr \
       --out=DIR [--config.eval.num_generations=10 ...]
-  # or with settings given one by one:
-  python tools/evaluate.py --model=PATH --data=countries --split=test \
-      --out=DIR [--mode=multi_rlcr --num_answers=3] [--num_generations=4] \
+  # the defaults (configs/base.py) with a few settings changed:
+  python tools/evaluate.py --model=PATH --out=DIR \
+      --config.reward.mode=multi_rlcr --config.eval.num_prompts=32 \
       [--baseline_samples=3]
 
 --model: a training WORKDIR (its latest checkpoint), checkpoint dir, HF dir,
-.gguf or smollm2. --config: an experiment config (with ``--config.x=y``
-overrides); its reward, eval, data and seed settings are used, so the
-figures equal the run's own in-training evaluation (``eval/after.json``)
-for the same checkpoint, and the flags --data, --split, --mode,
---num_answers, --family, --num_prompts, --num_generations, --temperature,
---max_new_tokens, --require_think and --seed must not be given with it.
-Without --config, the reward is ``reward.RewardConfig``'s defaults, the
-training defaults of ``configs/base.py``, with the given mode.
---data: a dataset name (built into --data_dir on first use) or a .jsonl
-file in the project schema. Writes DIR/eval.json (read by
-tools/compare.py), DIR/metrics.json, DIR/reliability.png and
-DIR/coverage_vs_k.png. --baseline_samples=k also samples k independent
-single-answer (rlvr) completions per question and reports their
-coverage@k, pass@k and token cost next to the multi-answer model's.
+.gguf, Hub id or smollm2; default: the config's model.path. --config: an
+experiment config, default configs/base.py, with ``--config.x=y``
+overrides: the one place the settings come from. Its reward, eval
+(num_prompts, num_generations, temperature), sampler (token limit, top-p,
+top-k, cache dtype), data (name or jsonl, eval_split, data_dir; '' builds
+TFDS data under ./data) and seed are used, so the figures equal a run's
+own in-training evaluation (``eval/after.json``) for the same checkpoint
+and config. Writes DIR/eval.json (read by tools/compare.py),
+DIR/metrics.json, DIR/reliability.png and DIR/coverage_vs_k.png.
+--baseline_samples=k also samples k independent single-answer (rlvr)
+completions per question and reports their coverage@k, pass@k and token
+cost next to the multi-answer model's.
 """
 
 import dataclasses
@@ -33,95 +31,22 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from multians_jax import config, evaluate, sharding, sources
-from multians_jax.data import datasets, prompts
 from multians_jax.data import pipeline as data
-from multians_jax.data.datasets import schema
-from multians_jax.model import sampler
-from multians_jax.rl import reward
+from multians_jax.report import plotting
 
-# Config files import `configs.base`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config: evaluate as that run does."
-)
-
-_MODEL = flags.DEFINE_string("model", "smollm2", "Model path or 'smollm2'.")
-_DATA = flags.DEFINE_string("data", "countries", "Dataset name or .jsonl.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "data", "TFDS data dir.")
+_CONFIG = config.tool_config_flag("Experiment config: evaluate as it does.")
+_MODEL = flags.DEFINE_string("model", None, "Model source (config's path).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_MODE = flags.DEFINE_enum("mode", "multi_rlcr", list(prompts.MODES), "Format.")
-_K = flags.DEFINE_integer("num_answers", 3, "K answers per generation.")
-_FAMILY = flags.DEFINE_enum(
-  "family", "qa", list(prompts.TASK_FAMILIES), "Task."
-)
-_N = flags.DEFINE_integer("num_prompts", 64, "Questions to evaluate.")
-_G = flags.DEFINE_integer("num_generations", 4, "Generations per question.")
-_TEMP = flags.DEFINE_float("temperature", 0.7, "Sampling temperature.")
-_MAX = flags.DEFINE_integer("max_new_tokens", 256, "Tokens per completion.")
 _BASE = flags.DEFINE_integer("baseline_samples", 0, "k single-answer samples.")
-_THINK = flags.DEFINE_bool("require_think", False, "Require a <think> block.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.mark_flags_as_required(["out"])
 
-_FROM_CONFIG = (  # flags whose values come from --config when it is given
-  "data split mode num_answers family num_prompts num_generations "
-  "temperature max_new_tokens require_think seed"
-).split()
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Everything that decides the figures (from --config or the flags)."""
-
-  reward: reward.RewardConfig
-  eval: evaluate.EvalConfig
-  data: str
-  split: str
-  seed: int
-  data_config: config.DataConfig | None = None  # from --config
-  family: str = "qa"  # of .jsonl records that name none
-
-
-def settings() -> Settings:
-  if _CONFIG.value is None:
-    return Settings(
-      reward=reward.RewardConfig(
-        mode=_MODE.value, num_answers=_K.value, require_think=_THINK.value
-      ),
-      eval=evaluate.EvalConfig(
-        num_prompts=_N.value,
-        num_generations=_G.value,
-        sampling=sampler.SamplingConfig(
-          max_new_tokens=_MAX.value, temperature=_TEMP.value
-        ),
-      ),
-      data=_DATA.value,
-      split=_SPLIT.value,
-      seed=_SEED.value,
-      family=_FAMILY.value,
-    )
-  given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
-  run = config.from_tool_config(_CONFIG.value, given)
-  dc = dataclasses.replace(
-    run.data, data_dir=run.data.data_dir or os.path.abspath(_DATA_DIR.value)
-  )
-  return Settings(
-    run.reward, run.eval_config, dc.name, dc.eval_split, run.eval_seed, dc
-  )
-
-
-def records(st: Settings):
-  if st.data_config is not None:
-    return data.open_split(st.data_config, ".", st.split)
-  if st.data.endswith(".jsonl"):
-    return schema.read_jsonl(st.data, default_family=st.family)
-  datasets.build(st.data.split("/")[0], _DATA_DIR.value)
-  return datasets.load(st.data, st.split, _DATA_DIR.value)
+def records(run: config.RunConfig):
+  """The evaluation split of the config's data, built on first use into
+  ``data.data_dir`` ('' = ./data)."""
+  return data.open_split(run.data, ".", run.data.eval_split)
 
 
 def run_one(model, cfg, tok, recs, rcfg, ecfg, seed):
@@ -135,42 +60,41 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    st = settings()
+    run = config.tool_run_config(_CONFIG)
   except ValueError as e:
     sys.exit(f"evaluate: {e}")
+  name = _MODEL.value or run.model.path
+  ecfg, rcfg, seed = run.eval_config, run.reward, run.eval_seed
   os.makedirs(_OUT.value, exist_ok=True)
   mesh = sharding.make_mesh()
-  model, cfg, tok = sources.load_model(_MODEL.value, mesh, sharding.TRAIN_RULES)
-  src = records(st)
-  recs = [src[i] for i in range(min(st.eval.num_prompts, len(src)))]
-  res = run_one(model, cfg, tok, recs, st.reward, st.eval, st.seed)
-  g = st.eval.num_generations
-  out = {
-    "model": _MODEL.value,
-    "data": st.data,
-    "mode": st.reward.mode,
-    "metrics": res.summary,
-  }
+  model, cfg, tok = sources.load_model(name, mesh, sharding.TRAIN_RULES)
+  src = records(run)
+  recs = [src[i] for i in range(min(ecfg.num_prompts, len(src)))]
+  res = run_one(model, cfg, tok, recs, rcfg, ecfg, seed)
+  g = ecfg.num_generations
+  data_name = run.data.jsonl or run.data.name
+  out = {"model": name, "data": data_name, "mode": rcfg.mode}
+  out["metrics"] = res.summary
   evaluate.write_json(
     os.path.join(_OUT.value, "eval.json"),
     res,
     tag="evaluate",
-    model=_MODEL.value,
-    mode=st.reward.mode,
-    num_answers=st.reward.num_answers,
-    seed=st.seed,
+    model=name,
+    mode=rcfg.mode,
+    num_answers=rcfg.num_answers,
+    seed=seed,
     num_generations=g,
   )
-  evaluate.plots(res, _OUT.value, g)
+  plotting.eval_figures(res, _OUT.value, g)
   if _BASE.value:
     base = run_one(
       model,
       cfg,
       tok,
       recs,
-      dataclasses.replace(st.reward, mode="rlvr", num_answers=1),
-      dataclasses.replace(st.eval, num_generations=_BASE.value),
-      st.seed,
+      dataclasses.replace(rcfg, mode="rlvr", num_answers=1),
+      dataclasses.replace(ecfg, num_generations=_BASE.value),
+      seed,
     )
     out["baseline"] = {"samples": _BASE.value, "metrics": base.summary}
   with open(os.path.join(_OUT.value, "metrics.json"), "w") as f:

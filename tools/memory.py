@@ -16,18 +16,14 @@ the update step here and compares its temporaries with the formula.
 """
 
 import dataclasses
-import os
 import sys
 
-# Config files import `configs.base`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
 from multians_jax import sharding
-from multians_jax.aot import memory  # noqa: E402
+from multians_jax.aot import memory
 
 # ---------------------------------------------------------------------------
 # CLI

@@ -57,7 +57,7 @@ def main(argv):
   if summaries and _STEP.value not in (None, step):  # not the evaluated step
     summaries = {k: v for k, v in summaries.items() if k != "after"}
     step = _STEP.value
-  card.write(
+  card.write_card(
     _OUT.value,
     cfg,
     run_config=run_config,

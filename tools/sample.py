@@ -1,70 +1,52 @@
-r"""Samples completions from a model (checkpoint dir, HF dir, .gguf, smollm2).
+r"""Samples completions from any model source (checkpoint, WORKDIR, HF dir,
+.gguf, Hub id, smollm2).
 
 Usage:
-  python tools/sample.py --model=smollm2 \
-      --prompt="What is the capital of France?" --temperature=0
+  python tools/sample.py --model=smollm2 --nosystem_prompt \
+      --prompt="What is the capital of France?" --config.sampler.temperature=0
   python tools/sample.py --model=DIR --prompt="Name a country bordering Peru." \
-      --mode=multi_rlcr --num_answers=3 --num_samples=4 --temperature=0.7
+      --num_samples=4 --config.reward.mode=multi_rlcr
   python tools/sample.py --model=DIR --prompt_ids=1,2,3 --json
   # prompt, format and sampling settings of a training config:
   python tools/sample.py --model=WORKDIR --config=configs/demo.py \
       --prompt="Name a country bordering Peru." [--config.sampler.top_p=0.9]
 
---config: an experiment config (``--config.x=y`` overrides): its reward
-format (mode, K, require_think), task family (data.family) and sampler
-settings (max_new_tokens, temperature, top_p, top_k, cache_dtype) are
-used, so prompts and completions are those of the run; --mode,
---num_answers, --family, --max_new_tokens, --temperature, --top_p and
---top_k must not be given with it. --model defaults to the config's
-model.path.
---prompt is rendered with the tokenizer's chat template (with the mode's
-system prompt when --mode is given) unless --raw. --json prints one object
-per completion: prompt, completion, token_ids, logprobs (+ answers and
-confidences with --mode).
+--config: an experiment config, default configs/base.py, with
+``--config.x=y`` overrides: the one place the settings come from. Its
+reward format (mode, K, require_think), task family (data.family), sampler
+settings (max_new_tokens, temperature, top_p, top_k, cache_dtype, slots)
+and seed are used, so prompts and completions are those of the run.
+--model defaults to the config's model.path.
+--prompt is rendered with the tokenizer's chat template and the mode's
+system prompt (--nosystem_prompt: the prompt alone, no answers parsed)
+unless --raw. --json prints one object per completion: prompt,
+completion, token_ids, logprobs (+ answers, confidences and format_ok
+with the system prompt).
 """
 
 import dataclasses
 import json
-import os
 import sys
 
-# Config files import `configs.base`: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import numpy as np
+from absl import app, flags, logging
 
 from multians_jax import config, sharding, sources
 from multians_jax.data import prompts
-from multians_jax.model import sampler  # noqa: E402
+from multians_jax.model import sampler
 from multians_jax.rl import parsing, reward
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config: prompt and sample as that run does."
-)
-
-_MODEL = flags.DEFINE_string("model", "smollm2", "Model path or 'smollm2'.")
+_CONFIG = config.tool_config_flag("Experiment config: sample as it does.")
+_MODEL = flags.DEFINE_string("model", None, "Model source (config's path).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable).")
 _IDS = flags.DEFINE_multi_string("prompt_ids", [], "Comma-separated ids.")
 _RAW = flags.DEFINE_bool("raw", False, "Do not apply the chat template.")
-_N = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
-_MAX = flags.DEFINE_integer("max_new_tokens", 128, "Tokens per completion.")
-_TEMP = flags.DEFINE_float("temperature", 0.7, "0 = greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_JSON = flags.DEFINE_bool("json", False, "One JSON object per completion.")
-_MODE = flags.DEFINE_enum("mode", None, list(prompts.MODES), "Answer format.")
-_K = flags.DEFINE_integer("num_answers", 3, "K answers per completion.")
-_FAMILY = flags.DEFINE_enum(
-  "family", "qa", list(prompts.TASK_FAMILIES), "Task."
+_SYSTEM = flags.DEFINE_bool(
+  "system_prompt", True, "Render the mode's system prompt; parse answers."
 )
-
-_FROM_CONFIG = (  # flags whose values come from --config when it is given
-  "mode num_answers family max_new_tokens temperature top_p top_k"
-).split()
+_N = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
+_JSON = flags.DEFINE_bool("json", False, "One JSON object per completion.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,30 +55,18 @@ class Settings:
   rcfg: reward.RewardConfig | None  # None: no answer format
   family: str
   sampling: sampler.SamplingConfig  # stop and pad ids come from the model
+  seed: int
 
 
 def settings() -> Settings:
-  if _CONFIG.value is None:
-    rcfg = None
-    if _MODE.value:
-      rcfg = reward.RewardConfig(
-        mode=_MODE.value, num_answers=_K.value, require_think=False
-      )
-    return Settings(
-      _MODEL.value,
-      rcfg,
-      _FAMILY.value,
-      sampler.SamplingConfig(
-        max_new_tokens=_MAX.value,
-        temperature=_TEMP.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-      ),
-    )
-  given = [f"--{n}" for n in _FROM_CONFIG if flags.FLAGS[n].present]
-  run = config.from_tool_config(_CONFIG.value, given)
-  model = _MODEL.value if flags.FLAGS["model"].present else run.model.path
-  return Settings(model, run.reward, run.data.family, run.sampling)
+  run = config.tool_run_config(_CONFIG)
+  return Settings(
+    _MODEL.value or run.model.path,
+    run.reward if _SYSTEM.value else None,
+    run.data.family,
+    run.sampling,
+    run.seed,
+  )
 
 
 def encode(tok, st: Settings):
@@ -146,7 +116,7 @@ def main(argv):
     model,
     tokens,
     mask,
-    jax.random.key(_SEED.value),
+    jax.random.key(st.seed),
     scfg,
     num_samples=_N.value,
     mesh=mesh,

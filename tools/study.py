@@ -74,9 +74,11 @@ def main(argv):
   }
   if not done:
     return
-  compare.write(done, os.path.join(out, "compare"))
+  compare.write_comparison(done, os.path.join(out, "compare"))
   print(
-    compare.table({n: compare.row(compare.load(p)) for n, p in done.items()})
+    compare.runs_table(
+      {n: compare.row(compare.load(p)) for n, p in done.items()}
+    )
   )
   if _EXPORT.value:
     export(done, os.path.join(out, "compare"), _EXPORT.value)

@@ -131,7 +131,7 @@ def _factor(logical: str, dim: int, plan: Plan, rules) -> int:
 # Tensors from eval_shape
 
 
-def abstract_params(cfg: model_lib.ModelConfig, sizes: dict[str, int]):
+def param_shapes(cfg: model_lib.ModelConfig, sizes: dict[str, int]):
   """Parameter ShapeDtypeStructs carrying their TRAIN_RULES shardings."""
   mesh = abstract_mesh(sizes)
   return checkpoint.abstract_params(cfg, mesh, sharding.TRAIN_RULES)[2]
@@ -292,7 +292,7 @@ def update_temps(plan: Plan) -> float:
 
 def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
   """name → (total bytes, bytes per device) of every memory component."""
-  params = abstract_params(plan.model, plan.mesh)
+  params = param_shapes(plan.model, plan.mesh)
   p_total, p_dev = tree_bytes(params, plan.mesh)
   # Gradients, moments and update temporaries exist for the trainable
   # parameters only: the adapters under LoRA.

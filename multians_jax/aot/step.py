@@ -270,7 +270,7 @@ def _update_stages(ctx: _Ctx) -> dict:
 def _warmup_stage(ctx: _Ctx) -> Stage:
   """``warmup.sft_step`` on ``warmup.batch_prompts`` rows."""
   w, row = ctx.run.warmup, ctx.row
-  wtx = warmup_lib.optimizer(w)
+  wtx = warmup_lib.sft_optimizer(w)
   wopt = _abstract_opt(wtx, ctx.trainable)
   wb, ws = w.batch_prompts, ctx.sh["t"] + w.max_target_len
   return Stage(

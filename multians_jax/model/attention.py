@@ -1,10 +1,11 @@
 """Attention: the XLA reference and the fused kernels (``model.attention``).
 
 Shape letters as in ``layers.py``: B batch, T queries, S keys, N query
-heads, K key/value heads, G = N // K, H head dim. Queries are [B,T,N,H];
-keys and values head-major [B,K,S,H] (the cache layout).
+heads, K key/value heads, R = N // K query heads per key head, H head
+dim. Queries are [B,T,N,H]; keys and values head-major [B,K,S,H] (the
+cache layout).
 
-* ``xla`` (default): scores [B,K,G,T,S] in float32, masked softmax, the
+* ``xla`` (default): scores [B,K,R,T,S] in float32, masked softmax, the
   values; shared prompts merge the prompt part and the row part by their
   log-sum-exps. Runs everywhere; the reference the others are tested
   against.
@@ -61,13 +62,13 @@ def dense(q, k, v, allowed, dtype, with_lse: bool = False, key_layout="sh"):
   """
   b, t, n, h = q.shape
   kv = k.shape[1]
-  g = n // kv
+  r = n // kv
   q = (
-    q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    q.reshape(b, t, kv, r, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, r * t, h)
   )
   spec = "bkqh,bkhs->bkqs" if key_layout == "hs" else "bkqh,bksh->bkqs"
   s = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
-  s = s.reshape(b, kv, g, t, -1) * (h**-0.5)
+  s = s.reshape(b, kv, r, t, -1) * (h**-0.5)
   s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
   if with_lse:
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
@@ -77,8 +78,8 @@ def dense(q, k, v, allowed, dtype, with_lse: bool = False, key_layout="sh"):
     lse = (m + jnp.log(z))[..., 0].transpose(0, 3, 1, 2).reshape(b, t, n)
   else:
     p = jax.nn.softmax(s, axis=-1)
-  p = p.astype(dtype).reshape(b, kv, g * t, -1)
-  o = jnp.einsum("bkqs,bksh->bkqh", p, v).reshape(b, kv, g, t, h)
+  p = p.astype(dtype).reshape(b, kv, r * t, -1)
+  o = jnp.einsum("bkqs,bksh->bkqh", p, v).reshape(b, kv, r, t, h)
   o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   return (o, lse) if with_lse else o
 
@@ -142,9 +143,9 @@ def _block(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(kind: str, g: int, tq: int, sk: int, prefix: int, lse: bool,
+def _kernel(kind: str, r: int, tq: int, sk: int, prefix: int, lse: bool,
             interpret: bool):  # fmt: skip
-  """An MQA splash kernel over g query heads sharing one key head.
+  """An MQA splash kernel over r query heads sharing one key head.
 
   kind: ``causal`` (query i sees keys ≤ i; tq = sk), ``full``, or
   ``prefix`` (keys < prefix, then causal from key ``prefix`` on: rows
@@ -156,7 +157,7 @@ def _kernel(kind: str, g: int, tq: int, sk: int, prefix: int, lse: bool,
   # the host's CPU (they become constants of the compiled program), so a
   # compile for other devices (TPU from a CPU host) never runs them there.
   with jax.ensure_compile_time_eval(), _on_host():
-    return _make_kernel(sa, kind, g, tq, sk, prefix, lse, interpret)
+    return _make_kernel(sa, kind, r, tq, sk, prefix, lse, interpret)
 
 
 @contextlib.contextmanager
@@ -182,7 +183,7 @@ def _on_host():
     yield
 
 
-def _make_kernel(sa, kind, g, tq, sk, prefix, lse, interpret):
+def _make_kernel(sa, kind, r, tq, sk, prefix, lse, interpret):
   if kind == "causal":
     mask = sa.CausalMask((tq, sk))
   elif kind == "full":
@@ -198,7 +199,7 @@ def _make_kernel(sa, kind, g, tq, sk, prefix, lse, interpret):
     block_q_dq=bq, block_kv_dq=bk,
   )  # fmt: skip
   return sa.make_splash_mqa_single_device(
-    sa.MultiHeadMask([mask] * g),
+    sa.MultiHeadMask([mask] * r),
     block_sizes=sizes,
     save_residuals=lse,
     interpret=interpret,
@@ -275,7 +276,7 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, dtype, kind, prefix, lse,
 
   b, t, n, h = q.shape
   kvh, s = k.shape[1], k.shape[2]
-  g = n // kvh
+  r = n // kvh
   tq, sk = _round(t), _round(s)
   if kind == "causal":
     tq = sk = max(tq, sk)
@@ -288,11 +289,11 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, dtype, kind, prefix, lse,
                   constant_values=-1)  # fmt: skip
   kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, sk - s)),
                    constant_values=-1)  # fmt: skip
-  qh = (q.astype(dtype) * jnp.asarray(h**-0.5, dtype)).reshape(b, t, kvh, g, h)
-  qh = pad(qh.transpose(0, 2, 3, 1, 4), tq - t, 3)  # [B,K,G,Tq,H]
+  qh = (q.astype(dtype) * jnp.asarray(h**-0.5, dtype)).reshape(b, t, kvh, r, h)
+  qh = pad(qh.transpose(0, 2, 3, 1, 4), tq - t, 3)  # [B,K,R,Tq,H]
   kh = pad(k.astype(dtype), sk - s, 2)
   vh = pad(v.astype(dtype), sk - s, 2)
-  kern = _kernel(kind, g, tq, sk, prefix, lse, interpret)
+  kern = _kernel(kind, r, tq, sk, prefix, lse, interpret)
 
   def one(qi, ki, vi, qs, ks):
     return kern(qi, ki, vi, sa.SegmentIds(q=qs, kv=ks))
@@ -376,9 +377,9 @@ def _prefix_part(q, kp, vp, prefix_mask, dtype):
   """
   b, n_q, n, h = q.shape
   p, kv, t, _ = kp.shape
-  s, g = b // p, n // kv
-  q6 = q.reshape(p, s, n_q, kv, g, h)
-  sc = jnp.einsum("pslkgh,pkth->pskglt", q6, kp,
+  s, r = b // p, n // kv
+  q6 = q.reshape(p, s, n_q, kv, r, h)
+  sc = jnp.einsum("pslkrh,pkth->pskrlt", q6, kp,
                   preferred_element_type=jnp.float32)  # fmt: skip
   sc = sc * (h**-0.5)
   allowed = prefix_mask[:, None, None, None, None, :]
@@ -387,9 +388,9 @@ def _prefix_part(q, kp, vp, prefix_mask, dtype):
   e = jnp.exp(sc - m)
   z = jnp.sum(e, axis=-1, keepdims=True)
   probs = (e / z).astype(dtype)
-  lse = (m + jnp.log(z))[..., 0]  # [p, s, k, g, l]
+  lse = (m + jnp.log(z))[..., 0]  # [p, s, k, r, l]
   lse = lse.transpose(0, 1, 4, 2, 3).reshape(b, n_q, n)
-  o = jnp.einsum("pskglt,pkth->pslkgh", probs, vp)
+  o = jnp.einsum("pskrlt,pkth->pslkrh", probs, vp)
   return o.reshape(b, n_q, n, h), lse
 
 

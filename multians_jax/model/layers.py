@@ -1,7 +1,7 @@
 """The decoder layer as pure functions of arrays (no modules, no state).
 
 Shape letters as in ``model.py``: B batch, T query tokens, S key/cache
-slots, D model dim, N query heads, K key/value heads, G = N // K, H head
+slots, D model dim, N query heads, K key/value heads, R = N // K, H head
 dim, F MLP hidden dim, L layers. ``cfg`` is a ``model.ModelConfig``.
 
 ``layer_fn`` is one decoder layer (``LayerContext``: RoPE positions, the
@@ -88,7 +88,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv: jax.Array):
   return (x.astype(jnp.float32) * cos + rot * sin).astype(x.dtype)
 
 
-def dense(x: jax.Array, w: jax.Array, out_shape: tuple[int, ...]):
+def linear(x: jax.Array, w: jax.Array, out_shape: tuple[int, ...]):
   """x [B, T, I] × w [I, O...] → [B, T, *out_shape] as one 2-D matmul.
 
   The activations are flattened to [B·T, I] and the weight to [I, O]: on
@@ -107,14 +107,14 @@ def project(cfg: ModelConfig, x, p, name: str, out_shape: tuple[int, ...]):
   projection's adapters): the weights are never merged, so the sampler and
   the update step read the same base arrays every step."""
   dt = DTYPES[cfg.dtype]
-  y = dense(x, p[name].astype(dt), out_shape)
+  y = linear(x, p[name].astype(dt), out_shape)
   a = p.get(f"{name}_lora_a")
   if a is None:
     return y
   r = cfg.lora_rank
-  low = sharding.constrain(dense(x, a.astype(dt), (r,)), ("batch", None, None))
+  low = sharding.constrain(linear(x, a.astype(dt), (r,)), ("batch", None, None))
   scale = jnp.asarray(cfg.lora_alpha / r, dt)
-  return y + scale * dense(low, p[f"{name}_lora_b"].astype(dt), out_shape)
+  return y + scale * linear(low, p[f"{name}_lora_b"].astype(dt), out_shape)
 
 
 def qkv(cfg: ModelConfig, x, p, positions, inv_freq):

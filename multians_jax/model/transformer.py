@@ -1,7 +1,7 @@
 """Decoder-only transformer (Llama / Qwen2 / Qwen3 families) in Flax NNX.
 
 Shape letters: B batch, T query tokens, S key/cache slots, D model dim,
-N query heads, K key/value heads, G = N // K query heads per KV head,
+N query heads, K key/value heads, R = N // K query heads per KV head,
 H head dim, F MLP hidden dim, V vocab, L layers.
 
 Layer parameters are stacked on a leading ``L`` axis and the decoder runs as

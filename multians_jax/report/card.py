@@ -95,7 +95,7 @@ def render(
     "",
   ]
   if summaries:
-    lines += ["## Evaluation", "", report.table(summaries), ""]
+    lines += ["## Evaluation", "", report.summary_table(summaries), ""]
   if run_config:
     lines += [
       "## Training config",
@@ -130,7 +130,7 @@ def from_workdir(workdir: str) -> tuple[dict | None, dict | None, int | None]:
     with open(p) as f:
       ev = json.load(f)
     tag = ev.get("tag")
-    if tag in dict(report.COLUMNS):
+    if tag in dict(report.SUMMARY_COLUMNS):
       summaries = summaries or {}
       summaries[tag] = ev["summary"]
       if tag == "after":
@@ -138,7 +138,7 @@ def from_workdir(workdir: str) -> tuple[dict | None, dict | None, int | None]:
   return run_config, summaries, step
 
 
-def write(out: str, model_cfg, **kw) -> str:
+def write_card(out: str, model_cfg, **kw) -> str:
   """Writes ``out/README.md`` (``render``); returns its path."""
   path = os.path.join(out, "README.md")
   with open(path, "w", encoding="utf-8") as f:

@@ -123,7 +123,7 @@ def _cell(values) -> str:
   )
 
 
-COLUMNS = (
+RUN_COLUMNS = (
   ("coverage", "coverage"),
   ("oracle_coverage", "oracle"),
   ("top1", "top-1"),
@@ -135,10 +135,12 @@ COLUMNS = (
 )
 
 
-def table(runs: dict[str, dict]) -> str:
+def runs_table(runs: dict[str, dict]) -> str:
   """Markdown: one line per group, mean [min, max] over its seeds."""
   g = groups(runs)
-  cols = [c for c in COLUMNS if any(r[c[0]] is not None for r in runs.values())]
+  cols = [
+    c for c in RUN_COLUMNS if any(r[c[0]] is not None for r in runs.values())
+  ]
   lines = [
     "| run | mode | seeds | " + " | ".join(t for _, t in cols) + " |",
     "|---|---|---|" + "---|" * len(cols),
@@ -357,7 +359,9 @@ def curve_table(hist: dict[str, list], key: str = "coverage") -> str:
   return "\n".join(lines)
 
 
-def write(runs_spec: dict[str, str], out: str, tag: str = "after") -> dict:
+def write_comparison(
+  runs_spec: dict[str, str], out: str, tag: str = "after"
+) -> dict:
   """Reads each run, writes OUT/compare.{json,md} and the PNGs."""
   if not runs_spec:
     raise ValueError("--runs: give at least one NAME=DIR")
@@ -386,7 +390,7 @@ def write(runs_spec: dict[str, str], out: str, tag: str = "after") -> dict:
     "",
     "Mean over seeds, [min, max] where seeds differ.",
     "",
-    table(runs),
+    runs_table(runs),
     "",
     *(
       ["Held-out figures per RL step (0: after the warm-up):", "", curves, ""]

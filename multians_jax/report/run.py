@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from multians_jax import evaluate, telemetry
+from multians_jax import telemetry
 from multians_jax.report import plotting
 
 ROWS = (
@@ -22,19 +22,19 @@ ROWS = (
 )
 
 
-COLUMNS = (
+SUMMARY_COLUMNS = (
   ("before", "before"),
   ("warmup", "after warm-up"),
   ("after", "after RL"),
 )
 
 
-def table(summaries: dict) -> str:
+def summary_table(summaries: dict) -> str:
   """Markdown table of the evaluations present, in stage order.
 
   ``summaries``: tag → summary, tags among ``before``, ``warmup``, ``after``.
   """
-  cols = [(t, name) for t, name in COLUMNS if t in summaries]
+  cols = [(t, name) for t, name in SUMMARY_COLUMNS if t in summaries]
   head = "| metric | " + " | ".join(n for _, n in cols) + " | |"
   lines = [head, "|---|" + "---|" * len(cols) + "---|"]
   fmt = lambda d, k: "–" if d.get(k) is None else f"{d[k]:.3f}"
@@ -70,25 +70,25 @@ def curves(workdir: str, out: str) -> bool:
   return True
 
 
-def write(workdir: str, evals: dict, g: int) -> str:
+def write_report(workdir: str, evals: dict, g: int) -> str:
   """Writes WORKDIR/REPORT.md (+ PNGs) and returns its path."""
   parts = ["# Training report", ""]
-  shown = {t: evals[t].summary for t, _ in COLUMNS if t in evals}
+  shown = {t: evals[t].summary for t, _ in SUMMARY_COLUMNS if t in evals}
   if "after" in shown and len(shown) > 1:
     n = shown["after"].get("num_prompts")
     parts += [
       f"Held-out evaluation on {n} prompts, {g} generations each.",
       "",
-      table(shown),
+      summary_table(shown),
       "",
     ]
   if curves(workdir, os.path.join(workdir, "training_curves.png")):
     parts += ["![training curves](training_curves.png)", ""]
-  for tag, _ in COLUMNS:
+  for tag, _ in SUMMARY_COLUMNS:
     res = evals.get(tag)
     if res is None:
       continue
-    names = evaluate.plots(res, os.path.join(workdir, f"eval_{tag}"), g)
+    names = plotting.eval_figures(res, os.path.join(workdir, f"eval_{tag}"), g)
     for name in names:
       parts += [f"![{tag}: {name}](eval_{tag}/{name})", ""]
     sample = res.texts[:2]

@@ -206,7 +206,7 @@ def _check_head_args(temperature, chunk):
 
 def _scaled_logits(w, h, temperature):
   """h [B, C, D] × w [D, V] → float32 logits / temperature [B, C, V], as one
-  2-D matmul (``layers.dense``)."""
+  2-D matmul (``layers.linear``)."""
   b, c, d = h.shape
   z = jnp.matmul(
     h.reshape(b * c, d), w, preferred_element_type=jnp.float32
