@@ -20,6 +20,11 @@ def test_the_readme_is_a_readme():
   demo = "python -m multians_jax.main --config=configs/demo.py"
   assert demo in readme and "python -m pytest -q" in readme
   assert (ROOT / "docs" / "GUIDE.md").exists() and "docs/GUIDE.md" in readme
+  # Dated figures live in one place each (BENCHMARKS.md, STUDY.md), so the
+  # README states none.
+  import re
+
+  assert not re.findall(r"20\d\d-\d\d-\d\d", readme)
 
 
 def _documented_defaults(text: str):
