@@ -115,13 +115,13 @@ def test_decode_key_layouts_agree(tmp_path, one_device_mesh, per_row):
       jnp.asarray(ids[:, :5]), jnp.asarray(pos[:, :5]),
       jnp.asarray(mask[:, :5]), cache,
     )  # fmt: skip
-    cache = cache.unstacked(layout)
+    cache = cache.for_decode(layout)
     assert cache.key_layout == layout
     steps = []
     for t in range(5, 8):
       if per_row:
         cache = cache.replace(index=jnp.full((3,), t, jnp.int32))
-      h, cache = ours.hidden_with(
+      h, cache = ours.decode_hidden(
         per_layer, jnp.asarray(ids[:, t : t + 1]),
         jnp.asarray(pos[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]),
         cache,
@@ -142,9 +142,7 @@ def test_decode_key_layouts_agree(tmp_path, one_device_mesh, per_row):
 def test_bad_key_layout():
   cache = model.KVCache.zeros(model.named_arch("smollm2_135m"), 1, 4)
   with pytest.raises(ValueError, match="key_layout must be one of"):
-    cache.unstacked("sk")
-  with pytest.raises(ValueError, match="unstacked with key_layout 'hs'"):
-    cache.unstacked("hs").unstacked("sh")
+    cache.for_decode("sk")
 
 
 def test_bf16_compute_close_to_fp32(tmp_path, one_device_mesh):

@@ -15,9 +15,11 @@ def _round(acc, t, tag):
   tag·100 + row so every row is recognisable."""
   b = len(acc)
   rows = np.arange(b)[:, None]
-  ro = sampler.Rollout(
-    prompt_tokens=jnp.asarray(np.full((b, t), tag) + 0 * rows, jnp.int32),
-    prompt_mask=jnp.ones((b, t), bool),
+  ro = sampler.Rollout(  # each prompt once: b / G of them
+    prompt_tokens=jnp.asarray(  # tag·10 + group
+      np.full((b // G, t), tag * 10) + np.arange(b // G)[:, None], jnp.int32
+    ),
+    prompt_mask=jnp.ones((b // G, t), bool),
     tokens=jnp.asarray(tag * 100 + rows + np.zeros((b, 3)), jnp.int32),
     logprobs=jnp.zeros((b, 3)),
     mask=jnp.ones((b, 3), bool),
@@ -68,9 +70,12 @@ def test_refill_from_a_second_round():
   )
   # Round 1's prompts are left-padded to round 2's length 6.
   pm = np.asarray(out.rollout.prompt_mask)
-  assert pm.shape == (6, 6)
-  np.testing.assert_array_equal(pm[:2], [[0, 0, 1, 1, 1, 1]] * 2)
-  assert pm[2:].all()
+  assert pm.shape == (3, 6)  # 3 groups' prompts, once each
+  np.testing.assert_array_equal(pm[:1], [[0, 0, 1, 1, 1, 1]])
+  assert pm[1:].all()
+  np.testing.assert_array_equal(
+    np.asarray(out.rollout.prompt_tokens)[:, -1], [10, 21, 22]
+  )
   assert out.seconds == (2.0, 1.0)
 
 

@@ -79,8 +79,9 @@ def test_logprobs_match_full_forward(tiny, slots):
   cfg = sampler.SamplingConfig(10, temperature=0.7, top_k=20, top_p=0.9,
                                stop_ids=(7, 8, 9), slots=slots)  # fmt: skip
   r = sampler.sample(m, ids, mask, jax.random.key(1), cfg, num_samples=3)
-  seq = np.concatenate([np.asarray(r.prompt_tokens), np.asarray(r.tokens)], 1)
-  smask = np.concatenate([np.asarray(r.prompt_mask), np.asarray(r.mask)], 1)
+  prompt_tokens, prompt_mask = r.row_prompts()
+  seq = np.concatenate([np.asarray(prompt_tokens), np.asarray(r.tokens)], 1)
+  smask = np.concatenate([np.asarray(prompt_mask), np.asarray(r.mask)], 1)
   pos = np.maximum(np.cumsum(smask, 1) - 1, 0)
   logits, _ = m(jnp.asarray(seq), jnp.asarray(pos), jnp.asarray(smask))
   z = np.asarray(logits, np.float64) / 0.7
@@ -92,8 +93,11 @@ def test_logprobs_match_full_forward(tiny, slots):
     np.testing.assert_allclose(got[b, j], want, atol=1e-4)
     n += 1
   assert n > 20 and (got[~cm] == 0).all()
-  # Prompt-major group layout.
-  np.testing.assert_array_equal(np.asarray(r.prompt_tokens)[:3, -3:],
+  # Prompt-major group layout, each prompt carried once.
+  assert r.group_size == 3 and r.prompt_tokens.shape[0] == 2
+  np.testing.assert_array_equal(np.asarray(r.prompt_tokens)[:, -3:],
+                                ids[:, -3:])  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(prompt_tokens)[:3, -3:],
                                 np.repeat(ids[:1, -3:], 3, 0))  # fmt: skip
 
 
@@ -142,7 +146,7 @@ def test_no_recompile_for_same_bucket(tiny):
   ids2, mask2, _ = ragged_batch(101, [9, 2], 9, seed=2)  # same 16-bucket
   r = sampler.sample(m, ids2, mask2, jax.random.key(1), cfg, num_samples=2)
   assert sampler.compile_count() == n
-  assert r.prompt_tokens.shape == (4, 16)
+  assert r.prompt_tokens.shape == (2, 16) and r.tokens.shape[0] == 4
   ids3, mask3, _ = ragged_batch(101, [17, 2], 17, seed=2)  # next bucket
   sampler.sample(m, ids3, mask3, jax.random.key(1), cfg, num_samples=2)
   assert sampler.compile_count() == n + 1

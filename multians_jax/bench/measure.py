@@ -198,14 +198,14 @@ def bench_sampler(model, shapes: dict, peak: float, temperature=0.7) -> dict:
 
 
 def _rollout(cfg, b: int, t: int, n: int, group: int = 1, seed: int = 0):
-  """Random rollout of b rows: b / group prompts, each repeated group times
-  (prompt-major, as ``sampler.sample`` returns them)."""
+  """Random rollout of b rows: b / group prompts, each continued by group
+  rows (prompt-major, as ``sampler.sample`` returns them)."""
   rng = np.random.default_rng(seed)
   ids = lambda r, n: rng.integers(3, cfg.vocab_size, (r, n))
-  prompts = np.repeat(ids(b // group, t), group, axis=0)
+  prompts = ids(b // group, t)
   return sampler.Rollout(
     prompt_tokens=jnp.asarray(prompts, jnp.int32),
-    prompt_mask=jnp.ones((b, t), bool),
+    prompt_mask=jnp.ones((b // group, t), bool),
     tokens=jnp.asarray(ids(b, n), jnp.int32),
     logprobs=jnp.asarray(-rng.random((b, n)) * 5, jnp.float32),
     mask=jnp.ones((b, n), bool),

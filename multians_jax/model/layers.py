@@ -7,9 +7,10 @@ dim, F MLP hidden dim, L layers. ``cfg`` is a ``model.ModelConfig``.
 ``layer_fn`` is one decoder layer (``LayerContext``: RoPE positions, the
 allowed key slots, the cache write index); ``shared_layer_fn`` one layer
 over shared prefixes and the rows that continue them (``SharedContext``).
-``run_layers`` runs the stack: a ``lax.scan`` over stacked parameters, or
-an unrolled loop over per-layer ones (``unstack_layers``, the sampler's
-decode step).
+``run_layers`` runs the stack as a ``lax.scan`` over stacked parameters
+(with a stacked ``KVCache`` or none); ``run_decode_layers`` as an unrolled
+loop over per-layer ones (``unstack_layers``) with a ``DecodeCache``, the
+sampler's decode step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flax import struct
 
 from multians_jax import sharding
 from multians_jax.model import attention as attn
-from multians_jax.model.cache import KVCache
+from multians_jax.model.cache import DecodeCache, KVCache
 from multians_jax.model.config import DTYPES, ModelConfig
 
 
@@ -36,7 +37,7 @@ class LayerContext:
   inv_freq: jax.Array  # float32 [H/2] RoPE inverse frequencies
   mask: jax.Array  # bool [B, T] real tokens of this call
   cache_mask: jax.Array | None = None  # bool [B, S] valid slots before it
-  # How the cache stores its keys (``model.KVCache.key_layout``).
+  # How the cache stores its keys (``cache.DecodeCache.key_layout``).
   key_layout: str = struct.field(pytree_node=False, default="sh")
 
 
@@ -248,22 +249,12 @@ def _layer_body(cfg, ctx):
 
 
 def run_layers(cfg, x, params, cache: KVCache | None, ctx: LayerContext):
-  """Runs ``layer_fn`` over the layers; returns (x, (k, v) or None).
-
-  Stacked ``params`` run as one ``lax.scan`` (compile time independent of
-  depth). With a stacked cache each layer returns its updated cache slice
-  and the T new slots are written into [L, B, K, S, H] after the scan (a
-  copy of the cache per call: fine for prefill, slow for decode).
-
-  Per-layer ``params`` (a list, ``unstack_layers``) need an unstacked cache
-  and run as an unrolled loop: each layer writes its new keys into
-  its own buffer in place and attends to that buffer, so a decode step reads
-  the cache once and copies nothing.
-  """
+  """Runs ``layer_fn`` over stacked [L, ...] ``params`` as one ``lax.scan``
+  (compile time independent of depth); returns (x, (k, v) or None). With a
+  cache each layer returns its updated cache slice and the T new slots are
+  written into [L, B, K, S, H] after the scan (a copy of the cache per
+  call: fine for prefill; decoding runs ``run_decode_layers``)."""
   body = _layer_body(cfg, ctx)
-  if isinstance(params, (list, tuple)):
-    return _run_unrolled(body, x, params, cache)
-
   if cache is None:
 
     def step(x, p):
@@ -272,11 +263,6 @@ def run_layers(cfg, x, params, cache: KVCache | None, ctx: LayerContext):
 
     x, _ = jax.lax.scan(step, x, params)
     return x, None
-  if not cache.is_stacked:
-    raise ValueError("an unstacked KVCache needs per-layer params")
-  if ctx.key_layout != "sh":
-    raise ValueError("a stacked KVCache stores its keys [L, B, K, S, H]")
-
   t = x.shape[1]
 
   def step_cached(x, inp):
@@ -292,12 +278,16 @@ def run_layers(cfg, x, params, cache: KVCache | None, ctx: LayerContext):
   return x, (k_all, v_all)
 
 
-def _run_unrolled(body, x, layers, cache):
-  if cache is None or cache.is_stacked or len(cache.k) != len(layers):
+def run_decode_layers(cfg, x, layers, cache: DecodeCache, ctx: LayerContext):
+  """Runs ``layer_fn`` over per-layer ``layers`` (``unstack_layers``) as an
+  unrolled loop: each layer writes its new keys into its own buffer of the
+  cache in place and attends to that buffer, so a decode step reads the
+  cache once and copies nothing. Returns (x, (k, v) per-layer tuples)."""
+  if len(cache.k) != len(layers):
     raise ValueError(
-      "per-layer params need an unstacked KVCache (KVCache.unstacked()) "
-      "with one buffer per layer"
+      f"a DecodeCache of {len(cache.k)} layers for {len(layers)} layers"
     )
+  body = _layer_body(cfg, ctx)
   ks, vs = [], []
   for p, kc, vc in zip(layers, cache.k, cache.v, strict=True):
     x, k, v = body(x, p, kc, vc)

@@ -10,7 +10,7 @@ Flow (one ``jax.jit`` per (P, G, T, settings)):
   3. decode in a ``lax.while_loop`` that stops when every row has emitted a
      stop token or L tokens are written. The cache lives inside the jitted
      computation as a loop carry in the decode layout (one buffer per layer,
-     ``KVCache.unstacked``) with per-layer weights
+     ``KVCache.for_decode``) with per-layer weights
      (``layers.unstack_layers``), so each step writes one slot per layer in
      place and copies neither the cache nor the weights (checked on the
      compiled HLO in the tests).
@@ -54,15 +54,30 @@ from multians_jax.settings import (  # settings of this module
 
 @struct.dataclass
 class Rollout:
-  """Sampled completions; rows ordered prompt-major (p·G + g)."""
+  """Sampled completions; rows ordered prompt-major (p·G + g), each prompt
+  carried once: row p·G + g continues prompt p."""
 
-  prompt_tokens: jax.Array  # int32 [B, T] (left-padded)
-  prompt_mask: jax.Array  # bool [B, T]
+  prompt_tokens: jax.Array  # int32 [P, T] (left-padded)
+  prompt_mask: jax.Array  # bool [P, T]
   tokens: jax.Array  # int32 [B, L]
   logprobs: jax.Array  # float32 [B, L]
   mask: jax.Array  # bool [B, L]: completion tokens (stop token included)
   lengths: jax.Array  # int32 [B]
   truncated: jax.Array  # bool [B]: hit L without a stop token
+
+  @property
+  def group_size(self) -> int:
+    """G: completions per prompt (B / P)."""
+    b, p = self.tokens.shape[0], self.prompt_tokens.shape[0]
+    if b % p:
+      raise ValueError(f"{b} rows do not divide into {p} prompts")
+    return b // p
+
+  def row_prompts(self) -> tuple[jax.Array, jax.Array]:
+    """(tokens, mask) [B, T]: each row's prompt (repeated G times)."""
+    g = self.group_size
+    rep = lambda x: x if g == 1 else jnp.repeat(x, g, axis=0)
+    return rep(self.prompt_tokens), rep(self.prompt_mask)
 
 
 def prompt_bucket(n: int, minimum: int = 16) -> int:
@@ -157,21 +172,14 @@ def _is_stop(tok, cfg: SamplingConfig):
   return jnp.isin(tok, jnp.asarray(cfg.stop_ids, jnp.int32))
 
 
-def _repeat_cache(cache: model_lib.KVCache, g: int) -> model_lib.KVCache:
-  """Unstacked [P, ...] cache → each row repeated G times ([B, ...])."""
+def _repeat_cache(
+  cache: model_lib.DecodeCache, g: int
+) -> model_lib.DecodeCache:
+  """A [P, ...] decode cache → each row repeated G times ([B, ...])."""
   rep = lambda xs: tuple(jnp.repeat(x, g, axis=0) for x in xs)
   return cache.replace(
     k=rep(cache.k), v=rep(cache.v), mask=jnp.repeat(cache.mask, g, axis=0)
   )
-
-
-def _constrain_cache(cache):
-  k_axes, v_axes = cache.axes()
-  if cache.is_stacked:
-    one = sharding.constrain
-  else:
-    one = lambda xs, axes: tuple(sharding.constrain(x, axes) for x in xs)
-  return cache.replace(k=one(cache.k, k_axes), v=one(cache.v, v_axes))
 
 
 def _prefill(m, tokens, mask, cfg: SamplingConfig, slots: int):
@@ -182,18 +190,18 @@ def _prefill(m, tokens, mask, cfg: SamplingConfig, slots: int):
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   dtype = model_lib.DTYPES[cfg.cache_dtype]
   cache = model_lib.KVCache.zeros(m.cfg, p, slots, dtype)
-  h, cache = m.hidden(tokens, positions, mask, _constrain_cache(cache))
+  h, cache = m.hidden(tokens, positions, mask, cache.constrained())
   last = m.logits(h[:, -1])  # no logits for other prompt positions
   layout = attention_lib.decode_key_layout(m.cfg.attention)
-  return cache.unstacked(layout), last, positions[:, -1] + 1
+  return cache.for_decode(layout), last, positions[:, -1] + 1
 
 
-def _output(tokens, mask, g, out_tokens, logprobs, lengths, done) -> Rollout:
+def _output(tokens, mask, out_tokens, logprobs, lengths, done) -> Rollout:
   steps = out_tokens.shape[1]
   comp_mask = jnp.arange(steps)[None, :] < lengths[:, None]
   return Rollout(
-    prompt_tokens=jnp.repeat(tokens, g, axis=0),
-    prompt_mask=jnp.repeat(mask, g, axis=0),
+    prompt_tokens=tokens,
+    prompt_mask=mask,
     tokens=out_tokens,
     logprobs=jnp.where(comp_mask, logprobs, 0.0),
     mask=comp_mask,
@@ -207,7 +215,7 @@ class _Decode:
   """The static decode loop's state. B = P·G rows, L = max_new_tokens."""
 
   i: jax.Array  # int32 [], the output column written next
-  cache: Any  # model.KVCache, per-layer buffers
+  cache: Any  # model.DecodeCache
   prev: jax.Array  # int32 [B], the token chosen last
   tokens: jax.Array  # int32 [B, L], pad after a row stops
   logprobs: jax.Array  # float32 [B, L], 0 after a row stops
@@ -221,7 +229,7 @@ def _static(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
   b, steps = p * g, cfg.max_new_tokens
   rows = jnp.arange(b)
   cache, last, next_pos = _prefill(m, tokens, mask, cfg, t + steps)
-  cache = _constrain_cache(_repeat_cache(cache, g))
+  cache = _repeat_cache(cache, g).constrained()
   next_pos = jnp.repeat(next_pos, g)  # [B]
   u = uniforms(key, 0, rows, b)
   tok, lp = _choose(jnp.repeat(last, g, axis=0), u, cfg)
@@ -238,13 +246,13 @@ def _static(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
   def body(s: _Decode) -> _Decode:
     pos = (next_pos + s.i - 1)[:, None]
     one = jnp.ones((b, 1), bool)
-    h, cache = m.hidden_with(layers, s.prev[:, None], pos, one, s.cache)
+    h, cache = m.decode_hidden(layers, s.prev[:, None], pos, one, s.cache)
     tok, lp = _choose(m.logits(h[:, 0]), uniforms(key, s.i, rows, b), cfg)
     tok = jnp.where(s.done, cfg.pad_id, tok)
     lp = jnp.where(s.done, 0.0, lp)
     return _Decode(
       i=s.i + 1,
-      cache=_constrain_cache(cache),
+      cache=cache.constrained(),
       prev=tok,
       tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.i, 1),
       logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp, s.i, 1),
@@ -254,8 +262,7 @@ def _static(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
 
   cond = lambda s: (s.i < steps) & ~jnp.all(s.done)
   out = jax.lax.while_loop(cond, body, init)
-  return _output(tokens, mask, g, out.tokens, out.logprobs, out.lengths,
-                 out.done)  # fmt: skip
+  return _output(tokens, mask, out.tokens, out.logprobs, out.lengths, out.done)
 
 
 @struct.dataclass
@@ -263,7 +270,7 @@ class _Refill:
   """The refilling decode loop's state: ``cfg.slots`` = S slots work
   through the B = P·G rows of the rollout, prompt-major."""
 
-  cache: Any  # model.KVCache: per-layer [S, K, T + L, H] buffers
+  cache: Any  # model.DecodeCache: per-layer [S, K, T + L, H] buffers
   row: jax.Array  # int32 [S]: the rollout row in the slot (B = none yet)
   col: jax.Array  # int32 [S]: the output column of the slot's last token
   live: jax.Array  # bool [S]: the slot's row is still generating
@@ -315,7 +322,7 @@ def _start(s: _Refill, prompt, last, mask, key, cfg: SamplingConfig, g: int):
   dest = jnp.where(take, new_row, b)  # b: dropped
   stop = _is_stop(tok, cfg)
   return s.replace(
-    cache=_constrain_cache(cache),
+    cache=cache.constrained(),
     row=jnp.where(take, new_row, s.row),
     col=jnp.where(take, 0, s.col),
     live=jnp.where(take, ~stop & (steps > 1), s.live),
@@ -345,13 +352,15 @@ def _refilled(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
     pos = next_pos[rows // g] + s.col
     cache = s.cache.replace(index=t + s.col)
     one = jnp.ones((n, 1), bool)
-    h, cache = m.hidden_with(layers, s.prev[:, None], pos[:, None], one, cache)
+    h, cache = m.decode_hidden(
+      layers, s.prev[:, None], pos[:, None], one, cache
+    )
     c = s.col + 1
     tok, lp = _choose(m.logits(h[:, 0]), uniforms(key, c, rows, b), cfg)
     dest = jnp.where(s.live, s.row, b)
     stop = _is_stop(tok, cfg)
     return s.replace(
-      cache=_constrain_cache(cache),
+      cache=cache.constrained(),
       col=jnp.where(s.live, c, s.col),
       live=s.live & ~stop & (c + 1 < steps),
       prev=tok,
@@ -362,10 +371,10 @@ def _refilled(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
     )
 
   cache = model_lib.KVCache.zeros(m.cfg, n, t + steps, prompt.k[0].dtype)
-  cache = cache.unstacked(prompt.key_layout)
+  cache = cache.for_decode(prompt.key_layout)
   cache = cache.replace(index=jnp.full((n,), t, jnp.int32))
   init = _Refill(
-    cache=_constrain_cache(cache),
+    cache=cache.constrained(),
     row=jnp.full((n,), b, jnp.int32),
     col=jnp.zeros((n,), jnp.int32),
     live=jnp.zeros((n,), bool),
@@ -378,8 +387,7 @@ def _refilled(m, layers, tokens, mask, key, cfg: SamplingConfig, g: int):
   )
   cond = lambda s: jnp.any(s.live) | (s.next_row < b)
   out = jax.lax.while_loop(cond, body, init)
-  return _output(tokens, mask, g, out.tokens, out.logprobs, out.lengths,
-                 out.done)  # fmt: skip
+  return _output(tokens, mask, out.tokens, out.logprobs, out.lengths, out.done)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples"))
@@ -399,7 +407,7 @@ def _sample(graphdef, state, tokens, mask, key, *, cfg, num_samples):
     state,
   )
   m = nnx.merge(graphdef, state)
-  # Decode layout: per-layer cache buffers and weights (see model.KVCache).
+  # Decode layout: per-layer cache buffers and weights (model/cache.py).
   layers = layers_lib.unstack_layers(m.layers.arrays())
   if 0 < cfg.slots < tokens.shape[0] * num_samples:
     return _refilled(m, layers, tokens, mask, key, cfg, num_samples)

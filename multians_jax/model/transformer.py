@@ -26,14 +26,17 @@ from flax import nnx
 
 from multians_jax import sharding
 from multians_jax.model import layers as L
-
-# The model's public names, defined in leaf modules (config: validated
-# without loading the model; cache: read by the layers).
 from multians_jax.model.cache import (
   CACHE_AXES as CACHE_AXES,
 )
 from multians_jax.model.cache import (
   KEY_LAYOUTS as KEY_LAYOUTS,
+)
+
+# The model's public names, defined in leaf modules (config: validated
+# without loading the model; cache: read by the layers).
+from multians_jax.model.cache import (
+  DecodeCache as DecodeCache,
 )
 from multians_jax.model.cache import (
   KVCache as KVCache,
@@ -175,62 +178,72 @@ class Transformer(nnx.Module):
     return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
   def hidden(self, tokens, positions, mask, cache: KVCache | None = None):
-    """Final-normed hidden states [B, T, D] and the updated cache.
+    """Final-normed hidden states [B, T, D] and the updated cache: the
+    layers as one scan over their stacked parameters.
 
     Args:
       tokens: int [B, T]. positions: int [B, T] (RoPE positions).
       mask: bool [B, T], True for real tokens (padding is never attended).
-      cache: optional KV cache; the T tokens go to slots index..index+T-1 and
-        attend to every earlier valid slot.
+      cache: optional stacked KV cache; the T tokens go to slots
+        index..index+T-1 and attend to every earlier valid slot.
     """
-    return self.hidden_with(
-      self.layers.arrays(), tokens, positions, mask, cache
-    )
-
-  def hidden_with(self, layers, tokens, positions, mask, cache=None):
-    """``hidden`` with explicit layer parameters.
-
-    ``layers`` is ``self.layers.arrays()`` (stacked [L, ...], run as a scan)
-    or ``layers.unstack_layers`` of it (a list of per-layer dicts, run as
-    an unrolled loop with an unstacked cache: the sampler's decode step).
-    """
-    cfg = self.cfg
-    dt = DTYPES[cfg.dtype]
-    t = tokens.shape[1]
-    x = self.embed[...].astype(dt)[tokens]
-    x = sharding.constrain(x, ("batch", None, "act_embed"))
+    x = self._embed(tokens)
     if cache is None:
-      key_mask, offset = mask, jnp.int32(0)
-    elif cache.index.ndim == 1:  # per-row slots (the refilling sampler)
+      ctx = self._context(positions, mask, mask, jnp.int32(0), None, "sh")
+      x, _ = L.run_layers(self.cfg, x, self.layers.arrays(), None, ctx)
+      return self._norm(x), None
+    key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+    ctx = self._context(positions, mask, key_mask, cache.index, cache, "sh")
+    x, (k, v) = L.run_layers(self.cfg, x, self.layers.arrays(), cache, ctx)
+    t = tokens.shape[1]
+    cache = cache.replace(k=k, v=v, mask=key_mask, index=cache.index + t)
+    return self._norm(x), cache
+
+  def decode_hidden(self, layers, tokens, positions, mask, cache: DecodeCache):
+    """The decode step: ``hidden`` of T new tokens against a
+    ``DecodeCache``, the layers unrolled over per-layer parameters
+    (``layers.unstack_layers`` of ``self.layers.arrays()``). With a per-row
+    cache index each row writes its own slot (T = 1)."""
+    t = tokens.shape[1]
+    x = self._embed(tokens)
+    if cache.per_row:  # the refilling sampler's slots
       if t != 1:
         raise ValueError("a per-row cache index takes one token per row")
       rows = jnp.arange(tokens.shape[0])
       key_mask = cache.mask.at[rows, cache.index].set(mask[:, 0])
-      offset = cache.index
     else:
       key_mask = jax.lax.dynamic_update_slice(
         cache.mask, mask, (0, cache.index)
       )
-      offset = cache.index
-    q_slot = offset[..., None] + jnp.arange(t)  # [T] or [B, T]
+    ctx = self._context(
+      positions, mask, key_mask, cache.index, cache, cache.key_layout
+    )
+    x, (k, v) = L.run_decode_layers(self.cfg, x, layers, cache, ctx)
+    cache = cache.replace(k=k, v=v, mask=key_mask, index=cache.index + t)
+    return self._norm(x), cache
+
+  def _embed(self, tokens):
+    x = self.embed[...].astype(DTYPES[self.cfg.dtype])[tokens]
+    return sharding.constrain(x, ("batch", None, "act_embed"))
+
+  def _norm(self, x):
+    return L.rms_norm(x, self.final_norm[...], self.cfg.norm_eps)
+
+  def _context(self, positions, mask, key_mask, index, cache, key_layout):
+    """The layers' ``LayerContext``: query t (at slot index + t, per row
+    with a [B] index) attends to the valid slots up to its own."""
+    t = mask.shape[1]
+    q_slot = index[..., None] + jnp.arange(t)  # [T] or [B, T]
     k_slot = jnp.arange(key_mask.shape[1])
-    allowed = key_mask[:, None, :] & (k_slot <= q_slot[..., None])
-    ctx = L.LayerContext(
+    return L.LayerContext(
       positions=positions,
-      allowed=allowed,
-      index=offset,
-      inv_freq=L.rope_inv_freq(cfg),
+      allowed=key_mask[:, None, :] & (k_slot <= q_slot[..., None]),
+      index=index,
+      inv_freq=L.rope_inv_freq(self.cfg),
       mask=mask,
       cache_mask=None if cache is None else cache.mask,
-      key_layout="sh" if cache is None else cache.key_layout,
+      key_layout=key_layout,
     )
-    x, new_kv = L.run_layers(cfg, x, layers, cache, ctx)
-    x = L.rms_norm(x, self.final_norm[...], cfg.norm_eps)
-    if cache is not None:
-      cache = cache.replace(
-        k=new_kv[0], v=new_kv[1], mask=key_mask, index=cache.index + t
-      )
-    return x, cache
 
   def hidden_shared(
     self,

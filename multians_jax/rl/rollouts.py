@@ -3,7 +3,8 @@
 evaluation and the benchmark), and dynamic sampling
 (``rl.dynamic_sampling``).
 
-Rows are prompt-major (p·G + g), as ``sampler.Rollout``. ``Scored`` keeps
+Rows are prompt-major (p·G + g), as ``sampler.Rollout``, which carries
+each prompt once. ``Scored`` keeps
 the global rollout (device arrays, sharded as the sampler left them) next
 to every row's ``Rewards`` (host arrays, the same on every process).
 
@@ -344,5 +345,16 @@ def _concat(parts: list[sampler.Rollout]) -> sampler.Rollout:
 
 @jax.jit
 def _take(ro: sampler.Rollout, rows, live) -> sampler.Rollout:
-  out = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), ro)
-  return out.replace(mask=out.mask & live[:, None])
+  """The ``rows`` (whole groups, in order) of ``ro`` and their prompts;
+  rows not ``live`` keep no completion tokens."""
+  g = ro.group_size
+  take = lambda x, i: jnp.take(x, i, axis=0)
+  return sampler.Rollout(
+    prompt_tokens=take(ro.prompt_tokens, rows[::g] // g),
+    prompt_mask=take(ro.prompt_mask, rows[::g] // g),
+    tokens=take(ro.tokens, rows),
+    logprobs=take(ro.logprobs, rows),
+    mask=take(ro.mask, rows) & live[:, None],
+    lengths=take(ro.lengths, rows),
+    truncated=take(ro.truncated, rows),
+  )

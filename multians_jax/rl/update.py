@@ -139,13 +139,15 @@ class UpdateBatch:
 
 
 def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
-  """Concatenates prompts and completions of a ``sampler.Rollout``.
+  """Concatenates each row's prompt and completion of a ``sampler.Rollout``
+  (its prompts repeated over their groups: [B, T + L]).
 
   ``adv``: one advantage per completion ([B], or [P, G] prompt-major), or
   one per completion token ([B, L], the rollout's mask shape).
   """
-  tokens = jnp.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1)
-  mask = jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)
+  prompt_tokens, prompt_mask = rollout.row_prompts()
+  tokens = jnp.concatenate([prompt_tokens, rollout.tokens], axis=1)
+  mask = jnp.concatenate([prompt_mask, rollout.mask], axis=1)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   return UpdateBatch(
     tokens,
