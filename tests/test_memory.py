@@ -6,6 +6,7 @@ activation formula against the compiled update step's
 import dataclasses
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -198,6 +199,25 @@ def test_cli_prints_table_and_verdict():
   assert "verdict: FITS" in text and "of 95 GiB" in text
   plan = mem.plan_from_config(_config(), (1, 8, 1))
   assert f"params={model_lib.param_count(plan.model):,}" in text
+
+
+def test_cli_plans_a_cpu_config_for_this_host():
+  """A config that names no accelerator (the demo's) is planned where it
+  runs: the -1 mesh axis takes the local device count, the fit is judged
+  against the host's memory, and the report says both."""
+  out = subprocess.run(
+    [sys.executable, "tools/memory.py", "--config=configs/tiny.py"],
+    capture_output=True, text=True, cwd=ROOT, timeout=120,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr
+  gb = mem.host_memory_gb()
+  assert 0.5 < gb < 1 << 16
+  text = out.stdout
+  found = re.search(r"planned for this host, (\d+) cpu device\(s\)", text)
+  n = int(found.group(1))  # the local devices (XLA_FLAGS may set several)
+  assert f"device(s) and {gb:.1f} GiB of memory" in text
+  assert f"mesh data=1, fsdp={n}, tensor=1 ({n} devices)" in text
+  assert f"per device of {gb:g} GiB" in text
 
 
 @pytest.mark.slow

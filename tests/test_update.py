@@ -263,3 +263,60 @@ def test_paper_config_runs_two_steps_with_a_tiny_stand_in(tmp_path, mode):
   assert out["final"]["step"] == 2
   assert out["after"]["num_prompts"] == 2
   assert (tmp_path / "checkpoints").exists()
+
+
+def test_completion_bucket():
+  assert update.completion_bucket(1, 128) == 16  # the smallest bucket
+  assert update.completion_bucket(16, 128) == 16
+  assert update.completion_bucket(17, 128) == 32
+  assert update.completion_bucket(100, 128) == 128
+  assert update.completion_bucket(100, 96) == 96  # never past the cap
+  widths = {update.completion_bucket(n, 1536) for n in range(1, 1537)}
+  assert widths == {16, 32, 64, 128, 256, 512, 1024, 1536}  # compilations
+
+
+@pytest.mark.parametrize(
+  "agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+)
+def test_trimmed_completions_update_exactly(agg, one_device_mesh):
+  """The update at the longest completion's width equals the update at
+  the sampler's cap (every column cut is masked): the same loss and
+  gradients, with per-token advantages and the KL term, for every
+  aggregation."""
+  rng = np.random.default_rng(7)
+  cap, b = 12, 8
+  r = _rollout(b=b, n=cap, seed=4)
+  lengths = rng.integers(1, 6, b)  # the longest completion: <= 5 tokens
+  comp = np.arange(cap)[None] < lengths[:, None]
+  r = r.replace(
+    tokens=jnp.asarray(rng.integers(3, 64, (b, cap)), jnp.int32),  # pads too
+    logprobs=jnp.asarray(-rng.uniform(2, 6, (b, cap)) * comp, jnp.float32),
+    mask=jnp.asarray(comp),
+    lengths=jnp.asarray(lengths, jnp.int32),
+    truncated=jnp.zeros((b,), bool),
+  )
+  adv = jnp.asarray(rng.normal(size=(b, cap)), jnp.float32)
+  ref = jnp.asarray(-rng.uniform(2, 6, (b, cap)), jnp.float32)
+  sgd = optax.sgd(1.0)  # new params = params − grad: compares gradients
+  ucfg = update.UpdateConfig(
+    loss=loss.LossConfig(loss_agg=agg, max_len_norm=cap, kl_beta=0.1),
+    micro_batches=2,
+    logprob_chunk=4,
+  )
+  out = []
+  for width in (cap, update.completion_bucket(5, cap, minimum=8)):
+    m = model.init_model(CFG, one_device_mesh, sharding.TRAIN_RULES, seed=1)
+    ro, a = update.trim_completions(r, adv, width)
+    batch = update.make_batch(ro, a).replace(ref_logp=ref[:, :width])
+    state = update.init_state(m, sgd)
+    with sharding.activate(one_device_mesh, sharding.TRAIN_RULES):
+      new, metrics = update.update_step(
+        nnx.graphdef(m), state, batch, tx=sgd, cfg=ucfg
+      )
+    out.append(([np.asarray(x) for x in jax.tree.leaves(new.params)], metrics))
+  (full, m_full), (cut, m_cut) = out
+  assert m_full["tokens"] == m_cut["tokens"] == lengths.sum()
+  np.testing.assert_allclose(m_full["loss"], m_cut["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_full["kl_mean"], m_cut["kl_mean"], rtol=1e-6)
+  for x, y in zip(full, cut, strict=True):
+    np.testing.assert_allclose(x, y, atol=1e-6)

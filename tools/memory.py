@@ -11,8 +11,12 @@ figure is computed and how closely it matches the compiler's).
 --config: an experiment config (``--config.x=y`` overrides); --mesh
 replaces its mesh; --num_devices fills a -1 mesh axis; --device or
 --device_gb sets the memory to compare with (default: the accelerator
-named in the config's mesh comment, else 95 GiB); --measure also compiles
-the update step here and compares its temporaries with the formula.
+named in the config's mesh comment). A config that names no accelerator
+(``configs/demo.py``, ``configs/tiny.py``) is planned for where it runs,
+this host: a -1 axis takes the local device count and the fit is judged
+against the host's memory (both said in the report). --measure also
+compiles the update step here and compares its temporaries with the
+formula.
 """
 
 import dataclasses
@@ -53,13 +57,21 @@ def main(argv):
       mesh = ()
     if len(mesh) != 3:
       raise app.UsageError(f"--mesh must be data,fsdp,tensor: {_MESH.value}")
-  try:
-    plan = memory.plan_from_config(_CONFIG.value, mesh, _NDEV.value)
-  except ValueError as e:  # a config error: its one-line message
-    sys.exit(f"memory: {e}")
   gb = _GB.value or (memory.DEVICE_GB[_DEVICE.value] if _DEVICE.value else None)
   fname = config_flags.get_config_filename(flags.FLAGS["config"])
-  gb = gb or memory.device_gb_from_file(fname) or 95
+  gb = gb or memory.device_gb_from_file(fname)
+  ndev, here = _NDEV.value, gb is None  # no accelerator named: this host
+  if here:
+    gb = memory.host_memory_gb()
+    ndev = ndev or jax.device_count()
+    print(
+      f"no accelerator named: planned for this host, {ndev} "
+      f"{jax.devices()[0].platform} device(s) and {gb:.1f} GiB of memory"
+    )
+  try:
+    plan = memory.plan_from_config(_CONFIG.value, mesh, ndev)
+  except ValueError as e:  # a config error: its one-line message
+    sys.exit(f"memory: {e}")
   print(memory.format_report(plan, gb))
   if _MEASURE.value:
     ma = memory.compiled_memory(plan)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import jax
@@ -431,6 +432,11 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     sampler_slots=run.sampler.slots,
     support=run.sampling.support,
   )
+
+
+def host_memory_gb() -> float:
+  """This host's physical memory in GiB (what a CPU run has)."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
 
 
 def device_gb_from_file(path: str) -> float | None:

@@ -160,6 +160,33 @@ def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
   )
 
 
+MIN_COMPLETION_BUCKET = 16
+
+
+def completion_bucket(n: int, cap: int, minimum: int = MIN_COMPLETION_BUCKET):
+  """The completion width the update runs at for a longest completion of
+  ``n`` tokens: the smallest power of two ≥ max(n, minimum), at most the
+  sampler's cap. One compilation per bucket: at most
+  ⌈log2(cap / minimum)⌉ + 1 of them."""
+  width = minimum
+  while width < n:
+    width *= 2
+  return min(width, cap)
+
+
+def trim_completions(rollout, adv, width: int):
+  """The rollout's completion axis (and per-token advantages) cut to
+  ``width`` columns. Exact when no completion is longer: the columns cut
+  are masked out of every loss term, metric and count."""
+  cut = lambda x: x[:, :width]
+  rollout = rollout.replace(
+    tokens=cut(rollout.tokens),
+    logprobs=cut(rollout.logprobs),
+    mask=cut(rollout.mask),
+  )
+  return rollout, cut(adv) if adv.ndim == 2 else adv
+
+
 def _completion_logp(graphdef, params, b: UpdateBatch, cfg: UpdateConfig):
   m = nnx.merge(graphdef, params)
   rows, n = b.comp_mask.shape
@@ -293,7 +320,14 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
   ``ref_of`` (params → reference params) adds the KL reference's
   log-probs. ``sampler/*`` metrics: the trainer's log-probs against the
   sampler's, before any update (the importance ratio, 1 on-policy).
+
+  The update runs at the completion width of the longest completion's
+  bucket (``completion_bucket``), not at the sampler's cap: its cost
+  follows the tokens generated (``update/width`` is logged).
   """
+  cap = rollout.tokens.shape[1]
+  width = completion_bucket(int(_longest(rollout.lengths)), cap)
+  rollout, adv = trim_completions(rollout, jnp.asarray(adv), width)
   ub = place_batch(make_batch(rollout, adv), mesh)
   logprobs = lambda params: completion_logprobs(graphdef, params, ub, cfg)
   gap = None
@@ -310,8 +344,16 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
       gap = um if gap is None else gap  # first iteration: π_old = sampler's
   um = {
     **um,
+    "update/width": width,
     "sampler/ratio_mean": gap["token_ratio_mean"],
     "sampler/logp_diff_mean": gap["logp_diff_mean"],
     "sampler/logp_diff_max": gap["logp_diff_max"],
   }
   return state, jax.device_get(um)
+
+
+@jax.jit
+def _longest(lengths):
+  """max(lengths), replicated: readable on every process of a multi-host
+  run, where the rollout's rows live on other processes too."""
+  return jnp.max(lengths)
