@@ -20,6 +20,16 @@ S slots: when a slot's row stops, the slot takes the next row, its prompt's
 prefilled cache copied in (``_refilled``). Draws are keyed by (row, column)
 (``uniforms``), so both loops sample the same rollout from the same key.
 
+Why two loops. ``_refilled`` with S = B samples what ``_static`` samples
+(tested), but each of its steps does more: rows sit at different columns,
+so the cache, the key mask, the tokens and the log-probs are written by
+per-row scatters, and each slot's uniform is the row-th entry of its own
+column's B-vector (S·B draws a step, 262,144 at the paper's B = 512),
+where the static loop writes one column with one dynamic-update-slice
+each and draws B uniforms; it also starts by copying the prompt cache
+into every slot. The static loop is what a batch without slots (or with
+S ≥ B) runs; it is the refilling loop's reference in the tests.
+
 Prompt lengths are bucketed to powers of two (``prompt_bucket``), so the
 number of compilations is bounded by the number of buckets.
 
