@@ -300,4 +300,4 @@ def _check_restored(params, target, path, step) -> None:
 
 def saved_tokenizer(path: str):
   tok_dir = epath.Path(path) / TOKENIZER_DIR
-  return hf.load_tokenizer(str(tok_dir)) if tok_dir.exists() else None
+  return hf.tokenizer_from_dir(str(tok_dir)) if tok_dir.exists() else None

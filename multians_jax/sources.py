@@ -194,7 +194,7 @@ def load_tokenizer(path: str):
 
     with gguf.GGUFSource(path) as src:
       return src.tokenizer()
-  return hf.load_tokenizer(path)
+  return hf.tokenizer_from_dir(path)
 
 
 def arch_name(path: str) -> str:

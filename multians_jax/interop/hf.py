@@ -283,7 +283,7 @@ def load(path: str, mesh, rules, **overrides):
       source.nbytes / 1e6,
       path,
     )
-  return model, cfg, load_tokenizer(path)
+  return model, cfg, tokenizer_from_dir(path)
 
 
 # Tokenizer files of an HF directory (the Hub fetch takes these too).
@@ -296,7 +296,7 @@ TOKENIZER_FILES = (
 )
 
 
-def load_tokenizer(path: str):
+def tokenizer_from_dir(path: str):
   """The tokenizer saved in ``path`` or None if there is none. From a remote
   directory its small files (``TOKENIZER_FILES`` and ``config.json``) are
   copied to a temporary directory first: ``transformers`` reads local files
