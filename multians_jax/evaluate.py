@@ -19,13 +19,13 @@ import os
 import jax
 import numpy as np
 
-from multians_jax import metrics
+from multians_jax import metrics, settings
 from multians_jax.data import pipeline as data
 from multians_jax.model import sampler
 from multians_jax.rl import reward, rollouts
-from multians_jax.settings import (  # settings of this module
-  EvalConfig as EvalConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+EvalConfig = settings.EvalConfig
 
 
 @dataclasses.dataclass

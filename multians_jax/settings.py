@@ -1,10 +1,10 @@
 """The typed settings each part of the library takes, in one leaf module.
 
 ``config.RunConfig`` derives every one of them from the run's config tree
-(its ``sampling``, ``loss``, ``update_config``, ``optim_config``,
+(its ``sampling``, ``loss_config``, ``update_config``, ``optim_config``,
 ``eval_config`` and ``pipeline``; ``reward`` and ``warmup`` are sections of
 the tree as they are). The modules that use them re-export them
-(``SamplingConfig`` is ``settings.SamplingConfig``). This module
+(``sampler.SamplingConfig`` is ``settings.SamplingConfig``). This module
 imports no model, loss or sampler code, so validating a config loads none
 of it (``tests/test_structure.py`` holds the count).
 
@@ -22,7 +22,6 @@ from multians_jax.model.config import DTYPES
 from multians_jax.model.support import FULL, Support
 from multians_jax.rl import matchers
 
-# rl.advantage: the kinds that read one reward per row, and every kind
 KINDS = ("drgrpo", "grpo", "rloo")  # kinds that read one reward per row
 ADVANTAGES = (*KINDS, "gdpo")  # every rl.advantage
 BASELINES = ("slot", "pooled")  # rl.credit_baseline

@@ -40,21 +40,17 @@ import optax
 import tqdm
 from flax import nnx
 
-from multians_jax import sharding
+from multians_jax import settings, sharding
 from multians_jax.data import pipeline as data
 from multians_jax.data import prompts
 from multians_jax.model import lora
 from multians_jax.rl import loss
 from multians_jax.rl import update as update_lib
-from multians_jax.settings import (  # settings of this module
-  ANSWERS as ANSWERS,
-)
-from multians_jax.settings import (
-  CONFIDENCES as CONFIDENCES,
-)
-from multians_jax.settings import (
-  WarmupConfig as WarmupConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+ANSWERS = settings.ANSWERS
+CONFIDENCES = settings.CONFIDENCES
+WarmupConfig = settings.WarmupConfig
 
 CONF_GRID = 0.05  # random confidences are floored to this grid
 

@@ -37,10 +37,11 @@ import flax.struct
 import jax
 import numpy as np
 
+from multians_jax import settings
 from multians_jax.data import datasets, prompts
-from multians_jax.settings import (  # settings of this module
-  PipelineConfig as PipelineConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+PipelineConfig = settings.PipelineConfig
 
 STATE_VERSION = 1
 

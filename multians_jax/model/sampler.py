@@ -57,14 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from multians_jax import sharding
+from multians_jax import settings, sharding
 from multians_jax.model import attention as attention_lib
 from multians_jax.model import layers as layers_lib
 from multians_jax.model import support as support_lib
 from multians_jax.model import transformer as model_lib
-from multians_jax.settings import (  # settings of this module
-  SamplingConfig as SamplingConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+SamplingConfig = settings.SamplingConfig
 
 
 @struct.dataclass

@@ -25,55 +25,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from multians_jax import sharding
+from multians_jax.model import cache, config
 from multians_jax.model import layers as L
-from multians_jax.model.cache import (
-  CACHE_AXES as CACHE_AXES,
-)
-from multians_jax.model.cache import (
-  KEY_LAYOUTS as KEY_LAYOUTS,
-)
 
 # The model's public names, defined in leaf modules (config: validated
 # without loading the model; cache: read by the layers).
-from multians_jax.model.cache import (
-  DecodeCache as DecodeCache,
-)
-from multians_jax.model.cache import (
-  KVCache as KVCache,
-)
-from multians_jax.model.config import (
-  ARCHS as ARCHS,
-)
-from multians_jax.model.config import (
-  DTYPES as DTYPES,
-)
-from multians_jax.model.config import (
-  FAMILIES as FAMILIES,
-)
-from multians_jax.model.config import (
-  HF_PROJ as HF_PROJ,
-)
-from multians_jax.model.config import (
-  IMPLS as IMPLS,
-)
-from multians_jax.model.config import (
-  LORA_TARGETS as LORA_TARGETS,
-)
-from multians_jax.model.config import (
-  REMAT as REMAT,
-)
-from multians_jax.model.config import (
-  ModelConfig as ModelConfig,
-)
-from multians_jax.model.config import (
-  check_lora as check_lora,
-)
-from multians_jax.model.config import (
-  lora_targets as lora_targets,
-)
-from multians_jax.model.config import (
-  named_arch as named_arch,
-)
+CACHE_AXES = cache.CACHE_AXES
+KEY_LAYOUTS = cache.KEY_LAYOUTS
+DecodeCache = cache.DecodeCache
+KVCache = cache.KVCache
+ARCHS = config.ARCHS
+DTYPES = config.DTYPES
+FAMILIES = config.FAMILIES
+HF_PROJ = config.HF_PROJ
+IMPLS = config.IMPLS
+LORA_TARGETS = config.LORA_TARGETS
+REMAT = config.REMAT
+ModelConfig = config.ModelConfig
+check_lora = config.check_lora
+lora_targets = config.lora_targets
+named_arch = config.named_arch
 
 # ---------------------------------------------------------------------------
 # Modules

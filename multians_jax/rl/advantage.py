@@ -27,15 +27,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from multians_jax.settings import (  # settings of this module
-  ADVANTAGES as ADVANTAGES,
-)
-from multians_jax.settings import (
-  BASELINES as BASELINES,
-)
-from multians_jax.settings import (
-  KINDS as KINDS,
-)
+from multians_jax import settings
+
+# This module's settings (defined in the leaf settings.py).
+ADVANTAGES = settings.ADVANTAGES
+BASELINES = settings.BASELINES
+KINDS = settings.KINDS
 
 STD_EPS = 1e-6
 

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multians_jax import settings
 from multians_jax.data import prompts
 from multians_jax.rl import advantage, parsing, reward
-from multians_jax.settings import (  # settings of this module
-  CREDITS as CREDITS,
-)
-from multians_jax.settings import check_credit
+
+# This module's settings (defined in the leaf settings.py).
+CREDITS = settings.CREDITS
 
 SHARED, PAD = -1, -2  # token_slots values that are not a slot index
 
@@ -197,7 +197,7 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     and ``credit/slot_token_frac``, the share of completion tokens that
     took a slot's advantage).
   """
-  check_credit(kind, credit, baseline)
+  settings.check_credit(kind, credit, baseline)
   if kind == "gdpo":
     if reward_cfg is None:
       raise ValueError("rl.advantage='gdpo' needs reward_cfg")

@@ -50,17 +50,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from multians_jax import sharding
+from multians_jax import settings, sharding
 from multians_jax.model.support import FULL, Support, support_mask
-from multians_jax.settings import (  # settings of this module
-  LOSS_AGGS as LOSS_AGGS,
-)
-from multians_jax.settings import (
-  LOSSES as LOSSES,
-)
-from multians_jax.settings import (
-  LossConfig as LossConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+LOSS_AGGS = settings.LOSS_AGGS
+LOSSES = settings.LOSSES
+LossConfig = settings.LossConfig
 
 DEFAULT_CHUNK = 128
 

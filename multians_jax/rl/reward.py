@@ -27,21 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from multians_jax import settings
 from multians_jax.data import prompts
 from multians_jax.rl import matchers
 from multians_jax.rl.parsing import Parsed, parse
-from multians_jax.settings import (  # settings of this module
-  CORRECTNESS as CORRECTNESS,
-)
-from multians_jax.settings import (
-  PAPER as PAPER,
-)
-from multians_jax.settings import (
-  PRESETS as PRESETS,
-)
-from multians_jax.settings import (
-  RewardConfig as RewardConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+CORRECTNESS = settings.CORRECTNESS
+PAPER = settings.PAPER
+PRESETS = settings.PRESETS
+RewardConfig = settings.RewardConfig
 
 # Σq > 1 + SUM_TOL trips the ``confidence_sum_le_one`` gate; the tolerance
 # absorbs float32 rounding of confidences that sum to exactly one.

@@ -23,19 +23,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from multians_jax import sharding
+from multians_jax import settings, sharding
 from multians_jax.model import lora
 from multians_jax.model import transformer as model_lib
 from multians_jax.rl import loss
-from multians_jax.settings import (  # settings of this module
-  SCHEDULES as SCHEDULES,
-)
-from multians_jax.settings import (
-  OptimConfig as OptimConfig,
-)
-from multians_jax.settings import (
-  UpdateConfig as UpdateConfig,
-)
+
+# This module's settings (defined in the leaf settings.py).
+SCHEDULES = settings.SCHEDULES
+OptimConfig = settings.OptimConfig
+UpdateConfig = settings.UpdateConfig
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
