@@ -223,6 +223,7 @@ def prepare(workdir: str, quick: bool) -> dict:
   """The HF directory both sides load, and the inputs (``inputs.npz``)."""
   import jax
 
+  from multians_jax import config
   from multians_jax.bench import measure as bench
   from multians_jax.data import pipeline as data
   from multians_jax.data.datasets import base, countries
@@ -244,8 +245,9 @@ def prepare(workdir: str, quick: bool) -> dict:
     recs = sorted(recs, key=lambda r: r["id"])[:: max(1, len(recs) // p)][:p]
     pcfg = data.PipelineConfig(p, "multi_rlcr", 3, 1024)
     rows = [data.render(r, tok, pcfg) for r in recs]
+  stop_ids, pad_id = config.stop_and_pad(cfg, tok)  # as a run decides them
   width = max(map(len, rows))
-  nat_ids, nat_mask, _ = data.left_pad_rows(rows, width, cfg.pad_token_id or 0)
+  nat_ids, nat_mask, _ = data.left_pad_rows(rows, width, pad_id)
   n = sh["seq"] // 2
   roll = bench._rollout(cfg, sh["batch"], n, n, group=sh["group"])
   adv = np.random.default_rng(1).standard_normal(sh["batch"]).astype("f4")
@@ -254,8 +256,8 @@ def prepare(workdir: str, quick: bool) -> dict:
     ids=bench._prompts(cfg, p, sh["prompt_len"]),
     nat_ids=np.asarray(nat_ids, np.int32),
     nat_mask=np.asarray(nat_mask, bool),
-    stop_ids=np.asarray(cfg.eos_ids, np.int32),
-    pad_id=np.asarray(cfg.pad_token_id or 0),
+    stop_ids=np.asarray(stop_ids, np.int32),
+    pad_id=np.asarray(pad_id),
     **{f"train_{k}": np.asarray(getattr(batch, k))
        for k in bench.TORCH_INPUTS},
   )  # fmt: skip
