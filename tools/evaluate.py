@@ -107,11 +107,11 @@ def main(argv):
     "completion_tokens",
     "tokens_per_distinct_correct",
   )
-  for name, summ in [("model", res.summary)] + (
+  for who, summ in [("model", res.summary)] + (
     [("baseline", out["baseline"]["metrics"])] if _BASE.value else []
   ):
     cov = {k: round(v, 3) for k, v in summ.items() if k.startswith("coverage@")}
-    print(name, cov, {k: round(summ[k], 3) for k in show if k in summ})
+    print(who, cov, {k: round(summ[k], 3) for k in show if k in summ})
 
 
 if __name__ == "__main__":
