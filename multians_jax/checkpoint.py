@@ -299,5 +299,7 @@ def _check_restored(params, target, path, step) -> None:
 
 
 def saved_tokenizer(path: str):
+  """The tokenizer saved in a checkpoint directory (``tokenizer/``), or
+  None when it was saved without one."""
   tok_dir = epath.Path(path) / TOKENIZER_DIR
   return hf.tokenizer_from_dir(str(tok_dir)) if tok_dir.exists() else None

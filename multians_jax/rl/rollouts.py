@@ -4,9 +4,9 @@ evaluation and the benchmark), and dynamic sampling
 (``rl.dynamic_sampling``).
 
 Rows are prompt-major (p·G + g), as ``sampler.Rollout``, which carries
-each prompt once. ``Scored`` keeps
-the global rollout (device arrays, sharded as the sampler left them) next
-to every row's ``Rewards`` (host arrays, the same on every process).
+each prompt once. ``Scored`` keeps the global rollout (device arrays,
+sharded as the sampler left them) next to every row's ``Rewards`` (host
+arrays, the same on every process).
 
 Multi-process: each process decodes and scores its own whole groups of
 rows (``sharding.row_bounds``, read from its addressable shards) and the
