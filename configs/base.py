@@ -87,6 +87,10 @@ def get_config(arg=None):
   c.rl.advantage = "drgrpo"
   c.rl.num_iterations = 1  # optimizer steps per rollout batch
   c.rl.micro_batches = 1  # gradient accumulation steps (exact)
+  # > 0: instead of M equal micro-batches, groups sorted by their longest
+  # completion and cut into micro-batches of at most this many decoder
+  # positions, each at its own completion width (exact; METHOD.md §5)
+  c.rl.micro_batch_tokens = 0
   c.rl.sample_chunk = 0  # prompts per sampler call (0 = all at once)
   # Update step: run each prompt through the decoder once per group of G
   # completions (or per part of a group in a micro-batch), not once per

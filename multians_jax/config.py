@@ -136,6 +136,7 @@ class RLConfig:
   advantage: str = "drgrpo"
   num_iterations: int = 1
   micro_batches: int = 1
+  micro_batch_tokens: int = 0  # > 0: token-budget micro-batches by length
   sample_chunk: int = 0  # prompts per sampler call (0 = all)
   share_prompt: bool = True  # update step: each prompt once per group
   credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
@@ -149,6 +150,12 @@ class RLConfig:
     _check(self.num_generations >= 1, "rl.num_generations must be >= 1")
     _check(self.num_iterations >= 1, "rl.num_iterations must be >= 1")
     _check(self.micro_batches >= 1, "rl.micro_batches must be >= 1")
+    _check(self.micro_batch_tokens >= 0, "rl.micro_batch_tokens must be >= 0")
+    _check(
+      not (self.micro_batch_tokens and self.micro_batches > 1),
+      "rl.micro_batches and rl.micro_batch_tokens are two ways to split the "
+      "update's batch: set rl.micro_batches=1 to use rl.micro_batch_tokens",
+    )
     _check(self.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
     try:
       settings.check_credit(self.advantage, self.credit, self.credit_baseline)
@@ -359,6 +366,7 @@ class RunConfig:
     return settings.UpdateConfig(
       loss=self.loss_config,
       micro_batches=rl.micro_batches,
+      micro_batch_tokens=rl.micro_batch_tokens,
       temperature=max(self.sampler.temperature, 1e-6),
       logprob_chunk=rl.logprob_chunk,
       group_size=rl.num_generations if rl.share_prompt else 1,

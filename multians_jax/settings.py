@@ -195,6 +195,9 @@ class UpdateConfig:
 
   loss: LossConfig = LossConfig()
   micro_batches: int = 1  # M: B must be a multiple of it
+  # > 0: token-budget micro-batches instead (``rl/microbatch.py``): groups
+  # sorted by length, at most this many decoder positions each.
+  micro_batch_tokens: int = 0
   temperature: float = 1.0  # the sampler's (log-probs of the same dist)
   logprob_chunk: int = 128  # positions whose logits exist at once
   # The sampler's top-k / top-p truncation: log-probs are the sampler's,
@@ -211,6 +214,15 @@ class UpdateConfig:
       raise ValueError(f"micro_batches must be >= 1: {self.micro_batches}")
     if self.group_size < 1:
       raise ValueError(f"group_size must be >= 1: {self.group_size}")
+    if self.micro_batch_tokens < 0:
+      raise ValueError(
+        f"micro_batch_tokens must be >= 0: {self.micro_batch_tokens}"
+      )
+    if self.micro_batch_tokens and self.micro_batches > 1:
+      raise ValueError(
+        "micro_batches and micro_batch_tokens are two ways to split the "
+        "batch: set micro_batches=1 with micro_batch_tokens > 0"
+      )
 
 
 # --------------------------------------------------------------------------

@@ -89,6 +89,42 @@ def test_fresh_process_ab_harness(tmp_path, case):
     )
 
 
+@pytest.mark.slow
+def test_rl_case_runs_our_step_and_names_a_missing_trl(tmp_path):
+  """``bench_ab.py rl`` (our sides; TRL is a benchmark-only dependency):
+  a full step ran on the natural and the forced lengths, the update in
+  token-budget micro-batches at the longest completion's width; a TRL
+  side whose interpreter lacks trl stops with the fix named."""
+  out_file = tmp_path / "rl.json"
+  _tool("tools/bench_ab.py", "rl", "--quick", "--repeats=1",
+        "--sides=ours,ours_forced", f"--out={out_file}")  # fmt: skip
+  out = json.loads(out_file.read_text())
+  assert out["order"] == ["ours", "ours_forced"] and not out["comparisons"]
+  for name, side in out["sides"].items():
+    med = {k: v["median"] for k, v in side.items()}
+    assert med["step_s"] >= med["sample_s"] > 0 and med["update_s"] > 0
+    assert med["update_width"] >= med["max_length"] > 0
+    cap = out["shape"]["new_tokens" if "forced" in name else "natural_new"]
+    assert med["max_length"] <= cap and med["micro_batches"] >= 1
+  assert out["sides"]["ours_forced"]["mean_length"]["median"] == 8  # forced
+  blocked = (
+    "import runpy, sys; sys.modules['trl'] = None; "
+    "sys.argv = ['bench_ab.py'] + sys.argv[1:]; "
+    "runpy.run_path('tools/bench_ab.py', run_name='__main__')"
+  )
+  work = tmp_path / "work"
+  work.mkdir()
+  _tool("tools/bench_ab.py", "prepare", str(work), "rl", "--quick")
+  proc = subprocess.run(
+    [sys.executable, "-c", blocked, "side", "rl", "trl", str(work),
+     str(work / "hf"), "--quick"],
+    cwd=ROOT, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode != 0
+  assert "the TRL side cannot import" in proc.stderr
+  assert "--reference-python" in proc.stderr
+
+
 def test_flop_formulas():
   cfg = model.named_arch("smollm2_135m")
   # Tied embeddings: the 49152×576 table counts once (as the LM head).

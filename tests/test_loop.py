@@ -149,16 +149,19 @@ def test_answer_credit_learns_and_resumes_exactly(tmp_path):
 def test_dynamic_sampling_refills_and_resumes_exactly(tmp_path):
   """rl.dynamic_sampling on the toy task (many all-fail groups at first):
   extra rounds are drawn, the stream advances past them, and a run resumed
-  from step 4 ends where an uninterrupted one does."""
+  from step 4 ends where an uninterrupted one does. The update runs in
+  token-budget micro-batches (two groups of T + G·W = 64 + 16·2 each)."""
+  kw = dict(micro_batches=1, micro_batch_tokens=192)
   rows = _toy_run(
-    tmp_path / "a", 6, dynamic_sampling=True, dynamic_max_rounds=2
+    tmp_path / "a", 6, dynamic_sampling=True, dynamic_max_rounds=2, **kw
   )
+  assert {r["update/micro_batches"] for r in rows} == {2}
   assert max(r["dynamic/rounds"] for r in rows) >= 1
   assert 0 < np.mean([r["dynamic/filtered_frac"] for r in rows]) < 1
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
   rows_b = _toy_run(
-    tmp_path / "b", 6, dynamic_sampling=True, dynamic_max_rounds=2
+    tmp_path / "b", 6, dynamic_sampling=True, dynamic_max_rounds=2, **kw
   )
   assert rows_b[-2:] == rows[-2:]  # steps 5-6 redone: same metrics
   (sa, a), (sb, b) = (

@@ -1,7 +1,7 @@
 """Fresh-process A/B benchmarks: ours against transformers / torch (JSON).
 
-Run: ``python tools/bench_ab.py {sampler,natural,train} [--repeats=3]
-[--out=FILE.json] [--quick]``.
+Run: ``python tools/bench_ab.py {sampler,natural,train,rl} [--repeats=3]
+[--out=FILE.json] [--quick] [--reference-python=PATH] [--sides=A,B]``.
 
 Every measurement runs in its own fresh Python process (``side``), so no
 side inherits the other's threads, heap or compilation caches; the sides
@@ -29,6 +29,17 @@ Cases (shape letters as in ``tools/bench.py``):
 * ``train``: ``update.update_step`` at B×S = 64×256, 4 micro-batches, with
   shared prompts (the default) and in the plain per-row layout, against a
   transformers forward + backward + AdamW step (``bench.py``'s).
+* ``rl``: one full RL step (sample, score, advantages, update) on the
+  ``natural`` case's chat prompts × G=8, against TRL's ``GRPOTrainer``
+  (``multians_jax/bench/trl_ref.py``) on the same model, prompts, G,
+  temperature 0.7, learning rate and 4 micro-batches (gradient
+  accumulation): ``ours`` / ``trl`` at natural lengths (EOS stops, cap
+  256), ``ours_forced`` / ``trl_forced`` at exactly 128 tokens. Ours:
+  ``multians_jax/bench/rl_step.py``. Per side the step's wall time and its
+  sampling (with scoring) and update parts. The TRL sides run under
+  ``--reference-python`` (default: this interpreter), a virtualenv with
+  the pinned trl / transformers / torch (BENCHMARKS.md); ``--sides``
+  runs a subset (e.g. ours alone where TRL is not installed).
 
 ``--quick`` runs the tiny random model at tiny shapes (the smoke test).
 """
@@ -51,6 +62,7 @@ SIDES = {
   "sampler": ("ours", "transformers"),
   "natural": ("static", "refill_half", "refill_quarter", "transformers"),
   "train": ("ours", "torch", "ours_plain"),
+  "rl": ("ours", "trl", "ours_forced", "trl_forced"),
 }
 COMPARE = {  # (case, metric, ours side, reference side, bigger is better)
   "sampler": [
@@ -67,6 +79,11 @@ COMPARE = {  # (case, metric, ours side, reference side, bigger is better)
   "train": [
     ("step_s", "ours", "torch", False),
     ("step_s", "ours_plain", "torch", False),
+  ],
+  "rl": [
+    (metric, ours, ref, False)
+    for ours, ref in (("ours", "trl"), ("ours_forced", "trl_forced"))
+    for metric in ("step_s", "sample_s", "update_s")
   ],
 }
 SHAPES = {
@@ -211,16 +228,47 @@ def side_train(impl, hf_dir, inputs, sh):
   )
 
 
+def side_rl(impl, hf_dir, inputs, sh):
+  with open(os.path.join(os.path.dirname(hf_dir), "rl.json")) as f:
+    rl = json.load(f)
+  forced = impl.endswith("_forced")
+  kw = dict(
+    group=sh["group"],
+    new_tokens=sh["new_tokens"] if forced else sh["natural_new"],
+    micro=sh["micro"],
+    forced=forced,
+    temperature=0.7,
+  )
+  if impl.startswith("trl"):
+    from multians_jax.bench import trl_ref  # imports no JAX
+
+    try:
+      return trl_ref.grpo_step(
+        hf_dir, rl["texts"], rl["gold"], workdir=os.path.dirname(hf_dir), **kw
+      )
+    except ImportError as e:
+      raise SystemExit(
+        f"the TRL side cannot import {e.name!r} under {sys.executable}: "
+        "make the reference virtualenv (BENCHMARKS.md) and pass "
+        "--reference-python"
+      ) from None
+  from multians_jax.bench import rl_step
+
+  ids, mask = inputs["nat_ids"], inputs["nat_mask"]
+  return rl_step.time_step(hf_dir, ids, mask, rl["gold"], **kw)
+
+
 SIDE_FNS = {"sampler": side_sampler, "natural": side_natural,
-            "train": side_train}  # fmt: skip
+            "train": side_train, "rl": side_rl}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
 # Inputs shared by every side
 
 
-def prepare(workdir: str, quick: bool) -> dict:
-  """The HF directory both sides load, and the inputs (``inputs.npz``)."""
+def prepare(workdir: str, quick: bool, case: str) -> dict:
+  """The HF directory both sides load, and the inputs (``inputs.npz``;
+  for ``rl`` also ``rl.json``: the prompts' text and gold sets)."""
   import jax
 
   from multians_jax import config
@@ -232,10 +280,13 @@ def prepare(workdir: str, quick: bool) -> dict:
 
   sh = SHAPES[quick]
   model, tok = bench.load("tiny" if quick else "smollm2")
+  if quick and case == "rl":  # a tokenizer for both sides' chat prompts
+    model, tok = _tiny_with_tokenizer(bench)
   # SmolLM2 ships as GGUF: both sides load this exported fp32 directory.
   hf_dir = os.path.join(workdir, "hf")
   hf.save(model, hf_dir, tokenizer=tok)
   cfg, p = model.cfg, sh["prompts"]
+  recs = []
   if tok is None:  # the tiny model: random "chat" prompts of ragged length
     rng = np.random.default_rng(3)
     rows = [list(rng.integers(3, cfg.vocab_size, n)) for n in (5, 9)[:p]]
@@ -262,18 +313,39 @@ def prepare(workdir: str, quick: bool) -> dict:
        for k in bench.TORCH_INPUTS},
   )  # fmt: skip
   np.savez(os.path.join(workdir, "inputs.npz"), **arrays)
+  if recs:
+    with open(os.path.join(workdir, "rl.json"), "w") as f:
+      texts = [tok.decode(r) for r in rows]
+      json.dump(dict(texts=texts, gold=[r["answers"] for r in recs]), f)
   return dict(hf_dir=hf_dir, prompt_lengths=[len(r) for r in rows])
+
+
+def _tiny_with_tokenizer(bench):
+  """The tiny random model at SmolLM2's vocabulary, with its tokenizer."""
+  import jax
+
+  from multians_jax import sharding, sources
+  from multians_jax.model import transformer as model_lib
+
+  tok = sources.load_tokenizer("smollm2")
+  cfg = bench.TINY.replace(
+    vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+  )  # fmt: skip
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  return model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES), tok
 
 
 # ---------------------------------------------------------------------------
 # The driver
 
 
-def _child(args: list[str]) -> dict:
+def _child(args: list[str], python: str | None = None) -> dict:
   path = [HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
   with tempfile.NamedTemporaryFile(suffix=".json") as f:
-    cmd = [sys.executable, os.path.abspath(__file__), *args, f"--out={f.name}"]
+    cmd = [python or sys.executable, os.path.abspath(__file__), *args,
+           f"--out={f.name}"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
       raise RuntimeError(
@@ -287,9 +359,11 @@ def _summary(values: list[float]) -> dict:
               max=max(values), values=values)  # fmt: skip
 
 
-def compare(case: str, rounds: list[dict]) -> list[dict]:
+def compare(case: str, rounds: list[dict], sides) -> list[dict]:
   out = []
   for metric, ours, ref, bigger in COMPARE[case]:
+    if ours not in sides or ref not in sides:
+      continue
     per = [
       (r[ours][metric] / r[ref][metric]) if bigger
       else (r[ref][metric] / r[ours][metric])
@@ -304,31 +378,34 @@ def compare(case: str, rounds: list[dict]) -> list[dict]:
   return out
 
 
-def run_ab(case: str, repeats: int, quick: bool) -> dict:
+def run_ab(case: str, repeats: int, quick: bool, reference_python=None,
+           sides=None) -> dict:  # fmt: skip
   from multians_jax.bench import measure as bench
 
-  sides = SIDES[case]
+  sides = sides or SIDES[case]
+  flag = ["--quick"] if quick else []
   with tempfile.TemporaryDirectory() as workdir:
-    prep = _child(["prepare", workdir] + (["--quick"] if quick else []))
+    prep = _child(["prepare", workdir, case] + flag)
     rounds, loads = [], []
     for _ in range(repeats):
       row = {}
       for impl in sides:
         loads.append(dict(side=impl, load_avg_1m=os.getloadavg()[0]))
+        python = reference_python if impl.startswith("trl") else None
         row[impl] = _child(
-          ["side", case, impl, workdir, prep["hf_dir"]]
-          + (["--quick"] if quick else [])
+          ["side", case, impl, workdir, prep["hf_dir"]] + flag, python
         )
       rounds.append(row)
-  metrics = sorted({k for r in rounds for s in r.values() for k in s})
-  per_side = {
-    impl: {
+  number = lambda v: isinstance(v, (int, float))
+  per_side, info = {}, {}
+  for impl in sides:
+    keys = sorted(set.intersection(*(set(r[impl]) for r in rounds)))
+    per_side[impl] = {
       k: _summary([r[impl][k] for r in rounds])
-      for k in metrics
-      if all(k in r[impl] for r in rounds)
+      for k in keys
+      if number(rounds[0][impl][k])
     }
-    for impl in sides
-  }
+    info[impl] = {k: v for k, v in rounds[0][impl].items() if not number(v)}
   return {
     "machine": bench.machine(),
     "command": " ".join(sys.argv),
@@ -338,7 +415,8 @@ def run_ab(case: str, repeats: int, quick: bool) -> dict:
     "repeats": repeats,
     "order": list(sides),
     "sides": per_side,
-    "comparisons": compare(case, rounds),
+    "side_info": {k: v for k, v in info.items() if v},
+    "comparisons": compare(case, rounds, sides),
     "load": loads,
   }
 
@@ -350,17 +428,32 @@ def main(argv=None) -> dict:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None, help="also write JSON here")
   parser.add_argument("--quick", action="store_true", help="tiny shapes")
+  parser.add_argument(
+    "--reference-python",
+    default=None,
+    help="interpreter of the TRL sides (rl): a virtualenv with trl",
+  )
+  parser.add_argument("--sides", default="", help="a subset, e.g. ours,trl")
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
+  sides = tuple(x for x in args.sides.split(",") if x)
+  if args.case in SIDES and not set(sides) <= set(SIDES[args.case]):
+    parser.error(f"--sides: {args.case} has sides {SIDES[args.case]}")
+  if args.reference_python and not os.access(args.reference_python, os.X_OK):
+    parser.error(
+      f"--reference-python: no interpreter at {args.reference_python}"
+    )
   if args.case == "prepare":
-    out = prepare(args.rest[0], args.quick)
+    out = prepare(args.rest[0], args.quick, args.rest[1])
   elif args.case == "side":
     case, impl, workdir, hf_dir = args.rest
     inputs = dict(np.load(os.path.join(workdir, "inputs.npz")))
     out = SIDE_FNS[case](impl, hf_dir, inputs, SHAPES[args.quick])
   else:
-    out = run_ab(args.case, args.repeats, args.quick)
+    out = run_ab(
+      args.case, args.repeats, args.quick, args.reference_python, sides
+    )
     print(json.dumps(out, indent=2))
   if args.out:
     with open(args.out, "w") as f:

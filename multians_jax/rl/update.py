@@ -26,7 +26,7 @@ from flax import nnx, struct
 from multians_jax import settings, sharding
 from multians_jax.model import lora
 from multians_jax.model import transformer as model_lib
-from multians_jax.rl import loss
+from multians_jax.rl import loss, microbatch
 
 # This module's settings (defined in the leaf settings.py).
 SCHEDULES = settings.SCHEDULES
@@ -156,18 +156,9 @@ def make_batch(rollout, adv: jax.Array) -> UpdateBatch:
   )
 
 
-MIN_COMPLETION_BUCKET = 16
-
-
-def completion_bucket(n: int, cap: int, minimum: int = MIN_COMPLETION_BUCKET):
-  """The completion width the update runs at for a longest completion of
-  ``n`` tokens: the smallest power of two ≥ max(n, minimum), at most the
-  sampler's cap. One compilation per bucket: at most
-  ⌈log2(cap / minimum)⌉ + 1 of them."""
-  width = minimum
-  while width < n:
-    width *= 2
-  return min(width, cap)
+# The completion width of a batch (or micro-batch): a power-of-two bucket.
+MIN_COMPLETION_BUCKET = microbatch.MIN_COMPLETION_BUCKET
+completion_bucket = microbatch.completion_bucket
 
 
 def trim_completions(rollout, adv, width: int):
@@ -229,6 +220,29 @@ def _split(x, m):
   return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
 
 
+def _objective(graphdef, cfg, frozen, den, train_params, mb: UpdateBatch):
+  """One micro-batch's share of the loss (numerator / whole-batch
+  denominator) and its metric sums."""
+  params = lora.combine(train_params, frozen)
+  logp, ent = _completion_logp(graphdef, params, mb, cfg)
+  num, sums = loss.pg_loss_terms(
+    logp,
+    mb.old_logp,
+    mb.adv,
+    mb.comp_mask,
+    cfg.loss,
+    ref_logp=mb.ref_logp,
+    truncated=mb.truncated,
+  )
+  sums["entropy"] = jnp.sum(ent * mb.comp_mask)
+  return num / den, sums
+
+
+def _grad_fn(graphdef, cfg, frozen, den):
+  objective = functools.partial(_objective, graphdef, cfg, frozen, den)
+  return jax.value_and_grad(objective, has_aux=True)
+
+
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "tx", "cfg"), donate_argnums=(1,)
 )
@@ -239,27 +253,10 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
   adapters under LoRA; ``lora.partition``): the frozen ones enter as
   constants, so no gradient or moment buffer of their size exists.
   """
-  lcfg = cfg.loss
-  den = loss.loss_denominator(batch.comp_mask, lcfg, batch.truncated)
+  den = loss.loss_denominator(batch.comp_mask, cfg.loss, batch.truncated)
   micro = jax.tree.map(lambda x: _split(x, cfg.micro_batches), batch)
   trainable, frozen = lora.partition(state.params)
-
-  def objective(train_params, mb):
-    params = lora.combine(train_params, frozen)
-    logp, ent = _completion_logp(graphdef, params, mb, cfg)
-    num, sums = loss.pg_loss_terms(
-      logp,
-      mb.old_logp,
-      mb.adv,
-      mb.comp_mask,
-      lcfg,
-      ref_logp=mb.ref_logp,
-      truncated=mb.truncated,
-    )
-    sums["entropy"] = jnp.sum(ent * mb.comp_mask)
-    return num / den, sums
-
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  grad_fn = _grad_fn(graphdef, cfg, frozen, den)
 
   def accumulate(carry, mb):
     g_acc, l_acc, s_acc = carry
@@ -272,6 +269,14 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
   (l0, s0), g0 = grad_fn(trainable, first)
   rest = jax.tree.map(lambda x: x[1:], micro)
   (grads, value, sums), _ = jax.lax.scan(accumulate, (g0, l0, s0), rest)
+  return _apply(state, (grads, value, sums), tx)
+
+
+def _apply(state: TrainState, acc, tx):
+  """The optimizer step from accumulated (gradients, loss, metric sums);
+  a non-finite loss or gradient leaves the state unchanged."""
+  grads, value, sums = acc
+  trainable, frozen = lora.partition(state.params)
   gnorm = optax.tree.norm(grads)
   finite = jnp.isfinite(value) & jnp.isfinite(gnorm)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -293,6 +298,122 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
     entropy=sums["entropy"] / jnp.maximum(sums["tokens"], 1.0),
   )
   return new_state, metrics
+
+
+# ---------------------------------------------------------------------------
+# Token-budget micro-batches (``microbatch.plan``): one jitted call a
+# micro-batch, compiled once per (rows, width) shape, then one apply.
+
+
+def _take(b: UpdateBatch, rows: jax.Array, width: int) -> UpdateBatch:
+  """Rows ``rows`` of ``b``, completion columns cut to ``width``. A
+  padding row (-1) is a copy of row 0 that counts for nothing (no counted
+  token, not truncated, advantage 0): its forward pass is a real one."""
+  valid = rows >= 0
+  idx = jnp.maximum(rows, 0)
+  t = b.tokens.shape[1] - b.comp_mask.shape[1]
+
+  def take(x, cols=None):
+    x = jnp.take(x, idx, axis=0)
+    x = x if cols is None else x[:, :cols]
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+  comp = lambda x: None if x is None else take(x, width)
+  adv = take(b.adv, width if b.adv.ndim == 2 else None)
+  adv = jnp.where(valid.reshape((-1,) + (1,) * (adv.ndim - 1)), adv, 0.0)
+  return UpdateBatch(
+    tokens=take(b.tokens, t + width),
+    positions=take(b.positions, t + width),
+    mask=take(b.mask, t + width),
+    comp_mask=comp(b.comp_mask) & valid[:, None],
+    old_logp=comp(b.old_logp),
+    adv=adv,
+    truncated=take(b.truncated) & valid,
+    ref_logp=comp(b.ref_logp),
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnums=(1,)
+)
+def _accumulate(graphdef, acc, params, batch, rows, den, *, width, cfg):
+  trainable, frozen = lora.partition(params)
+  mb = _take(batch, rows, width)
+  (lv, sums), g = _grad_fn(graphdef, cfg, frozen, den)(trainable, mb)
+  grads, value, total = acc
+  return (
+    jax.tree.map(jnp.add, grads, g),
+    value + lv,
+    loss.combine_sums(total, sums),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("tx",), donate_argnums=(0,))
+def _apply_jit(state, acc, *, tx):
+  return _apply(state, acc, tx)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _denominator(batch: UpdateBatch, cfg):
+  return loss.loss_denominator(batch.comp_mask, cfg.loss, batch.truncated)
+
+
+def _zero_acc(graphdef, params, batch, micro, den, cfg):
+  """Zero gradients (sharded like the trainable parameters), loss and
+  metric sums: the accumulator ``_accumulate`` adds into."""
+  rows = jnp.asarray(micro.rows)
+  shapes = jax.eval_shape(
+    lambda p: _micro_terms(graphdef, p, batch, rows, den, micro.width, cfg),
+    params,
+  )
+  trainable, _ = lora.partition(params)
+  grads = jax.jit(
+    lambda t: jax.tree.map(jnp.zeros_like, t),
+    out_shardings=jax.tree.map(lambda x: x.sharding, trainable),
+  )(trainable)
+  value, sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return grads, value, sums
+
+
+def _micro_terms(graphdef, params, batch, rows, den, width, cfg):
+  trainable, frozen = lora.partition(params)
+  mb = _take(batch, rows, width)
+  return _objective(graphdef, cfg, frozen, den, trainable, mb)
+
+
+def planned_step(graphdef, state, batch, micro, *, tx, cfg):
+  """``update_step`` over the token-budget micro-batches ``micro`` (a
+  ``microbatch.plan``): the same loss and gradient, summed over
+  micro-batches of their own widths (call under ``sharding.activate``)."""
+  den = _denominator(batch, cfg)
+  acc = _zero_acc(graphdef, state.params, batch, micro[0], den, cfg)
+  for mb in micro:
+    acc = _accumulate(
+      graphdef, acc, state.params, batch, jnp.asarray(mb.rows), den,
+      width=mb.width, cfg=cfg,
+    )  # fmt: skip
+  return _apply_jit(state, acc, tx=tx)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnums=(1,)
+)
+def _micro_logprobs(graphdef, out, params, batch, rows, *, width, cfg):
+  logp = _completion_logp(graphdef, params, _take(batch, rows, width), cfg)[0]
+  at = jnp.where(rows >= 0, rows, out.shape[0])  # padding rows: dropped
+  return out.at[at, :width].set(logp, mode="drop")
+
+
+def planned_logprobs(graphdef, params, batch, micro, cfg):
+  """``completion_logprobs`` computed micro-batch by micro-batch ([B, L];
+  columns past a row's micro-batch width are 0, outside its mask)."""
+  out = jnp.zeros_like(batch.old_logp)
+  for mb in micro:
+    out = _micro_logprobs(
+      graphdef, out, params, batch, jnp.asarray(mb.rows), width=mb.width,
+      cfg=cfg,
+    )  # fmt: skip
+  return out
 
 
 def place_batch(batch, mesh, rules=sharding.TRAIN_RULES):
@@ -325,7 +446,15 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
   width = completion_bucket(int(_longest(rollout.lengths)), cap)
   rollout, adv = trim_completions(rollout, jnp.asarray(adv), width)
   ub = place_batch(make_batch(rollout, adv), mesh)
-  logprobs = lambda params: completion_logprobs(graphdef, params, ub, cfg)
+  micro = plan_micro_batches(rollout, ub, cfg, mesh)
+  if micro is None:
+    logprobs = lambda params: completion_logprobs(graphdef, params, ub, cfg)
+    step = functools.partial(update_step, graphdef, tx=tx, cfg=cfg)
+  else:
+    logprobs = lambda p: planned_logprobs(graphdef, p, ub, micro, cfg)
+    step = lambda state, ub: planned_step(
+      graphdef, state, ub, micro, tx=tx, cfg=cfg
+    )
   gap = None
   with sharding.activate(mesh, sharding.TRAIN_RULES):
     if num_iterations > 1:  # π_old = the policy that sampled, exactly
@@ -336,16 +465,35 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
     if ref_of is not None:
       ub = ub.replace(ref_logp=logprobs(ref_of(state.params)))
     for _ in range(num_iterations):
-      state, um = update_step(graphdef, state, ub, tx=tx, cfg=cfg)
+      state, um = step(state, ub)
       gap = um if gap is None else gap  # first iteration: π_old = sampler's
   um = {
     **um,
     "update/width": width,
+    "update/micro_batches": cfg.micro_batches if micro is None else len(micro),
     "sampler/ratio_mean": gap["token_ratio_mean"],
     "sampler/logp_diff_mean": gap["logp_diff_mean"],
     "sampler/logp_diff_max": gap["logp_diff_max"],
   }
   return state, jax.device_get(um)
+
+
+def plan_micro_batches(rollout, ub: UpdateBatch, cfg: UpdateConfig, mesh):
+  """The token-budget micro-batches of this batch (``microbatch.plan``),
+  or None when ``cfg.micro_batch_tokens`` is 0 (M equal micro-batches)."""
+  if not cfg.micro_batch_tokens:
+    return None
+  width = ub.comp_mask.shape[1]
+  return microbatch.plan(
+    sharding.host_array(rollout.lengths),
+    group=cfg.group_size,
+    prompt_len=ub.tokens.shape[1] - width,
+    budget=cfg.micro_batch_tokens,
+    cap=width,
+    multiple=microbatch.batch_multiple(
+      mesh, sharding.TRAIN_RULES, cfg.group_size
+    ),
+  )
 
 
 @jax.jit

@@ -1,0 +1,130 @@
+"""One full RL step of ours: our side of ``tools/bench_ab.py rl``.
+
+What a training step does (``loop._rl_step``), on one device: sample G
+completions per prompt (the refilling sampler, ``sampler.slots`` = B / 2),
+decode and score them with the set reward (Multi-RLCR, K = 3), take the
+group advantages and run the update (the completion axis cut to its
+bucket, token-budget micro-batches by length). Natural lengths stop at
+EOS; forced ones run to the cap. The budget is the decoder positions of
+one of ``micro`` equal micro-batches at the cap, (P / micro) · (T + G · L):
+at the cap the update runs ``micro`` micro-batches, as the reference does;
+shorter completions make fewer, fuller ones.
+
+The timed step starts from the same parameters and key as the warm-up step
+(a copy of the initial state each time), so it samples the same rollout
+and meets only compiled shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from multians_jax import sharding, sources
+from multians_jax.config import RunConfig
+from multians_jax.data import pipeline
+from multians_jax.rl import microbatch, rollouts, update
+
+
+def run_config(p: int, group: int, new_tokens: int, budget: int,
+               temperature: float) -> RunConfig:  # fmt: skip
+  return RunConfig.from_dict(
+    dict(
+      reward=dict(mode="multi_rlcr", num_answers=3),
+      data=dict(prompts_per_step=p),
+      sampler=dict(
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        slots=p * group // 2,
+      ),
+      rl=dict(num_generations=group, micro_batch_tokens=budget),
+      optim=dict(lr=1e-6),
+    )
+  )
+
+
+def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
+              micro: int, forced: bool, temperature: float):  # fmt: skip
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  model, _, tok = sources.load_model(hf_dir, mesh, sharding.TRAIN_RULES)
+  p, t = ids.shape
+  budget = p // micro * (t + group * new_tokens)
+  run = run_config(p, group, new_tokens, budget, temperature)
+  scfg = run.sampling_for(model.cfg, tok)
+  if forced:
+    scfg = dataclasses.replace(scfg, stop_ids=())
+  batch = _batch(ids, mask, gold)
+  tx = update.optimizer(run.optim_config)
+  state0 = update.init_state(model, tx)
+  graphdef = nnx.graphdef(model)
+
+  def step():
+    state = jax.block_until_ready(jax.tree.map(jnp.copy, state0))
+    t0 = time.perf_counter()
+    scored = rollouts.sample_and_score(
+      run, model, batch, tok, scfg, jax.random.key(0), mesh
+    )
+    t1 = time.perf_counter()
+    adv, _ = rollouts.advantages(run, scored, p)
+    state, um = update.rl_update(
+      graphdef, state, scored.rollout, adv, tx=tx, cfg=run.update_config,
+      mesh=mesh,
+    )  # fmt: skip
+    jax.block_until_ready(state)
+    return time.perf_counter() - t0, t1 - t0, scored, um
+
+  first = time.perf_counter()
+  step()  # compiles every shape the timed step meets
+  first = time.perf_counter() - first
+  step_s, sample_s, scored, um = step()
+  return dict(
+    step_s=step_s,
+    sample_s=sample_s,
+    update_s=step_s - sample_s,
+    compile_and_first_step_s=first,
+    **_shape(scored, um, group, t, budget, new_tokens),
+  )
+
+
+def _batch(ids, mask, gold) -> pipeline.PromptBatch:
+  p = ids.shape[0]
+  return pipeline.PromptBatch(
+    tokens=np.asarray(ids, np.int32),
+    mask=np.asarray(mask, bool),
+    positions=np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32),
+    gold=list(gold),
+    tests=[""] * p,
+    ids=list(range(p)),
+  )
+
+
+def _shape(scored, um, group, t, budget, new_tokens) -> dict:
+  """What the step ran on: lengths, the update's width and micro-batches,
+  and the decoder positions the update computed."""
+  lengths = np.asarray(scored.rewards.lengths)
+  return dict(
+    decode_and_score_s=float(scored.seconds[1]),
+    completion_tokens=int(lengths.sum()),
+    mean_length=float(lengths.mean()),
+    max_length=int(lengths.max()),
+    update_width=int(um["update/width"]),
+    micro_batches=int(um["update/micro_batches"]),
+    budget=budget,
+    prompt_bucket=t,
+    decoder_positions=_positions(lengths, group, t, budget, new_tokens),
+  )
+
+
+def _positions(lengths, group, t, budget, cap) -> int:
+  """Decoder positions the update ran (prompts once per group, each
+  micro-batch at its width): how far the padding is from the real tokens."""
+  cap = update.completion_bucket(int(lengths.max()), cap)
+  plan = microbatch.plan(
+    lengths, group=group, prompt_len=t, budget=budget, cap=cap
+  )
+  return sum(m.rows.size // group * (t + group * m.width) for m in plan)

@@ -1,0 +1,186 @@
+"""Token-budget micro-batches: the plan, and the update it drives equals the
+padded full-batch update (loss and gradients) for every aggregation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from multians_jax import sharding
+from multians_jax.config import RunConfig
+from multians_jax.model import lora, sampler
+from multians_jax.model import transformer as model
+from multians_jax.rl import loss, microbatch, update
+
+CFG = model.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48, qk_norm=False)
+
+
+def _plan(lengths, **kw):
+  kw = dict(group=2, prompt_len=8, budget=100, cap=64, minimum=4) | kw
+  return microbatch.plan(np.asarray(lengths), **kw)
+
+
+def test_plan_by_hand():
+  """Groups of 2 (longest 30, 3, 12, 5, 2): buckets 32, 4, 16, 8, 4. At
+  T = 8 and 100 positions a micro-batch holds 100 // (8 + 2·32) = 1 group
+  at width 32, 100 // (8 + 2·16) = 2 at 16 (the 16- and the 8-wide group),
+  100 // (8 + 2·4) = 6 at 4: the last two groups, 2 left → one of 2."""
+  lengths = [30, 1, 3, 3, 12, 0, 5, 4, 2, 1]
+  got = [(m.width, m.rows.tolist()) for m in _plan(lengths)]
+  assert got == [
+    (32, [0, 1]),
+    (16, [4, 5, 6, 7]),
+    (4, [2, 3, 8, 9]),
+  ]
+  # Left-overs go in powers of two: 3 groups of width 4 at room for 6 →
+  # 2 + 1, no padding rows.
+  got = _plan([3, 3, 2, 2, 1, 1])
+  assert [m.rows.tolist() for m in got] == [[0, 1, 2, 3], [4, 5]]
+  # A multiple of 2 groups (the batch axis' devices): a lone group is
+  # padded with a row pair that counts for nothing.
+  got = _plan([3, 3, 2, 2, 1, 1], multiple=2)
+  assert [m.rows.tolist() for m in got] == [[0, 1, 2, 3], [4, 5, -1, -1]]
+  # A group longer than the budget still runs, alone.
+  assert [m.width for m in _plan([60, 1], budget=10)] == [64]
+  with pytest.raises(ValueError, match="groups of 2"):
+    _plan([1, 2, 3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  st.lists(st.integers(0, 64), min_size=1, max_size=24),
+  st.sampled_from([1, 2, 3]),
+  st.integers(20, 400),
+  st.sampled_from([1, 2, 4]),
+)
+def test_plan_properties(lengths, group, budget, multiple):
+  size = -(-len(lengths) // group) * group  # whole groups
+  lengths = np.resize(np.asarray(lengths), size)
+  plan = _plan(lengths, group=group, budget=budget, multiple=multiple)
+  rows = np.concatenate([m.rows for m in plan])
+  real = np.sort(rows[rows >= 0])
+  np.testing.assert_array_equal(real, np.arange(lengths.size))  # all, once
+  shapes = {(m.rows.size, m.width) for m in plan}
+  for m in plan:
+    g = m.rows.size // group
+    assert g % multiple == 0
+    own = m.rows[m.rows >= 0]
+    assert lengths[own].max() <= m.width  # nobody cut
+    fit = microbatch.groups_fitting(budget, 8, group, m.width, multiple)
+    assert g <= fit  # within the budget, or the fewest allowed
+    assert g == fit or (g // multiple) & (g // multiple - 1) == 0  # 2^j
+    pads = m.rows[m.rows < 0].size
+    assert pads < multiple * group
+  # longest first: widths never grow
+  assert [m.width for m in plan] == sorted((m.width for m in plan), reverse=1)
+  assert len(shapes) <= 5 * 8  # buckets 4..64, n(W) and powers of two
+
+
+def _rollout(p=4, g=2, t=6, cap=40, seed=0):
+  """Ragged groups: the longest completions 35, 3, 17 and 9 tokens."""
+  rng = np.random.default_rng(seed)
+  lengths = np.array([35, 20, 3, 1, 17, 2, 9, 9])[: p * g]
+  comp = np.arange(cap)[None] < lengths[:, None]
+  pmask = np.ones((p, t), bool)
+  pmask[::2, :2] = False  # left padding on some prompts
+  return sampler.Rollout(
+    prompt_tokens=jnp.asarray(rng.integers(3, 64, (p, t)), jnp.int32),
+    prompt_mask=jnp.asarray(pmask),
+    tokens=jnp.asarray(rng.integers(3, 64, (p * g, cap)), jnp.int32),
+    logprobs=jnp.asarray(-rng.uniform(2, 6, (p * g, cap)) * comp, "f4"),
+    mask=jnp.asarray(comp),
+    lengths=jnp.asarray(lengths, jnp.int32),
+    truncated=jnp.asarray(lengths == 35),
+  )
+
+
+def _model(mesh, with_lora=False):
+  m = model.init_model(CFG, mesh, sharding.TRAIN_RULES, seed=1)
+  return lora.add(m, 2, 4.0, "wq,w_down", seed=3) if with_lora else m
+
+
+def _updated(mesh, ucfg, budget, *, with_lora=False, p=4, **kw):
+  """rl_update on the ragged rollout: params after one step, metrics."""
+  m = _model(mesh, with_lora)
+  sgd = optax.sgd(1.0)  # new params = params − grad: compares gradients
+  rng = np.random.default_rng(5)
+  adv = jnp.asarray(rng.normal(size=(p * 2, 40)), jnp.float32)
+  cfg = dataclasses.replace(ucfg, micro_batch_tokens=budget)
+  state = update.init_state(m, sgd)
+  new, metrics = update.rl_update(
+    nnx.graphdef(m), state, _rollout(p), adv, tx=sgd, cfg=cfg, mesh=mesh, **kw
+  )
+  return [np.asarray(x) for x in jax.tree.leaves(new.params)], metrics
+
+
+def _assert_same(a, b, atol=1e-6):
+  (pa, ma), (pb, mb) = a, b
+  for x, y in zip(pa, pb, strict=True):
+    np.testing.assert_allclose(x, y, atol=atol)
+  for k in ("loss", "tokens", "kl_mean", "entropy", "ratio_mean"):
+    if k in ma:
+      np.testing.assert_allclose(ma[k], mb[k], rtol=1e-5, atol=atol)
+
+
+def _perturbed(params):
+  return jax.tree.map(lambda x: x * 0.9, params)
+
+
+@pytest.mark.parametrize(
+  "agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+)
+@pytest.mark.slow
+def test_budget_update_equals_padded_update(agg, one_device_mesh):
+  """Per-token advantages, the KL term against a reference, truncation
+  masked, π_old recomputed (two iterations): the update over micro-batches
+  by length (three widths here) equals the update of the whole batch at
+  the sampler's cap."""
+  ucfg = update.UpdateConfig(
+    loss=loss.LossConfig(
+      loss_agg=agg, max_len_norm=40, kl_beta=0.1, mask_truncated=True
+    ),
+    logprob_chunk=16,
+    group_size=2,
+    temperature=0.7,
+  )
+  kw = dict(num_iterations=2, ref_of=_perturbed)
+  padded = _updated(one_device_mesh, ucfg, 0, **kw)
+  budgeted = _updated(one_device_mesh, ucfg, 100, **kw)
+  assert padded[1]["update/micro_batches"] == 1
+  assert budgeted[1]["update/micro_batches"] == 3  # widths 64→40, 32, 16
+  _assert_same(padded, budgeted)
+
+
+@pytest.mark.slow
+def test_budget_update_lora_sharded_and_per_row(one_device_mesh):
+  """LoRA adapters; the plain per-row layout (G = 1 in the update); and a
+  2×2×2 mesh (2 groups a micro-batch at least: 3 groups make a padded
+  micro-batch) against one device."""
+  ucfg = update.UpdateConfig(logprob_chunk=16, group_size=2)
+  padded = _updated(one_device_mesh, ucfg, 0, with_lora=True)
+  _assert_same(padded, _updated(one_device_mesh, ucfg, 60, with_lora=True))
+  per_row = dataclasses.replace(ucfg, group_size=1)
+  _assert_same(
+    _updated(one_device_mesh, per_row, 0),
+    _updated(one_device_mesh, per_row, 30),
+  )
+  mesh = sharding.make_mesh(2, 2, 2)
+  single = _updated(one_device_mesh, ucfg, 0, p=3)
+  sharded = _updated(mesh, ucfg, 100, p=3)
+  assert sharded[1]["update/micro_batches"] == 2  # 2 groups, 1 + padding
+  _assert_same(single, sharded, atol=1e-5)
+
+
+def test_config_takes_one_way_to_split():
+  base = dict(rl=dict(micro_batch_tokens=4096))
+  assert RunConfig.from_dict(base).update_config.micro_batch_tokens == 4096
+  with pytest.raises(ValueError, match="rl.micro_batches=1"):
+    RunConfig.from_dict(dict(rl=dict(micro_batch_tokens=64, micro_batches=2)))
+  with pytest.raises(ValueError, match="micro_batch_tokens must be >= 0"):
+    RunConfig.from_dict(dict(rl=dict(micro_batch_tokens=-1)))
