@@ -82,13 +82,41 @@ def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
   step()  # compiles every shape the timed step meets
   first = time.perf_counter() - first
   step_s, sample_s, scored, um = step()
+  adv, _ = rollouts.advantages(run, scored, p)
+  timed = lambda ro: _update_s(graphdef, state0, ro, adv, run, tx, mesh)
   return dict(
     step_s=step_s,
     sample_s=sample_s,
     update_s=step_s - sample_s,
     compile_and_first_step_s=first,
+    update_only_s=timed(scored.rollout),
+    uniform_update_s=timed(_uniform(scored.rollout)),
     **_shape(scored, um, group, t, budget, new_tokens),
   )
+
+
+def _uniform(rollout):
+  """The rollout with every row at the mean length (as near as whole
+  tokens go): the same real tokens at uniform length."""
+  n = int(round(float(jnp.mean(rollout.lengths))))
+  cols = jnp.arange(rollout.tokens.shape[1])[None] < n
+  return rollout.replace(
+    mask=jnp.broadcast_to(cols, rollout.mask.shape),
+    lengths=jnp.full_like(rollout.lengths, n),
+    truncated=jnp.zeros_like(rollout.truncated),
+  )
+
+
+def _update_s(graphdef, state0, rollout, adv, run, tx, mesh) -> float:
+  """Seconds of a warm ``rl_update`` on ``rollout`` (the second of two)."""
+  for _ in range(2):
+    state = jax.block_until_ready(jax.tree.map(jnp.copy, state0))
+    t0 = time.perf_counter()
+    state, _ = update.rl_update(
+      graphdef, state, rollout, adv, tx=tx, cfg=run.update_config, mesh=mesh
+    )
+    jax.block_until_ready(state)
+  return time.perf_counter() - t0
 
 
 def _batch(ids, mask, gold) -> pipeline.PromptBatch:
