@@ -39,7 +39,13 @@ def get_config(arg=None):
   c.warmup.max_target_len = 96
   c.warmup.confidences = "random"  # calibration is left to RL
   c.rl.num_generations = 8
+  # Memory that fits a laptop (BENCHMARKS.md, "Demo"): layer inputs kept
+  # and the rest recomputed, one group (192 + 8 x 96 positions) per
+  # micro-batch, log-probs 32 positions at a time.
+  c.model.remat = "full"
   c.rl.micro_batches = 1
+  c.rl.micro_batch_tokens = 960
+  c.rl.logprob_chunk = 32
   c.optim.lr = 5e-6
   c.optim.warmup_frac = 0.0
   c.ckpt.every_steps = 6

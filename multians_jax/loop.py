@@ -25,6 +25,7 @@ collectively by Orbax.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import os
 import signal
@@ -112,8 +113,11 @@ def train(
   s, state, resumed = _setup(run, workdir, train_source, eval_source, tokenizer)
   try:
     # 2. Before RL, on a fresh run: evaluation, then the format warm-up.
+    # Only the parameters go on: the optimizer's moments are made anew after
+    # the warm-up (zeros, as at step 0), not held through it.
     if int(state.step) == 0:
-      state = _before_rl(s, state, warm_up=not resumed)
+      params, state = state.params, None
+      state = _before_rl(s, params, warm_up=not resumed)
     # 3. RL steps; checkpoints and evaluations on schedule.
     state, last, stopped = _rl_steps(s, state)
     if stopped:
@@ -181,22 +185,26 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   return session, state, resumed
 
 
-def _before_rl(s: Session, state, *, warm_up: bool):
+def _before_rl(s: Session, params, *, warm_up: bool):
   """Step 0: the "before" evaluation, then (unless resumed from a step-0
-  checkpoint, which is already warmed up) the warm-up and its evaluation."""
+  checkpoint, which is already warmed up) the warm-up and its evaluation;
+  returns the RL train state (fresh optimizer state) of the result."""
   run = s.run
+  gc.collect()  # the set-up's train state: its moments are cyclic garbage
   if run.eval.before_after:
-    _evaluate(s, state.params, "before", 0)
-  if run.warmup.steps and warm_up:
+    _evaluate(s, params, "before", 0)
+  warm_up = bool(run.warmup.steps and warm_up)
+  if warm_up:
     params = warmup_lib.run(
-      run, s.graphdef, state.params, s.source, s.tok, s.mesh,
+      run, s.graphdef, params, s.source, s.tok, s.mesh,
       log=lambda m: s.writer.write(0, m), progress=s.writer.active,
     )  # fmt: skip
-    state = update_lib.init_state(nnx.merge(s.graphdef, params), s.tx)
+    gc.collect()  # the warm-up's optimizer state
     if run.eval.before_after:
-      _evaluate(s, state.params, "warmup", 0)
-    if run.steps == 0:  # the warmed-up model is the result
-      _save(s, 0, state)
+      _evaluate(s, params, "warmup", 0)
+  state = update_lib.init_state(nnx.merge(s.graphdef, params), s.tx)
+  if warm_up and run.steps == 0:  # the warmed-up model is the result
+    _save(s, 0, state)
   return state
 
 
@@ -283,6 +291,9 @@ def _evaluate(s: Session, params, tag: str, step: int):
   )
   s.writer.write(step, res.summary, prefix="eval/")
   _keep_eval(s, tag, step, res)
+  # Arrays held only by cycles (the merged module's graph) wait for the
+  # cyclic collector, which may not run for many steps: free them now.
+  gc.collect()
   return res
 
 

@@ -158,6 +158,27 @@ def test_remat_shrinks_activations():
   assert mem.activation_bytes(plan8, "full")["layer"] == pytest.approx(8 * full)
 
 
+def test_token_budget_sizes_the_largest_micro_batch():
+  """rl.micro_batch_tokens: activations of the groups that fit the budget
+  with every completion at the cap (the worst case), plus the gradient
+  accumulator."""
+  c = _qwen8b_config()
+  c.data.prompts_per_step = 4
+  base = mem.plan_from_config(c, (1, 1, 1))
+  t, g, n = base.prompt_bucket, base.generations, base.new_tokens
+  c.rl.micro_batch_tokens = 2 * (t + g * n) + 1  # two groups at the cap
+  plan = mem.plan_from_config(c, (1, 1, 1))
+  assert plan.micro_rows == 2 * g
+  assert base.micro_rows == base.rows  # M = 1
+  one_group = dataclasses.replace(plan, micro_batch_tokens=1)
+  assert one_group.micro_rows == g  # a group runs whole, whatever the budget
+  est, est1 = mem.estimate(plan), mem.estimate(base)
+  assert est["gradients"][0] == 2 * est1["gradients"][0]
+  act = lambda p: mem.activation_bytes(p, "full")["layer"]
+  assert act(plan) == pytest.approx(act(base) * 2 * g / base.rows)
+  assert "micro_batch_tokens=" in mem.format_report(plan, 95.0)
+
+
 @pytest.mark.slow
 def test_formula_matches_compiled_update_step():
   """Per-layer activations within 10 %, step temporaries within 20 %

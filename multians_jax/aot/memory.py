@@ -45,7 +45,7 @@ from multians_jax.data import pipeline as data
 from multians_jax.model import lora
 from multians_jax.model import support as support_lib
 from multians_jax.model import transformer as model_lib
-from multians_jax.rl import update
+from multians_jax.rl import microbatch, update
 
 GiB = 1024**3
 # Device memory (GiB) by accelerator name, for --device / config comments.
@@ -81,10 +81,25 @@ class Plan:
   # The sampler's top-k / top-p: the update's log-prob chunks then also
   # hold the support mask's sort and cumulative sums.
   support: support_lib.Support = support_lib.FULL
+  micro_batch_tokens: int = 0  # rl.micro_batch_tokens (0: M equal ones)
 
   @property
   def rows(self) -> int:
     return self.prompts * self.generations
+
+  @property
+  def micro_rows(self) -> int:
+    """Rows of the largest micro-batch: B / M, or under a token budget
+    the groups that fit it when every completion reaches the cap."""
+    if not self.micro_batch_tokens:
+      return self.rows // self.micro_batches
+    n = microbatch.groups_fitting(
+      self.micro_batch_tokens,
+      self.prompt_bucket,
+      self.generations,
+      self.new_tokens,
+    )
+    return min(self.rows, n * self.generations)
 
   @property
   def sample_rows(self) -> int:
@@ -210,7 +225,7 @@ def activation_bytes(plan: Plan, remat: str | None = None) -> dict[str, float]:
   e = model_lib.DTYPES[cfg.dtype](0).nbytes
   d, n, k, h, f = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                    cfg.head_dim, cfg.d_ff)  # fmt: skip
-  b = plan.rows // plan.micro_batches
+  b = plan.micro_rows
   r = b / _factor("batch", b, plan, rules)
   tn = _factor("act_heads", n, plan, rules)
   tk = _factor("act_kv_heads", k, plan, rules)
@@ -300,7 +315,7 @@ def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
   trainable = trainable_params(params)
   t_total, t_dev = tree_bytes(trainable, plan.mesh)
   o_total, o_dev = tree_bytes(opt_state(trainable), plan.mesh)
-  grad_copies = 2 if plan.micro_batches > 1 else 1  # + accumulator
+  grad_copies = 2 if plan.micro_rows < plan.rows else 1  # + accumulator
   out = {
     "params": (p_total, p_dev),
     "optimizer state": (o_total, o_dev),
@@ -358,7 +373,13 @@ def format_report(plan: Plan, device_gb: float) -> str:
     + (f" lora_rank={plan.model.lora_rank}" if plan.model.lora_rank else ""),
     f"mesh {mesh} ({plan.devices} devices); batch P={plan.prompts} "
     f"G={plan.generations} B={plan.rows} M={plan.micro_batches} "
-    f"T={plan.prompt_bucket} L={plan.new_tokens}",
+    f"T={plan.prompt_bucket} L={plan.new_tokens}"
+    + (
+      f" micro_batch_tokens={plan.micro_batch_tokens} (largest micro-batch "
+      f"{plan.micro_rows} rows at L)"
+      if plan.micro_batch_tokens
+      else ""
+    ),
     "",
     f"{'component':<30} {'total GiB':>11} {'per device GiB':>15}",
   ]
@@ -426,6 +447,7 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     ),
     new_tokens=run.sampler.max_new_tokens,
     micro_batches=run.rl.micro_batches,
+    micro_batch_tokens=run.rl.micro_batch_tokens,
     chunk=run.rl.logprob_chunk,
     cache_dtype=run.sampler.cache_dtype,
     sample_chunk=run.rl.sample_chunk,

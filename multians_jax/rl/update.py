@@ -480,11 +480,12 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
 
 def plan_micro_batches(rollout, ub: UpdateBatch, cfg: UpdateConfig, mesh):
   """The token-budget micro-batches of this batch (``microbatch.plan``),
-  or None when ``cfg.micro_batch_tokens`` is 0 (M equal micro-batches)."""
+  or None for ``update_step`` (M equal micro-batches): when
+  ``cfg.micro_batch_tokens`` is 0, or the whole batch fits the budget."""
   if not cfg.micro_batch_tokens:
     return None
   width = ub.comp_mask.shape[1]
-  return microbatch.plan(
+  micro = microbatch.plan(
     sharding.host_array(rollout.lengths),
     group=cfg.group_size,
     prompt_len=ub.tokens.shape[1] - width,
@@ -494,6 +495,9 @@ def plan_micro_batches(rollout, ub: UpdateBatch, cfg: UpdateConfig, mesh):
       mesh, sharding.TRAIN_RULES, cfg.group_size
     ),
   )
+  if len(micro) == 1 and micro[0].rows.min() >= 0:
+    return None  # the whole batch fits: ``update_step``, no accumulator
+  return micro
 
 
 @jax.jit
