@@ -123,8 +123,10 @@ def train(
     if stopped:
       logging.warning("stopped at step %d (checkpoint saved)", last["step"])
       return {"stopped_at": last["step"], **last}
-    # 4. After RL: evaluation, HF export with its model card, the report.
-    _after_rl(s, state)
+    # 4. After RL: evaluation, HF export with its model card, the report;
+    # the parameters alone go on (the optimizer's moments are freed).
+    params, state = state.params, None
+    _after_rl(s, params)
   finally:
     s.writer.close()  # the W&B run ends too
   s.ckpt.close()
@@ -258,16 +260,17 @@ def _rl_steps(s: Session, state):
   return state, last, stop.requested
 
 
-def _after_rl(s: Session, state) -> None:
+def _after_rl(s: Session, params) -> None:
   """The "after" evaluation, the HF export and model card, the report and
   its plots (also to the W&B run, if there is one)."""
   run = s.run
+  gc.collect()  # the train state's moments, held by cycles
   if run.eval.before_after:
     if run.steps == 0 and "warmup" in s.evals:
       _keep_eval(s, "after", 0, s.evals["warmup"])  # the same model
     else:
-      _evaluate(s, state.params, "after", run.steps)
-  export.finish(run, s.workdir, s.graphdef, state.params, s.tok, s.evals)
+      _evaluate(s, params, "after", run.steps)
+  export.finish(run, s.workdir, s.graphdef, params, s.tok, s.evals)
   if run.export.report:
     for d in [s.workdir, *sorted(glob.glob(os.path.join(s.workdir, "eval_*")))]:
       sub = "" if d == s.workdir else os.path.basename(d) + "/"
