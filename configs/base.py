@@ -91,6 +91,11 @@ def get_config(arg=None):
   # completion and cut into micro-batches of at most this many decoder
   # positions, each at its own completion width (exact; METHOD.md §5)
   c.rl.micro_batch_tokens = 0
+  # Pack each group's completions one after another into one row (each
+  # token sees its prompt and its own completion; exact), so no completion
+  # is padded to a longer one's width: the update's cost follows the real
+  # tokens. Needs model.attention xla or cudnn (METHOD.md §5).
+  c.rl.pack_completions = False
   c.rl.sample_chunk = 0  # prompts per sampler call (0 = all at once)
   # Update step: run each prompt through the decoder once per group of G
   # completions (or per part of a group in a micro-batch), not once per

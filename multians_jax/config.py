@@ -137,6 +137,7 @@ class RLConfig:
   num_iterations: int = 1
   micro_batches: int = 1
   micro_batch_tokens: int = 0  # > 0: token-budget micro-batches by length
+  pack_completions: bool = False  # a group's completions in one row
   sample_chunk: int = 0  # prompts per sampler call (0 = all)
   share_prompt: bool = True  # update step: each prompt once per group
   credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
@@ -155,6 +156,11 @@ class RLConfig:
       not (self.micro_batch_tokens and self.micro_batches > 1),
       "rl.micro_batches and rl.micro_batch_tokens are two ways to split the "
       "update's batch: set rl.micro_batches=1 to use rl.micro_batch_tokens",
+    )
+    _check(
+      not (self.pack_completions and self.micro_batches > 1),
+      "rl.pack_completions plans its own micro-batches (by "
+      "rl.micro_batch_tokens): set rl.micro_batches=1",
     )
     _check(self.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
     try:
@@ -279,6 +285,11 @@ class RunConfig:
       "(reward.correctness='count' or 'count_over_k'); "
       "reward.correctness='any' gives one correct slot the whole reward",
     )
+    _check(
+      not (self.rl.pack_completions and self.model.attention == "splash"),
+      "rl.pack_completions needs model.attention 'xla' or 'cudnn': splash's "
+      "shared-prompt mask has no per-completion form",
+    )
     p, g = self.data.prompts_per_step, self.rl.num_generations
     _check(
       (p * g) % self.rl.micro_batches == 0,
@@ -367,6 +378,7 @@ class RunConfig:
       loss=self.loss_config,
       micro_batches=rl.micro_batches,
       micro_batch_tokens=rl.micro_batch_tokens,
+      pack=rl.pack_completions,
       temperature=max(self.sampler.temperature, 1e-6),
       logprob_chunk=rl.logprob_chunk,
       group_size=rl.num_generations if rl.share_prompt else 1,

@@ -198,6 +198,9 @@ class UpdateConfig:
   # > 0: token-budget micro-batches instead (``rl/microbatch.py``): groups
   # sorted by length, at most this many decoder positions each.
   micro_batch_tokens: int = 0
+  # True: a group's completions packed one after another in one row
+  # (``rl/packing.py``), micro-batches planned by ``microbatch.pack``.
+  pack: bool = False
   temperature: float = 1.0  # the sampler's (log-probs of the same dist)
   logprob_chunk: int = 128  # positions whose logits exist at once
   # The sampler's top-k / top-p truncation: log-probs are the sampler's,
@@ -218,10 +221,10 @@ class UpdateConfig:
       raise ValueError(
         f"micro_batch_tokens must be >= 0: {self.micro_batch_tokens}"
       )
-    if self.micro_batch_tokens and self.micro_batches > 1:
+    if (self.micro_batch_tokens or self.pack) and self.micro_batches > 1:
       raise ValueError(
         "micro_batches and micro_batch_tokens are two ways to split the "
-        "batch: set micro_batches=1 with micro_batch_tokens > 0"
+        "batch: set micro_batches=1 with micro_batch_tokens > 0 or pack"
       )
 
 

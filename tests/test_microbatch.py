@@ -105,8 +105,9 @@ def _model(mesh, with_lora=False):
   return lora.add(m, 2, 4.0, "wq,w_down", seed=3) if with_lora else m
 
 
-def _updated(mesh, ucfg, budget, *, with_lora=False, p=4, **kw):
+def _updated(mesh, ucfg, budget, *, with_lora=False, p=4, pack=False, **kw):
   """rl_update on the ragged rollout: params after one step, metrics."""
+  ucfg = dataclasses.replace(ucfg, pack=pack)
   m = _model(mesh, with_lora)
   sgd = optax.sgd(1.0)  # new params = params − grad: compares gradients
   rng = np.random.default_rng(5)
@@ -155,6 +156,15 @@ def test_budget_update_equals_padded_update(agg, one_device_mesh):
   assert padded[1]["update/micro_batches"] == 1
   assert budgeted[1]["update/micro_batches"] == 3  # widths 64→40, 32, 16
   _assert_same(padded, budgeted)
+  # Packed: each group's completions in one row (totals 55, 4, 19, 18 at
+  # widths 64, 16, 24, 24): 100 positions hold 100 // (6 + 64) = 1 group
+  # at 64, then 100 // (6 + 24) = 3 at 24 (the rest).
+  packed = _updated(one_device_mesh, ucfg, 100, pack=True, **kw)
+  assert packed[1]["update/micro_batches"] == 2
+  _assert_same(padded, packed)
+  whole = _updated(one_device_mesh, ucfg, 0, pack=True, **kw)
+  assert whole[1]["update/micro_batches"] == 1
+  _assert_same(padded, whole)
 
 
 @pytest.mark.slow
@@ -165,6 +175,8 @@ def test_budget_update_lora_sharded_and_per_row(one_device_mesh):
   ucfg = update.UpdateConfig(logprob_chunk=16, group_size=2)
   padded = _updated(one_device_mesh, ucfg, 0, with_lora=True)
   _assert_same(padded, _updated(one_device_mesh, ucfg, 60, with_lora=True))
+  lora_packed = _updated(one_device_mesh, ucfg, 60, with_lora=True, pack=True)
+  _assert_same(padded, lora_packed)
   per_row = dataclasses.replace(ucfg, group_size=1)
   _assert_same(
     _updated(one_device_mesh, per_row, 0),
@@ -175,6 +187,47 @@ def test_budget_update_lora_sharded_and_per_row(one_device_mesh):
   sharded = _updated(mesh, ucfg, 100, p=3)
   assert sharded[1]["update/micro_batches"] == 2  # 2 groups, 1 + padding
   _assert_same(single, sharded, atol=1e-5)
+  # Packed on the mesh: one group a row, rows a multiple of the batch
+  # axis' 4 devices: the 3 groups and an empty padding row, at width 64.
+  packed = _updated(mesh, ucfg, 100, p=3, pack=True)
+  assert packed[1]["update/micro_batches"] == 1
+  _assert_same(single, packed, atol=1e-5)
+
+
+def test_pack_by_hand():
+  """Groups of 2 with extents (5, 0), (2, 3), (1, 1): totals 5, 5, 2 at
+  packed widths 8, 8, 4 (minimum 4). Each group's completions sit one
+  after another in its row; ``dst`` finds each token again."""
+  ext = np.array([5, 0, 2, 3, 1, 1])
+  plan = microbatch.pack(ext, group=2, prompt_len=2, budget=20, cap=5,
+                         minimum=4)  # fmt: skip
+  # 20 // (2 + 8) = 2 groups at width 8, then the last alone at 4.
+  assert [(m.width, m.rows.tolist()) for m in plan] == [
+    (8, [0, 1, 2, 3]),
+    (4, [4, 5]),
+  ]
+  src, dst = plan[0].src, plan[0].dst
+  assert src[0].tolist() == [0, 1, 2, 3, 4, -1, -1, -1]  # row 0 · 5 + col
+  assert src[1].tolist() == [10, 11, 15, 16, 17, -1, -1, -1]  # rows 2, 3
+  assert dst[1].tolist() == [-1] * 5  # row 1: no tokens
+  assert dst[3].tolist() == [8 + 2, 8 + 3, 8 + 4, -1, -1]
+  # dst inverts src: each token's packed column names it back
+  for m in plan:
+    for r, cols in zip(m.rows, m.dst, strict=True):
+      for c, at in enumerate(cols):
+        if at >= 0:
+          assert m.src.reshape(-1)[at] == r * 5 + c
+  # A lone group on two devices' batch axis gets an empty padding row.
+  last = microbatch.pack(ext, group=2, prompt_len=2, budget=20, cap=5,
+                         minimum=4, multiple=2)[-1]  # fmt: skip
+  assert last.rows.tolist() == [4, 5, -1, -1]
+  assert (last.src[1] == -1).all() and (last.dst[2:] == -1).all()
+  np.testing.assert_array_equal(
+    microbatch.extents(np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])),
+    [3, 0, 4],
+  )
+  with pytest.raises(ValueError, match="extents must lie in"):
+    microbatch.pack([6, 1], group=2, prompt_len=2, budget=20, cap=5)
 
 
 def test_config_takes_one_way_to_split():
@@ -184,3 +237,11 @@ def test_config_takes_one_way_to_split():
     RunConfig.from_dict(dict(rl=dict(micro_batch_tokens=64, micro_batches=2)))
   with pytest.raises(ValueError, match="micro_batch_tokens must be >= 0"):
     RunConfig.from_dict(dict(rl=dict(micro_batch_tokens=-1)))
+  packed = RunConfig.from_dict(dict(rl=dict(pack_completions=True)))
+  assert packed.update_config.pack
+  with pytest.raises(ValueError, match="rl.micro_batches=1"):
+    RunConfig.from_dict(dict(rl=dict(pack_completions=True, micro_batches=2)))
+  with pytest.raises(ValueError, match="attention 'xla' or 'cudnn'"):
+    RunConfig.from_dict(
+      dict(rl=dict(pack_completions=True), model=dict(attention="splash"))
+    )

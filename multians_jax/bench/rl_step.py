@@ -28,7 +28,7 @@ from flax import nnx
 from multians_jax import sharding, sources
 from multians_jax.config import RunConfig
 from multians_jax.data import pipeline
-from multians_jax.rl import microbatch, rollouts, update
+from multians_jax.rl import rollouts, update
 
 
 def run_config(p: int, group: int, new_tokens: int, budget: int,
@@ -83,16 +83,31 @@ def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
   first = time.perf_counter() - first
   step_s, sample_s, scored, um = step()
   adv, _ = rollouts.advantages(run, scored, p)
-  timed = lambda ro: _update_s(graphdef, state0, ro, adv, run, tx, mesh)
+  packed = _packed(run)
+
+  def timed(rollout, run=run):
+    return _update_s(graphdef, state0, rollout, adv, run, tx, mesh)
+
+  uniform = _uniform(scored.rollout)
   return dict(
     step_s=step_s,
     sample_s=sample_s,
     update_s=step_s - sample_s,
     compile_and_first_step_s=first,
     update_only_s=timed(scored.rollout),
-    uniform_update_s=timed(_uniform(scored.rollout)),
-    **_shape(scored, um, group, t, budget, new_tokens),
+    uniform_update_s=timed(uniform),
+    packed_update_s=timed(scored.rollout, packed),
+    packed_uniform_update_s=timed(uniform, packed),
+    packed_positions=_positions(packed, scored.rollout, adv, mesh),
+    uniform_positions=_positions(run, uniform, adv, mesh),
+    **_shape(scored, um, t, budget),
   )
+
+
+def _packed(run):
+  """``run`` with packed completions (``rl.pack_completions``)."""
+  rl = dataclasses.replace(run.rl, pack_completions=True)
+  return dataclasses.replace(run, rl=rl)
 
 
 def _uniform(rollout):
@@ -131,7 +146,7 @@ def _batch(ids, mask, gold) -> pipeline.PromptBatch:
   )
 
 
-def _shape(scored, um, group, t, budget, new_tokens) -> dict:
+def _shape(scored, um, t, budget) -> dict:
   """What the step ran on: lengths, the update's width and micro-batches,
   and the decoder positions the update computed."""
   lengths = np.asarray(scored.rewards.lengths)
@@ -144,15 +159,16 @@ def _shape(scored, um, group, t, budget, new_tokens) -> dict:
     micro_batches=int(um["update/micro_batches"]),
     budget=budget,
     prompt_bucket=t,
-    decoder_positions=_positions(lengths, group, t, budget, new_tokens),
+    decoder_positions=int(um["update/positions"]),
   )
 
 
-def _positions(lengths, group, t, budget, cap) -> int:
-  """Decoder positions the update ran (prompts once per group, each
-  micro-batch at its width): how far the padding is from the real tokens."""
-  cap = update.completion_bucket(int(lengths.max()), cap)
-  plan = microbatch.plan(
-    lengths, group=group, prompt_len=t, budget=budget, cap=cap
-  )
-  return sum(m.rows.size // group * (t + group * m.width) for m in plan)
+def _positions(run, rollout, adv, mesh) -> int:
+  """Decoder positions the update of ``rollout`` runs under ``run``."""
+  cfg = run.update_config
+  cap = rollout.tokens.shape[1]
+  width = update.completion_bucket(int(jnp.max(rollout.lengths)), cap)
+  rollout, adv = update.trim_completions(rollout, jnp.asarray(adv), width)
+  ub = update.make_batch(rollout, adv)
+  micro = update.plan_micro_batches(rollout, ub, cfg, mesh)
+  return update.positions(ub, micro, cfg)

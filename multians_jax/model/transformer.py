@@ -224,6 +224,7 @@ class Transformer(nnx.Module):
     tokens,
     positions,
     mask,
+    segments=None,
   ):
     """Final-normed hidden states of rows that continue shared prefixes.
 
@@ -237,6 +238,11 @@ class Transformer(nnx.Module):
       prefix_tokens, prefix_positions, prefix_mask: [P, T] (left-padded).
       tokens, positions, mask: [B, L], B = P·s, prefix-major: rows
         i·s … i·s + s − 1 continue prefix i (``sampler.sample``'s order).
+      segments: optional int [B, L]: a row holding several sequences that
+        continue its prefix (packed completions, ``rl/packing.py``); a token
+        sees its prefix and the earlier tokens of its own segment only.
+        Needs ``model.attention`` ``xla`` or ``cudnn`` (splash's prefix mask
+        has no per-segment form).
 
     Returns:
       (prefix hidden [P, T, D], row hidden [B, L, D]).
@@ -247,17 +253,24 @@ class Transformer(nnx.Module):
     b, n = tokens.shape
     if b % p:
       raise ValueError(f"rows ({b}) must be a multiple of prefixes ({p})")
+    allowed = mask[:, None, :] & causal_mask(n)
+    if segments is not None:
+      if cfg.attention == "splash":
+        raise ValueError(
+          "packed rows (segments) need model.attention 'xla' or 'cudnn': "
+          "splash's shared-prefix mask has no per-segment form"
+        )
+      allowed &= segments[:, :, None] == segments[:, None, :]
     emb = self.embed[...].astype(dt)
     axes = ("batch", None, "act_embed")
     xp = sharding.constrain(emb[prefix_tokens], axes)
     x = sharding.constrain(emb[tokens], axes)
-    causal = lambda m: jnp.tril(jnp.ones((m, m), bool))[None]
     ctx = L.SharedContext(
       prefix_positions=prefix_positions,
-      prefix_allowed=prefix_mask[:, None, :] & causal(t),
+      prefix_allowed=prefix_mask[:, None, :] & causal_mask(t),
       prefix_mask=prefix_mask,
       positions=positions,
-      allowed=mask[:, None, :] & causal(n),
+      allowed=allowed,
       inv_freq=L.rope_inv_freq(cfg),
       mask=mask,
     )
@@ -279,6 +292,11 @@ class Transformer(nnx.Module):
   def __call__(self, tokens, positions, mask, cache: KVCache | None = None):
     h, cache = self.hidden(tokens, positions, mask, cache)
     return self.logits(h), cache
+
+
+def causal_mask(m: int) -> jax.Array:
+  """bool [1, m, m]: query i sees keys ≤ i."""
+  return jnp.tril(jnp.ones((m, m), bool))[None]
 
 
 # ---------------------------------------------------------------------------

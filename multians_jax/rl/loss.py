@@ -131,6 +131,7 @@ def shared_prompt_logprobs(
   chunk: int = DEFAULT_CHUNK,
   return_entropy: bool = False,
   support: Support = FULL,
+  segments: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Completion log-probs of grouped rows, each prompt run once.
 
@@ -144,14 +145,24 @@ def shared_prompt_logprobs(
     prompt_tokens, prompt_positions, prompt_mask: [P, T].
     tokens, positions, mask: [B, L] completions, B = P·s, prompt-major.
     temperature, chunk, return_entropy, support: as in ``token_logprobs``.
+    segments: int [B, L] for rows of several packed completions
+      (``model.Transformer.hidden_shared``): each segment's first token is
+      scored from the prompt's last hidden state, as a row's first is.
   """
   _check_head_args(temperature, chunk)  # before the decoder runs
   hp, h = model.hidden_shared(
-    prompt_tokens, prompt_positions, prompt_mask, tokens, positions, mask
-  )
+    prompt_tokens, prompt_positions, prompt_mask, tokens, positions, mask,
+    segments=segments,
+  )  # fmt: skip
   s = tokens.shape[0] // prompt_tokens.shape[0]
   first = jnp.repeat(hp[:, -1:], s, axis=0)  # [B, 1, D]
   h = jnp.concatenate([first, h[:, :-1]], axis=1)  # h[:, j] predicts tok j
+  if segments is not None:  # a segment's first token: the prompt's too
+    starts = jnp.concatenate(
+      [jnp.ones_like(segments[:, :1], bool),
+       segments[:, 1:] != segments[:, :-1]], axis=1,
+    )  # fmt: skip
+    h = jnp.where(starts[..., None], first, h)
   return head_logprobs(
     model, h, tokens, temperature, chunk=chunk,
     return_entropy=return_entropy, support=support,

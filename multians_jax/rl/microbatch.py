@@ -45,13 +45,31 @@ def completion_bucket(n: int, cap: int, minimum: int = MIN_COMPLETION_BUCKET):
   return min(width, cap)
 
 
+def packed_bucket(n: int, cap: int, minimum: int = MIN_COMPLETION_BUCKET):
+  """The width of a packed row of ``n`` tokens: the smallest of minimum ·
+  2^k and 1.5 · minimum · 2^k that holds them (at most a third wasted,
+  twice the power-of-two ladder's shapes), at most ``cap``."""
+  width = minimum
+  while width < n:
+    width = width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3
+  return min(width, cap)
+
+
 @dataclasses.dataclass(frozen=True)
 class Micro:
   """One micro-batch: its rows (int32 [n · G] indices into the batch, whole
-  groups in order; -1 = a padding row) and its completion width."""
+  groups in order; -1 = a padding row) and its completion width.
+
+  Packed (``pack``): each group's completions sit one after another in one
+  row of ``width`` columns; ``src`` int32 [n, width] names each column's
+  completion token (batch row · L + column; -1 none) and ``dst`` int32
+  [n · G, L] each row's token's column in the packed rows (row · width +
+  column; -1 none)."""
 
   rows: np.ndarray
   width: int
+  src: np.ndarray | None = None
+  dst: np.ndarray | None = None
 
 
 def groups_fitting(budget: int, prompt_len: int, group: int, width: int,
@@ -64,7 +82,8 @@ def groups_fitting(budget: int, prompt_len: int, group: int, width: int,
 
 
 def plan(lengths, *, group: int, prompt_len: int, budget: int, cap: int,
-         multiple: int = 1, minimum: int = MIN_COMPLETION_BUCKET):  # fmt: skip
+         multiple: int = 1, minimum: int = MIN_COMPLETION_BUCKET,
+         bucket=completion_bucket):  # fmt: skip
   """The micro-batches of one optimizer batch (a list of ``Micro``).
 
   Args:
@@ -76,6 +95,7 @@ def plan(lengths, *, group: int, prompt_len: int, budget: int, cap: int,
     cap: the widest completion width (the batch's columns).
     multiple: group counts are multiples of it (``batch_multiple``).
     minimum: the narrowest bucket.
+    bucket: (longest, cap, minimum) → the micro-batch's width.
 
   Every row appears exactly once; padding rows (-1) only round a count up
   to ``multiple``.
@@ -89,7 +109,7 @@ def plan(lengths, *, group: int, prompt_len: int, budget: int, cap: int,
   order = np.argsort(-longest, kind="stable")
   out, i = [], 0
   while i < order.size:
-    width = completion_bucket(int(longest[order[i]]), cap, minimum)
+    width = bucket(int(longest[order[i]]), cap, minimum)
     n = groups_fitting(budget, prompt_len, group, width, multiple)
     left = order.size - i
     if left < n:  # the largest power-of-two multiple of ``multiple``
@@ -102,6 +122,57 @@ def plan(lengths, *, group: int, prompt_len: int, budget: int, cap: int,
     pad = np.full((n - take.size) * group, -1)
     out.append(Micro(np.concatenate([rows, pad]).astype(np.int32), width))
   return out
+
+
+def pack(extents, *, group: int, prompt_len: int, budget: int, cap: int,
+         multiple: int = 1, minimum: int = MIN_COMPLETION_BUCKET):  # fmt: skip
+  """Packed micro-batches: each group's G completions, one after another,
+  in one row (``Micro.src`` / ``dst``), the prompt once in front of them.
+
+  ``extents``: int [B], each row's completion columns up to its last real
+  token (the columns the row's loss can touch). A group is planned as one
+  row of its total extent (``plan`` with G = 1, ``packed_bucket`` widths up
+  to G · ``cap``), so the budget counts n · (T + width) positions and no
+  completion is padded to another's length. ``budget`` 0: one micro-batch
+  of every group (split in powers of two as ``plan`` splits left-overs).
+  """
+  ext = np.asarray(extents).reshape(-1)
+  if ext.size % group:
+    raise ValueError(f"{ext.size} rows are not groups of {group}")
+  if ext.size and (ext.min() < 0 or ext.max() > cap):
+    raise ValueError(f"extents must lie in [0, {cap}]: {ext.min()}…{ext.max()}")
+  totals = ext.reshape(-1, group).sum(axis=1)
+  groups = plan(
+    totals, group=1, prompt_len=prompt_len, budget=budget or np.iinfo(int).max,
+    cap=group * cap, multiple=multiple, minimum=minimum, bucket=packed_bucket,
+  )  # fmt: skip
+  return [_packed(m.rows, m.width, ext, group, cap) for m in groups]
+
+
+def _packed(gids, width, ext, group, cap) -> Micro:
+  """The ``Micro`` of groups ``gids`` (-1: padding) packed at ``width``."""
+  n = gids.size
+  src = np.full((n, width), -1, np.int32)
+  dst = np.full((n * group, cap), -1, np.int32)
+  rows = np.full(n * group, -1, np.int32)
+  for j, g in enumerate(gids):
+    if g < 0:
+      continue
+    at = 0
+    for k in range(group):
+      row, e = g * group + k, int(ext[g * group + k])
+      rows[j * group + k] = row
+      src[j, at : at + e] = row * cap + np.arange(e)
+      dst[j * group + k, :e] = j * width + at + np.arange(e)
+      at += e
+  return Micro(rows, width, src, dst)
+
+
+def extents(mask) -> np.ndarray:
+  """int [B]: columns up to each row's last True (0 for none)."""
+  mask = np.asarray(mask, bool)
+  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+  return np.where(mask.any(axis=1), last, 0)
 
 
 def batch_multiple(mesh, rules, group: int) -> int:

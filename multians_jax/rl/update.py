@@ -26,7 +26,7 @@ from flax import nnx, struct
 from multians_jax import settings, sharding
 from multians_jax.model import lora
 from multians_jax.model import transformer as model_lib
-from multians_jax.rl import loss, microbatch
+from multians_jax.rl import loss, microbatch, packing
 
 # This module's settings (defined in the leaf settings.py).
 SCHEDULES = settings.SCHEDULES
@@ -220,11 +220,16 @@ def _split(x, m):
   return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
 
 
-def _objective(graphdef, cfg, frozen, den, train_params, mb: UpdateBatch):
+def _objective(graphdef, cfg, frozen, den, train_params, mb: UpdateBatch,
+               packed=None):  # fmt: skip
   """One micro-batch's share of the loss (numerator / whole-batch
-  denominator) and its metric sums."""
+  denominator) and its metric sums. ``packed``: the arguments of
+  ``packing.logprobs`` after the model (the rows' packed form)."""
   params = lora.combine(train_params, frozen)
-  logp, ent = _completion_logp(graphdef, params, mb, cfg)
+  if packed is None:
+    logp, ent = _completion_logp(graphdef, params, mb, cfg)
+  else:
+    logp, ent = packing.logprobs(nnx.merge(graphdef, params), *packed, cfg)
   num, sums = loss.pg_loss_terms(
     logp,
     mb.old_logp,
@@ -333,13 +338,24 @@ def _take(b: UpdateBatch, rows: jax.Array, width: int) -> UpdateBatch:
   )
 
 
+def _micro(batch, rows, src, dst, width):
+  """A micro-batch's rows (``_take``) and, packed (``src`` / ``dst`` not
+  None), the arguments of ``packing.logprobs``."""
+  if src is None:
+    return _take(batch, rows, width), None
+  mb = _take(batch, rows, batch.comp_mask.shape[1])
+  return mb, (batch.tokens, batch.positions, batch.mask, rows, src, dst)
+
+
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnums=(1,)
 )
-def _accumulate(graphdef, acc, params, batch, rows, den, *, width, cfg):
+def _accumulate(graphdef, acc, params, batch, rows, src, dst, den, *, width,
+                cfg):  # fmt: skip
   trainable, frozen = lora.partition(params)
-  mb = _take(batch, rows, width)
-  (lv, sums), g = _grad_fn(graphdef, cfg, frozen, den)(trainable, mb)
+  mb, packed = _micro(batch, rows, src, dst, width)
+  grad_fn = _grad_fn(graphdef, cfg, frozen, den)
+  (lv, sums), g = grad_fn(trainable, mb, packed)
   grads, value, total = acc
   return (
     jax.tree.map(jnp.add, grads, g),
@@ -358,14 +374,21 @@ def _denominator(batch: UpdateBatch, cfg):
   return loss.loss_denominator(batch.comp_mask, cfg.loss, batch.truncated)
 
 
-def _zero_acc(graphdef, params, batch, micro, den, cfg):
+def _zero_acc(params, batch, cfg):
   """Zero gradients (sharded like the trainable parameters), loss and
-  metric sums: the accumulator ``_accumulate`` adds into."""
-  rows = jnp.asarray(micro.rows)
-  shapes = jax.eval_shape(
-    lambda p: _micro_terms(graphdef, p, batch, rows, den, micro.width, cfg),
-    params,
-  )
+  metric sums: the accumulator ``_accumulate`` adds into. The sums' keys
+  follow the loss settings alone: traced on one token, not on the model."""
+
+  def terms():
+    z, one = jnp.zeros((1, 1)), jnp.ones((1, 1), bool)
+    adv = z if batch.adv.ndim == 2 else jnp.zeros((1,))
+    ref = None if batch.ref_logp is None else z
+    num, sums = loss.pg_loss_terms(
+      z, z, adv, one, cfg.loss, ref_logp=ref, truncated=jnp.zeros(1, bool)
+    )
+    return num, {**sums, "entropy": jnp.sum(z)}
+
+  shapes = jax.eval_shape(terms)
   trainable, _ = lora.partition(params)
   grads = jax.jit(
     lambda t: jax.tree.map(jnp.zeros_like, t),
@@ -375,10 +398,10 @@ def _zero_acc(graphdef, params, batch, micro, den, cfg):
   return grads, value, sums
 
 
-def _micro_terms(graphdef, params, batch, rows, den, width, cfg):
-  trainable, frozen = lora.partition(params)
-  mb = _take(batch, rows, width)
-  return _objective(graphdef, cfg, frozen, den, trainable, mb)
+def _arrays(mb: microbatch.Micro):
+  """A ``Micro``'s index arrays on device (src / dst None unpacked)."""
+  put = lambda x: None if x is None else jnp.asarray(x)
+  return put(mb.rows), put(mb.src), put(mb.dst)
 
 
 def planned_step(graphdef, state, batch, micro, *, tx, cfg):
@@ -386,11 +409,11 @@ def planned_step(graphdef, state, batch, micro, *, tx, cfg):
   ``microbatch.plan``): the same loss and gradient, summed over
   micro-batches of their own widths (call under ``sharding.activate``)."""
   den = _denominator(batch, cfg)
-  acc = _zero_acc(graphdef, state.params, batch, micro[0], den, cfg)
+  acc = _zero_acc(state.params, batch, cfg)
   for mb in micro:
     acc = _accumulate(
-      graphdef, acc, state.params, batch, jnp.asarray(mb.rows), den,
-      width=mb.width, cfg=cfg,
+      graphdef, acc, state.params, batch, *_arrays(mb), den, width=mb.width,
+      cfg=cfg,
     )  # fmt: skip
   return _apply_jit(state, acc, tx=tx)
 
@@ -398,10 +421,15 @@ def planned_step(graphdef, state, batch, micro, *, tx, cfg):
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnums=(1,)
 )
-def _micro_logprobs(graphdef, out, params, batch, rows, *, width, cfg):
-  logp = _completion_logp(graphdef, params, _take(batch, rows, width), cfg)[0]
+def _micro_logprobs(graphdef, out, params, batch, rows, src, dst, *, width,
+                    cfg):  # fmt: skip
+  mb, packed = _micro(batch, rows, src, dst, width)
+  if packed is None:
+    logp = _completion_logp(graphdef, params, mb, cfg)[0]
+  else:
+    logp = packing.logprobs(nnx.merge(graphdef, params), *packed, cfg)[0]
   at = jnp.where(rows >= 0, rows, out.shape[0])  # padding rows: dropped
-  return out.at[at, :width].set(logp, mode="drop")
+  return out.at[at, : logp.shape[1]].set(logp, mode="drop")
 
 
 def planned_logprobs(graphdef, params, batch, micro, cfg):
@@ -410,9 +438,8 @@ def planned_logprobs(graphdef, params, batch, micro, cfg):
   out = jnp.zeros_like(batch.old_logp)
   for mb in micro:
     out = _micro_logprobs(
-      graphdef, out, params, batch, jnp.asarray(mb.rows), width=mb.width,
-      cfg=cfg,
-    )  # fmt: skip
+      graphdef, out, params, batch, *_arrays(mb), width=mb.width, cfg=cfg
+    )
   return out
 
 
@@ -471,6 +498,7 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
     **um,
     "update/width": width,
     "update/micro_batches": cfg.micro_batches if micro is None else len(micro),
+    "update/positions": positions(ub, micro, cfg),
     "sampler/ratio_mean": gap["token_ratio_mean"],
     "sampler/logp_diff_mean": gap["logp_diff_mean"],
     "sampler/logp_diff_max": gap["logp_diff_max"],
@@ -481,23 +509,44 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
 def plan_micro_batches(rollout, ub: UpdateBatch, cfg: UpdateConfig, mesh):
   """The token-budget micro-batches of this batch (``microbatch.plan``),
   or None for ``update_step`` (M equal micro-batches): when
-  ``cfg.micro_batch_tokens`` is 0, or the whole batch fits the budget."""
-  if not cfg.micro_batch_tokens:
+  ``cfg.micro_batch_tokens`` is 0, or the whole batch fits the budget.
+  With ``cfg.pack`` the packed micro-batches (``microbatch.pack``)."""
+  if not (cfg.micro_batch_tokens or cfg.pack):
     return None
   width = ub.comp_mask.shape[1]
-  micro = microbatch.plan(
-    sharding.host_array(rollout.lengths),
+  kw = dict(
     group=cfg.group_size,
     prompt_len=ub.tokens.shape[1] - width,
     budget=cfg.micro_batch_tokens,
     cap=width,
+  )
+  if cfg.pack:  # one group a row: the batch axis divides into groups
+    extents = microbatch.extents(sharding.host_array(ub.comp_mask))
+    multiple = microbatch.batch_multiple(mesh, sharding.TRAIN_RULES, 1)
+    return microbatch.pack(extents, multiple=multiple, **kw)
+  micro = microbatch.plan(
+    sharding.host_array(rollout.lengths),
     multiple=microbatch.batch_multiple(
       mesh, sharding.TRAIN_RULES, cfg.group_size
     ),
+    **kw,
   )
   if len(micro) == 1 and micro[0].rows.min() >= 0:
     return None  # the whole batch fits: ``update_step``, no accumulator
   return micro
+
+
+def positions(ub: UpdateBatch, micro, cfg: UpdateConfig) -> int:
+  """Decoder positions one pass of the update runs: prompts once per group
+  (per row without sharing), completions at their micro-batch's width."""
+  rows, width = ub.comp_mask.shape
+  t = ub.tokens.shape[1] - width
+  if micro is None:
+    return rows // cfg.group_size * t + rows * width
+  n = lambda m: m.rows.size // cfg.group_size  # groups
+  if cfg.pack:
+    return sum(n(m) * (t + m.width) for m in micro)
+  return sum(n(m) * (t + cfg.group_size * m.width) for m in micro)
 
 
 @jax.jit
