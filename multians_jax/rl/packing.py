@@ -14,7 +14,6 @@ of its own completion only (``model.Transformer.hidden_shared`` with
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from multians_jax import sharding
