@@ -83,8 +83,11 @@ def get_config(arg=None):
   c.rl = ml_collections.ConfigDict()
   c.rl.num_generations = 32  # G completions per prompt
   # drgrpo | grpo | rloo | gdpo (each reward component normalised in its
-  # group, summed with reward.weights, then scaled by the batch std)
+  # group, summed with reward.weights, then scaled by the batch std) |
+  # passk (PKPO: the policy gradient of pass@k / max@k of k samples, k =
+  # rl.pass_k; for the single-answer baselines, METHOD.md §5)
   c.rl.advantage = "drgrpo"
+  c.rl.pass_k = 0  # rl.advantage='passk': 2 <= k <= rl.num_generations
   c.rl.num_iterations = 1  # optimizer steps per rollout batch
   c.rl.micro_batches = 1  # gradient accumulation steps (exact)
   # > 0: instead of M equal micro-batches, groups sorted by their longest

@@ -4,8 +4,10 @@ r"""The distributional lab: every objective against its known optimum (CPU).
       --workdir=runs/lab/multi_rlvr_s0 --config.seed=0
 
 Argument: ``rlvr`` | ``rlcr`` | ``multi_rlvr`` | ``multi_rlcr`` | ``base``
-(``base``: the Multi-RLCR warm-up alone, no RL step: the starting point the
-arms are compared with). Task ``distlab``: 8 cases, each with a hidden
+| ``rlvr_pass3`` (``base``: the Multi-RLCR warm-up alone, no RL step: the
+starting point the arms are compared with; ``rlvr_pass3``: single-answer
+RLVR trained for pass@3 of 3 samples, PKPO advantages, the baseline a
+K = 3 set is compared with). Task ``distlab``: 8 cases, each with a hidden
 answer distribution p(·|q) over 6 diagnoses; each record's gold answer is
 one draw from it. A tiny random decoder with the lab's word-level
 tokenizer (one token per answer or confidence block) gets a broad prior
@@ -22,7 +24,7 @@ kernel, advantages and update step.
 
 from configs import base
 
-ARMS = ("rlvr", "rlcr", "multi_rlvr", "multi_rlcr", "base")
+ARMS = ("rlvr", "rlcr", "multi_rlvr", "multi_rlcr", "base", "rlvr_pass3")
 
 
 def get_config(arg=None):
@@ -53,7 +55,7 @@ def get_config(arg=None):
   c.sampler.max_new_tokens = 10  # multi_rlcr: 7 blocks + end of sequence
   c.sampler.temperature = 1.0
 
-  c.reward.mode = "multi_rlcr" if arm == "base" else arm
+  c.reward.mode = {"base": "multi_rlcr", "rlvr_pass3": "rlvr"}.get(arm, arm)
   c.reward.num_answers = 3  # K
   c.reward.correctness = "count"  # paper: r_acc = D
   c.reward.preset = "paper"  # R = r_acc - B
@@ -74,6 +76,9 @@ def get_config(arg=None):
 
   c.rl.num_generations = 16  # G
   c.rl.advantage = "drgrpo"
+  if arm == "rlvr_pass3":  # PKPO: the policy gradient of pass@3
+    c.rl.advantage = "passk"
+    c.rl.pass_k = 3
   c.optim.lr = 3e-4
   c.optim.warmup_frac = 0.0
 
@@ -82,7 +87,7 @@ def get_config(arg=None):
   c.eval.every_steps = 0
   c.eval.num_prompts = 64  # the whole test split (8 patients per case)
   # 30 answers per prompt: 30 samples, or 30 / K generations of K answers.
-  single = arm in ("rlvr", "rlcr")
+  single = arm in ("rlvr", "rlcr", "rlvr_pass3")
   c.eval.num_generations = 30 if single else 30 // c.reward.num_answers
   c.eval.temperature = 1.0  # the policy as trained
   c.log.every_steps = 10  # keeps metrics.jsonl small enough to commit

@@ -141,6 +141,7 @@ class RLConfig:
   sample_chunk: int = 0  # prompts per sampler call (0 = all)
   share_prompt: bool = True  # update step: each prompt once per group
   credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
+  pass_k: int = 0  # k of rl.advantage='passk' (2 <= k <= num_generations)
   credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
   dynamic_sampling: bool = False  # drop groups with a flat binary outcome
   dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
@@ -161,6 +162,11 @@ class RLConfig:
       not (self.pack_completions and self.micro_batches > 1),
       "rl.pack_completions plans its own micro-batches (by "
       "rl.micro_batch_tokens): set rl.micro_batches=1",
+    )
+    _check(
+      self.advantage != "passk" or 2 <= self.pass_k <= self.num_generations,
+      "rl.advantage='passk' optimises pass@k: set rl.pass_k in "
+      f"[2, rl.num_generations={self.num_generations}], got {self.pass_k}",
     )
     _check(self.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
     try:

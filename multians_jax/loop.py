@@ -312,6 +312,7 @@ def _keep_eval(s: Session, tag: str, step: int, res) -> None:
       num_answers=s.run.reward.num_answers,
       seed=s.run.seed,
       num_generations=s.run.eval.num_generations,
+      pass_k=s.run.rl.pass_k if s.run.rl.advantage == "passk" else None,
     )
 
 

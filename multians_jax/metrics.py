@@ -262,6 +262,45 @@ def top_mass(probs, k: int) -> np.ndarray:
   return srt[:, :k].sum(-1)
 
 
+def passk_optimum(probs, k: int, iters: int = 200) -> tuple[float, np.ndarray]:
+  """The best pass@k of k independent samples against a known answer
+  distribution: max over the simplex of F(π) = Σ_x p(x)·(1 − (1 − π(x))^k).
+
+  F is concave, so the KKT conditions give the optimum: where π(x) > 0,
+  k·p(x)·(1 − π(x))^(k−1) = λ, i.e. π(x) = max(0, 1 − (λ / (k·p(x)))^(1 /
+  (k−1))) (water-filling: the likelier answers get more mass, but unlike
+  K distinct answers a sample may repeat, so mass spreads over more than k
+  answers when p is flat). Σ π(λ) falls with λ: λ by bisection. k = 1:
+  all mass on the likeliest answer.
+
+  Args:
+    probs: [S] p over the answers (0-padding allowed). k: samples (≥ 1).
+
+  Returns:
+    (F(π*), π* [S]).
+  """
+  p = np.asarray(probs, np.float64)
+  if k < 1 or p.ndim != 1 or (p < 0).any():
+    raise ValueError(f"passk_optimum: k >= 1 and p >= 0 over [S]: {k}, {p}")
+  pi = np.zeros_like(p)
+  if k == 1 or not p.any():
+    pi[np.argmax(p)] = 1.0
+    return float(p.max()), pi
+
+  def mass(lam):
+    with np.errstate(divide="ignore"):
+      ratio = np.where(p > 0, lam / (k * p), np.inf)
+    return np.clip(1.0 - ratio ** (1.0 / (k - 1)), 0.0, 1.0)
+
+  lo, hi = 0.0, k * p.max()  # Σ π(0) = |support| ≥ 1, Σ π(hi) = 0
+  for _ in range(iters):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if mass(mid).sum() > 1.0 else (lo, mid)
+  pi = mass(hi)
+  pi /= pi.sum()
+  return float(np.sum(p * (1.0 - (1.0 - pi) ** k))), pi
+
+
 def distribution_summary(
   answer_p,
   answer_key,
@@ -288,7 +327,9 @@ def distribution_summary(
   Returns:
     ``dist/coverage@k`` (expected P(gold ∈ k answers)) and ``dist/oracle@k``
     (its maximum, the top-k mass) for each k; ``dist/coverage`` and
-    ``dist/oracle_coverage`` for one generation (k = A); ``dist/top1_p``
+    ``dist/oracle_coverage`` for one generation (k = A); single-answer
+    modes (A = 1) also ``dist/passk_optimum@k``, the best pass@k of k
+    independent samples (``passk_optimum``); ``dist/top1_p``
     (expected accuracy of the top answer: highest confidence, or first)
     against ``dist/max_p``; with confidences, ``dist/conf_abs_err`` = mean
     |q_i - p(a_i|q)| over the answers of format-valid generations.
@@ -305,6 +346,9 @@ def distribution_summary(
     cov = expected_coverage_at_k(gp, gk, k)
     out[f"dist/coverage@{k}"] = float(cov.mean())
     out[f"dist/oracle@{k}"] = float(top_mass(probs, k).mean())
+    if a == 1:
+      best = [passk_optimum(row, k)[0] for row in probs]
+      out[f"dist/passk_optimum@{k}"] = float(np.mean(best))
   out["dist/coverage"] = float(expected_coverage_at_k(gp, gk, a).mean())
   out["dist/oracle_coverage"] = float(top_mass(probs, a).mean())
   q = np.nan_to_num(np.asarray(confidence, np.float64))

@@ -23,7 +23,7 @@ from multians_jax.model.support import FULL, Support
 from multians_jax.rl import matchers
 
 KINDS = ("drgrpo", "grpo", "rloo")  # kinds that read one reward per row
-ADVANTAGES = (*KINDS, "gdpo")  # every rl.advantage
+ADVANTAGES = (*KINDS, "gdpo", "passk")  # every rl.advantage
 BASELINES = ("slot", "pooled")  # rl.credit_baseline
 CREDITS = ("sequence", "answer", "answer_to_go")  # rl.credit (docs/CREDIT.md)
 
@@ -39,10 +39,13 @@ def check_credit(kind: str, credit: str, baseline: str) -> None:
   ):
     if value not in choices:
       raise ValueError(f"{key} must be one of {choices}: {value!r}")
-  if kind == "gdpo" and credit != "sequence":
+  if kind in ("gdpo", "passk") and credit != "sequence":
+    what = {
+      "gdpo": "normalises whole-sequence reward components",
+      "passk": "transforms each completion's whole reward (PKPO)",
+    }[kind]
     raise ValueError(
-      "rl.advantage='gdpo' normalises whole-sequence reward components; "
-      "use it with rl.credit='sequence'"
+      f"rl.advantage={kind!r} {what}; use it with rl.credit='sequence'"
     )
   if credit == "answer_to_go" and baseline != "slot":
     raise ValueError(

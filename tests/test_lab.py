@@ -136,6 +136,41 @@ def test_distribution_summary_by_hand():
   assert out["dist/conf_abs_err"] == pytest.approx(0.2)
 
 
+def test_passk_optimum_against_brute_force():
+  """The water-filling optimum of Σ p(x)(1 − (1 − π(x))^k) equals the best
+  point of a fine grid over the 3-answer simplex; it repeats mass over
+  more answers than k when p is flat (unlike the top-k set)."""
+  grid = np.arange(0, 1.0005, 0.005)
+  a, b = np.meshgrid(grid, grid)
+  ok = a + b <= 1 + 1e-12
+  pis = np.stack([a[ok], b[ok], np.clip(1 - a[ok] - b[ok], 0, 1)], -1)
+  for p in ([0.5, 0.3, 0.2], [0.7, 0.2, 0.1], [0.9, 0.1, 0.0]):
+    for k in (1, 2, 3, 5):
+      best = np.max(np.sum(np.asarray(p) * (1 - (1 - pis) ** k), -1))
+      value, pi = metrics.passk_optimum(p, k)
+      assert value == pytest.approx(best, abs=2e-4)
+      assert value >= best - 1e-12 and pi.sum() == pytest.approx(1.0)
+  # By hand: p = (0.9, 0.1), k = 2: KKT 0.9(1 − π) = 0.1·π → π = (0.9, 0.1),
+  # F = 0.9·(1 − 0.01) + 0.1·(1 − 0.81) = 0.91.
+  value, pi = metrics.passk_optimum([0.9, 0.1, 0.0], 2)
+  assert value == pytest.approx(0.91) and pi == pytest.approx([0.9, 0.1, 0])
+  # Single-answer summaries carry it per k; the top-k mass is above it.
+  out = metrics.distribution_summary(
+    answer_p=np.array([[0.5], [0.3], [0.5]]),
+    answer_key=np.array([[0], [1], [0]]),
+    format_ok=np.array([1, 1, 1]),
+    confidence=np.full((3, 1), np.nan),
+    probs=np.array([[0.5, 0.3, 0.2]]),
+    group_size=3,
+    ks=[3],
+    calibrated=False,
+  )
+  assert out["dist/passk_optimum@3"] == pytest.approx(0.73322, abs=1e-5)
+  assert out["dist/oracle@3"] == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="k >= 1"):
+    metrics.passk_optimum([0.5, 0.5], 0)
+
+
 def test_answer_probs_matches_answers_to_the_distribution():
   meta = {"distribution": {"answers": ["asthma", "croup"], "probs": [0.7, 0.3]}}
   cfg = reward.RewardConfig(

@@ -10,12 +10,15 @@ with the min–max band.
 Per run (``compare.json``): ``mode``, ``seed``, ``coverage`` (P(a
 generation's answers hold the gold): the expectation under the known p
 in the distributional lab, else the empirical pass@A), ``oracle_coverage``
-(lab only), ``recall@k`` for k = 3..30 (lab: P(gold among k answers);
-else the fraction of gold entries hit), ``unique@30``, ``top1``, ``ece``,
-``conf_abs_err`` (mean |q − p|, lab only) and
+(lab only; the top-A mass), ``recall@k`` for k = 3..30 (lab: P(gold among
+k answers); else the fraction of gold entries hit), ``unique@30``,
+``top1``, ``ece``, ``conf_abs_err`` (mean |q − p|, lab only) and
 ``tokens_per_distinct_correct``. Training WORKDIRs that evaluated during
 training (``eval.every_steps``) also get learning curves (``curves.png``)
-and per-step tables of coverage and mean |q − p|.
+and per-step tables of coverage and mean |q − p|. A run trained for
+pass@k (``pass_k``, ``rl.advantage='passk'``) is judged by its own
+objective: ``coverage`` of its k samples, ``oracle_coverage`` the exact
+optimum of pass@k with k samples (``metrics.passk_optimum``).
 """
 
 from __future__ import annotations
@@ -79,11 +82,18 @@ def row(rec: dict) -> dict:
     if v is not None:
       recall[str(k)] = float(v)
   budget = rec.get("details", {}).get("budget", 30)
+  coverage = s.get("dist/coverage") if lab else s.get(f"pass@{a}")
+  oracle = s.get("dist/oracle_coverage")
+  k = rec.get("pass_k")
+  if k:  # trained for pass@k: its k samples against its own optimum
+    coverage = s.get(f"dist/coverage@{k}" if lab else f"pass@{k}")
+    oracle = s.get(f"dist/passk_optimum@{k}")
   return {
     "mode": rec.get("mode"),
     "seed": rec.get("seed"),
-    "coverage": _num(s.get("dist/coverage") if lab else s.get(f"pass@{a}")),
-    "oracle_coverage": _num(s.get("dist/oracle_coverage")),
+    "pass_k": k,
+    "coverage": _num(coverage),
+    "oracle_coverage": _num(oracle),
     "recall@k": recall,
     "unique@30": _num(s.get("unique@30", s.get(f"unique@{budget}"))),
     "top1": _num(s.get("dist/top1_p") if lab else s.get("top1_accuracy")),

@@ -15,6 +15,9 @@ of a prompt are compared only with each other:
 - ``gdpo``: each reward component normalised in its group as ``grpo``,
   summed with weights, the sum divided by its batch std
   (``gdpo_advantages``; the components come from ``credit``).
+- ``passk``: PKPO (Walder & Karkhanis, arXiv 2505.15201), the policy
+  gradient of maxg@k = E[max of k samples' rewards] (pass@k for 0/1
+  rewards) instead of the mean reward (``passk_advantages``).
 
 A group whose rewards are all equal carries no learning signal: its
 advantages are set to exactly zero (not merely rounded near zero, which the
@@ -23,6 +26,8 @@ advantages are set to exactly zero (not merely rounded near zero, which the
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +92,62 @@ def advantages(
     "group_std_mean": jnp.mean(_group_std(centred, 0)),
   }
   return adv, info
+
+
+def passk_advantages(rewards: jax.Array, k: int):
+  """PKPO's advantages: an unbiased policy gradient of maxg@k.
+
+  For a group of n = G rewards, Σ_i s_i ∇log π(x_i) with s_i the average
+  over the C(n, k) subsets I ∋ i of max_I g − max_{I∖i} g (the paper's
+  s^(loo−1): the k − 1 others' max is the baseline; it does not depend
+  on x_i, so the estimate stays unbiased). With the rewards sorted
+  ascending (ties by index), sample of rank r (1-based) gets
+
+    s_r = Σ_{j<r} C(j−1, k−2) (g_(r) − g_(j)) / C(n, k)
+
+  (a subset's max is g_(r) when its other k − 1 members rank below r:
+  C(r−1, k−1) = Σ_{j<r} C(j−1, k−2) subsets; otherwise i is not the max
+  and both maxima are equal). So s ≥ 0: the best samples of a group are
+  pushed up, the rest get nothing. For 0/1 rewards with c correct, a
+  correct sample gets C(n−c, k−1) / C(n, k), a wrong one 0. The
+  advantage is n · s_i, so the loss's mean over a group's rows is the
+  estimate (k = 1 would be plain REINFORCE: k ≥ 2).
+
+  Args:
+    rewards: float [P, G]. k: 2 ≤ k ≤ G.
+
+  Returns:
+    (adv float32 [P, G], info): info as ``advantages``'s, plus
+    ``passk_estimate``, the mean unbiased estimate of maxg@k,
+    Σ_r C(r−1, k−1) g_(r) / C(n, k).
+  """
+  if rewards.ndim != 2:
+    raise ValueError(f"rewards must be [P, G], got shape {rewards.shape}")
+  n = rewards.shape[1]
+  if not 2 <= k <= n:
+    raise ValueError(
+      f"rl.pass_k must lie in [2, num_generations={n}] for "
+      f"rl.advantage='passk': {k}"
+    )
+  total = math.comb(n, k)
+  w = jnp.asarray([math.comb(j, k - 2) / total for j in range(n)], "f4")
+  a = jnp.asarray([math.comb(j, k - 1) / total for j in range(n)], "f4")
+  r = rewards.astype(jnp.float32)
+  order = jnp.argsort(r, axis=1, stable=True)
+  g = jnp.take_along_axis(r, order, axis=1)  # ascending
+  below = jnp.cumsum(w * g, axis=1) - w * g  # Σ_{j<r} w_j g_(j)
+  s = a * g - below
+  adv = jnp.zeros_like(s).at[jnp.arange(r.shape[0])[:, None], order].set(s)
+  flat = _flat_groups(r)  # exactly 0, not the sums' rounding
+  adv = jnp.where(flat[:, None], 0.0, adv)
+  centred = r - jnp.mean(r, axis=1, keepdims=True)
+  info = {
+    "zero_std_frac": jnp.mean(flat.astype(jnp.float32)),
+    "reward_mean": jnp.mean(r),
+    "group_std_mean": jnp.mean(_group_std(centred, 0)),
+    "passk_estimate": jnp.mean(jnp.sum(a * g, axis=1)),
+  }
+  return adv * n, info
 
 
 def _group_std(centred: jax.Array, ddof: int) -> jax.Array:

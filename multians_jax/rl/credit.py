@@ -177,7 +177,7 @@ def reward_components(scores: reward.Scores, cfg: reward.RewardConfig):
 def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
                        baseline: str = "slot", token_slot=None,
                        reward_cfg: reward.RewardConfig | None = None,
-                       ) -> tuple[np.ndarray, dict]:  # fmt: skip
+                       pass_k: int = 0) -> tuple[np.ndarray, dict]:  # fmt: skip
   """The advantages the update step reads, from a batch's gathered scores.
 
   Args:
@@ -190,6 +190,7 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     token_slot: int32 [B, L] (``token_slots``); needed by answer credit.
     reward_cfg: the reward settings; needed by ``kind='gdpo'``
       (``reward_components``).
+    pass_k: k of ``kind='passk'`` (``advantage.passk_advantages``).
 
   Returns:
     ``(adv, info)``: host float32 advantages and scalar metrics (the
@@ -206,7 +207,10 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     adv, info = advantage.gdpo_advantages(comps, w)
     return np.asarray(adv.reshape(-1)), {k: float(v) for k, v in info.items()}
   total = jnp.asarray(scores.total, jnp.float32).reshape(p, -1)
-  seq, info = advantage.advantages(total, kind)
+  if kind == "passk":
+    seq, info = advantage.passk_advantages(total, pass_k)
+  else:
+    seq, info = advantage.advantages(total, kind)
   seq = seq.reshape(-1)
   info = {k: float(v) for k, v in info.items()}
   if credit == "sequence":

@@ -237,6 +237,7 @@ def advantages(run, scored: Scored, num_prompts: int, live=None):
     credit=rl.credit,
     baseline=rl.credit_baseline,
     reward_cfg=run.reward,
+    pass_k=rl.pass_k,
   )
   if live is not None:  # filler groups: no gradient
     adv = adv * (live[:, None] if adv.ndim == 2 else live)
