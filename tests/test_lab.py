@@ -4,6 +4,7 @@ targets, the compare report, and the learning test of the four objectives."""
 import collections
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -274,6 +275,23 @@ def test_compare_groups_seeds_and_writes_the_report(tmp_path):
   for png in ("recall_at_k.png", "unique_answers.png"):
     assert (tmp_path / "cmp" / png).stat().st_size > 1000
   assert out["multi_rlvr_s0"]["unique@30"] == 3
+
+
+def test_compare_judges_a_passk_run_by_its_own_optimum(tmp_path):
+  path = _eval_file(tmp_path, "p", "rlvr", 0, 0.6, 3)
+  f = os.path.join(path, "eval", "after.json")
+  rec = json.loads(open(f).read())
+  rec["pass_k"] = 3
+  rec["summary"]["dist/coverage@3"] = 0.58
+  rec["summary"]["dist/passk_optimum@3"] = 0.62
+  open(f, "w").write(json.dumps(rec))
+  row = compare.row(compare.load(path))
+  assert (row["pass_k"], row["coverage"], row["oracle_coverage"]) == (
+    3, 0.58, 0.62,
+  )  # fmt: skip
+  plain = _eval_file(tmp_path, "q", "rlvr", 0, 0.3, 1)
+  plain = compare.row(compare.load(plain))
+  assert (plain["pass_k"], plain["coverage"]) == (None, 0.3)
 
 
 def test_compare_errors_name_the_problem(tmp_path):
