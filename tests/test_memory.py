@@ -177,6 +177,14 @@ def test_token_budget_sizes_the_largest_micro_batch():
   act = lambda p: mem.activation_bytes(p, "full")["layer"]
   assert act(plan) == pytest.approx(act(base) * 2 * g / base.rows)
   assert "micro_batch_tokens=" in mem.format_report(plan, 95.0)
+  # Packed: one row of T + G·L per group at the cap (the prompt once, the
+  # attention over all G completions), as many as fit the budget.
+  c.rl.pack_completions = True
+  packed = mem.plan_from_config(c, (1, 1, 1))
+  assert (packed.micro_rows, packed.row_tokens) == (2, t + g * n)
+  assert "pack_completions" in mem.format_report(packed, 95.0)
+  tokens = 2 * (t + g * n)  # fewer positions than 2G rows of T + L
+  assert act(packed) == pytest.approx(act(plan) * tokens / (2 * g * (t + n)))
 
 
 @pytest.mark.slow

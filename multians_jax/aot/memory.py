@@ -82,15 +82,28 @@ class Plan:
   # hold the support mask's sort and cumulative sums.
   support: support_lib.Support = support_lib.FULL
   micro_batch_tokens: int = 0  # rl.micro_batch_tokens (0: M equal ones)
+  pack: bool = False  # rl.pack_completions: a group's completions one row
 
   @property
   def rows(self) -> int:
     return self.prompts * self.generations
 
   @property
+  def row_tokens(self) -> int:
+    """Positions of one update row at the cap: T + L, or packed T + G·L
+    (a group's completions in one row; attention over all of them)."""
+    g = self.generations if self.pack else 1
+    return self.prompt_bucket + g * self.new_tokens
+
+  @property
   def micro_rows(self) -> int:
     """Rows of the largest micro-batch: B / M, or under a token budget
-    the groups that fit it when every completion reaches the cap."""
+    the groups that fit it when every completion reaches the cap; packed,
+    one row per group (all groups without a budget)."""
+    if self.pack:
+      budget = self.micro_batch_tokens
+      n = max(1, budget // self.row_tokens) if budget else self.prompts
+      return min(self.prompts, n)
     if not self.micro_batch_tokens:
       return self.rows // self.micro_batches
     n = microbatch.groups_fitting(
@@ -231,7 +244,7 @@ def activation_bytes(plan: Plan, remat: str | None = None) -> dict[str, float]:
   tk = _factor("act_kv_heads", k, plan, rules)
   tf = _factor("act_mlp", f, plan, rules)
   tv = _factor("act_vocab", cfg.vocab_size, plan, rules)
-  s = plan.prompt_bucket + plan.new_tokens
+  s = plan.row_tokens
   tok = r * s
   full = (
     tok * e * (C_D * d + C_Q * n * h / tn + C_K * k * h / tk + C_F * f / tf)
@@ -377,7 +390,13 @@ def format_report(plan: Plan, device_gb: float) -> str:
     + (
       f" micro_batch_tokens={plan.micro_batch_tokens} (largest micro-batch "
       f"{plan.micro_rows} rows at L)"
-      if plan.micro_batch_tokens
+      if plan.micro_batch_tokens and not plan.pack
+      else ""
+    )
+    + (
+      f" pack_completions (largest micro-batch {plan.micro_rows} rows of "
+      f"T + G·L = {plan.row_tokens})"
+      if plan.pack
       else ""
     ),
     "",
@@ -448,6 +467,7 @@ def plan_from_config(c, mesh=None, num_devices=None) -> Plan:
     new_tokens=run.sampler.max_new_tokens,
     micro_batches=run.rl.micro_batches,
     micro_batch_tokens=run.rl.micro_batch_tokens,
+    pack=run.rl.pack_completions,
     chunk=run.rl.logprob_chunk,
     cache_dtype=run.sampler.cache_dtype,
     sample_chunk=run.rl.sample_chunk,
