@@ -106,8 +106,11 @@ def get_config(arg=None):
   c.rl.share_prompt = True
   # Per-answer credit (docs/CREDIT.md): 'answer' gives the tokens of answer
   # and confidence span i slot i's own advantage; needs an additive
-  # reward.correctness (count | count_over_k).
-  c.rl.credit = "sequence"  # sequence | answer | answer_to_go (slots i..K)
+  # reward.correctness (count | count_over_k). 'decoupled': answer span i
+  # takes the correctness parts of slots i..K, confidence span i its own
+  # calibration part, each with its own group baseline.
+  # sequence | answer | answer_to_go (slots i..K) | decoupled
+  c.rl.credit = "sequence"
   c.rl.credit_baseline = "slot"  # slot (per slot index) | pooled (all slots)
   # Dynamic sampling, set-aware: drop groups whose completions all reach a
   # gold answer or none does, refill with new prompts (at most

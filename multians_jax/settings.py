@@ -25,7 +25,8 @@ from multians_jax.rl import matchers
 KINDS = ("drgrpo", "grpo", "rloo")  # kinds that read one reward per row
 ADVANTAGES = (*KINDS, "gdpo", "passk")  # every rl.advantage
 BASELINES = ("slot", "pooled")  # rl.credit_baseline
-CREDITS = ("sequence", "answer", "answer_to_go")  # rl.credit (docs/CREDIT.md)
+# rl.credit (docs/CREDIT.md)
+CREDITS = ("sequence", "answer", "answer_to_go", "decoupled")
 
 
 def check_credit(kind: str, credit: str, baseline: str) -> None:

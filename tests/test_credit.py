@@ -1,6 +1,7 @@
 """Per-answer credit: the kernel's slot parts, slot advantages, token spans
 and the [B, L] advantages the update step reads, all by hand."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -185,9 +186,9 @@ def _oracle_slots(tokenizer, ids, text, cfg):
   starts = [0] + ends[:-1]
   spans = []
   for i in range(cfg.num_answers):
-    for tag in (f"answer{i + 1}", f"confidence{i + 1}"):
+    for v, tag in ((i, f"answer{i + 1}"), (3 + i, f"confidence{i + 1}")):
       o = text.index(f"<{tag}>") + len(tag) + 2
-      spans.append((i, o, text.index(f"</{tag}>")))
+      spans.append((v, o, text.index(f"</{tag}>")))
   out = []
   for s, e in zip(starts, ends, strict=True):
     hit = [i for i, a, b in spans if s < b and e > a]
@@ -211,7 +212,7 @@ def test_row_slots_match_a_prefix_decoding_oracle(which):
   back = tok.decode(ids, skip_special_tokens=True)
   got = credit.row_slots(tok, ids, back, cfg)
   np.testing.assert_array_equal(got, _oracle_slots(tok, ids, back, cfg))
-  assert set(got) == {-1, 0, 1, 2}
+  assert set(got) == {-1, 0, 1, 2, 3, 4, 5}  # answers 0..2, confidences 3..5
   for i in range(3):  # slot i's tokens decode to text holding its answer
     piece = tok.decode([t for t, s in zip(ids, got, strict=True) if s == i])
     assert text.split(f"<answer{i + 1}>")[1].split("<")[0] in piece
@@ -276,6 +277,55 @@ def test_rollout_advantages_sequence_and_answer():
   assert info["credit/slot_token_frac"] == pytest.approx(4 / 5)
   with pytest.raises(ValueError, match="rl.credit"):
     credit.rollout_advantages(scores, 1, kind="drgrpo", credit="token")
+
+
+def _decoupled_scores():
+  """P = 1 group of G = 3, A = 2, multi_rlcr, paper preset. Row 0: slot 0
+  right (q 0.5), slot 1 wrong (q 0.25); row 1: slot 0 wrong (q 0.5), slot 1
+  right (q 0.5); row 2: a format failure (R = −1)."""
+  return reward.set_reward_kernel(
+    jnp.array([[0, -1], [-1, 1], [-1, -1]]),
+    jnp.array([[0, 1], [2, 3], [4, 5]]),
+    jnp.array([[0.5, 0.25], [0.5, 0.5], [np.nan, np.nan]]),
+    jnp.array([True, True, False]),
+    mode="multi_rlcr",
+    format_penalty=-1.0,
+  )
+
+
+def test_decoupled_credit_by_hand():
+  scores = jax.tree.map(np.asarray, _decoupled_scores())
+  # Calibration shares −(q − c)² / K: row 0 (−0.125, −0.03125), row 1
+  # (−0.125, −0.125); none for the failure. Parts add back to the total.
+  np.testing.assert_allclose(
+    scores.slot_cal, [[-0.125, -0.03125], [-0.125, -0.125], [0, 0]]
+  )
+  np.testing.assert_allclose(scores.slot.sum(1), scores.total)
+  np.testing.assert_allclose(scores.total, [0.84375, 0.75, -1.0])
+  # Token spans: answer i → i, confidence i → 2 + i.
+  slots = np.array([[-1, 0, 2, 1, 3, -2]] * 3, np.int32)
+  adv, info = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="decoupled", token_slot=slots
+  )
+  seq = np.array([0.84375, 0.75, -1.0]) - (0.84375 + 0.75 - 1.0) / 3
+  # Correctness to go (slots i..K): rows (1, 0), (1, 1), failure split
+  # evenly (−0.5, −0.5) → (−1, −0.5); column means 1/3 and 1/6.
+  acc0 = np.array([1, 1, -1]) - 1 / 3
+  acc1 = np.array([0, 1, -0.5]) - 1 / 6
+  # Calibration: the failure stands at the valid rows' mean, so slot 0's
+  # equal shares give 0 and slot 1's (−0.03125, −0.125) give ±0.046875.
+  cal1 = [0.046875, -0.046875, 0.0]
+  for g in range(2):
+    want = [seq[g], acc0[g], 0.0, acc1[g], cal1[g], seq[g]]
+    np.testing.assert_allclose(adv[g], want, atol=1e-6)
+  np.testing.assert_allclose(adv[2], seq[2], atol=1e-6)  # no decomposition
+  assert info["credit/decomposable_frac"] == pytest.approx(2 / 3)
+  # Answer credit reads the same spans: answer and confidence i share
+  # slot i's whole part.
+  ans, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="answer", token_slot=slots
+  )
+  assert ans[0, 1] == ans[0, 2] and ans[0, 3] == ans[0, 4]
 
 
 def test_config_rejects_answer_credit_with_any():

@@ -17,6 +17,13 @@ again), so ``answer`` drops those terms of the set's gradient; the parts
 of earlier slots are fixed before slot i is written, so leaving them out
 keeps the estimator unbiased.
 
+``decoupled`` splits each slot's part into its correctness and calibration
+shares: answer span i takes the correctness shares of slots i..K (to go),
+confidence span i its own calibration share, each baselined in its group,
+so an answer is not pushed by its confidence's Brier noise nor a
+confidence by its answer's luck (docs/CREDIT.md says what this is a
+gradient of).
+
 Host side: ``token_slots`` finds which completion tokens fall inside which
 answer / confidence span of the decoded text. Device side:
 ``token_advantages`` assembles the [B, L] advantages the loss reads.
@@ -80,10 +87,11 @@ def _token_of_char(prefix: _PrefixLengths, c: int) -> int:
 def row_slots(
   tokenizer, ids, text: str, cfg: reward.RewardConfig
 ) -> np.ndarray:
-  """int32 [len(ids)]: the answer slot (0..A-1) of each token, -1 shared.
+  """int32 [len(ids)]: each token's span: i (0..A-1) in answer i, A + i
+  in confidence i, -1 shared.
 
-  Slot i's tokens are those whose decoded characters overlap the content
-  of ``<answer_i>`` or ``<confidence_i>`` (a token that merges a tag with
+  Span tokens are those whose decoded characters overlap the content of
+  ``<answer_i>`` or ``<confidence_i>`` (a token that merges a tag with
   content counts as content).
   """
   ids = list(ids)
@@ -98,20 +106,21 @@ def row_slots(
     strict=True,
   )
   for i, names in enumerate(tags):
-    for name in names:
+    for value, name in zip((i, cfg.num_answers + i), names, strict=True):
       span = _content_spans(text, name) if name else None
       if span is None:
         continue
       first = _token_of_char(prefix, span[0])
       last = _token_of_char(prefix, span[1] - 1)
-      out[max(first, 0) : min(last, len(ids) - 1) + 1] = i
+      out[max(first, 0) : min(last, len(ids) - 1) + 1] = value
   return out
 
 
 def token_slots(tokenizer, rollout, texts, format_ok, cfg) -> np.ndarray:
-  """int32 [B, L] slot index of every completion token: ``SHARED`` (-1)
-  outside the answer / confidence spans and on every token of a row that
-  is not format-valid, ``PAD`` (-2) past the completion's length.
+  """int32 [B, L] span of every completion token (``row_slots``: answer
+  i → i, confidence i → A + i): ``SHARED`` (-1) outside the spans and on
+  every token of a row that is not format-valid, ``PAD`` (-2) past the
+  completion's length.
 
   Args:
     tokenizer: the tokenizer that decoded ``texts``.
@@ -131,12 +140,13 @@ def token_slots(tokenizer, rollout, texts, format_ok, cfg) -> np.ndarray:
 
 @jax.jit
 def token_advantages(seq_adv, slot_adv, slots, valid) -> jax.Array:
-  """float32 [B, L]: slot i's advantage on its tokens, the sequence
+  """float32 [B, L]: each span's advantage on its tokens, the sequence
   advantage elsewhere.
 
   Args:
     seq_adv: float [B] sequence advantages.
-    slot_adv: float [B, A] per-slot advantages.
+    slot_adv: float [B, 2A] per-span advantages: answer spans' (columns
+      0..A-1), then confidence spans' (A..2A-1).
     slots: int [B, L] from ``token_slots``.
     valid: bool [B] decomposable completions.
   """
@@ -199,6 +209,8 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     took a slot's advantage).
   """
   settings.check_credit(kind, credit, baseline)
+  if credit == "decoupled":
+    return _decoupled(scores, p, kind, baseline, token_slot)
   if kind == "gdpo":
     if reward_cfg is None:
       raise ValueError("rl.advantage='gdpo' needs reward_cfg")
@@ -223,12 +235,46 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
   slot_adv = advantage.slot_advantages(
     slot.reshape(p, g, a), kind, baseline=baseline
   ).reshape(-1, a)
+  both = jnp.concatenate([slot_adv, slot_adv], axis=1)  # answer and conf.
+  return _per_token(seq, both, valid, token_slot, credit, info)
+
+
+def _per_token(seq, span_adv, valid, token_slot, credit, info):
+  """``token_advantages`` and the credit metrics."""
   if token_slot is None:
     raise ValueError(f"rl.credit={credit!r} needs token_slot")
   slots = jnp.asarray(token_slot)
-  adv = token_advantages(seq, slot_adv, slots, valid)
+  adv = token_advantages(seq, span_adv, slots, valid)
   real = np.asarray(slots) != PAD
   used = (np.asarray(slots) >= 0) & np.asarray(valid)[:, None]
   info["credit/decomposable_frac"] = float(np.mean(np.asarray(valid)))
   info["credit/slot_token_frac"] = float(used.sum() / max(real.sum(), 1))
   return np.asarray(adv), info
+
+
+def _decoupled(scores, p: int, kind: str, baseline: str, token_slot):
+  """``rl.credit='decoupled'``: answer span i takes the group-relative
+  advantage of the correctness shares of slots i..K, confidence span i
+  that of its own calibration share (docs/CREDIT.md). A row that does not
+  decompose enters the calibration baselines at its group's mean over the
+  rows that do (it has no calibration share of its own), so it shifts
+  nothing; its tokens keep the sequence advantage."""
+  total = jnp.asarray(scores.total, jnp.float32).reshape(p, -1)
+  seq, info = advantage.advantages(total, kind)
+  seq = seq.reshape(-1)
+  info = {k: float(v) for k, v in info.items()}
+  slot = jnp.asarray(scores.slot, jnp.float32)
+  cal = jnp.asarray(scores.slot_cal, jnp.float32)
+  valid = jnp.asarray(scores.decomposable) > 0
+  g, a = slot.shape[0] // p, slot.shape[1]
+  acc = jnp.flip(jnp.cumsum(jnp.flip(slot - cal, 1), axis=1), 1)  # to go
+  ok = valid.reshape(p, g, 1)
+  cal = cal.reshape(p, g, a)
+  n = jnp.maximum(jnp.sum(ok, axis=1, keepdims=True), 1)
+  mean = jnp.sum(jnp.where(ok, cal, 0.0), axis=1, keepdims=True) / n
+  cal = jnp.where(ok, cal, mean)
+  adv = lambda x: advantage.slot_advantages(x, kind, baseline=baseline)
+  span = jnp.concatenate([adv(acc.reshape(p, g, a)), adv(cal)], axis=2).reshape(
+    -1, 2 * a
+  )
+  return _per_token(seq, span, valid, token_slot, "decoupled", info)

@@ -68,6 +68,7 @@ class Scores:
 
   total: Any = None  # float32 [B] the reward
   slot: Any = None  # float32 [B, A] each slot's part of total (METHOD §10)
+  slot_cal: Any = None  # float32 [B, A] its calibration share (0: none)
   decomposable: Any = None  # float32 [B] 1: total = shared + Σ slot parts
   format_ok: Any = None  # float32 [B] f, the format gate
   distinct: Any = None  # float32 [B] u, answers pairwise distinct
@@ -131,7 +132,8 @@ def set_reward_kernel(
 
   Returns:
     ``Scores`` (without the host-side ``entry_id`` and ``answer_key``);
-    ``slot`` is each slot's own part of the total (``_slot_parts``).
+    ``slot`` is each slot's own part of the total (``_slot_parts``),
+    ``slot_cal`` the calibration share of it.
   """
   a = entry_ids.shape[-1]
   f = format_ok.astype(bool)
@@ -167,7 +169,7 @@ def set_reward_kernel(
   total = _total(
     preset, f, acc, brier, brier_gated, calibrated, format_penalty, weights
   )
-  slot, decomposable = _slot_parts(
+  slot, slot_cal, decomposable = _slot_parts(
     first, c, q, acc_gated, brier_gated, f, total,
     a=a, correctness=correctness, preset=preset, calibrated=calibrated,
     weights=weights,
@@ -176,6 +178,7 @@ def set_reward_kernel(
   return Scores(
     total=flt(total),
     slot=flt(slot),
+    slot_cal=flt(slot_cal),
     decomposable=flt(decomposable),
     format_ok=flt(f),
     distinct=flt(u),
@@ -209,25 +212,33 @@ def _slot_parts(
   row, total = shared + Σ_i slot_i, with shared = w_f f under
   ``reference`` and 0 under ``paper``. ``any`` is not additive (one correct
   slot makes the others worthless): no row decomposes.
+
+  Returns (slot, cal, decomposable): ``cal`` [B, A] is the calibration
+  share of each part (the Brier term's; 0 without confidences and on rows
+  that do not decompose), so slot − cal is the correctness share
+  (``rl.credit='decoupled'``).
   """
   if preset == "paper":
     shared = jnp.zeros(f.shape, jnp.float32)
   else:
     shared = weights[0] * f.astype(jnp.float32)
   even = jnp.broadcast_to(((total - shared) / a)[:, None], first.shape)
+  zero = jnp.zeros(first.shape, jnp.float32)
   if correctness == "any":
-    return even, jnp.zeros(f.shape, bool)
+    return even, zero, jnp.zeros(f.shape, bool)
   acc = first.astype(jnp.float32)
   if correctness == "count_over_k":
     acc = acc / a
   sq = (q - c.astype(jnp.float32)) ** 2 / a
   if preset == "paper":
-    part = acc - sq if calibrated else acc
+    cal = -sq if calibrated else zero
   else:
     _, w_a, w_b = weights
-    part = w_a * acc + (w_b * (1.0 / a - sq) if calibrated else 0.0)
+    acc = w_a * acc
+    cal = w_b * (1.0 / a - sq) if calibrated else zero
   ok = f & ~acc_gated & (~brier_gated if calibrated else True)
-  return jnp.where(ok[:, None], part, even), ok
+  part = jnp.where(ok[:, None], acc + cal, even)
+  return part, jnp.where(ok[:, None], cal, 0.0), ok
 
 
 # ------------------------------------------------------------- host driver
