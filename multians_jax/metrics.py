@@ -255,6 +255,50 @@ def expected_coverage_at_k(answer_p, answer_key, k: int) -> np.ndarray:
   return out
 
 
+def slot_summary(scores, group_size: int, answer_p=None) -> dict[str, float]:
+  """Per answer slot i (keys ``slot{i+1}/...``), what a training step's
+  completions put there: ``answer_entropy``, the entropy (nats) of the
+  slot's answers within a group (format-valid rows; the mean over groups
+  with one): how far the slot has collapsed; ``part`` and ``cal``, its mean
+  reward part and calibration share on rows that decompose; with a known
+  distribution (``answer_p`` [B, A]), ``distractor_frac``, the share of its
+  answers with p = 0, and ``distractor_q``, their mean stated confidence.
+  """
+  keys = np.asarray(scores.answer_key)
+  b, a = keys.shape
+  ok = np.asarray(scores.format_ok) > 0
+  dec = (
+    np.asarray(scores.decomposable) > 0
+    if scores.decomposable is not None
+    else None
+  )
+  out = {}
+  for i in range(a):
+    name = f"slot{i + 1}"
+    valid = ok & (keys[:, i] >= 0)
+    ents = []
+    for grp in range(b // group_size):
+      rows = slice(grp * group_size, (grp + 1) * group_size)
+      seen = keys[rows, i][valid[rows]]
+      if seen.size:
+        p = np.unique(seen, return_counts=True)[1] / seen.size
+        ents.append(float(-(p * np.log(p)).sum()))
+    if ents:
+      out[f"{name}/answer_entropy"] = float(np.mean(ents))
+    if dec is not None and dec.any() and scores.slot is not None:
+      out[f"{name}/part"] = float(np.asarray(scores.slot)[dec, i].mean())
+      if scores.slot_cal is not None:
+        cal = np.asarray(scores.slot_cal)[dec, i]
+        out[f"{name}/cal"] = float(cal.mean())
+    if answer_p is not None and valid.any():
+      dis = valid & (np.asarray(answer_p)[:, i] == 0)
+      out[f"{name}/distractor_frac"] = float(dis.sum() / valid.sum())
+      if dis.any() and scores.confidence is not None:
+        q = np.nan_to_num(np.asarray(scores.confidence, np.float64))
+        out[f"{name}/distractor_q"] = float(q[dis, i].mean())
+  return out
+
+
 def top_mass(probs, k: int) -> np.ndarray:
   """Σ of the k largest probabilities per row: the oracle coverage of k
   distinct answers. [P, S] (0-padded) → [P]."""

@@ -132,3 +132,29 @@ def test_summarize_from_score_texts(tmp_path):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="points"):
     plotting.coverage_vs_k(tmp_path / "x.png", [1, 2], {"m": [1.0]})
+
+
+def test_slot_summary_by_hand():
+  """G = 2, A = 2, two groups: per slot the answers' entropy
+  within each group, the parts of decomposable rows, distractors."""
+  scores = reward.Scores(
+    answer_key=np.array([[0, 1], [0, 2], [3, -1], [4, 5]]),
+    format_ok=np.array([1.0, 1.0, 1.0, 0.0]),
+    decomposable=np.array([1.0, 1.0, 0.0, 0.0]),
+    slot=np.array([[1.0, -0.5], [0.5, 0.0], [9, 9], [9, 9]]),
+    slot_cal=np.array([[-0.1, -0.2], [-0.3, 0.0], [0, 0], [0, 0]]),
+    confidence=np.array([[0.6, 0.2], [0.5, 0.4], [0.1, 0.0], [0, 0]]),
+  )
+  answer_p = np.array([[0.5, 0.0], [0.5, 0.3], [0.0, 0.0], [0.2, 0.2]])
+  out = metrics.slot_summary(scores, 2, answer_p)
+  # slot 1: group 0 answers {0, 0} → 0 nats; group 1: row 3 invalid, {3}
+  assert out["slot1/answer_entropy"] == 0.0
+  # slot 2: group 0 {1, 2} → log 2; group 1 has no valid answer
+  assert out["slot2/answer_entropy"] == pytest.approx(math.log(2))
+  assert out["slot1/part"] == pytest.approx(0.75)
+  assert out["slot2/cal"] == pytest.approx(-0.1)
+  # slot 1: valid answers rows 0, 1, 2; row 2's has p = 0 (q 0.1)
+  assert out["slot1/distractor_frac"] == pytest.approx(1 / 3)
+  assert out["slot1/distractor_q"] == pytest.approx(0.1)
+  assert out["slot2/distractor_frac"] == pytest.approx(1 / 2)
+  assert out["slot2/distractor_q"] == pytest.approx(0.2)

@@ -219,6 +219,7 @@ def sample_and_score(run, model, batch, tok, scfg, key, mesh) -> Scored:
     run.reward,
     g,
     token_slots=run.rl.credit != "sequence",
+    metas=batch.metas,
   )
   return Scored(rollout, rewards, (t1 - t0, time.perf_counter() - t1))
 
@@ -246,9 +247,12 @@ def advantages(run, scored: Scored, num_prompts: int, live=None):
 
 def step_metrics(scored: Scored, group_size: int) -> dict[str, float]:
   """What one step's rollouts did: ``metrics.summarize`` of the rewards,
-  the sampler's throughput and the truncation rate."""
+  per-slot figures (``metrics.slot_summary``), the sampler's throughput
+  and the truncation rate."""
   r = scored.rewards
   out = metrics.summarize(r.scores, r.lengths, group_size=group_size)
+  if r.scores.answer_key is not None:
+    out.update(metrics.slot_summary(r.scores, group_size, r.answer_p))
   out.update(
     tokens_per_sec=float(np.sum(r.lengths)) / max(scored.seconds[0], 1e-9),
     truncation_rate=float(np.mean(r.truncated)),
