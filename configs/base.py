@@ -130,6 +130,12 @@ def get_config(arg=None):
   c.loss.agg = "token_mean"  # token_mean | seq_mean_token_mean | ..._sum_norm
   c.loss.kl_beta = 0.0  # k3 KL weight against the initial policy
   c.loss.mask_truncated = False  # drop completions cut by the length limit
+  # Entropy bonus: −β_H·H_t joins every counted token's loss (H_t the
+  # sampler distribution's entropy at token t), aggregated as the loss is;
+  # with entropy_decay_steps > 0 β_H falls linearly to 0 over those steps,
+  # so training ends on the reward's own objective (METHOD.md §5).
+  c.loss.entropy_coef = 0.0
+  c.loss.entropy_decay_steps = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6  # peak learning rate

@@ -188,6 +188,8 @@ class LossSection:
   agg: str = "token_mean"  # settings.LOSS_AGGS
   kl_beta: float = 0.0
   mask_truncated: bool = False
+  entropy_coef: float = 0.0  # β_H: entropy bonus −β_H·H per token
+  entropy_decay_steps: int = 0  # > 0: β_H → 0 linearly over these steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +337,8 @@ class RunConfig:
       loss_agg=lo.agg,
       kl_beta=lo.kl_beta,
       mask_truncated=lo.mask_truncated,
+      entropy_coef=lo.entropy_coef,
+      entropy_decay_steps=lo.entropy_decay_steps,
       max_len_norm=self.sampler.max_new_tokens,  # Dr.GRPO's constant
     )
 

@@ -118,6 +118,11 @@ class LossConfig:
     kind: ``ppo`` | ``gspo`` | ``cispo`` (module docstring).
     gspo_clip_low / gspo_clip_high: GSPO's clip range of the sequence
       ratio (its paper's 3e-4 / 4e-4).
+    entropy_coef: β_H ≥ 0, an entropy bonus: −β_H · H_t is added to every
+      counted token's loss (aggregated as the loss is), H_t the entropy of
+      the sampler's distribution at token t.
+    entropy_decay_steps: > 0: β_H falls linearly to 0 over this many
+      optimizer steps (then the objective is the reward's alone); 0 = kept.
   """
 
   clip_eps_low: float = 0.2
@@ -129,8 +134,15 @@ class LossConfig:
   kind: str = "ppo"
   gspo_clip_low: float = 3e-4
   gspo_clip_high: float = 4e-4
+  entropy_coef: float = 0.0
+  entropy_decay_steps: int = 0
 
   def __post_init__(self):
+    if self.entropy_coef < 0 or self.entropy_decay_steps < 0:
+      raise ValueError(
+        "loss.entropy_coef and loss.entropy_decay_steps must be >= 0: "
+        f"{self.entropy_coef}, {self.entropy_decay_steps}"
+      )
     if self.kind not in LOSSES:
       raise ValueError(f"loss.kind must be one of {LOSSES}: {self.kind!r}")
     if self.kind == "gspo" and self.loss_agg != "seq_mean_token_mean":

@@ -160,6 +160,46 @@ def test_aggregation_hand_computed(agg):
   assert float(den) == AGG_DEN[agg]
 
 
+@pytest.mark.parametrize("agg", AGGS)
+def test_entropy_bonus_hand_computed(agg):
+  """−β_H·H_t joins each counted token's loss, aggregated as the loss is:
+  entropies 1 on row 0's tokens, 2 on row 1's, β_H = 0.1 → each counted
+  token's loss falls by 0.1 and 0.2 (the masked one not at all)."""
+  logp = jnp.asarray(L(RAGGED_RHO), jnp.float32)
+  args = (
+    logp,
+    jnp.zeros_like(logp),
+    jnp.asarray(ADV),
+    jnp.asarray(RAGGED_MASK),
+  )
+  ent = jnp.asarray([[1.0] * 4, [2.0] * 4])
+  cfg = cfg_for(agg, entropy_coef=0.1)
+  den = loss.loss_denominator(jnp.asarray(RAGGED_MASK), cfg)
+  num, _ = loss.pg_loss_terms(*args, cfg, entropy=ent, entropy_coef=0.1)
+  bonus = {  # Σ over counted tokens, per the aggregation
+    "token_mean": 0.1 * 3 + 0.2 * 2,
+    "seq_mean_token_mean": 0.1 + 0.2,
+    "seq_mean_token_sum_norm": (0.1 * 3 + 0.2 * 2) / 4,
+  }[agg]
+  assert float(num / den) == pytest.approx(
+    AGG_EXPECTED[agg] - bonus / AGG_DEN[agg], rel=1e-6
+  )
+  # Off (β_H = 0 in the config) the entropies change nothing.
+  off, _ = loss.pg_loss_terms(*args, cfg_for(agg), entropy=ent, entropy_coef=1)
+  assert float(off / den) == pytest.approx(AGG_EXPECTED[agg], rel=1e-6)
+
+
+def test_entropy_coef_decays_linearly():
+  cfg = cfg_for(entropy_coef=0.2, entropy_decay_steps=100)
+  got = [float(loss.entropy_coef(cfg, s)) for s in (0, 25, 100, 500)]
+  assert got == pytest.approx([0.2, 0.15, 0.0, 0.0])
+  assert float(loss.entropy_coef(cfg_for(entropy_coef=0.2), 10**6)) == (
+    pytest.approx(0.2)
+  )
+  with pytest.raises(ValueError, match="entropy_coef"):
+    cfg_for(entropy_coef=-1.0)
+
+
 def test_sum_norm_uses_the_constant():
   logp = jnp.asarray(L(RAGGED_RHO), jnp.float32)
   args = (

@@ -139,13 +139,19 @@ def _perturbed(params):
 @pytest.mark.slow
 def test_budget_update_equals_padded_update(agg, one_device_mesh):
   """Per-token advantages, the KL term against a reference, truncation
-  masked, π_old recomputed (two iterations): the update over micro-batches
+  masked, a decaying entropy bonus, π_old recomputed (two iterations; the
+  bonus read at each step's own β_H): the update over micro-batches
   by length (three widths here) equals the update of the whole batch at
   the sampler's cap."""
   ucfg = update.UpdateConfig(
     loss=loss.LossConfig(
-      loss_agg=agg, max_len_norm=40, kl_beta=0.1, mask_truncated=True
-    ),
+      loss_agg=agg,
+      max_len_norm=40,
+      kl_beta=0.1,
+      mask_truncated=True,
+      entropy_coef=0.05,
+      entropy_decay_steps=3,
+    ),  # fmt: skip
     logprob_chunk=16,
     group_size=2,
     temperature=0.7,

@@ -34,14 +34,14 @@ def _rollout(b=8, t=6, n=5, seed=0):
   )
 
 
-def _step(mesh, micro, tx, adv=None, agg="token_mean"):
+def _step(mesh, micro, tx, adv=None, agg="token_mean", **loss_kw):
   m = model.init_model(CFG, mesh, sharding.TRAIN_RULES, seed=1)
   r = _rollout()
   if adv is None:
     adv = jnp.asarray(np.random.default_rng(2).normal(size=8), jnp.float32)
   batch = update.place_batch(update.make_batch(r, adv), mesh)
   ucfg = update.UpdateConfig(
-    loss=loss.LossConfig(loss_agg=agg, max_len_norm=5),
+    loss=loss.LossConfig(loss_agg=agg, max_len_norm=5, **loss_kw),
     micro_batches=micro,
     temperature=0.7,
     logprob_chunk=3,
@@ -65,6 +65,29 @@ def test_micro_batches_equal_full_batch(agg, one_device_mesh):
     np.testing.assert_allclose(a, b, atol=1e-6)
   np.testing.assert_allclose(m1["loss"], m4["loss"], atol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+
+
+def test_entropy_bonus_raises_the_policys_entropy(one_device_mesh):
+  """With zero advantages the only gradient is the bonus's: a step of
+  gradient descent raises the entropy of the distributions the update
+  scores (and β_H = 0 leaves the parameters alone)."""
+  sgd = optax.sgd(0.5)
+  zero = jnp.zeros(8, jnp.float32)
+  before, _, m0 = _step(one_device_mesh, 1, sgd, adv=zero)
+  bonus, _, _ = _step(one_device_mesh, 1, sgd, adv=zero, entropy_coef=1.0)
+  r = _rollout()
+  batch = update.place_batch(update.make_batch(r, zero), one_device_mesh)
+  ucfg = update.UpdateConfig(temperature=0.7, logprob_chunk=3)
+  graphdef = nnx.graphdef(model.abstract_model(CFG))
+
+  def entropy(state):
+    m = nnx.merge(graphdef, state.params)
+    with sharding.activate(one_device_mesh, sharding.TRAIN_RULES):
+      _, ent = update._completion_logp(graphdef, nnx.state(m), batch, ucfg)
+    return float(jnp.sum(ent * batch.comp_mask) / jnp.sum(batch.comp_mask))
+
+  assert float(m0["grad_norm"]) == 0.0  # nothing to learn without it
+  assert entropy(bonus) > entropy(before) + 1e-3
 
 
 @pytest.mark.slow

@@ -403,6 +403,8 @@ def pg_loss_terms(
   *,
   ref_logp: jax.Array | None = None,
   truncated: jax.Array | None = None,
+  entropy: jax.Array | None = None,
+  entropy_coef=0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss numerator of one (micro-)batch and its metric sums.
 
@@ -416,6 +418,9 @@ def pg_loss_terms(
       when given the KL is reported even with β = 0.
     truncated: bool [B] completions cut by the length limit; needed with
       ``cfg.mask_truncated``.
+    entropy: float [B, L] per-token entropies (differentiated) and
+    entropy_coef: β_H (a float or traced scalar, ``entropy_coef``): the
+      bonus −β_H · H_t joins each counted token's loss.
 
   Returns:
     ``(numerator, sums)``: numerator / ``loss_denominator`` of the whole
@@ -433,8 +438,20 @@ def pg_loss_terms(
   _check_shapes(logp, old_logp, adv, mask, ref_logp)
   m = counted_mask(mask, cfg, truncated)
   loss = per_token_loss(logp, old_logp, adv, cfg, ref_logp, m)
+  if entropy is not None and cfg.entropy_coef:
+    loss = loss - entropy_coef * entropy
   sums = _metric_sums(logp, old_logp, adv, m, cfg, ref_logp)
   return _numerator(loss, m, cfg), sums
+
+
+def entropy_coef(cfg: LossConfig, step) -> jax.Array:
+  """β_H at optimizer step ``step`` (0-based; traced or not): the linear
+  decay of ``cfg.entropy_decay_steps``, or constant."""
+  beta = jnp.asarray(cfg.entropy_coef, jnp.float32)
+  if not cfg.entropy_decay_steps:
+    return beta
+  left = 1.0 - jnp.asarray(step, jnp.float32) / cfg.entropy_decay_steps
+  return beta * jnp.clip(left, 0.0, 1.0)
 
 
 def _metric_sums(logp, old_logp, adv, m, cfg, ref_logp):

@@ -220,11 +220,12 @@ def _split(x, m):
   return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
 
 
-def _objective(graphdef, cfg, frozen, den, train_params, mb: UpdateBatch,
-               packed=None):  # fmt: skip
+def _objective(graphdef, cfg, frozen, den, coef, train_params,
+               mb: UpdateBatch, packed=None):  # fmt: skip
   """One micro-batch's share of the loss (numerator / whole-batch
-  denominator) and its metric sums. ``packed``: the arguments of
-  ``packing.logprobs`` after the model (the rows' packed form)."""
+  denominator) and its metric sums. ``coef``: the entropy bonus β_H now.
+  ``packed``: the arguments of ``packing.logprobs`` after the model (the
+  rows' packed form)."""
   params = lora.combine(train_params, frozen)
   if packed is None:
     logp, ent = _completion_logp(graphdef, params, mb, cfg)
@@ -238,13 +239,15 @@ def _objective(graphdef, cfg, frozen, den, train_params, mb: UpdateBatch,
     cfg.loss,
     ref_logp=mb.ref_logp,
     truncated=mb.truncated,
+    entropy=ent,
+    entropy_coef=coef,
   )
   sums["entropy"] = jnp.sum(ent * mb.comp_mask)
   return num / den, sums
 
 
-def _grad_fn(graphdef, cfg, frozen, den):
-  objective = functools.partial(_objective, graphdef, cfg, frozen, den)
+def _grad_fn(graphdef, cfg, frozen, den, coef):
+  objective = functools.partial(_objective, graphdef, cfg, frozen, den, coef)
   return jax.value_and_grad(objective, has_aux=True)
 
 
@@ -261,7 +264,8 @@ def update_step(graphdef, state: TrainState, batch: UpdateBatch, *, tx, cfg):
   den = loss.loss_denominator(batch.comp_mask, cfg.loss, batch.truncated)
   micro = jax.tree.map(lambda x: _split(x, cfg.micro_batches), batch)
   trainable, frozen = lora.partition(state.params)
-  grad_fn = _grad_fn(graphdef, cfg, frozen, den)
+  coef = loss.entropy_coef(cfg.loss, state.step)
+  grad_fn = _grad_fn(graphdef, cfg, frozen, den, coef)
 
   def accumulate(carry, mb):
     g_acc, l_acc, s_acc = carry
@@ -350,11 +354,12 @@ def _micro(batch, rows, src, dst, width):
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "cfg", "width"), donate_argnums=(1,)
 )
-def _accumulate(graphdef, acc, params, batch, rows, src, dst, den, *, width,
-                cfg):  # fmt: skip
+def _accumulate(graphdef, acc, params, batch, rows, src, dst, den, step, *,
+                width, cfg):  # fmt: skip
   trainable, frozen = lora.partition(params)
   mb, packed = _micro(batch, rows, src, dst, width)
-  grad_fn = _grad_fn(graphdef, cfg, frozen, den)
+  coef = loss.entropy_coef(cfg.loss, step)
+  grad_fn = _grad_fn(graphdef, cfg, frozen, den, coef)
   (lv, sums), g = grad_fn(trainable, mb, packed)
   grads, value, total = acc
   return (
@@ -412,8 +417,8 @@ def planned_step(graphdef, state, batch, micro, *, tx, cfg):
   acc = _zero_acc(state.params, batch, cfg)
   for mb in micro:
     acc = _accumulate(
-      graphdef, acc, state.params, batch, *_arrays(mb), den, width=mb.width,
-      cfg=cfg,
+      graphdef, acc, state.params, batch, *_arrays(mb), den, state.step,
+      width=mb.width, cfg=cfg,
     )  # fmt: skip
   return _apply_jit(state, acc, tx=tx)
 
