@@ -145,15 +145,15 @@ AGG_DEN = {
 }
 
 
+def _ragged_args():
+  """(logp, old_logp, adv, mask) of the ragged batch (π_old's log-probs 0)."""
+  logp = jnp.asarray(L(RAGGED_RHO), jnp.float32)
+  return logp, jnp.zeros_like(logp), jnp.asarray(ADV), jnp.asarray(RAGGED_MASK)
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_aggregation_hand_computed(agg):
-  logp = jnp.asarray(L(RAGGED_RHO), jnp.float32)
-  args = (
-    logp,
-    jnp.zeros_like(logp),
-    jnp.asarray(ADV),
-    jnp.asarray(RAGGED_MASK),
-  )
+  args = _ragged_args()
   value, _ = pg_loss(*args, cfg_for(agg))
   assert float(value) == pytest.approx(AGG_EXPECTED[agg], rel=1e-6)
   den = loss.loss_denominator(jnp.asarray(RAGGED_MASK), cfg_for(agg))
@@ -165,13 +165,7 @@ def test_entropy_bonus_hand_computed(agg):
   """−β_H·H_t joins each counted token's loss, aggregated as the loss is:
   entropies 1 on row 0's tokens, 2 on row 1's, β_H = 0.1 → each counted
   token's loss falls by 0.1 and 0.2 (the masked one not at all)."""
-  logp = jnp.asarray(L(RAGGED_RHO), jnp.float32)
-  args = (
-    logp,
-    jnp.zeros_like(logp),
-    jnp.asarray(ADV),
-    jnp.asarray(RAGGED_MASK),
-  )
+  args = _ragged_args()
   ent = jnp.asarray([[1.0] * 4, [2.0] * 4])
   cfg = cfg_for(agg, entropy_coef=0.1)
   den = loss.loss_denominator(jnp.asarray(RAGGED_MASK), cfg)
@@ -201,13 +195,7 @@ def test_entropy_coef_decays_linearly():
 
 
 def test_sum_norm_uses_the_constant():
-  logp = jnp.asarray(L(RAGGED_RHO), jnp.float32)
-  args = (
-    logp,
-    jnp.zeros_like(logp),
-    jnp.asarray(ADV),
-    jnp.asarray(RAGGED_MASK),
-  )
+  args = _ragged_args()
   cfg = cfg_for("seq_mean_token_sum_norm", max_len_norm=10)
   value, _ = pg_loss(*args, cfg)
   assert float(value) == pytest.approx(1.9 / 10 / 2, rel=1e-6)
