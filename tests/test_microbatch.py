@@ -202,21 +202,22 @@ def test_budget_update_lora_sharded_and_per_row(one_device_mesh):
 
 def test_pack_by_hand():
   """Groups of 2 with extents (5, 0), (2, 3), (1, 1): totals 5, 5, 2 at
-  packed widths 8, 8, 4 (minimum 4). Each group's completions sit one
-  after another in its row; ``dst`` finds each token again."""
+  packed widths 6, 6, 4 (the ladder from minimum 4: 4, 6, 8, 12, …). Each
+  group's completions sit one after another in its row; ``dst`` finds each
+  token again."""
   ext = np.array([5, 0, 2, 3, 1, 1])
   plan = microbatch.pack(ext, group=2, prompt_len=2, budget=20, cap=5,
                          minimum=4)  # fmt: skip
-  # 20 // (2 + 8) = 2 groups at width 8, then the last alone at 4.
+  # 20 // (2 + 6) = 2 groups at width 6, then the last alone at 4.
   assert [(m.width, m.rows.tolist()) for m in plan] == [
-    (8, [0, 1, 2, 3]),
+    (6, [0, 1, 2, 3]),
     (4, [4, 5]),
   ]
   src, dst = plan[0].src, plan[0].dst
-  assert src[0].tolist() == [0, 1, 2, 3, 4, -1, -1, -1]  # row 0 · 5 + col
-  assert src[1].tolist() == [10, 11, 15, 16, 17, -1, -1, -1]  # rows 2, 3
+  assert src[0].tolist() == [0, 1, 2, 3, 4, -1]  # row 0 · 5 + col
+  assert src[1].tolist() == [10, 11, 15, 16, 17, -1]  # rows 2, 3
   assert dst[1].tolist() == [-1] * 5  # row 1: no tokens
-  assert dst[3].tolist() == [8 + 2, 8 + 3, 8 + 4, -1, -1]
+  assert dst[3].tolist() == [6 + 2, 6 + 3, 6 + 4, -1, -1]
   # dst inverts src: each token's packed column names it back
   for m in plan:
     for r, cols in zip(m.rows, m.dst, strict=True):
