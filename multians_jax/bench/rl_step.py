@@ -89,17 +89,21 @@ def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
     return _update_s(graphdef, state0, rollout, adv, run, tx, mesh)
 
   uniform = _uniform(scored.rollout)
+  update_only_s, _ = timed(scored.rollout)
+  uniform_s, uniform_um = timed(uniform)
+  packed_s, packed_um = timed(scored.rollout, packed)
+  packed_uniform_s, _ = timed(uniform, packed)
   return dict(
     step_s=step_s,
     sample_s=sample_s,
     update_s=step_s - sample_s,
     compile_and_first_step_s=first,
-    update_only_s=timed(scored.rollout),
-    uniform_update_s=timed(uniform),
-    packed_update_s=timed(scored.rollout, packed),
-    packed_uniform_update_s=timed(uniform, packed),
-    packed_positions=_positions(packed, scored.rollout, adv, mesh),
-    uniform_positions=_positions(run, uniform, adv, mesh),
+    update_only_s=update_only_s,
+    uniform_update_s=uniform_s,
+    packed_update_s=packed_s,
+    packed_uniform_update_s=packed_uniform_s,
+    packed_positions=int(packed_um["update/positions"]),
+    uniform_positions=int(uniform_um["update/positions"]),
     **_shape(scored, um, t, budget),
   )
 
@@ -122,16 +126,17 @@ def _uniform(rollout):
   )
 
 
-def _update_s(graphdef, state0, rollout, adv, run, tx, mesh) -> float:
-  """Seconds of a warm ``rl_update`` on ``rollout`` (the second of two)."""
+def _update_s(graphdef, state0, rollout, adv, run, tx, mesh):
+  """(seconds, metrics) of a warm ``rl_update`` on ``rollout`` (the second
+  of two)."""
   for _ in range(2):
     state = jax.block_until_ready(jax.tree.map(jnp.copy, state0))
     t0 = time.perf_counter()
-    state, _ = update.rl_update(
+    state, um = update.rl_update(
       graphdef, state, rollout, adv, tx=tx, cfg=run.update_config, mesh=mesh
     )
     jax.block_until_ready(state)
-  return time.perf_counter() - t0
+  return time.perf_counter() - t0, um
 
 
 def _batch(ids, mask, gold) -> pipeline.PromptBatch:
@@ -161,14 +166,3 @@ def _shape(scored, um, t, budget) -> dict:
     prompt_bucket=t,
     decoder_positions=int(um["update/positions"]),
   )
-
-
-def _positions(run, rollout, adv, mesh) -> int:
-  """Decoder positions the update of ``rollout`` runs under ``run``."""
-  cfg = run.update_config
-  cap = rollout.tokens.shape[1]
-  width = update.completion_bucket(int(jnp.max(rollout.lengths)), cap)
-  rollout, adv = update.trim_completions(rollout, jnp.asarray(adv), width)
-  ub = update.make_batch(rollout, adv)
-  micro = update.plan_micro_batches(rollout, ub, cfg, mesh)
-  return update.positions(ub, micro, cfg)

@@ -86,12 +86,18 @@ def advantages(
     adv = centred / (_group_std(centred, std_ddof) + STD_EPS)
   flat = _flat_groups(r)
   adv = jnp.where(flat[:, None], 0.0, adv)
-  info = {
+  return adv, _group_info(r, flat)
+
+
+def _group_info(r: jax.Array, flat: jax.Array) -> dict[str, jax.Array]:
+  """The scalars every kind reports: ``zero_std_frac`` (share of flat
+  groups), ``reward_mean`` and ``group_std_mean`` (population std)."""
+  centred = r - jnp.mean(r, axis=1, keepdims=True)
+  return {
     "zero_std_frac": jnp.mean(flat.astype(jnp.float32)),
     "reward_mean": jnp.mean(r),
     "group_std_mean": jnp.mean(_group_std(centred, 0)),
   }
-  return adv, info
 
 
 def passk_advantages(rewards: jax.Array, k: int):
@@ -140,13 +146,8 @@ def passk_advantages(rewards: jax.Array, k: int):
   adv = jnp.zeros_like(s).at[jnp.arange(r.shape[0])[:, None], order].set(s)
   flat = _flat_groups(r)  # exactly 0, not the sums' rounding
   adv = jnp.where(flat[:, None], 0.0, adv)
-  centred = r - jnp.mean(r, axis=1, keepdims=True)
-  info = {
-    "zero_std_frac": jnp.mean(flat.astype(jnp.float32)),
-    "reward_mean": jnp.mean(r),
-    "group_std_mean": jnp.mean(_group_std(centred, 0)),
-    "passk_estimate": jnp.mean(jnp.sum(a * g, axis=1)),
-  }
+  info = _group_info(r, flat)
+  info["passk_estimate"] = jnp.mean(jnp.sum(a * g, axis=1))
   return adv * n, info
 
 

@@ -209,8 +209,6 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     took a slot's advantage).
   """
   settings.check_credit(kind, credit, baseline)
-  if credit == "decoupled":
-    return _decoupled(scores, p, kind, baseline, token_slot)
   if kind == "gdpo":
     if reward_cfg is None:
       raise ValueError("rl.advantage='gdpo' needs reward_cfg")
@@ -227,6 +225,8 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
   info = {k: float(v) for k, v in info.items()}
   if credit == "sequence":
     return np.asarray(seq), info
+  if credit == "decoupled":
+    return _decoupled(scores, p, kind, baseline, token_slot, seq, info)
   slot = jnp.asarray(scores.slot, jnp.float32)
   if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
     slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
@@ -252,17 +252,14 @@ def _per_token(seq, span_adv, valid, token_slot, credit, info):
   return np.asarray(adv), info
 
 
-def _decoupled(scores, p: int, kind: str, baseline: str, token_slot):
+def _decoupled(scores, p: int, kind: str, baseline: str, token_slot, seq,
+               info):  # fmt: skip
   """``rl.credit='decoupled'``: answer span i takes the group-relative
   advantage of the correctness shares of slots i..K, confidence span i
   that of its own calibration share (docs/CREDIT.md). A row that does not
   decompose enters the calibration baselines at its group's mean over the
   rows that do (it has no calibration share of its own), so it shifts
-  nothing; its tokens keep the sequence advantage."""
-  total = jnp.asarray(scores.total, jnp.float32).reshape(p, -1)
-  seq, info = advantage.advantages(total, kind)
-  seq = seq.reshape(-1)
-  info = {k: float(v) for k, v in info.items()}
+  nothing; its tokens keep the sequence advantage ``seq``."""
   slot = jnp.asarray(scores.slot, jnp.float32)
   cal = jnp.asarray(scores.slot_cal, jnp.float32)
   valid = jnp.asarray(scores.decomposable) > 0
