@@ -40,11 +40,12 @@ def get_config(arg=None):
   c.warmup.confidences = "random"  # calibration is left to RL
   c.rl.num_generations = 8
   # Memory that fits a laptop (BENCHMARKS.md, "Demo"): layer inputs kept
-  # and the rest recomputed, one group (192 + 8 x 96 positions) per
-  # micro-batch, log-probs 32 positions at a time.
+  # and the rest recomputed, log-probs 32 positions at a time, the batch in
+  # one micro-batch (two would need a gradient accumulator, 0.54 GB, more
+  # than the second group's activations at remat=full).
   c.model.remat = "full"
   c.rl.micro_batches = 1
-  c.rl.micro_batch_tokens = 960
+  c.rl.micro_batch_tokens = 0
   c.rl.logprob_chunk = 32
   c.optim.lr = 5e-6
   c.optim.warmup_frac = 0.0

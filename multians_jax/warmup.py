@@ -173,7 +173,7 @@ def sft_step(graphdef, params, opt_state, tokens, mask, positions, tmask, *,
 
 
 def sft_optimizer(cfg: WarmupConfig):
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.lr))
+  return optax.chain(update_lib.clip_by_global_norm(1.0), optax.adamw(cfg.lr))
 
 
 def run(run_cfg, graphdef, params, source, tok, mesh, *, log=None,

@@ -21,11 +21,11 @@ compute dtype, which the fused ``cudnn`` / ``splash`` kernels never hold:
 they keep a float32 log-sum-exp and max per query and head); they were
 checked against ``memory_analysis()`` of the compiled ``update.update_step`` on
 CPU (``--measure``, tests/test_memory.py): per-layer activations within
-10 % for every remat mode, the update step's temporaries (gradients,
-optimizer update, activations) within 20 % without remat and with full
-remat, within 30 % with ``dots``. bfloat16 runs keep some float32 copies
-(norms, RoPE) that the formula counts at the compute dtype: treat bf16
-figures as ±20 %.
+10 % for every remat mode, the update step's temporaries (gradients and
+activations; the optimizer step needs none of the parameters' size) within
+20 % without remat and with full remat, within 30 % with ``dots``.
+bfloat16 runs keep some float32 copies (norms, RoPE) that the formula
+counts at the compute dtype: treat bf16 figures as ±20 %.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def update_temps(plan: Plan) -> float:
   """Formula counterpart of the compiled step's ``temp_size_in_bytes``."""
   est = estimate(plan)
   act = est[f"activations remat={plan.model.remat}"][1]
-  return est["gradients"][1] + est["optimizer update temps"][1] + act
+  return est["gradients"][1] + act
 
 
 # ---------------------------------------------------------------------------
@@ -323,8 +323,9 @@ def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
   """name → (total bytes, bytes per device) of every memory component."""
   params = param_shapes(plan.model, plan.mesh)
   p_total, p_dev = tree_bytes(params, plan.mesh)
-  # Gradients, moments and update temporaries exist for the trainable
-  # parameters only: the adapters under LoRA.
+  # Gradients and moments exist for the trainable parameters only: the
+  # adapters under LoRA. The optimizer step updates the donated state in
+  # place (``update._apply``: no temporaries of the parameters' size).
   trainable = trainable_params(params)
   t_total, t_dev = tree_bytes(trainable, plan.mesh)
   o_total, o_dev = tree_bytes(opt_state(trainable), plan.mesh)
@@ -333,7 +334,6 @@ def estimate(plan: Plan) -> dict[str, tuple[float, float]]:
     "params": (p_total, p_dev),
     "optimizer state": (o_total, o_dev),
     "gradients": (grad_copies * t_total, grad_copies * t_dev),
-    "optimizer update temps": (t_total, t_dev),
     "kv cache (sampling)": kv_cache_bytes(plan),
   }
   # Decode reads weights in the sampling layout (replicated over the batch
@@ -371,7 +371,7 @@ def peaks(plan: Plan, est) -> dict[str, float]:
     "sampling": state + dev["kv cache (sampling)"]
     + dev["weights gathered for decode"]
     + dev["weights in compute dtype (sampling)"],
-    "update": state + dev["gradients"] + dev["optimizer update temps"] + act,
+    "update": state + dev["gradients"] + act,
   }  # fmt: skip
 
 

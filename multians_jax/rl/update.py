@@ -61,8 +61,25 @@ def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     mask=decay_mask,
   )
   if cfg.grad_clip:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return optax.chain(clip_by_global_norm(cfg.grad_clip), adamw)
   return adamw
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` (same state, same clipped direction) as
+  one scale factor: XLA fuses ``g * factor`` into the optimizer's
+  elementwise update, where optax's per-element select between the clipped
+  and unclipped gradient makes it materialise a second copy of the
+  gradients (0.54 GB for SmolLM2-135M in fp32). Clipped values may differ
+  from optax's ``g / norm * max_norm`` in the last bit."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 @struct.dataclass
@@ -288,16 +305,21 @@ def _apply(state: TrainState, acc, tx):
   trainable, frozen = lora.partition(state.params)
   gnorm = optax.tree.norm(grads)
   finite = jnp.isfinite(value) & jnp.isfinite(gnorm)
-  updates, opt_state = tx.update(grads, state.opt_state, trainable)
-  new_trainable = optax.apply_updates(trainable, updates)
-  keep = lambda new, old: jax.tree.map(
-    lambda a, b: jnp.where(finite, a, b), new, old
-  )
-  new_state = TrainState(
-    step=state.step + finite.astype(jnp.int32),
-    params=lora.combine(keep(new_trainable, trainable), frozen),
-    opt_state=keep(opt_state, state.opt_state),
-    skipped=jnp.where(finite, 0, state.skipped + 1),
+
+  def step(s: TrainState) -> TrainState:
+    updates, opt_state = tx.update(grads, s.opt_state, trainable)
+    new = optax.apply_updates(trainable, updates)
+    return s.replace(
+      step=s.step + 1,
+      params=lora.combine(new, frozen),
+      opt_state=opt_state,
+      skipped=jnp.zeros_like(s.skipped),
+    )
+
+  # A branch, not a select of new against old values: the donated state is
+  # then updated in place (a select keeps both, 0.5 GB more at 135M fp32).
+  new_state = jax.lax.cond(
+    finite, step, lambda s: s.replace(skipped=s.skipped + 1), state
   )
   metrics = loss.reduce_metrics(sums)
   metrics.update(
