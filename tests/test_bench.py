@@ -106,9 +106,10 @@ def test_rl_case_runs_our_step_and_names_a_missing_trl(tmp_path):
     assert med["update_width"] >= med["max_length"] > 0
     cap = out["shape"]["new_tokens" if "forced" in name else "natural_new"]
     assert med["max_length"] <= cap and med["micro_batches"] >= 1
-    # the update alone on the same rollout: packed, and at uniform length
+    # the update alone on the same rollout: packed, at uniform length, and
+    # in equal micro-batches (the update before the token budget)
     for k in ("update_only_s", "uniform_update_s", "packed_update_s",
-              "packed_uniform_update_s"):  # fmt: skip
+              "packed_uniform_update_s", "equal_split_update_s"):  # fmt: skip
       assert med[k] > 0
     assert med["decoder_positions"] > 0 and med["packed_positions"] > 0
   assert out["sides"]["ours_forced"]["mean_length"]["median"] == 8  # forced

@@ -93,6 +93,7 @@ def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
   uniform_s, uniform_um = timed(uniform)
   packed_s, packed_um = timed(scored.rollout, packed)
   packed_uniform_s, _ = timed(uniform, packed)
+  equal_s, _ = timed(scored.rollout, _equal_split(run, micro))
   return dict(
     step_s=step_s,
     sample_s=sample_s,
@@ -102,6 +103,7 @@ def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
     uniform_update_s=uniform_s,
     packed_update_s=packed_s,
     packed_uniform_update_s=packed_uniform_s,
+    equal_split_update_s=equal_s,
     packed_positions=int(packed_um["update/positions"]),
     uniform_positions=int(uniform_um["update/positions"]),
     **_shape(scored, um, t, budget),
@@ -111,6 +113,14 @@ def time_step(hf_dir: str, ids, mask, gold, *, group: int, new_tokens: int,
 def _packed(run):
   """``run`` with packed completions (``rl.pack_completions``)."""
   rl = dataclasses.replace(run.rl, pack_completions=True)
+  return dataclasses.replace(run, rl=rl)
+
+
+def _equal_split(run, micro: int):
+  """``run`` with the update of before the token budget: ``micro`` equal
+  micro-batches of the (trimmed) batch in one jitted step
+  (``update.update_step``)."""
+  rl = dataclasses.replace(run.rl, micro_batch_tokens=0, micro_batches=micro)
   return dataclasses.replace(run, rl=rl)
 
 
