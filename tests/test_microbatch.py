@@ -105,8 +105,10 @@ def _model(mesh, with_lora=False):
   return lora.add(m, 2, 4.0, "wq,w_down", seed=3) if with_lora else m
 
 
-def _updated(mesh, ucfg, budget, *, with_lora=False, p=4, pack=False, **kw):
-  """rl_update on the ragged rollout: params after one step, metrics."""
+def _updated(mesh, ucfg, budget, *, with_lora=False, p=4, pack=False,
+             rollout=_rollout, **kw):  # fmt: skip
+  """rl_update on ``rollout(p)`` (the ragged one): params after one step,
+  metrics."""
   ucfg = dataclasses.replace(ucfg, pack=pack)
   m = _model(mesh, with_lora)
   sgd = optax.sgd(1.0)  # new params = params − grad: compares gradients
@@ -115,7 +117,7 @@ def _updated(mesh, ucfg, budget, *, with_lora=False, p=4, pack=False, **kw):
   cfg = dataclasses.replace(ucfg, micro_batch_tokens=budget)
   state = update.init_state(m, sgd)
   new, metrics = update.rl_update(
-    nnx.graphdef(m), state, _rollout(p), adv, tx=sgd, cfg=cfg, mesh=mesh, **kw
+    nnx.graphdef(m), state, rollout(p), adv, tx=sgd, cfg=cfg, mesh=mesh, **kw
   )
   return [np.asarray(x) for x in jax.tree.leaves(new.params)], metrics
 
@@ -171,6 +173,33 @@ def test_budget_update_equals_padded_update(agg, one_device_mesh):
   whole = _updated(one_device_mesh, ucfg, 0, pack=True, **kw)
   assert whole[1]["update/micro_batches"] == 1
   _assert_same(padded, whole)
+
+
+def test_equal_plan_runs_as_one_program():
+  """A plan of M consecutive equal micro-batches at the batch's width (all
+  rows at the cap: forced lengths) is ``update_step``'s M micro-batches;
+  a plan by length is not."""
+  forced = _plan(np.full(8, 64), budget=2 * (8 + 2 * 64))
+  assert [m.width for m in forced] == [64, 64]  # 2 groups each
+  assert update.equal_split(forced, 8, 64) == 2
+  assert update.equal_split(_plan([35, 20, 3, 1, 17, 2, 9, 9]), 8, 64) is None
+  assert update.equal_split(None, 8, 64) is None
+
+
+@pytest.mark.slow
+def test_forced_lengths_update_as_one_program(one_device_mesh, monkeypatch):
+  """Every completion at the cap: the token budget's plan runs as one
+  program of equal micro-batches, with the planned path's result."""
+  ucfg = update.UpdateConfig(logprob_chunk=16, group_size=2)
+  full = lambda p: _rollout(p).replace(
+    mask=jnp.ones((p * 2, 40), bool), lengths=jnp.full(p * 2, 40, jnp.int32)
+  )
+  one = _updated(one_device_mesh, ucfg, 2 * (6 + 2 * 40), rollout=full)
+  assert one[1]["update/micro_batches"] == 2
+  monkeypatch.setattr(update, "equal_split", lambda *a: None)
+  planned = _updated(one_device_mesh, ucfg, 2 * (6 + 2 * 40), rollout=full)
+  assert planned[1]["update/micro_batches"] == 2
+  _assert_same(one, planned)
 
 
 @pytest.mark.slow

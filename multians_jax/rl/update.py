@@ -15,11 +15,13 @@ The training loop itself lives in ``loop.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -66,12 +68,10 @@ def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """``optax.clip_by_global_norm`` (same state, same clipped direction) as
-  one scale factor: XLA fuses ``g * factor`` into the optimizer's
-  elementwise update, where optax's per-element select between the clipped
-  and unclipped gradient makes it materialise a second copy of the
-  gradients (0.54 GB for SmolLM2-135M in fp32). Clipped values may differ
-  from optax's ``g / norm * max_norm`` in the last bit."""
+  """``optax.clip_by_global_norm`` (its state and direction) as one scale
+  factor, which XLA fuses into the optimizer's elementwise update; optax's
+  per-element select makes it materialise a second copy of the gradients.
+  Clipped values may differ from optax's in the last bit."""
 
   def update_fn(updates, state, params=None):
     del params
@@ -316,8 +316,7 @@ def _apply(state: TrainState, acc, tx):
       skipped=jnp.zeros_like(s.skipped),
     )
 
-  # A branch, not a select of new against old values: the donated state is
-  # then updated in place (a select keeps both, 0.5 GB more at 135M fp32).
+  # A branch, not a select of new against old: the state updates in place.
   new_state = jax.lax.cond(
     finite, step, lambda s: s.replace(skipped=s.skipped + 1), state
   )
@@ -501,6 +500,9 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
   rollout, adv = trim_completions(rollout, jnp.asarray(adv), width)
   ub = place_batch(make_batch(rollout, adv), mesh)
   micro = plan_micro_batches(rollout, ub, cfg, mesh)
+  if (m := equal_split(micro, *ub.comp_mask.shape)) is not None:
+    cfg = dataclasses.replace(cfg, micro_batches=m, micro_batch_tokens=0)
+    micro = None
   if micro is None:
     logprobs = lambda params: completion_logprobs(graphdef, params, ub, cfg)
     step = functools.partial(update_step, graphdef, tx=tx, cfg=cfg)
@@ -561,6 +563,21 @@ def plan_micro_batches(rollout, ub: UpdateBatch, cfg: UpdateConfig, mesh):
   if len(micro) == 1 and micro[0].rows.min() >= 0:
     return None  # the whole batch fits: ``update_step``, no accumulator
   return micro
+
+
+def equal_split(micro, rows: int, width: int) -> int | None:
+  """M when the plan ``micro`` is M consecutive equal micro-batches of the
+  ``rows`` at the batch's ``width`` (e.g. forced lengths): the work of
+  ``update_step``, as one program; else None. One program is faster
+  (BENCHMARKS.md: separate calls allocate their temporaries afresh)."""
+  if not micro or micro[0].src is not None:
+    return None
+  n = micro[0].rows.size
+  same = all(m.width == width and m.rows.size == n for m in micro)
+  order = np.concatenate([m.rows for m in micro])
+  if same and n * len(micro) == rows and (order == np.arange(rows)).all():
+    return len(micro)
+  return None
 
 
 def positions(ub: UpdateBatch, micro, cfg: UpdateConfig) -> int:
