@@ -181,9 +181,11 @@ def test_equal_plan_runs_as_one_program():
   a plan by length is not."""
   forced = _plan(np.full(8, 64), budget=2 * (8 + 2 * 64))
   assert [m.width for m in forced] == [64, 64]  # 2 groups each
-  assert update.equal_split(forced, 8, 64) == 2
-  assert update.equal_split(_plan([35, 20, 3, 1, 17, 2, 9, 9]), 8, 64) is None
-  assert update.equal_split(None, 8, 64) is None
+  assert microbatch.equal_split(forced, 8, 64) == 2
+  assert (
+    microbatch.equal_split(_plan([35, 20, 3, 1, 17, 2, 9, 9]), 8, 64) is None
+  )
+  assert microbatch.equal_split(None, 8, 64) is None
 
 
 @pytest.mark.slow
@@ -196,7 +198,7 @@ def test_forced_lengths_update_as_one_program(one_device_mesh, monkeypatch):
   )
   one = _updated(one_device_mesh, ucfg, 2 * (6 + 2 * 40), rollout=full)
   assert one[1]["update/micro_batches"] == 2
-  monkeypatch.setattr(update, "equal_split", lambda *a: None)
+  monkeypatch.setattr(microbatch, "equal_split", lambda *a: None)
   planned = _updated(one_device_mesh, ucfg, 2 * (6 + 2 * 40), rollout=full)
   assert planned[1]["update/micro_batches"] == 2
   _assert_same(one, planned)

@@ -168,6 +168,21 @@ def _packed(gids, width, ext, group, cap) -> Micro:
   return Micro(rows, width, src, dst)
 
 
+def equal_split(micro, rows: int, width: int) -> int | None:
+  """M when the plan ``micro`` is M consecutive equal micro-batches of the
+  ``rows`` at the batch's ``width`` (e.g. forced lengths): the work of
+  ``update.update_step``, as one program; else None. One program is faster
+  (BENCHMARKS.md: separate calls allocate their temporaries afresh)."""
+  if not micro or micro[0].src is not None:
+    return None
+  n = micro[0].rows.size
+  same = all(m.width == width and m.rows.size == n for m in micro)
+  order = np.concatenate([m.rows for m in micro])
+  if same and n * len(micro) == rows and (order == np.arange(rows)).all():
+    return len(micro)
+  return None
+
+
 def extents(mask) -> np.ndarray:
   """int [B]: columns up to each row's last True (0 for none)."""
   mask = np.asarray(mask, bool)

@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -500,7 +499,7 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
   rollout, adv = trim_completions(rollout, jnp.asarray(adv), width)
   ub = place_batch(make_batch(rollout, adv), mesh)
   micro = plan_micro_batches(rollout, ub, cfg, mesh)
-  if (m := equal_split(micro, *ub.comp_mask.shape)) is not None:
+  if (m := microbatch.equal_split(micro, *ub.comp_mask.shape)) is not None:
     cfg = dataclasses.replace(cfg, micro_batches=m, micro_batch_tokens=0)
     micro = None
   if micro is None:
@@ -563,21 +562,6 @@ def plan_micro_batches(rollout, ub: UpdateBatch, cfg: UpdateConfig, mesh):
   if len(micro) == 1 and micro[0].rows.min() >= 0:
     return None  # the whole batch fits: ``update_step``, no accumulator
   return micro
-
-
-def equal_split(micro, rows: int, width: int) -> int | None:
-  """M when the plan ``micro`` is M consecutive equal micro-batches of the
-  ``rows`` at the batch's ``width`` (e.g. forced lengths): the work of
-  ``update_step``, as one program; else None. One program is faster
-  (BENCHMARKS.md: separate calls allocate their temporaries afresh)."""
-  if not micro or micro[0].src is not None:
-    return None
-  n = micro[0].rows.size
-  same = all(m.width == width and m.rows.size == n for m in micro)
-  order = np.concatenate([m.rows for m in micro])
-  if same and n * len(micro) == rows and (order == np.arange(rows)).all():
-    return len(micro)
-  return None
 
 
 def positions(ub: UpdateBatch, micro, cfg: UpdateConfig) -> int:
