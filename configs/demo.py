@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.optim.lr = 5e-6
   c.optim.warmup_frac = 0.0
   c.ckpt.every_steps = 6
+  c.ckpt.ocdbt = False  # an OCDBT save would need ~1.2 GB more (BENCHMARKS)
   c.eval.every_steps = 0
   c.eval.num_prompts = 32
   c.eval.num_generations = 2

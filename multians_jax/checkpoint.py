@@ -11,8 +11,13 @@ Layout of a checkpoint directory (local path or ``gs://``)::
     DIR/<step>/meta/          JSON: step, PRNG key, data-iterator state, …
 
 Steps are written by an Orbax ``CheckpointManager`` (atomic: a step directory
-appears only when complete). ``sources.load_model`` opens any model source,
-a checkpoint directory among them.
+appears only when complete), in OCDBT's layout (a few large data files per
+item: the layout for pods and ``gs://``) or, with ``ocdbt=False``, one zarr
+file per array chunk: an OCDBT save holds about the saved bytes again in
+host memory until it finishes and keeps much of it after (1.0-1.4 GB more
+for 1.6 GB of state on CPU, against 0.15-0.3 GB without; BENCHMARKS.md,
+"Demo"). Restores read either layout. ``sources.load_model`` opens any
+model source, a checkpoint directory among them.
 """
 
 from __future__ import annotations
@@ -80,7 +85,13 @@ def _target(abs_state, mesh, rules):
 class Checkpointer:
   """Saves and restores steps of ``params`` (+ extra items) and ``meta``."""
 
-  def __init__(self, path: str, max_to_keep: int | None = 3, async_save=True):
+  def __init__(
+    self,
+    path: str,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    ocdbt: bool = True,
+  ):
     path = str(path)
     # Orbax needs absolute paths; gs:// and other URLs are kept as given.
     self.path = path if "://" in path else os.path.abspath(path)
@@ -89,7 +100,10 @@ class Checkpointer:
       create=True,
       enable_async_checkpointing=async_save,
     )
-    self.manager = ocp.CheckpointManager(self.path, options=opts)
+    self.ocdbt = ocdbt
+    self.manager = ocp.CheckpointManager(
+      self.path, options=opts, handler_registry=_registry(ocdbt)
+    )
     self._base_saved = False
 
   def steps(self) -> list[int]:
@@ -125,10 +139,11 @@ class Checkpointer:
       return
     where = epath.Path(self.path) / BASE_DIR
     if not _base_complete(where):
-      saver = ocp.StandardCheckpointer()
-      saver.save(where, nnx.to_pure_dict(base))
-      saver.wait_until_finished()
-      saver.close()
+      saver = ocp.Checkpointer(
+        ocp.StandardCheckpointHandler(use_ocdbt=self.ocdbt)
+      )
+      saver.save(where, args=ocp.args.StandardSave(nnx.to_pure_dict(base)))
+      saver.close()  # a Checkpointer saves synchronously
     self._base_saved = True
 
   def quarantine(self, step: int) -> str:
@@ -229,6 +244,18 @@ class Checkpointer:
     _check_restored(params, target, str(where), "base")
     nnx.replace_by_pure_dict(abs_base, params)
     return abs_base
+
+
+def _registry(ocdbt: bool):
+  """The handlers of a step's items: PyTrees in the layout asked for (a
+  restore reads the layout a checkpoint was written in), JSON for meta."""
+  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  tree = ocp.StandardCheckpointHandler(use_ocdbt=ocdbt)
+  reg.add(None, ocp.args.StandardSave, tree)
+  reg.add(None, ocp.args.StandardRestore, tree)
+  reg.add(None, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+  reg.add(None, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+  return reg
 
 
 def save_train_state(ckpt: Checkpointer, step: int, graphdef, state, *,

@@ -154,7 +154,9 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   if run.loss.kl_beta > 0:  # from the source, before resuming
     ref_of = policy_lib.reference(run, mesh, tok, state.params)
   ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), max_to_keep=run.ckpt.keep
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=run.ckpt.keep,
+    ocdbt=run.ckpt.ocdbt,
   )
   policy_lib.check_same_adapters(ckpt.path, policy.cfg)
   state, meta = checkpoint.restore_train_state(

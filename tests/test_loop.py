@@ -199,6 +199,39 @@ def test_decoupled_credit_packed_update_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
+def test_zarr_layout_checkpoints_resume_exactly(tmp_path):
+  """ckpt.ocdbt=False writes a file per array chunk (no OCDBT manifest); a
+  run resumed from such a step, and one begun in OCDBT's layout and
+  resumed under ocdbt=False, end bitwise where the uninterrupted run does
+  (a restore reads the layout its step was written in)."""
+
+  def run(workdir, steps, ocdbt):
+    c = toy_task.config(steps)
+    c.seed = 0
+    c.ckpt.every_steps = 2
+    c.ckpt.ocdbt = ocdbt
+    return _train_toy(workdir, c)
+
+  rows = run(tmp_path / "a", 4, ocdbt=False)
+  params = tmp_path / "a" / "checkpoints" / "4" / "params"
+  assert not list(params.rglob("manifest.ocdbt")), sorted(params.iterdir())
+  assert list(params.glob("*/.zarray")), sorted(params.iterdir())
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+  assert run(tmp_path / "b", 4, ocdbt=False)[-2:] == rows[-2:]
+  run(tmp_path / "c", 2, ocdbt=True)
+  ocdbt_params = tmp_path / "c" / "checkpoints" / "2" / "params"
+  assert list(ocdbt_params.rglob("manifest.ocdbt"))
+  run(tmp_path / "c", 4, ocdbt=False)
+  _, a = toy_task.params(tmp_path / "a")
+  for other in ("b", "c"):
+    meta, b = toy_task.params(tmp_path / other)
+    assert meta["step"] == 4
+    for x, y in zip(a, b, strict=True):
+      np.testing.assert_array_equal(x, y)
+
+
 def _cmd(workdir, steps, *extra):
   return [
     sys.executable,
