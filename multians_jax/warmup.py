@@ -40,7 +40,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from multians_jax import settings, sharding
+from multians_jax import hostmem, settings, sharding
 from multians_jax.data import pipeline as data
 from multians_jax.data import prompts
 from multians_jax.model import lora
@@ -198,6 +198,7 @@ def run(run_cfg, graphdef, params, source, tok, mesh, *, log=None,
       cfg=wc,
     )
     b = update_lib.place_batch(b, mesh)
+    hostmem.release()
     with sharding.activate(mesh, sharding.TRAIN_RULES):
       params, opt_state, value = sft_step(
         graphdef, params, opt_state, *b, tx=tx,

@@ -56,13 +56,14 @@ def test_quick_bench_all_on_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["natural", "train"])
+@pytest.mark.parametrize("case", ["natural", "train", "ckpt"])
 def test_fresh_process_ab_harness(tmp_path, case):
   """bench_ab runs every side in its own process, alternating, and
   summarises the repeats; both update layouts compute the same loss."""
   sides = {
     "natural": ["static", "refill_half", "refill_quarter", "transformers"],
     "train": ["ours", "torch", "ours_plain"],
+    "ckpt": ["ocdbt", "zarr"],
   }
   out_file = tmp_path / "ab.json"
   _tool(
@@ -82,6 +83,11 @@ def test_fresh_process_ab_harness(tmp_path, case):
     tok = {k: v["useful_tokens"]["values"] for k, v in out["sides"].items()}
     assert tok["static"] == tok["refill_half"] == tok["refill_quarter"]
     assert out["sides"]["refill_quarter"]["slots"]["median"] == 2
+  elif case == "ckpt":  # both layouts save the same state
+    saved = {k: v["saved_gb"]["values"] for k, v in out["sides"].items()}
+    assert saved["ocdbt"] == saved["zarr"] and saved["zarr"][0] > 0
+    for v in out["sides"].values():
+      assert v["save_total_s"]["min"] >= v["save_call_s"]["min"] > 0
   else:
     loss = out["sides"]["ours"]["loss"]["values"]
     np.testing.assert_allclose(

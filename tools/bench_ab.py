@@ -1,6 +1,6 @@
 """Fresh-process A/B benchmarks: ours against transformers / torch (JSON).
 
-Run: ``python tools/bench_ab.py {sampler,natural,train,rl} [--repeats=3]
+Run: ``python tools/bench_ab.py {sampler,natural,train,rl,ckpt} [--repeats=3]
 [--out=FILE.json] [--quick] [--reference-python=PATH] [--sides=A,B]``.
 
 Every measurement runs in its own fresh Python process (``side``), so no
@@ -41,6 +41,15 @@ Cases (shape letters as in ``tools/bench.py``):
   the pinned trl / transformers / torch (BENCHMARKS.md); ``--sides``
   runs a subset (e.g. ours alone where TRL is not installed).
 
+* ``ckpt``: host memory of a training checkpoint save on CPU: SmolLM2's
+  parameters and AdamW moments (random, as after training: zeros would
+  compress to nothing), 1.6 GB, saved as a training step saves them
+  (``checkpoint.save_train_state``, asynchronously, then waited for) in
+  OCDBT's layout (``ocdbt``) and as a zarr file per chunk (``zarr``,
+  ``ckpt.ocdbt=False``). Per side: resident memory added at the save's
+  peak and left after it (sampled every 10 ms), the seconds until ``save``
+  returns and until the write is done.
+
 ``--quick`` runs the tiny random model at tiny shapes (the smoke test).
 """
 
@@ -63,6 +72,7 @@ SIDES = {
   "natural": ("static", "refill_half", "refill_quarter", "transformers"),
   "train": ("ours", "torch", "ours_plain"),
   "rl": ("ours", "trl", "ours_forced", "trl_forced"),
+  "ckpt": ("ocdbt", "zarr"),
 }
 COMPARE = {  # (case, metric, ours side, reference side, bigger is better)
   "sampler": [
@@ -85,6 +95,7 @@ COMPARE = {  # (case, metric, ours side, reference side, bigger is better)
     for ours, ref in (("ours", "trl"), ("ours_forced", "trl_forced"))
     for metric in ("step_s", "sample_s", "update_s")
   ],
+  "ckpt": [("peak_added_gb", "zarr", "ocdbt", False)],
 }
 SHAPES = {
   False: dict(prompts=8, group=8, prompt_len=128, new_tokens=128,
@@ -258,8 +269,63 @@ def side_rl(impl, hf_dir, inputs, sh):
   return rl_step.time_step(hf_dir, ids, mask, rl["gold"], **kw)
 
 
+def side_ckpt(impl, hf_dir, inputs, sh):
+  import threading
+
+  import jax
+  from flax import nnx
+
+  from multians_jax import checkpoint
+  from multians_jax.rl import update
+
+  model, _ = _ours(hf_dir)
+  tx = update.optimizer(update.OptimConfig())
+  state = update.init_state(model, tx)
+  key = iter(jax.random.split(jax.random.PRNGKey(0), 4096))
+  moments = lambda x: (
+    jax.random.normal(next(key), x.shape, x.dtype) * 1e-3
+    if x.ndim else x
+  )  # fmt: skip
+  state = state.replace(opt_state=jax.tree.map(moments, state.opt_state))
+  jax.block_until_ready(state)
+  rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+  peak, done = [0], threading.Event()
+
+  def watch():
+    while not done.is_set():
+      peak[0] = max(peak[0], rss())
+      time.sleep(0.01)
+
+  time.sleep(0.5)
+  base = peak[0] = rss()
+  threading.Thread(target=watch, daemon=True).start()
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(os.path.dirname(hf_dir), f"ckpt_{impl}_{os.getpid()}"),
+    ocdbt=impl == "ocdbt",
+  )
+  call_s, _ = _timed(
+    lambda: checkpoint.save_train_state(
+      ckpt, 1, nnx.split(model)[0], state, tokenizer=None, meta={}
+    )
+  )
+  wait_s, _ = _timed(ckpt.wait)
+  time.sleep(0.5)
+  done.set()
+  ckpt.close()
+  gb = 1e9
+  leaves = jax.tree.leaves((state.params, state.opt_state))
+  return dict(
+    saved_gb=sum(x.nbytes for x in leaves) / gb,
+    peak_added_gb=(peak[0] - base) / gb,
+    left_after_gb=(rss() - base) / gb,
+    save_call_s=call_s,
+    save_total_s=call_s + wait_s,
+  )
+
+
 SIDE_FNS = {"sampler": side_sampler, "natural": side_natural,
-            "train": side_train, "rl": side_rl}  # fmt: skip
+            "train": side_train, "rl": side_rl,
+            "ckpt": side_ckpt}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
