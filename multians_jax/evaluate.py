@@ -19,7 +19,7 @@ import os
 import jax
 import numpy as np
 
-from multians_jax import metrics, settings
+from multians_jax import hostmem, metrics, settings
 from multians_jax.data import pipeline as data
 from multians_jax.model import sampler
 from multians_jax.rl import reward, rollouts
@@ -50,6 +50,7 @@ def run(
   pad_id=0,
 ) -> EvalResult:
   """Samples G completions for each of the first N records and scores them."""
+  hostmem.release()
   records = list(records)[: cfg.num_prompts]
   pcfg = data.PipelineConfig(
     batch_size=min(cfg.batch_prompts, len(records)),

@@ -7,9 +7,10 @@ compiled programs' large temporaries, which are fresh mappings. On CPU,
 where those temporaries live in the same memory, the kept pages add to the
 peak of every phase: 0.35-0.4 GB in the demo's warm-up and evaluation
 (BENCHMARKS.md, "Demo"). ``release()`` returns them (glibc's
-``malloc_trim``) at the loop's phase boundaries: before each update,
-warm-up step and evaluation; ``release_after_compiles()`` also after every
-XLA compilation, whose freed working memory (0.3 GB for the demo's update
+``malloc_trim``) at the phase boundaries: before each update
+(``update.rl_update``), warm-up step and evaluation;
+``release_after_compiles()`` (armed by ``main``) also after every XLA
+compilation, whose freed working memory (0.3 GB for the demo's update
 program) would otherwise sit beside the program's first execution.
 Elsewhere (another C library) they do nothing.
 """

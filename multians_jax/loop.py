@@ -42,7 +42,6 @@ from multians_jax import (
   checkpoint,
   evaluate,
   export,
-  hostmem,
   sharding,
   telemetry,
 )
@@ -117,7 +116,6 @@ def train(
   replace the configured dataset and the model's tokenizer.
   """
   # 1. Set-up: mesh, policy, data, logging; resume from the newest step.
-  hostmem.release_after_compiles()  # host memory freed by each compile
   s, state, resumed = _setup(run, workdir, train_source, eval_source, tokenizer)
   try:
     # 2. Before RL, on a fresh run: evaluation, then the format warm-up.
@@ -291,7 +289,6 @@ def _after_rl(s: Session, params) -> None:
 def _evaluate(s: Session, params, tag: str, step: int):
   """Evaluates ``params`` on the held-out records, logs ``eval/*`` rows
   and keeps the result under ``tag``."""
-  hostmem.release()
   res = evaluate.run(
     nnx.merge(s.graphdef, params),
     s.tok,
@@ -358,7 +355,6 @@ def _rl_step(s: Session, state, batch, key):
   adv, ainfo = rollouts.advantages(run, scored, len(batch.gold), live)
   t1 = t0 + scored.seconds[0]  # sampling, every round
   t2 = time.perf_counter()
-  hostmem.release()  # the step's host garbage, before the update's temps
   state, um = update_lib.rl_update(
     s.graphdef, state, scored.rollout, adv, tx=s.tx, cfg=run.update_config,
     mesh=s.mesh, num_iterations=run.rl.num_iterations, ref_of=s.ref_of,

@@ -51,7 +51,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax, TFDS chatty at INFO
     logging.set_verbosity(logging.WARNING)
   init_distributed()
-  from multians_jax import config, loop
+  from multians_jax import config, hostmem, loop
 
   cfg = _CONFIG.value
   try:
@@ -65,6 +65,7 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2, default=str)
+  hostmem.release_after_compiles()  # the compiler's freed memory
   try:
     result = loop.train(run, workdir)
   except ValueError as e:  # found at set-up: the mesh, adapters, data

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from multians_jax import settings, sharding
+from multians_jax import hostmem, settings, sharding
 from multians_jax.model import lora
 from multians_jax.model import transformer as model_lib
 from multians_jax.rl import loss, microbatch, packing
@@ -494,6 +494,7 @@ def rl_update(graphdef, state, rollout, adv, *, tx, cfg: UpdateConfig, mesh,
   bucket (``completion_bucket``), not at the sampler's cap: its cost
   follows the tokens generated (``update/width`` is logged).
   """
+  hostmem.release()  # the step's host garbage, before the update's temps
   cap = rollout.tokens.shape[1]
   width = completion_bucket(int(_longest(rollout.lengths)), cap)
   rollout, adv = trim_completions(rollout, jnp.asarray(adv), width)
