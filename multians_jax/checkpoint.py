@@ -11,12 +11,12 @@ Layout of a checkpoint directory (local path or ``gs://``)::
     DIR/<step>/meta/          JSON: step, PRNG key, data-iterator state, …
 
 Steps are written by an Orbax ``CheckpointManager`` (atomic: a step directory
-appears only when complete), in OCDBT's layout (a few large data files per
-item: the layout for pods and ``gs://``) or, with ``ocdbt=False``, one zarr
-file per array chunk: an OCDBT save holds about the saved bytes again in
-host memory until it finishes and keeps much of it after (1.0-1.4 GB more
-for 1.6 GB of state on CPU, against 0.15-0.3 GB without; BENCHMARKS.md,
-"Demo"). Restores read either layout. ``sources.load_model`` opens any
+appears only when complete), in OCDBT's layout, each chunk compressed
+(zstd) or, with ``compress=False``, stored as it is: compressing holds
+about the saved bytes again in host memory while the save runs and keeps
+much of it after (1.1-1.3 GB more for 1.6 GB of state on CPU, against
+0.00-0.02 GB uncompressed; BENCHMARKS.md, "Demo"), and float weights
+shrink by about 10 %. Restores read either. ``sources.load_model`` opens any
 model source, a checkpoint directory among them.
 """
 
@@ -90,7 +90,7 @@ class Checkpointer:
     path: str,
     max_to_keep: int | None = 3,
     async_save: bool = True,
-    ocdbt: bool = True,
+    compress: bool = True,
   ):
     path = str(path)
     # Orbax needs absolute paths; gs:// and other URLs are kept as given.
@@ -100,9 +100,9 @@ class Checkpointer:
       create=True,
       enable_async_checkpointing=async_save,
     )
-    self.ocdbt = ocdbt
+    self.compress = compress
     self.manager = ocp.CheckpointManager(
-      self.path, options=opts, handler_registry=_registry(ocdbt)
+      self.path, options=opts, handler_registry=_registry(compress)
     )
     self._base_saved = False
 
@@ -139,10 +139,8 @@ class Checkpointer:
       return
     where = epath.Path(self.path) / BASE_DIR
     if not _base_complete(where):
-      saver = ocp.Checkpointer(
-        ocp.StandardCheckpointHandler(use_ocdbt=self.ocdbt)
-      )
-      saver.save(where, args=ocp.args.StandardSave(nnx.to_pure_dict(base)))
+      saver = ocp.Checkpointer(_pytree_handler(self.compress))
+      saver.save(where, args=ocp.args.PyTreeSave(nnx.to_pure_dict(base)))
       saver.close()  # a Checkpointer saves synchronously
     self._base_saved = True
 
@@ -246,11 +244,29 @@ class Checkpointer:
     return abs_base
 
 
-def _registry(ocdbt: bool):
-  """The handlers of a step's items: PyTrees in the layout asked for (a
-  restore reads the layout a checkpoint was written in), JSON for meta."""
+class _TreeHandler(ocp.StandardCheckpointHandler):
+  """Orbax's handler of a PyTree of arrays with its PyTree handler's
+  compression switch, which ``StandardCheckpointHandler`` does not pass
+  on (its other settings kept)."""
+
+  def __init__(self, compress: bool):
+    super().__init__()
+    self._impl = _pytree_handler(compress)
+
+
+def _pytree_handler(compress: bool) -> ocp.PyTreeCheckpointHandler:
+  """The PyTree handler as ``StandardCheckpointHandler`` makes it, with
+  ``use_compression`` (the same on-disk format as its saves)."""
+  return ocp.PyTreeCheckpointHandler(
+    save_concurrent_gb=96, restore_concurrent_gb=96, use_compression=compress
+  )
+
+
+def _registry(compress: bool):
+  """The handlers of a step's items: PyTrees compressed or not (a restore
+  reads what a checkpoint was written with), JSON for meta."""
   reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  tree = ocp.StandardCheckpointHandler(use_ocdbt=ocdbt)
+  tree = _TreeHandler(compress)
   reg.add(None, ocp.args.StandardSave, tree)
   reg.add(None, ocp.args.StandardRestore, tree)
   reg.add(None, ocp.args.JsonSave, ocp.JsonCheckpointHandler())

@@ -210,7 +210,7 @@ class OptimSection:
 class CkptSection:
   every_steps: int = 50
   keep: int = 3
-  ocdbt: bool = True
+  compress: bool = True
 
   def __post_init__(self):
     _check(self.every_steps >= 1, "ckpt.every_steps must be >= 1")

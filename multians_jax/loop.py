@@ -162,7 +162,7 @@ def _setup(run, workdir, train_source, eval_source, tokenizer):
   ckpt = checkpoint.Checkpointer(
     os.path.join(workdir, "checkpoints"),
     max_to_keep=run.ckpt.keep,
-    ocdbt=run.ckpt.ocdbt,
+    compress=run.ckpt.compress,
   )
   policy_lib.check_same_adapters(ckpt.path, policy.cfg)
   state, meta = checkpoint.restore_train_state(

@@ -63,7 +63,7 @@ def test_fresh_process_ab_harness(tmp_path, case):
   sides = {
     "natural": ["static", "refill_half", "refill_quarter", "transformers"],
     "train": ["ours", "torch", "ours_plain"],
-    "ckpt": ["ocdbt", "zarr"],
+    "ckpt": ["compressed", "uncompressed"],
   }
   out_file = tmp_path / "ab.json"
   _tool(
@@ -85,7 +85,8 @@ def test_fresh_process_ab_harness(tmp_path, case):
     assert out["sides"]["refill_quarter"]["slots"]["median"] == 2
   elif case == "ckpt":  # both layouts save the same state
     saved = {k: v["saved_gb"]["values"] for k, v in out["sides"].items()}
-    assert saved["ocdbt"] == saved["zarr"] and saved["zarr"][0] > 0
+    assert saved["compressed"] == saved["uncompressed"]
+    assert saved["compressed"][0] > 0
     for v in out["sides"].values():
       assert v["save_total_s"]["min"] >= v["save_call_s"]["min"] > 0
   else:

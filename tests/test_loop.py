@@ -200,36 +200,55 @@ def test_decoupled_credit_packed_update_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_zarr_layout_checkpoints_resume_exactly(tmp_path):
-  """ckpt.ocdbt=False writes a file per array chunk (no OCDBT manifest); a
-  run resumed from such a step, and one begun in OCDBT's layout and
-  resumed under ocdbt=False, end bitwise where the uninterrupted run does
-  (a restore reads the layout its step was written in)."""
+def test_uncompressed_checkpoints_resume_exactly(tmp_path):
+  """ckpt.compress=False: a run resumed from an uncompressed step, and one
+  begun compressed and resumed uncompressed, end bitwise where the
+  uninterrupted run does (a restore reads what its step was written
+  with)."""
 
-  def run(workdir, steps, ocdbt):
+  def run(workdir, steps, compress):
     c = toy_task.config(steps)
     c.seed = 0
     c.ckpt.every_steps = 2
-    c.ckpt.ocdbt = ocdbt
+    c.ckpt.compress = compress
     return _train_toy(workdir, c)
 
-  rows = run(tmp_path / "a", 4, ocdbt=False)
-  params = tmp_path / "a" / "checkpoints" / "4" / "params"
-  assert not list(params.rglob("manifest.ocdbt")), sorted(params.iterdir())
-  assert list(params.glob("*/.zarray")), sorted(params.iterdir())
+  rows = run(tmp_path / "a", 4, compress=False)
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
-  assert run(tmp_path / "b", 4, ocdbt=False)[-2:] == rows[-2:]
-  run(tmp_path / "c", 2, ocdbt=True)
-  ocdbt_params = tmp_path / "c" / "checkpoints" / "2" / "params"
-  assert list(ocdbt_params.rglob("manifest.ocdbt"))
-  run(tmp_path / "c", 4, ocdbt=False)
+  assert run(tmp_path / "b", 4, compress=False)[-2:] == rows[-2:]
+  run(tmp_path / "c", 2, compress=True)
+  run(tmp_path / "c", 4, compress=False)
   _, a = toy_task.params(tmp_path / "a")
   for other in ("b", "c"):
     meta, b = toy_task.params(tmp_path / other)
     assert meta["step"] == 4
     for x, y in zip(a, b, strict=True):
       np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_checkpoint_compression_switch(tmp_path, compress):
+  """Checkpointer(compress=...): zeros take next to nothing on disk when
+  compressed and their full bytes when not, and restore the same."""
+  import jax
+  import jax.numpy as jnp
+
+  from multians_jax import checkpoint
+  from multians_jax.model import transformer as model_lib
+
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  cfg = model_lib.ModelConfig("llama", 64, 32, 2, 4, 2, 8, 48)
+  model = model_lib.init_model(cfg, mesh, sharding.TRAIN_RULES, 1)
+  zeros = {"z": jnp.zeros((512, 1024), jnp.float32)}  # 2 MiB
+  path = tmp_path / "checkpoints"
+  ck = checkpoint.Checkpointer(path, async_save=False, compress=compress)
+  ck.save(1, model, items={"zeros": zeros})
+  ck.close()
+  on_disk = sum(f.stat().st_size for f in (path / "1" / "zeros").rglob("*"))
+  assert (on_disk < 2**18) == (compress), on_disk
+  _, _, items = toy_task.restore(tmp_path, items={"zeros": zeros})
+  np.testing.assert_array_equal(items["zeros"]["z"], zeros["z"])
 
 
 def _cmd(workdir, steps, *extra):

@@ -44,9 +44,10 @@ Cases (shape letters as in ``tools/bench.py``):
 * ``ckpt``: host memory of a training checkpoint save on CPU: SmolLM2's
   parameters and AdamW moments (random, as after training: zeros would
   compress to nothing), 1.6 GB, saved as a training step saves them
-  (``checkpoint.save_train_state``, asynchronously, then waited for) in
-  OCDBT's layout (``ocdbt``) and as a zarr file per chunk (``zarr``,
-  ``ckpt.ocdbt=False``). Per side: resident memory added at the save's
+  (``checkpoint.save_train_state``, asynchronously, then waited for) with
+  each chunk compressed (``compressed``, the default) and stored as it is
+  (``uncompressed``, ``ckpt.compress=False``); the layout, OCDBT, is the
+  same. Per side: resident memory added at the save's
   peak and left after it (sampled every 10 ms), the seconds until ``save``
   returns and until the write is done.
 
@@ -72,7 +73,7 @@ SIDES = {
   "natural": ("static", "refill_half", "refill_quarter", "transformers"),
   "train": ("ours", "torch", "ours_plain"),
   "rl": ("ours", "trl", "ours_forced", "trl_forced"),
-  "ckpt": ("ocdbt", "zarr"),
+  "ckpt": ("compressed", "uncompressed"),
 }
 COMPARE = {  # (case, metric, ours side, reference side, bigger is better)
   "sampler": [
@@ -95,7 +96,7 @@ COMPARE = {  # (case, metric, ours side, reference side, bigger is better)
     for ours, ref in (("ours", "trl"), ("ours_forced", "trl_forced"))
     for metric in ("step_s", "sample_s", "update_s")
   ],
-  "ckpt": [("peak_added_gb", "zarr", "ocdbt", False)],
+  "ckpt": [("peak_added_gb", "uncompressed", "compressed", False)],
 }
 SHAPES = {
   False: dict(prompts=8, group=8, prompt_len=128, new_tokens=128,
@@ -301,7 +302,7 @@ def side_ckpt(impl, hf_dir, inputs, sh):
   threading.Thread(target=watch, daemon=True).start()
   ckpt = checkpoint.Checkpointer(
     os.path.join(os.path.dirname(hf_dir), f"ckpt_{impl}_{os.getpid()}"),
-    ocdbt=impl == "ocdbt",
+    compress=impl == "compressed",
   )
   call_s, _ = _timed(
     lambda: checkpoint.save_train_state(
