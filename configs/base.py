@@ -119,6 +119,9 @@ def get_config(arg=None):
   c.rl.dynamic_max_rounds = 3
   c.rl.logprob_chunk = 128  # positions whose logits exist at once
   c.rl.max_nonfinite = 5  # abort after this many non-finite steps in a row
+  # abort after this many steps in a row without one well-formed completion
+  # (every reward the format penalty: no reward signal left); 0 = never
+  c.rl.max_unparsed_steps = 50
 
   # The clipped policy-gradient loss (METHOD §5).
   c.loss = ml_collections.ConfigDict()

@@ -147,9 +147,11 @@ class RLConfig:
   dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
   logprob_chunk: int = 128
   max_nonfinite: int = 5
+  max_unparsed_steps: int = 50  # 0 = never stop
 
   def __post_init__(self):
     _check(self.num_generations >= 1, "rl.num_generations must be >= 1")
+    _check(self.max_unparsed_steps >= 0, "rl.max_unparsed_steps must be >= 0")
     _check(self.num_iterations >= 1, "rl.num_iterations must be >= 1")
     _check(self.micro_batches >= 1, "rl.micro_batches must be >= 1")
     _check(self.micro_batch_tokens >= 0, "rl.micro_batch_tokens must be >= 0")

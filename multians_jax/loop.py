@@ -233,7 +233,7 @@ def _rl_steps(s: Session, state):
     dynamic_ncols=True,
     desc="train",
   )
-  last = {}
+  last, unparsed = {}, 0
   try:
     for step in range(start, run.steps):
       state, last = _rl_step(
@@ -247,6 +247,15 @@ def _rl_steps(s: Session, state):
       last.update(data_dropped=s.stream.num_dropped, step=step + 1)
       if (step + 1) % run.log.every_steps == 0:
         s.writer.write(step + 1, last)
+      unparsed = unparsed + 1 if last["format_valid_rate"] == 0 else 0
+      if unparsed == run.rl.max_unparsed_steps:
+        raise RuntimeError(
+          f"no well-formed completion in {unparsed} steps in a row (to step "
+          f"{step + 1}): every reward is the format penalty, so no advantage "
+          "is left to learn from. Resume from a checkpoint saved before it "
+          "(checkpoints/) with a lower optim.lr, or raise "
+          "rl.max_unparsed_steps (0: never stop)"
+        )
       bar.update(1)
       bar.set_postfix(
         reward=f"{last['reward/total']:.3f}",

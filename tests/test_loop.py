@@ -227,6 +227,19 @@ def test_uncompressed_checkpoints_resume_exactly(tmp_path):
       np.testing.assert_array_equal(x, y)
 
 
+def test_a_run_without_parsed_completions_stops_with_a_message(tmp_path):
+  """rl.max_unparsed_steps: steps in a row in which no completion parses
+  (one new token cannot hold K=2 answers) end the run with a message that
+  names the cause, instead of going on without a reward signal."""
+  c = toy_task.config(8)
+  c.sampler.max_new_tokens = 1
+  c.rl.max_unparsed_steps = 3
+  with pytest.raises(RuntimeError, match="no well-formed completion in 3 "):
+    _train_toy(tmp_path, c)
+  rows = toy_task.training_rows(str(tmp_path))
+  assert [r["format_valid_rate"] for r in rows] == [0.0] * 3
+
+
 @pytest.mark.parametrize("compress", [True, False])
 def test_checkpoint_compression_switch(tmp_path, compress):
   """Checkpointer(compress=...): zeros take next to nothing on disk when
