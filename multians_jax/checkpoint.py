@@ -251,6 +251,8 @@ class _TreeHandler(ocp.StandardCheckpointHandler):
 
   def __init__(self, compress: bool):
     super().__init__()
+    # The handler delegates to ``_impl`` (orbax-checkpoint 0.12); should it
+    # stop, tests/test_loop.py's compression test fails.
     self._impl = _pytree_handler(compress)
 
 

@@ -38,13 +38,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from multians_jax import (
-  checkpoint,
-  evaluate,
-  export,
-  sharding,
-  telemetry,
-)
+from multians_jax import checkpoint, evaluate, export, sharding, telemetry
 from multians_jax import policy as policy_lib
 from multians_jax import warmup as warmup_lib
 from multians_jax.data import pipeline as data
