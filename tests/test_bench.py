@@ -83,7 +83,7 @@ def test_fresh_process_ab_harness(tmp_path, case):
     tok = {k: v["useful_tokens"]["values"] for k, v in out["sides"].items()}
     assert tok["static"] == tok["refill_half"] == tok["refill_quarter"]
     assert out["sides"]["refill_quarter"]["slots"]["median"] == 2
-  elif case == "ckpt":  # both layouts save the same state
+  elif case == "ckpt":  # both settings save the same state
     saved = {k: v["saved_gb"]["values"] for k, v in out["sides"].items()}
     assert saved["compressed"] == saved["uncompressed"]
     assert saved["compressed"][0] > 0

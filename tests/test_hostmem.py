@@ -1,6 +1,7 @@
 """hostmem.release: free heap pages go back to the OS."""
 
 import ctypes.util
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from multians_jax import hostmem
 
 def _rss() -> int:
   with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * 4096
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(

@@ -259,7 +259,7 @@ def test_checkpoint_compression_switch(tmp_path, compress):
   ck.save(1, model, items={"zeros": zeros})
   ck.close()
   on_disk = sum(f.stat().st_size for f in (path / "1" / "zeros").rglob("*"))
-  assert (on_disk < 2**18) == (compress), on_disk
+  assert (on_disk < 2**18) == compress, on_disk
   _, _, items = toy_task.restore(tmp_path, items={"zeros": zeros})
   np.testing.assert_array_equal(items["zeros"]["z"], zeros["z"])
 

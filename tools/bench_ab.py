@@ -289,7 +289,12 @@ def side_ckpt(impl, hf_dir, inputs, sh):
   )  # fmt: skip
   state = state.replace(opt_state=jax.tree.map(moments, state.opt_state))
   jax.block_until_ready(state)
-  rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+  page = os.sysconf("SC_PAGE_SIZE")
+
+  def rss():
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * page
+
   peak, done = [0], threading.Event()
 
   def watch():
