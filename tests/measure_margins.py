@@ -1,12 +1,14 @@
 """Measures the learning tests' figures over seeds, to set their thresholds.
 
   python tests/measure_margins.py lab --seeds=0,1,2,3,4 --out=margins.jsonl
+  python tests/measure_margins.py lab_rlcr --seeds=0,1,2,3,4 --out=m.jsonl
   python tests/measure_margins.py toy --seeds=0,1,2,3,4 --steps=32 --out=m.jsonl
   python tests/measure_margins.py plain|lora --seeds=43,0,1 --out=m.jsonl
 
 lab: the lab's learning test (both arms; --steps / --lr set the RL steps
-and learning rate); toy: the toy task's plain, answer-credit and LoRA runs;
-plain: the plain run alone; lora: the LoRA run alone.
+and learning rate); lab_rlcr: its Multi-RLCR check; toy: the toy task's
+plain, answer-credit and LoRA runs; plain: the plain run alone; lora: the
+LoRA run alone.
 
 Runs each learning test's training exactly as the test does (same
 environment as tests/conftest.py: 8 host devices, highest matmul
@@ -45,6 +47,21 @@ def _lab(seed, tmp, steps=None, lr=None):
     "single_unique30": sa["unique@30"],
     "single_top1_rise": sa["dist/top1_p"] - sw["dist/top1_p"],
     "multi_minus_single_coverage": ma["dist/coverage"] - sa["dist/coverage"],
+  }
+
+
+def _lab_rlcr(seed, tmp, steps=None, lr=None):
+  import test_lab
+
+  kw = dict(seed=seed, steps=steps or test_lab.RLCR_STEPS, lr=lr)
+  (w, a) = test_lab._train_arm("multi_rlcr", f"{tmp}/r", **kw)
+  return {
+    "rlcr_warm_unique30": w["unique@30"],
+    "rlcr_warm_conf_err": w["dist/conf_abs_err"],
+    "rlcr_coverage_rise": a["dist/coverage"] - w["dist/coverage"],
+    "rlcr_coverage_over_oracle": a["dist/coverage"] / a["dist/oracle_coverage"],
+    "rlcr_conf_err": a["dist/conf_abs_err"],
+    "rlcr_conf_err_drop": w["dist/conf_abs_err"] - a["dist/conf_abs_err"],
   }
 
 
@@ -108,7 +125,7 @@ def main():
   import numpy as np
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("which", choices=("lab", "toy", "plain", "lora"))
+  p.add_argument("which", choices=("lab", "lab_rlcr", "toy", "plain", "lora"))
   p.add_argument("--seeds", default="0,1,2,3,4")
   p.add_argument("--out", required=True)
   p.add_argument("--steps", type=int, default=None, help="RL steps")
@@ -119,7 +136,13 @@ def main():
   if os.path.exists(a.out):
     with open(a.out) as f:
       done = [json.loads(line) for line in f if line.strip()]
-  fn = {"lab": _lab, "toy": _toy, "plain": _plain, "lora": _lora}[a.which]
+  fn = {
+    "lab": _lab,
+    "lab_rlcr": _lab_rlcr,
+    "toy": _toy,
+    "plain": _plain,
+    "lora": _lora,
+  }[a.which]
   setting = {"steps": a.steps, "lr": a.lr} if a.which not in ("toy",) else (
     {"steps": a.steps} if a.steps else {})  # fmt: skip
   done = [r for r in done if r.get("setting", {}) == setting]

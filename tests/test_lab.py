@@ -309,6 +309,7 @@ def test_compare_errors_name_the_problem(tmp_path):
 
 STEPS = 200
 LR = 1e-3
+RLCR_STEPS = 300  # Multi-RLCR: confidences take longer than answers
 
 
 def _train_arm(arm, workdir, seed=0, steps=None, lr=None):
@@ -319,7 +320,15 @@ def _train_arm(arm, workdir, seed=0, steps=None, lr=None):
 
   c = lab.get_config(arm)
   c.seed = seed
+  arm_steps = c.steps
   c.steps, c.optim.lr = steps or STEPS, lr or LR
+  if c.loss.entropy_decay_steps:  # the arm's schedule, scaled to c.steps
+    c.loss.entropy_decay_steps = (
+      c.steps * c.loss.entropy_decay_steps // arm_steps
+    )
+  # The lab's 2 x 64 decoder for every arm (multi_rlcr's own is 4 x 128,
+  # which the small lab's few steps do not need).
+  c.model.arch.update(d_model=64, num_layers=2, d_ff=128, head_dim=16)
   c.warmup.steps, c.warmup.lr = 200, 3e-3
   c.eval.num_prompts = 32  # the small lab's whole test split
   c.ckpt.every_steps = 10_000
@@ -353,6 +362,26 @@ SINGLE = dict(
 MULTI_OVER_SINGLE = 0.15
 
 
+# Multi-RLCR: its arm's credit (decoupled) and entropy bonus (decaying over
+# the first 3/4 of the steps) on the 2 x 64 decoder, RLCR_STEPS steps;
+# seeds 0-4 with tests/measure_margins.py lab_rlcr (2026-12-07, AMD EPYC).
+# With the confidence tokens' advantage set to 0 (the broken credit below)
+# mean |q − p| ends at 0.25 and 0.28 (seeds 0, 1), above the warm-up's.
+RLCR = dict(
+  rise=0.12,  # coverage − warm-up's: 0.32 ± 0.05 [0.28, 0.37]; 3.3 sd
+  of_oracle=0.45,  # coverage / oracle: 0.67 ± 0.05 [0.62, 0.72]; 3.5 sd
+  conf_err=0.13,  # |q − p|: 0.094 ± 0.008 [0.084, 0.101] (warm-up 0.21)
+)
+
+
+def _check_rlcr(w, a):
+  """Multi-RLCR: K plausible answers, confidences near their p."""
+  assert a["dist/coverage"] - w["dist/coverage"] > RLCR["rise"], (w, a)
+  of_oracle = a["dist/coverage"] / a["dist/oracle_coverage"]
+  assert of_oracle > RLCR["of_oracle"], a
+  assert a["dist/conf_abs_err"] < RLCR["conf_err"], (w, a)
+
+
 def _check_multi(mw, ma):
   """Multi-RLVR: from a broad prior to near the top-K mass, K distinct."""
   assert mw["unique@30"] > MULTI["warm_unique"], mw  # a broad prior
@@ -381,22 +410,43 @@ def test_multi_rlvr_covers_the_top_set_and_rlvr_collapses(tmp_path):
 
 
 @pytest.mark.slow
+def test_multi_rlcr_covers_the_top_set_with_calibrated_confidences(tmp_path):
+  _check_rlcr(*_train_arm("multi_rlcr", tmp_path, steps=RLCR_STEPS))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-  "broken, arm", [("constant_reward", "multi_rlvr"), ("no_update", "rlvr")]
+  "broken, arm",
+  [
+    ("constant_reward", "multi_rlvr"),
+    ("no_update", "rlvr"),
+    ("no_calibration_credit", "multi_rlcr"),
+  ],
 )
 def test_learning_test_fails_when_reward_or_update_is_broken(
   tmp_path, monkeypatch, broken, arm
 ):
   """The learning test's assertions fail with the reward replaced by a
-  constant (advantages all zero) or with an update step that leaves the
-  parameters as they are (one arm each, to keep the suite short)."""
+  constant (advantages all zero), with an update step that leaves the
+  parameters as they are, or with decoupled credit that gives the
+  confidence tokens no advantage (one arm each, to keep the suite short)."""
   import jax.numpy as jnp
 
   from multians_jax import loop
-  from multians_jax.rl import advantage
+  from multians_jax.rl import advantage, credit
 
   calls = []
-  if broken == "constant_reward":  # what the loop's advantages read
+  if broken == "no_calibration_credit":  # confidence spans take 0
+    real_decoupled = credit._decoupled
+
+    def no_cal(scores, p, kind, baseline, token_slot, *rest):
+      calls.append(1)
+      adv, info = real_decoupled(scores, p, kind, baseline, token_slot, *rest)
+      conf = np.asarray(token_slot) >= np.asarray(scores.slot).shape[1]
+      return np.where(conf, 0.0, adv).astype(np.float32), info
+
+    monkeypatch.setattr(credit, "_decoupled", no_cal)
+  elif broken == "constant_reward":  # what the loop's advantages read
     real = advantage.advantages
 
     def constant(r, kind, **kw):
@@ -412,9 +462,12 @@ def test_learning_test_fails_when_reward_or_update_is_broken(
       return state, dict.fromkeys(keys, 0.0)
 
     monkeypatch.setattr(loop.update_lib, "update_step", frozen)
-  warm, after = _train_arm(arm, tmp_path / arm)
-  assert len(calls) >= STEPS  # the broken piece is the one the loop runs
-  check = _check_multi if arm == "multi_rlvr" else _check_single
+  steps = RLCR_STEPS if arm == "multi_rlcr" else STEPS
+  warm, after = _train_arm(arm, tmp_path / arm, steps=steps)
+  assert len(calls) >= steps  # the broken piece is the one the loop runs
+  check = {"multi_rlvr": _check_multi, "multi_rlcr": _check_rlcr}.get(
+    arm, _check_single
+  )
   with pytest.raises(AssertionError):
     check(warm, after)
 
