@@ -376,7 +376,10 @@ def distribution_summary(
     independent samples (``passk_optimum``); ``dist/top1_p``
     (expected accuracy of the top answer: highest confidence, or first)
     against ``dist/max_p``; with confidences, ``dist/conf_abs_err`` = mean
-    |q_i - p(a_i|q)| over the answers of format-valid generations.
+    |q_i - p(a_i|q)| over the answers of format-valid generations, split
+    into ``dist/conf_mean_err`` (|q̄ - p|, q̄ the mean q the prompt's G
+    generations state for that answer: confidences that sit wrong) and
+    ``dist/conf_spread`` (|q_i - q̄|: confidences that scatter).
   """
   f = np.asarray(format_ok) > 0
   ap = np.where(f[:, None], np.asarray(answer_p, np.float64), 0.0)
@@ -402,6 +405,20 @@ def distribution_summary(
   if calibrated and f.any():
     has = (np.asarray(answer_key) >= 0) & f[:, None]
     out["dist/conf_abs_err"] = float(np.abs(q - ap)[has].mean())
+    mean_q = _mean_per_answer(_grouped(q, p), gk).reshape(b, a)
+    out["dist/conf_mean_err"] = float(np.abs(mean_q - ap)[has].mean())
+    out["dist/conf_spread"] = float(np.abs(q - mean_q)[has].mean())
+  return out
+
+
+def _mean_per_answer(q, keys) -> np.ndarray:
+  """[P, G, A] → [P, G, A]: each answer's q replaced by the mean q that the
+  prompt's generations state for that answer (keys: -1 missing)."""
+  out = np.zeros_like(q)
+  for i in range(q.shape[0]):
+    for key in np.unique(keys[i][keys[i] >= 0]):
+      at = keys[i] == key
+      out[i][at] = q[i][at].mean()
   return out
 
 

@@ -135,6 +135,28 @@ def test_distribution_summary_by_hand():
   assert out["dist/max_p"] == pytest.approx(0.5)
   # |0.1 - 0.3| and |0.2 - 0| over the valid row's two answers
   assert out["dist/conf_abs_err"] == pytest.approx(0.2)
+  assert out["dist/conf_mean_err"] == pytest.approx(0.2)  # G = 1: q̄ = q
+  assert out["dist/conf_spread"] == 0.0
+
+
+def test_confidence_error_splits_into_mean_and_spread_by_hand():
+  # One prompt, G = 2 generations of A = 2 answers; answer key 0 is stated
+  # twice (q 0.3 and 0.5, p 0.4: its mean is right, each sample 0.1 off).
+  out = metrics.distribution_summary(
+    answer_p=np.array([[0.4, 0.0], [0.4, 0.1]]),
+    answer_key=np.array([[0, 1], [0, 2]]),
+    format_ok=np.array([1, 1]),
+    confidence=np.array([[0.3, 0.1], [0.5, 0.2]]),
+    probs=np.array([[0.4, 0.1, 0.5]]),
+    group_size=2,
+    ks=[2],
+    calibrated=True,
+  )
+  assert out["dist/conf_abs_err"] == pytest.approx((0.1 + 0.1 + 0.1 + 0.1) / 4)
+  # |q̄ - p|: key 0 0, key 1 0.1, key 2 0.1 (each answer counted)
+  assert out["dist/conf_mean_err"] == pytest.approx((0 + 0.1 + 0 + 0.1) / 4)
+  # |q - q̄|: key 0's two samples 0.1 each, keys 1 and 2 stated once
+  assert out["dist/conf_spread"] == pytest.approx((0.1 + 0 + 0.1 + 0) / 4)
 
 
 def test_passk_optimum_against_brute_force():
