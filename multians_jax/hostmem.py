@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 import jax
 
@@ -57,3 +58,9 @@ def release_after_compiles() -> None:
   if not _state["listening"]:
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     _state["listening"] = True
+
+
+def resident_bytes() -> int:
+  """This process's resident memory now (Linux: /proc/self/statm)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -348,10 +348,10 @@ def _train_arm(arm, workdir, seed=0, steps=None, lr=None):
     c.loss.entropy_decay_steps = (
       c.steps * c.loss.entropy_decay_steps // arm_steps
     )
-  # The lab's 2 x 64 decoder for every arm: multi_rlcr's own 4 x 128 one
-  # lost the format within 180 steps at LR and reached 0.34 of the oracle
-  # in 600 steps (about 4 min) at the arm's 3e-4.
-  c.model.arch.update(d_model=64, num_layers=2, d_ff=128, head_dim=16)
+  # The other arms' 2 x 64 decoder for every arm: multi_rlcr's own 4 x 128
+  # one lost the format within 180 steps at LR and reached 0.34 of the
+  # oracle in 600 steps (about 4 min) at the arm's 3e-4.
+  c.model.arch.update(lab.get_config("multi_rlvr").model.arch)
   c.warmup.steps, c.warmup.lr = 200, 3e-3
   c.eval.num_prompts = 32  # the small lab's whole test split
   c.ckpt.every_steps = 10_000

@@ -276,7 +276,7 @@ def side_ckpt(impl, hf_dir, inputs, sh):
   import jax
   from flax import nnx
 
-  from multians_jax import checkpoint
+  from multians_jax import checkpoint, hostmem
   from multians_jax.rl import update
 
   model, _ = _ours(hf_dir)
@@ -289,12 +289,7 @@ def side_ckpt(impl, hf_dir, inputs, sh):
   )  # fmt: skip
   state = state.replace(opt_state=jax.tree.map(moments, state.opt_state))
   jax.block_until_ready(state)
-  page = os.sysconf("SC_PAGE_SIZE")
-
-  def rss():
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * page
-
+  rss = hostmem.resident_bytes
   peak, done = [0], threading.Event()
 
   def watch():
