@@ -112,6 +112,15 @@ def get_config(arg=None):
   # sequence | answer | answer_to_go (slots i..K) | decoupled
   c.rl.credit = "sequence"
   c.rl.credit_baseline = "slot"  # slot (per slot index) | pooled (all slots)
+  # An entropy bonus on the confidence spans' tokens alone (needs per-token
+  # credit and confidences): β_C·(−log π_old) joins their advantages, a
+  # sampled estimate of β_C·∇H; falls linearly to 0 by the decay step
+  # (0 = constant). docs/CREDIT.md
+  c.rl.conf_entropy_coef = 0.0
+  c.rl.conf_entropy_decay_steps = 0
+  # Decoupled credit: the confidence spans' advantages times this factor (a
+  # step size of their own; the point they converge to is unchanged)
+  c.rl.conf_adv_scale = 1.0
   # Dynamic sampling, set-aware: drop groups whose completions all reach a
   # gold answer or none does, refill with new prompts (at most
   # dynamic_max_rounds extra sampling rounds a step).

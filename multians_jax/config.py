@@ -142,7 +142,10 @@ class RLConfig:
   share_prompt: bool = True  # update step: each prompt once per group
   credit: str = "sequence"  # sequence | answer | answer_to_go (docs/CREDIT.md)
   pass_k: int = 0  # k of rl.advantage='passk' (2 <= k <= num_generations)
-  credit_baseline: str = "slot"  # slot | pooled (answer credit's baseline)
+  credit_baseline: str = "slot"  # slot | pooled | answer (docs/CREDIT.md)
+  conf_entropy_coef: float = 0.0  # β_C: entropy bonus on confidence spans
+  conf_entropy_decay_steps: int = 0  # > 0: β_C → 0 linearly over these
+  conf_adv_scale: float = 1.0  # λ: confidence spans' advantages x λ
   dynamic_sampling: bool = False  # drop groups with a flat binary outcome
   dynamic_max_rounds: int = 3  # extra sampling rounds per step at most
   logprob_chunk: int = 128
@@ -171,6 +174,24 @@ class RLConfig:
       f"[2, rl.num_generations={self.num_generations}], got {self.pass_k}",
     )
     _check(self.dynamic_max_rounds >= 0, "rl.dynamic_max_rounds must be >= 0")
+    _check(
+      self.conf_entropy_coef >= 0 and self.conf_entropy_decay_steps >= 0,
+      "rl.conf_entropy_coef and rl.conf_entropy_decay_steps must be >= 0: "
+      f"{self.conf_entropy_coef}, {self.conf_entropy_decay_steps}",
+    )
+    _check(
+      self.conf_adv_scale > 0
+      and (self.conf_adv_scale == 1.0 or self.credit == "decoupled"),
+      "rl.conf_adv_scale must be > 0 and scales the confidence spans' own "
+      "advantages, which only rl.credit='decoupled' gives: "
+      f"{self.conf_adv_scale} with rl.credit={self.credit!r}",
+    )
+    _check(
+      not self.conf_entropy_coef or self.credit != "sequence",
+      "rl.conf_entropy_coef is a bonus on the confidence spans' tokens: it "
+      "needs per-token advantages (rl.credit 'answer', 'answer_to_go' or "
+      "'decoupled'), not rl.credit='sequence'",
+    )
     try:
       settings.check_credit(self.advantage, self.credit, self.credit_baseline)
     except ValueError as e:
@@ -295,6 +316,11 @@ class RunConfig:
       f"rl.credit={self.rl.credit!r} needs an additive correctness term "
       "(reward.correctness='count' or 'count_over_k'); "
       "reward.correctness='any' gives one correct slot the whole reward",
+    )
+    _check(
+      not self.rl.conf_entropy_coef or "rlcr" in self.reward.mode,
+      "rl.conf_entropy_coef acts on confidence spans: reward.mode "
+      f"{self.reward.mode!r} has none (use rlcr or multi_rlcr)",
     )
     _check(
       not (self.rl.pack_completions and self.model.attention == "splash"),

@@ -109,15 +109,20 @@ def run(
 def _known_distribution(parts, batches, scores, g, ks) -> dict:
   """``metrics.distribution_summary`` from the records' answer
   distributions (``meta["distribution"]``; records without one count as
-  p = 0 for every answer)."""
-  answer_p = np.concatenate(
-    [
-      p.answer_p
-      if p.answer_p is not None
-      else np.zeros(p.scores.entry_id.shape, np.float32)
-      for p in parts
-    ]
-  )
+  p = 0 for every answer), and their training frequencies where the
+  distributions carry them (``train_probs``)."""
+
+  def rows(field):
+    return np.concatenate(
+      [
+        getattr(p, field)
+        if getattr(p, field) is not None
+        else np.zeros(p.scores.entry_id.shape, np.float32)
+        for p in parts
+      ]
+    )
+
+  has_train = any(p.answer_p_train is not None for p in parts)
   probs = [
     (m.get("distribution") or {}).get("probs", [])
     for b in batches
@@ -126,7 +131,7 @@ def _known_distribution(parts, batches, scores, g, ks) -> dict:
   width = max(map(len, probs))
   padded = np.array([list(p) + [0.0] * (width - len(p)) for p in probs])
   return metrics.distribution_summary(
-    answer_p,
+    rows("answer_p"),
     scores.answer_key,
     scores.format_ok,
     scores.confidence,
@@ -134,6 +139,7 @@ def _known_distribution(parts, batches, scores, g, ks) -> dict:
     group_size=g,
     ks=ks,
     calibrated=not np.all(np.isnan(scores.brier)),
+    train_p=rows("answer_p_train") if has_train else None,
   )
 
 

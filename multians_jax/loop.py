@@ -355,7 +355,9 @@ def _rl_step(s: Session, state, batch, key):
     scored, live, dinfo = rollouts.dynamic_fill(
       first, more, g, run.rl.dynamic_max_rounds
     )
-  adv, ainfo = rollouts.advantages(run, scored, len(batch.gold), live)
+  adv, ainfo = rollouts.advantages(
+    run, scored, len(batch.gold), live, step=int(state.step)
+  )
   t1 = t0 + scored.seconds[0]  # sampling, every round
   t2 = time.perf_counter()
   state, um = update_lib.rl_update(

@@ -355,6 +355,7 @@ def distribution_summary(
   group_size: int,
   ks,
   calibrated: bool,
+  train_p=None,
 ) -> dict[str, float]:
   """Metrics against a known answer distribution (the ``distlab`` task).
 
@@ -367,6 +368,8 @@ def distribution_summary(
     group_size: G generations per prompt (B = P·G, prompt-major).
     ks: answer budgets (multiples of A, at most A·G).
     calibrated: the mode states confidences.
+    train_p: [B, A] p̂(a_i|q), the answers' gold frequencies in the
+      training split (the Brier optimum of a finite training set), or None.
 
   Returns:
     ``dist/coverage@k`` (expected P(gold ∈ k answers)) and ``dist/oracle@k``
@@ -379,7 +382,11 @@ def distribution_summary(
     |q_i - p(a_i|q)| over the answers of format-valid generations, split
     into ``dist/conf_mean_err`` (|q̄ - p|, q̄ the mean q the prompt's G
     generations state for that answer: confidences that sit wrong) and
-    ``dist/conf_spread`` (|q_i - q̄|: confidences that scatter).
+    ``dist/conf_spread`` (|q_i - q̄|: confidences that scatter); with
+    ``train_p`` also ``dist/conf_train_err`` (mean |q_i - p̂|: the distance
+    from what the training objective rewards) and ``dist/conf_train_floor``
+    (mean |p̂ - p| over the same answers: the |q - p| of confidences equal
+    to p̂, the training sample's error).
   """
   f = np.asarray(format_ok) > 0
   ap = np.where(f[:, None], np.asarray(answer_p, np.float64), 0.0)
@@ -408,6 +415,10 @@ def distribution_summary(
     mean_q = _mean_per_answer(_grouped(q, p), gk).reshape(b, a)
     out["dist/conf_mean_err"] = float(np.abs(mean_q - ap)[has].mean())
     out["dist/conf_spread"] = float(np.abs(q - mean_q)[has].mean())
+    if train_p is not None:
+      tp = np.asarray(train_p, np.float64)
+      out["dist/conf_train_err"] = float(np.abs(q - tp)[has].mean())
+      out["dist/conf_train_floor"] = float(np.abs(tp - ap)[has].mean())
   return out
 
 

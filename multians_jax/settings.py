@@ -24,7 +24,9 @@ from multians_jax.rl import matchers
 
 KINDS = ("drgrpo", "grpo", "rloo")  # kinds that read one reward per row
 ADVANTAGES = (*KINDS, "gdpo", "passk")  # every rl.advantage
-BASELINES = ("slot", "pooled")  # rl.credit_baseline
+BASELINES = ("slot", "pooled")  # advantage.slot_advantages' baselines
+# rl.credit_baseline; 'answer': decoupled credit's confidence spans only
+CREDIT_BASELINES = (*BASELINES, "answer")
 # rl.credit (docs/CREDIT.md)
 CREDITS = ("sequence", "answer", "answer_to_go", "decoupled")
 
@@ -36,7 +38,7 @@ def check_credit(kind: str, credit: str, baseline: str) -> None:
   for key, value, choices in (
     ("rl.advantage", kind, ADVANTAGES),
     ("rl.credit", credit, CREDITS),
-    ("rl.credit_baseline", baseline, BASELINES),
+    ("rl.credit_baseline", baseline, CREDIT_BASELINES),
   ):
     if value not in choices:
       raise ValueError(f"{key} must be one of {choices}: {value!r}")
@@ -47,6 +49,15 @@ def check_credit(kind: str, credit: str, baseline: str) -> None:
     }[kind]
     raise ValueError(
       f"rl.advantage={kind!r} {what}; use it with rl.credit='sequence'"
+    )
+  if baseline == "answer" and (
+    credit != "decoupled" or kind not in ("drgrpo", "rloo")
+  ):
+    raise ValueError(
+      "rl.credit_baseline='answer' baselines each confidence by the other "
+      "completions of its group that state the same answer: it needs "
+      "rl.credit='decoupled' and rl.advantage 'drgrpo' or 'rloo' (a mean "
+      f"baseline, no std), got {credit!r} / {kind!r}"
     )
   if credit == "answer_to_go" and baseline != "slot":
     raise ValueError(

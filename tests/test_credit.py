@@ -447,3 +447,171 @@ def test_answer_to_go_sums_the_later_slots():
     credit.rollout_advantages(
       scores, 1, kind="drgrpo", credit="answer_to_go", baseline="pooled"
     )
+
+
+# ------------------------------------ decoupled credit: per-answer baseline
+
+
+def test_answer_baseline_by_hand():
+  # P = 1, G = 3, A = 2; keys: answer 0 in rows 0 and 2, answer 1 in rows
+  # 0 and 1, answer 2 only in row 1, row 2 slot 1 empty (-1).
+  cal = jnp.array([[[-0.1, -0.2], [-0.3, -0.05], [-0.4, -0.6]]])
+  keys = jnp.array([[[0, 1], [1, 2], [0, -1]]])
+  ok = jnp.ones((1, 3), bool)
+  fallback = jnp.full((1, 3, 2), 9.0)
+  adv, found = credit.answer_baselined(cal, keys, ok, fallback)
+  want = [[-0.1 + 0.4, -0.2 + 0.3], [-0.3 + 0.2, 9.0], [-0.4 + 0.1, 9.0]]
+  np.testing.assert_allclose(adv[0], want, atol=1e-6)
+  assert found == pytest.approx(4 / 5)  # 5 stated answers, 4 baselined
+  # A completion that does not decompose lends no baseline: row 2 out,
+  # answer 0 of row 0 has no other statement left.
+  part, found = credit.answer_baselined(
+    cal, keys, jnp.array([[True, True, False]]), fallback
+  )
+  assert part[0, 0, 0] == 9.0 and found == pytest.approx(2 / 4)
+  # Leave-one-out: a row's own share moves its advantage one for one and
+  # never its baseline.
+  bumped = cal.at[0, 0, 0].add(-0.5)
+  adv2, _ = credit.answer_baselined(bumped, keys, ok, fallback)
+  assert float(adv2[0, 0, 0]) == pytest.approx(float(adv[0, 0, 0]) - 0.5)
+
+
+def test_answer_baseline_in_decoupled_credit():
+  scores = jax.tree.map(np.asarray, _decoupled_scores())
+  # Rows 0 and 1 state answer 7 in slots 0 / 1 (calibration shares
+  # −0.125 / −0.125 → advantage 0 each); other answers are their own.
+  scores = scores.replace(
+    answer_key=np.array([[7, 1], [2, 7], [-1, -1]], np.int32)
+  )
+  slots = np.array([[-1, 0, 2, 1, 3, -2]] * 3, np.int32)
+  kw = dict(kind="drgrpo", credit="decoupled", token_slot=slots)
+  slot_b, _ = credit.rollout_advantages(scores, 1, **kw)
+  ans_b, info = credit.rollout_advantages(scores, 1, baseline="answer", **kw)
+  # Answer spans (columns 1, 3) keep the slot baseline.
+  np.testing.assert_allclose(ans_b[:, [0, 1, 3, 5]], slot_b[:, [0, 1, 3, 5]])
+  # Row 0 conf 0 (answer 7, row 1's share −0.125): 0; row 1 conf 1 the
+  # same; row 0 conf 1 and row 1 conf 0 have no partner: slot baseline.
+  np.testing.assert_allclose(ans_b[0, [2, 4]], [0.0, slot_b[0, 4]], atol=1e-7)
+  np.testing.assert_allclose(ans_b[1, [2, 4]], [slot_b[1, 2], 0.0], atol=1e-7)
+  assert info["credit/answer_baseline_frac"] == pytest.approx(2 / 4)
+  # rl.conf_adv_scale: the confidence columns (2, 4) of the rows that
+  # decompose alone, times λ; row 2 keeps its sequence advantage.
+  scaled, _ = credit.rollout_advantages(scores, 1, conf_scale=3.0, **kw)
+  scaled = np.array(scaled)
+  np.testing.assert_allclose(scaled[:2, [2, 4]], 3 * slot_b[:2, [2, 4]])
+  scaled[:2, [2, 4]] = slot_b[:2, [2, 4]]
+  np.testing.assert_allclose(scaled, slot_b)
+  with pytest.raises(ValueError, match="answer_key"):
+    credit.rollout_advantages(
+      scores.replace(answer_key=None), 1, baseline="answer", **kw
+    )
+
+
+@pytest.mark.parametrize(
+  "credit_kind, advantage_kind",
+  [("answer", "drgrpo"), ("decoupled", "grpo")],
+)
+def test_config_rejects_answer_baseline_outside_decoupled(
+  credit_kind, advantage_kind
+):
+  from configs import lab
+
+  c = lab.get_config("multi_rlcr")
+  c.rl.credit_baseline = "answer"
+  assert RunConfig.from_dict(c.to_dict()).rl.credit_baseline == "answer"
+  c.rl.credit, c.rl.advantage = credit_kind, advantage_kind
+  with pytest.raises(ValueError, match="credit_baseline='answer'"):
+    RunConfig.from_dict(c.to_dict())
+
+
+# ------------------------------------ the confidences' own entropy bonus
+
+
+def test_confidence_entropy_bonus_by_hand():
+  adv = np.array([[0.5, 0.5, 0.5, 0.5], [-1.0, -1.0, -1.0, 0.0]], np.float32)
+  # A = 2: spans 0, 1 answers, 2, 3 confidences; -1 shared, -2 padding.
+  slots = np.array([[-1, 0, 2, 3], [1, 2, -1, -2]], np.int32)
+  logp = np.log(np.array([[0.9, 0.5, 0.25, 0.5], [0.1, 0.5, 0.2, 1.0]]))
+  out, info = credit.confidence_entropy_bonus(adv, slots, logp, 2, 0.1)
+  b = lambda p: 0.1 * -np.log(p)
+  want = [[0.5, 0.5, 0.5 + b(0.25), 0.5 + b(0.5)], [-1, -1 + b(0.5), -1, 0]]
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  neg = -np.log([0.25, 0.5, 0.5])
+  assert info["credit/conf_neg_logp"] == pytest.approx(neg.mean(), rel=1e-6)
+  assert info["credit/conf_entropy_coef"] == pytest.approx(0.1)
+  with pytest.raises(ValueError, match="per-token advantages"):
+    credit.confidence_entropy_bonus(adv[:, 0], slots, logp, 2, 0.1)
+
+
+def test_confidence_entropy_bonus_is_the_entropy_gradient():
+  # E_y[−log π(y) ∇ log π(y)] = ∇ H(π): the bonus's policy gradient in
+  # expectation (exact sum over y) is the entropy's gradient.
+  theta = jnp.array([0.3, -1.2, 2.0, 0.1, -0.4])
+  logp = jax.nn.log_softmax(theta)
+  score = jax.jacobian(jax.nn.log_softmax)(theta)  # [y, θ]
+  expected = jnp.sum(jnp.exp(logp)[:, None] * -logp[:, None] * score, 0)
+  entropy = lambda t: -jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(t))
+  np.testing.assert_allclose(expected, jax.grad(entropy)(theta), atol=1e-6)
+
+
+def test_confidence_entropy_schedule_and_config():
+  from configs import lab
+  from multians_jax.rl import loss
+
+  decay = lambda step: float(loss.linear_decay(0.05, 4000, step))
+  assert [decay(0), decay(2000), decay(4000), decay(5000)] == pytest.approx(
+    [0.05, 0.025, 0.0, 0.0]
+  )
+  assert float(loss.linear_decay(0.05, 0, 10**6)) == pytest.approx(0.05)
+  c = lab.get_config("multi_rlcr")
+  c.rl.conf_entropy_coef = 0.05
+  assert RunConfig.from_dict(c.to_dict()).rl.conf_entropy_coef == 0.05
+  for key, value, match in [
+    ("credit", "sequence", "per-token advantages"),
+    ("conf_entropy_coef", -0.1, "must be >= 0"),
+    ("conf_adv_scale", 0.0, "conf_adv_scale must be > 0"),
+  ]:
+    bad = lab.get_config("multi_rlcr")
+    bad.rl.conf_entropy_coef = 0.05
+    bad.rl[key] = value
+    with pytest.raises(ValueError, match=match):
+      RunConfig.from_dict(bad.to_dict())
+  c.reward.mode = "multi_rlvr"
+  with pytest.raises(ValueError, match="has none"):
+    RunConfig.from_dict(c.to_dict())
+
+
+def test_run_advantages_apply_the_bonus_at_the_step():
+  """``rollouts.advantages`` (what the loop calls with the state's step):
+  the confidence tokens' bonus follows the schedule, the rest is the
+  decoupled credit's."""
+  from configs import lab
+  from multians_jax.rl import rollouts
+
+  scores = jax.tree.map(np.asarray, _decoupled_scores())
+  slots = np.array([[-1, 0, 2, 1, 3, -2]] * 3, np.int32)
+  logp = np.full((3, 6), np.log(0.5), np.float32)
+  ro = sampler.Rollout(
+    prompt_tokens=jnp.ones((1, 2), jnp.int32),
+    prompt_mask=jnp.ones((1, 2), bool),
+    tokens=jnp.ones((3, 6), jnp.int32),
+    logprobs=jnp.asarray(logp),
+    mask=jnp.asarray(slots != credit.PAD),
+    lengths=jnp.array([5, 5, 5], jnp.int32),
+    truncated=jnp.zeros(3, bool),
+  )
+  lengths, cut = np.full(3, 5), np.zeros(3, bool)
+  rw = rollouts.Rewards(scores, lengths, cut, slots)
+  scored = rollouts.Scored(ro, rw)
+  c = lab.get_config("multi_rlcr")
+  c.reward.num_answers = 2
+  c.rl.conf_entropy_coef, c.rl.conf_entropy_decay_steps = 0.1, 10
+  run = RunConfig.from_dict(c.to_dict())
+  base, _ = credit.rollout_advantages(
+    scores, 1, kind="drgrpo", credit="decoupled", token_slot=slots
+  )
+  for step, beta in [(0, 0.1), (5, 0.05), (10, 0.0)]:
+    adv, info = rollouts.advantages(run, scored, 1, step=step)
+    assert info["credit/conf_entropy_coef"] == pytest.approx(beta)
+    bonus = np.where(slots >= 2, beta * np.log(2.0), 0.0)
+    np.testing.assert_allclose(adv, base + bonus, atol=1e-6)

@@ -48,9 +48,10 @@ def test_gold_answers_are_draws_from_p():
     dist = mine[0]["meta"]["distribution"]
     counts = collections.Counter(r["answers"][0][0] for r in mine)
     assert set(counts) <= set(dist["answers"])
-    for a, p in zip(dist["answers"], dist["probs"], strict=True):
-      # 4000 draws: 4.5 standard errors
+    for a, p, f in zip(*(dist[k] for k in dist), strict=True):
+      # 4000 draws: 4.5 standard errors; train_probs: their frequencies
       assert abs(counts[a] / 4000 - p) < 4.5 * math.sqrt(p * (1 - p) / 4000)
+      assert f == pytest.approx(counts[a] / 4000, abs=1e-6)
   assert {r["question"] for r in recs} == {
     distlab.QUESTION.format(case=c) for c in range(2)
   }
@@ -151,7 +152,11 @@ def test_confidence_error_splits_into_mean_and_spread_by_hand():
     group_size=2,
     ks=[2],
     calibrated=True,
+    train_p=np.array([[0.3, 0.0], [0.3, 0.2]]),  # training frequencies p̂
   )
+  # |q - p̂|: 0, 0.1, 0.2, 0 and |p̂ - p|: 0.1, 0, 0.1, 0.1
+  assert out["dist/conf_train_err"] == pytest.approx(0.3 / 4)
+  assert out["dist/conf_train_floor"] == pytest.approx(0.3 / 4)
   assert out["dist/conf_abs_err"] == pytest.approx((0.1 + 0.1 + 0.1 + 0.1) / 4)
   # |q̄ - p|: key 0 0, key 1 0.1, key 2 0.1 (each answer counted)
   assert out["dist/conf_mean_err"] == pytest.approx((0 + 0.1 + 0 + 0.1) / 4)

@@ -114,3 +114,20 @@ def test_max_rounds_zero_only_masks():
   np.testing.assert_array_equal(
     np.asarray(out.rollout.tokens)[:, 0], [102, 103, 100, 101]
   )
+
+
+def test_answer_probs_read_p_and_the_training_frequencies():
+  cfg = reward.RewardConfig(
+    mode="multi_rlvr", num_answers=2, require_think=False
+  )
+  dist = {"answers": ["flu", "cold"], "probs": [0.6, 0.4]}
+  metas = [
+    {"distribution": {**dist, "train_probs": [0.55, 0.45]}},
+    {"distribution": dist},  # no training frequencies: 0
+    None,  # no distribution: 0
+  ]
+  text = "<answer1>cold</answer1>\n<answer2>measles</answer2>"
+  p = rollouts.answer_probs([text] * 3, metas, cfg)
+  np.testing.assert_allclose(p, [[0.4, 0.0], [0.4, 0.0], [0.0, 0.0]])
+  train = rollouts.answer_probs([text] * 3, metas, cfg, field="train_probs")
+  np.testing.assert_allclose(train, [[0.45, 0.0], [0.0, 0.0], [0.0, 0.0]])

@@ -187,7 +187,8 @@ def reward_components(scores: reward.Scores, cfg: reward.RewardConfig):
 def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
                        baseline: str = "slot", token_slot=None,
                        reward_cfg: reward.RewardConfig | None = None,
-                       pass_k: int = 0) -> tuple[np.ndarray, dict]:  # fmt: skip
+                       pass_k: int = 0, conf_scale: float = 1.0
+                       ) -> tuple[np.ndarray, dict]:  # fmt: skip
   """The advantages the update step reads, from a batch's gathered scores.
 
   Args:
@@ -201,6 +202,8 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
     reward_cfg: the reward settings; needed by ``kind='gdpo'``
       (``reward_components``).
     pass_k: k of ``kind='passk'`` (``advantage.passk_advantages``).
+    conf_scale: ``rl.conf_adv_scale``, the factor on the confidence spans'
+      advantages under decoupled credit.
 
   Returns:
     ``(adv, info)``: host float32 advantages and scalar metrics (the
@@ -226,7 +229,9 @@ def rollout_advantages(scores: reward.Scores, p: int, *, kind: str, credit: str,
   if credit == "sequence":
     return np.asarray(seq), info
   if credit == "decoupled":
-    return _decoupled(scores, p, kind, baseline, token_slot, seq, info)
+    return _decoupled(
+      scores, p, kind, baseline, token_slot, seq, info, conf_scale
+    )
   slot = jnp.asarray(scores.slot, jnp.float32)
   if credit == "answer_to_go":  # Σ_{j ≥ i} of the slot parts
     slot = jnp.flip(jnp.cumsum(jnp.flip(slot, 1), axis=1), 1)
@@ -253,13 +258,14 @@ def _per_token(seq, span_adv, valid, token_slot, credit, info):
 
 
 def _decoupled(scores, p: int, kind: str, baseline: str, token_slot, seq,
-               info):  # fmt: skip
+               info, conf_scale: float = 1.0):  # fmt: skip
   """``rl.credit='decoupled'``: answer span i takes the group-relative
   advantage of the correctness shares of slots i..K, confidence span i
   that of its own calibration share (docs/CREDIT.md). A row that does not
   decompose enters the calibration baselines at its group's mean over the
   rows that do (it has no calibration share of its own), so it shifts
-  nothing; its tokens keep the sequence advantage ``seq``."""
+  nothing; its tokens keep the sequence advantage ``seq``. The confidence
+  spans' advantages are multiplied by ``conf_scale``."""
   slot = jnp.asarray(scores.slot, jnp.float32)
   cal = jnp.asarray(scores.slot_cal, jnp.float32)
   valid = jnp.asarray(scores.decomposable) > 0
@@ -270,8 +276,91 @@ def _decoupled(scores, p: int, kind: str, baseline: str, token_slot, seq,
   n = jnp.maximum(jnp.sum(ok, axis=1, keepdims=True), 1)
   mean = jnp.sum(jnp.where(ok, cal, 0.0), axis=1, keepdims=True) / n
   cal = jnp.where(ok, cal, mean)
-  adv = lambda x: advantage.slot_advantages(x, kind, baseline=baseline)
-  span = jnp.concatenate([adv(acc.reshape(p, g, a)), adv(cal)], axis=2).reshape(
-    -1, 2 * a
-  )
+  per_slot = "slot" if baseline == "answer" else baseline
+  adv = lambda x: advantage.slot_advantages(x, kind, baseline=per_slot)
+  cal_adv = adv(cal)
+  if baseline == "answer":
+    if scores.answer_key is None:
+      raise ValueError("rl.credit_baseline='answer' needs scores.answer_key")
+    keys = jnp.asarray(scores.answer_key).reshape(p, g, a)
+    cal_adv, found = answer_baselined(cal, keys, ok[..., 0], cal_adv)
+    info["credit/answer_baseline_frac"] = found
+  cal_adv = cal_adv * conf_scale
+  span = jnp.concatenate([adv(acc.reshape(p, g, a)), cal_adv], axis=2)
+  span = span.reshape(-1, 2 * a)
   return _per_token(seq, span, valid, token_slot, "decoupled", info)
+
+
+def answer_baselined(cal, keys, ok, fallback) -> tuple[jax.Array, float]:
+  """``rl.credit_baseline='answer'``: each calibration share minus the
+  mean share of the *same answer* in the group's other completions.
+
+  A confidence's share is −(q − c)²/K; c is the same for every completion
+  of a group that states that answer (one gold draw per record), so a
+  baseline over those completions removes the outcome's noise, which a
+  baseline over the slot (answers with other outcomes) keeps. The other
+  completions are sampled independently of this confidence, so the
+  baseline leaves the gradient unbiased. A share with no other completion
+  of its answer in the group keeps ``fallback`` (the slot baseline's).
+
+  Args:
+    cal: float [P, G, A] calibration shares.
+    keys: int [P, G, A] answer ids (``reward.Scores.answer_key``; -1: none).
+    ok: bool [P, G] completions whose reward decomposes.
+    fallback: float [P, G, A] advantages where no baseline is found.
+
+  Returns:
+    ``(adv, found)``: float32 [P, G, A], and the share of stated answers
+    (of decomposing completions) that found a baseline.
+  """
+  g = cal.shape[1]
+  other = ~jnp.eye(g, dtype=bool)[None, :, None, :, None]  # g' != g
+  same = keys[:, :, :, None, None] == keys[:, None, None, :, :]
+  use = same & other & (keys >= 0)[:, None, None] & ok[:, None, None, :, None]
+  n = jnp.sum(use, axis=(3, 4))
+  total = jnp.sum(jnp.where(use, cal[:, None, None], 0.0), axis=(3, 4))
+  adv = jnp.where(n > 0, cal - total / jnp.maximum(n, 1), fallback)
+  stated = (keys >= 0) & ok[..., None]
+  found = jnp.sum(stated & (n > 0)) / jnp.maximum(jnp.sum(stated), 1)
+  return adv.astype(jnp.float32), float(found)
+
+
+def confidence_entropy_bonus(
+  adv, token_slot, logprobs, num_answers: int, beta: float
+) -> tuple[np.ndarray, dict]:
+  """Per-token advantages with an entropy bonus on the confidence spans
+  alone (``rl.conf_entropy_coef``, docs/CREDIT.md).
+
+  Every token y_t of a confidence span gains β·(−log π_old(y_t|s_t)).
+  Since E_y[−log π(y) ∇ log π(y)] = ∇ H(π(·|s_t)), the policy gradient of
+  the added term is an unbiased sampled estimate of β ∇H on those tokens
+  (what ``loss.entropy_coef`` adds on every token, kept here on the
+  confidences only): exploration that can outlive the answers'.
+
+  Args:
+    adv: float [B, L] per-token advantages (``rollout_advantages`` under
+      answer or decoupled credit).
+    token_slot: int [B, L] (``token_slots``): confidence span i is
+      ``num_answers + i``.
+    logprobs: float [B, L] the sampler's log-probs of the tokens.
+    num_answers: ``reward.num_answers``.
+    beta: β now (``loss.linear_decay`` of the schedule).
+
+  Returns:
+    ``(adv, info)``: the advantages and ``credit/conf_neg_logp`` (mean
+    −log π_old over confidence tokens: a sampled estimate of their
+    entropy, nats) and ``credit/conf_entropy_coef`` (β).
+  """
+  adv = np.asarray(adv, np.float32)
+  if adv.ndim != 2:
+    raise ValueError(
+      "rl.conf_entropy_coef needs per-token advantages (rl.credit "
+      f"'answer', 'answer_to_go' or 'decoupled'); got shape {adv.shape}"
+    )
+  conf = np.asarray(token_slot) >= num_answers
+  neg = np.where(conf, -np.asarray(logprobs, np.float32), 0.0)
+  info = {
+    "credit/conf_neg_logp": float(neg.sum() / max(conf.sum(), 1)),
+    "credit/conf_entropy_coef": float(beta),
+  }
+  return (adv + np.float32(beta) * neg).astype(np.float32), info

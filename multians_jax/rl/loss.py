@@ -447,10 +447,16 @@ def pg_loss_terms(
 def entropy_coef(cfg: LossConfig, step) -> jax.Array:
   """β_H at optimizer step ``step`` (0-based; traced or not): the linear
   decay of ``cfg.entropy_decay_steps``, or constant."""
-  beta = jnp.asarray(cfg.entropy_coef, jnp.float32)
-  if not cfg.entropy_decay_steps:
+  return linear_decay(cfg.entropy_coef, cfg.entropy_decay_steps, step)
+
+
+def linear_decay(beta: float, decay_steps: int, step) -> jax.Array:
+  """``beta`` at step ``step`` (traced or not), falling linearly to 0 by
+  step ``decay_steps``; constant when ``decay_steps`` is 0."""
+  beta = jnp.asarray(beta, jnp.float32)
+  if not decay_steps:
     return beta
-  left = 1.0 - jnp.asarray(step, jnp.float32) / cfg.entropy_decay_steps
+  left = 1.0 - jnp.asarray(step, jnp.float32) / decay_steps
   return beta * jnp.clip(left, 0.0, 1.0)
 
 

@@ -39,7 +39,7 @@ from flax import struct
 
 from multians_jax import metrics, sharding
 from multians_jax.model import sampler
-from multians_jax.rl import credit, matchers, parsing, reward
+from multians_jax.rl import credit, loss, matchers, parsing, reward
 
 
 @struct.dataclass
@@ -57,6 +57,9 @@ class Rewards:
     answer_p: float32 [B, A] p(a_i|q) of each parsed answer under the
       record's known distribution (``answer_probs``); None when no record
       of the batch has one.
+    answer_p_train: float32 [B, A] the same under the distribution's
+      ``train_probs`` (the training split's gold frequencies, the lab's);
+      None when no record has them.
     texts: this process's decoded completions (its rows only; not gathered).
   """
 
@@ -65,6 +68,7 @@ class Rewards:
   truncated: np.ndarray
   token_slot: np.ndarray | None = None
   answer_p: np.ndarray | None = None
+  answer_p_train: np.ndarray | None = None
   texts: tuple = struct.field(pytree_node=False, default=())
 
   @property
@@ -92,20 +96,24 @@ def score_rollout(tok, rollout, gold, tests, rcfg, g, *, token_slots=False,
   texts = decode(tok, local)
   rows = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
   scores = score_rows(texts, rows(gold), rows(tests), rcfg, bounds)
-  slot = probs = None
+  slot = probs = train = None
   if token_slots:
     ok = scores.format_ok > 0
     slot = credit.token_slots(tok, local, texts, ok, rcfg)
-  if metas is not None and any((m or {}).get("distribution") for m in metas):
+  dists = [(m or {}).get("distribution") or {} for m in metas or ()]
+  if any(dists):
     lo = bounds[jax.process_index()]
     mine = rows(metas)[lo : lo + len(texts)]
     probs = answer_probs(texts, mine, rcfg)
+    if any("train_probs" in d for d in dists):
+      train = answer_probs(texts, mine, rcfg, field="train_probs")
   mine = Rewards(
     scores,
     np.asarray(local.lengths),
     np.asarray(local.truncated),
     slot,
     probs,
+    train,
   )
   return gather(mine, bounds).replace(texts=tuple(texts))
 
@@ -149,21 +157,22 @@ def decode(tokenizer, rollout: sampler.Rollout) -> list[str]:
   )
 
 
-def answer_probs(texts, metas, rcfg: reward.RewardConfig) -> np.ndarray:
+def answer_probs(texts, metas, rcfg: reward.RewardConfig,
+                 field: str = "probs") -> np.ndarray:  # fmt: skip
   """[B, A] p(a_i|q) of each parsed answer under its record's known
-  distribution (``meta["distribution"]``); 0 for an answer outside it, a
-  missing answer or a record without one."""
+  distribution (``meta["distribution"][field]``); 0 for an answer outside
+  it, a missing answer or a record without one."""
   matcher = matchers.get(rcfg.matcher)
   out = np.zeros((len(texts), rcfg.slots), np.float32)
   for i, (text, meta) in enumerate(zip(texts, metas, strict=True)):
     dist = (meta or {}).get("distribution")
-    if not dist:
+    if not dist or field not in dist:
       continue
     entries = [[name] for name in dist["answers"]]
     for j, ans in enumerate(parsing.parse(text, rcfg).answers):
       e = matcher.match(ans, entries, None) if ans else -1
       if e >= 0:
-        out[i, j] = dist["probs"][e]
+        out[i, j] = dist[field][e]
   return out
 
 
@@ -224,11 +233,13 @@ def sample_and_score(run, model, batch, tok, scfg, key, mesh) -> Scored:
   return Scored(rollout, rewards, (t1 - t0, time.perf_counter() - t1))
 
 
-def advantages(run, scored: Scored, num_prompts: int, live=None):
+def advantages(run, scored: Scored, num_prompts: int, live=None, step=0):
   """(advantages, info) of a scored step under the run's ``rl.advantage``,
   ``rl.credit`` and ``rl.credit_baseline`` (``credit.rollout_advantages``:
-  [B] per sequence, [B, L] per token); ``live`` (dynamic sampling's
-  filler mask) zeroes filler groups. Host values, equal everywhere."""
+  [B] per sequence, [B, L] per token), with ``rl.conf_entropy_coef``'s
+  bonus at optimizer step ``step`` (``credit.confidence_entropy_bonus``);
+  ``live`` (dynamic sampling's filler mask) zeroes filler groups. Host
+  values, equal everywhere."""
   rl = run.rl
   adv, info = credit.rollout_advantages(
     scored.rewards.scores,
@@ -239,7 +250,20 @@ def advantages(run, scored: Scored, num_prompts: int, live=None):
     baseline=rl.credit_baseline,
     reward_cfg=run.reward,
     pass_k=rl.pass_k,
+    conf_scale=rl.conf_adv_scale,
   )
+  if rl.conf_entropy_coef:
+    beta = loss.linear_decay(
+      rl.conf_entropy_coef, rl.conf_entropy_decay_steps, step
+    )
+    adv, binfo = credit.confidence_entropy_bonus(
+      adv,
+      scored.rewards.token_slot,
+      sharding.host_array(scored.rollout.logprobs),
+      run.reward.num_answers,
+      float(beta),
+    )
+    info = {**info, **binfo}
   if live is not None:  # filler groups: no gradient
     adv = adv * (live[:, None] if adv.ndim == 2 else live)
   return adv, info

@@ -17,9 +17,13 @@ closed-form optimum (docs/METHOD.md, "The distributional lab"):
 Both splits hold every case (the test split has fresh gold draws: held-out
 *patients*, not held-out questions; there is nothing to generalise to
 across cases). ``meta`` keeps p: ``{"case": i, "distribution": {"answers":
-[names], "probs": [p...]}, "distractors": [names]}`` (answers sorted by p,
-descending), from which evaluation computes expected coverage and the
-distance of stated confidences from p (``metrics.distribution_summary``).
+[names], "probs": [p...], "train_probs": [p̂...]}, "distractors":
+[names]}`` (answers sorted by p, descending; p̂ the gold frequencies among
+the case's training patients), from which evaluation computes expected
+coverage and the distance of stated confidences from p and from p̂
+(``metrics.distribution_summary``). A finite training split is what the
+objective sees: its Brier optimum is q = p̂, which differs from p by the
+sampling error of ``train_per_question`` draws (STUDY.md §1).
 
 ``tokenizer()`` is the lab's word-level tokenizer for tiny random models:
 every answer *block* (``<answer2>flu</answer2>``), confidence block on a
@@ -108,18 +112,29 @@ def records(cfg: DistlabConfig) -> dict[str, list[dict]]:
   out = {"train": [], "test": []}
   for case in range(cfg.num_questions):
     answers, probs, distractors = distribution(cfg, case)
+    rng = np.random.default_rng([cfg.seed, case, 1])
+    draws = {
+      split: rng.choice(len(answers), size=n, p=np.asarray(probs))
+      for split, n in (
+        ("train", cfg.train_per_question),
+        ("test", cfg.test_per_question),
+      )
+    }
+    # The gold frequencies of the training patients: the p the training
+    # objective sees (its Brier optimum is q = these, not p).
+    freq = np.bincount(draws["train"], minlength=len(answers))
+    train_probs = [round(float(x), 6) for x in freq / len(draws["train"])]
     meta = {
       "case": case,
-      "distribution": {"answers": answers, "probs": probs},
+      "distribution": {
+        "answers": answers,
+        "probs": probs,
+        "train_probs": train_probs,
+      },
       "distractors": distractors,
     }
-    rng = np.random.default_rng([cfg.seed, case, 1])
-    for split, n in (
-      ("train", cfg.train_per_question),
-      ("test", cfg.test_per_question),
-    ):
-      draws = rng.choice(len(answers), size=n, p=np.asarray(probs))
-      for j, d in enumerate(draws):
+    for split in ("train", "test"):
+      for j, d in enumerate(draws[split]):
         out[split].append(
           schema.make(
             f"{split}-case{case}-{j}",
@@ -136,7 +151,11 @@ class Distlab(base.RecordBuilder):
   """Synthetic cases with a known answer distribution (no external data)."""
 
   name = "distlab"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "meta.distribution.train_probs: the training golds' frequencies.",
+  }
   BUILDER_CONFIGS = [
     DistlabConfig(name="default", description="8 cases x (64 + 8) patients"),
     DistlabConfig(
