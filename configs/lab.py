@@ -15,7 +15,8 @@ from a supervised warm-up on answers drawn from a flattened p with
 confidences independent of correctness, then trains with the paper's
 rewards (``count`` / ``paper``, Σq <= 1 gate: one true answer per record).
 ``multi_rlcr`` trains a 4-layer d = 128 decoder with decoupled credit
-and an entropy bonus that decays to 0 by step 3,000 of 4,000 (the others:
+(confidence advantages x 10) and an entropy bonus that decays to 0 by
+step 3,000 of 4,000 (the others:
 2 layers, d = 64, 2,000 steps): with the smaller decoder its set stalls
 at half the top-K mass (STUDY.md §1). A run takes a few minutes on 2 CPU
 cores. Compare the arms with
@@ -53,12 +54,14 @@ def get_config(arg=None):
   )
   if arm == "multi_rlcr":  # STUDY.md §1, "Reaching the optimum"
     # K answers with K calibrated confidences: a 4-layer d = 128 decoder
-    # (the 2 x 64 one stalls at coverage 0.47), decoupled credit, and an
-    # entropy bonus that falls to 0 by step 3,000 of 4,000, so the run
-    # ends on the paper's objective.
+    # (the 2 x 64 one stalls at coverage 0.47), decoupled credit with the
+    # confidences' advantages x 10 (their Brier signal is ~100x smaller
+    # than the answers'), and an entropy bonus that falls to 0 by step
+    # 3,000 of 4,000, so the run ends on the paper's objective.
     c.model.arch.update(d_model=128, num_layers=4, d_ff=256, head_dim=32)
     c.steps = 4000
     c.rl.credit = "decoupled"
+    c.rl.conf_adv_scale = 10.0
     c.loss.entropy_coef = 0.05
     c.loss.entropy_decay_steps = 3000
   c.data.name = "distlab"

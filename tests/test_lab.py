@@ -355,8 +355,11 @@ def _train_arm(arm, workdir, seed=0, steps=None, lr=None):
     )
   # The other arms' 2 x 64 decoder for every arm: multi_rlcr's own 4 x 128
   # one lost the format within 180 steps at LR and reached 0.34 of the
-  # oracle in 600 steps (about 4 min) at the arm's 3e-4.
+  # oracle in 600 steps (about 4 min) at the arm's 3e-4. Its confidence
+  # step (rl.conf_adv_scale = 10) at LR lost the format by step 54 (seed
+  # 3): the check runs the credit with λ = 1.
   c.model.arch.update(lab.get_config("multi_rlvr").model.arch)
+  c.rl.conf_adv_scale = 1.0
   c.warmup.steps, c.warmup.lr = 200, 3e-3
   c.eval.num_prompts = 32  # the small lab's whole test split
   c.ckpt.every_steps = 10_000
@@ -390,8 +393,9 @@ SINGLE = dict(
 MULTI_OVER_SINGLE = 0.15
 
 
-# Multi-RLCR: its arm's credit (decoupled) and entropy bonus (decaying over
-# the first 3/4 of the steps) on the 2 x 64 decoder, RLCR_STEPS steps;
+# Multi-RLCR: its arm's credit (decoupled, λ = 1) and entropy bonus
+# (decaying over the first 3/4 of the steps) on the 2 x 64 decoder,
+# RLCR_STEPS steps;
 # seeds 0-4 with tests/measure_margins.py lab_rlcr (2026-12-07, AMD EPYC).
 # With the confidence tokens' advantage set to 0 (the broken credit below)
 # mean |q − p| ends at 0.25 and 0.28 (seeds 0, 1), above the warm-up's.

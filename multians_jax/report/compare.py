@@ -12,13 +12,15 @@ generation's answers hold the gold): the expectation under the known p
 in the distributional lab, else the empirical pass@A), ``oracle_coverage``
 (lab only; the top-A mass), ``recall@k`` for k = 3..30 (lab: P(gold among
 k answers); else the fraction of gold entries hit), ``unique@30``,
-``top1``, ``ece``, ``conf_abs_err`` (mean |q − p|, lab only) and
-``tokens_per_distinct_correct``. Training WORKDIRs that evaluated during
-training (``eval.every_steps``) also get learning curves (``curves.png``)
-and per-step tables of coverage and mean |q − p|. A run trained for
-pass@k (``pass_k``, ``rl.advantage='passk'``) is judged by its own
-objective: ``coverage`` of its k samples, ``oracle_coverage`` the exact
-optimum of pass@k with k samples (``metrics.passk_optimum``).
+``top1``, ``ece``, ``conf_abs_err`` (mean |q − p|, lab only),
+``conf_train_err`` (mean |q − p̂|, p̂ the training golds' frequencies;
+lab runs that evaluated it) and ``tokens_per_distinct_correct``.
+Training WORKDIRs that evaluated during training (``eval.every_steps``)
+also get learning curves (``curves.png``) and per-step tables of coverage
+and mean |q − p|. A run trained for pass@k (``pass_k``,
+``rl.advantage='passk'``) is judged by its own objective: ``coverage`` of
+its k samples, ``oracle_coverage`` the exact optimum of pass@k with k
+samples (``metrics.passk_optimum``).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def row(rec: dict) -> dict:
     "max_p": _num(s.get("dist/max_p")),
     "ece": _num(s.get("ece")),
     "conf_abs_err": _num(s.get("dist/conf_abs_err")),
+    "conf_train_err": _num(s.get("dist/conf_train_err")),
     "tokens_per_distinct_correct": _num(s.get("tokens_per_distinct_correct")),
     "completion_tokens": _num(s.get("completion_tokens")),
   }
@@ -141,6 +144,7 @@ RUN_COLUMNS = (
   ("unique@30", "unique@30"),
   ("ece", "ECE"),
   ("conf_abs_err", "mean abs(q − p)"),
+  ("conf_train_err", "mean abs(q − p̂)"),
   ("tokens_per_distinct_correct", "tokens / distinct correct"),
 )
 

@@ -159,6 +159,12 @@ class Distlab(base.RecordBuilder):
   BUILDER_CONFIGS = [
     DistlabConfig(name="default", description="8 cases x (64 + 8) patients"),
     DistlabConfig(
+      name="large",
+      description="8 cases x (1024 + 8) patients: training frequencies "
+      "within about 0.01 of p",
+      train_per_question=1024,
+    ),
+    DistlabConfig(
       name="small",
       description="4 cases x (32 + 8) patients (tests)",
       num_questions=4,
