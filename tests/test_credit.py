@@ -517,7 +517,7 @@ def test_config_rejects_answer_baseline_outside_decoupled(
   from configs import lab
 
   c = lab.get_config("multi_rlcr")
-  c.rl.credit_baseline = "answer"
+  c.rl.credit_baseline, c.rl.conf_adv_scale = "answer", 1.0
   assert RunConfig.from_dict(c.to_dict()).rl.credit_baseline == "answer"
   c.rl.credit, c.rl.advantage = credit_kind, advantage_kind
   with pytest.raises(ValueError, match="credit_baseline='answer'"):
@@ -572,7 +572,7 @@ def test_confidence_entropy_schedule_and_config():
     ("conf_adv_scale", 0.0, "conf_adv_scale must be > 0"),
   ]:
     bad = lab.get_config("multi_rlcr")
-    bad.rl.conf_entropy_coef = 0.05
+    bad.rl.conf_entropy_coef, bad.rl.conf_adv_scale = 0.05, 1.0
     bad.rl[key] = value
     with pytest.raises(ValueError, match=match):
       RunConfig.from_dict(bad.to_dict())
@@ -604,7 +604,7 @@ def test_run_advantages_apply_the_bonus_at_the_step():
   rw = rollouts.Rewards(scores, lengths, cut, slots)
   scored = rollouts.Scored(ro, rw)
   c = lab.get_config("multi_rlcr")
-  c.reward.num_answers = 2
+  c.reward.num_answers, c.rl.conf_adv_scale = 2, 1.0
   c.rl.conf_entropy_coef, c.rl.conf_entropy_decay_steps = 0.1, 10
   run = RunConfig.from_dict(c.to_dict())
   base, _ = credit.rollout_advantages(
