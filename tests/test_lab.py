@@ -48,7 +48,8 @@ def test_gold_answers_are_draws_from_p():
     dist = mine[0]["meta"]["distribution"]
     counts = collections.Counter(r["answers"][0][0] for r in mine)
     assert set(counts) <= set(dist["answers"])
-    for a, p, f in zip(*(dist[k] for k in dist), strict=True):
+    columns = dist["answers"], dist["probs"], dist["train_probs"]
+    for a, p, f in zip(*columns, strict=True):
       # 4000 draws: 4.5 standard errors; train_probs: their frequencies
       assert abs(counts[a] / 4000 - p) < 4.5 * math.sqrt(p * (1 - p) / 4000)
       assert f == pytest.approx(counts[a] / 4000, abs=1e-6)
@@ -208,7 +209,7 @@ def test_answer_probs_matches_answers_to_the_distribution():
     "<answer1>Croup</answer1><answer2>lupus</answer2>",
     "<answer1>asthma</answer1>",  # one answer missing
   ]
-  out = rollouts.answer_probs(texts, [meta, meta], cfg)
+  (out,) = rollouts.answer_probs(texts, [meta, meta], cfg)
   np.testing.assert_allclose(out, [[0.3, 0.0], [0.7, 0.0]])
 
 

@@ -127,7 +127,9 @@ def test_answer_probs_read_p_and_the_training_frequencies():
     None,  # no distribution: 0
   ]
   text = "<answer1>cold</answer1>\n<answer2>measles</answer2>"
-  p = rollouts.answer_probs([text] * 3, metas, cfg)
+  fields = ("probs", "train_probs")
+  p, train = rollouts.answer_probs([text] * 3, metas, cfg, fields)
   np.testing.assert_allclose(p, [[0.4, 0.0], [0.4, 0.0], [0.0, 0.0]])
-  train = rollouts.answer_probs([text] * 3, metas, cfg, field="train_probs")
   np.testing.assert_allclose(train, [[0.45, 0.0], [0.0, 0.0], [0.0, 0.0]])
+  (alone,) = rollouts.answer_probs([text] * 3, metas, cfg)
+  np.testing.assert_allclose(alone, p)

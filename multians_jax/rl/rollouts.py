@@ -104,9 +104,10 @@ def score_rollout(tok, rollout, gold, tests, rcfg, g, *, token_slots=False,
   if any(dists):
     lo = bounds[jax.process_index()]
     mine = rows(metas)[lo : lo + len(texts)]
-    probs = answer_probs(texts, mine, rcfg)
     if any("train_probs" in d for d in dists):
-      train = answer_probs(texts, mine, rcfg, field="train_probs")
+      probs, train = answer_probs(texts, mine, rcfg, ("probs", "train_probs"))
+    else:
+      (probs,) = answer_probs(texts, mine, rcfg)
   mine = Rewards(
     scores,
     np.asarray(local.lengths),
@@ -158,22 +159,24 @@ def decode(tokenizer, rollout: sampler.Rollout) -> list[str]:
 
 
 def answer_probs(texts, metas, rcfg: reward.RewardConfig,
-                 field: str = "probs") -> np.ndarray:  # fmt: skip
-  """[B, A] p(a_i|q) of each parsed answer under its record's known
-  distribution (``meta["distribution"][field]``); 0 for an answer outside
-  it, a missing answer or a record without one."""
+                 fields=("probs",)) -> tuple[np.ndarray, ...]:  # fmt: skip
+  """One [B, A] array per field of ``fields``: each parsed answer's
+  ``meta["distribution"][field]`` (p(a_i|q) for ``probs``); 0 for an
+  answer outside the distribution, a missing answer or a record without
+  the field. Each text is parsed and matched once for every field."""
   matcher = matchers.get(rcfg.matcher)
-  out = np.zeros((len(texts), rcfg.slots), np.float32)
+  out = np.zeros((len(fields), len(texts), rcfg.slots), np.float32)
   for i, (text, meta) in enumerate(zip(texts, metas, strict=True)):
     dist = (meta or {}).get("distribution")
-    if not dist or field not in dist:
+    have = [f for f, name in enumerate(fields) if name in (dist or {})]
+    if not have:
       continue
     entries = [[name] for name in dist["answers"]]
     for j, ans in enumerate(parsing.parse(text, rcfg).answers):
       e = matcher.match(ans, entries, None) if ans else -1
-      if e >= 0:
-        out[i, j] = dist[field][e]
-  return out
+      for f in have if e >= 0 else ():
+        out[f, i, j] = dist[fields[f]][e]
+  return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
